@@ -1,0 +1,149 @@
+//! The [`KvBackend`] trait: the contract every vramkv backend meets exactly.
+
+use crate::{Error, Result};
+
+/// What a backend says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// The backend's short name: `"cpu"`, `"cuda"`, `"wgpu"` or a custom backend's.
+    pub backend: &'static str,
+    /// The device the table lives on, as its driver names it.
+    pub device: String,
+    /// Bytes the table holds on that device (slots, values, metadata, staging).
+    pub bytes_in_use: u64,
+    /// Slots in the table.
+    pub slots: usize,
+}
+
+/// A batched u64 → `[u64; width]` table.
+///
+/// Keys and values are passed as structure-of-arrays slices: `keys[i]` goes with
+/// `values[i * width .. (i + 1) * width]`.
+///
+/// # Semantics every backend meets exactly
+///
+/// a. **Every u64 is a valid key**, `0` and `u64::MAX` included. Sentinels a backend
+///    uses internally are its own business.
+///
+/// b. **`put` inserts or overwrites.** If a key repeats within one batch, the last
+///    occurrence wins, exactly as if the pairs were applied one at a time in order.
+///    `delete` of a key repeated in the batch removes it once (and counts it once).
+///    Insert–delete–insert cycles never leave two copies of a key and never lose one.
+///
+/// c. **Missing keys** in `get`/`contains` give `found = false`, and their value words
+///    are written as `0`.
+///
+/// d. **Each batch is atomic with respect to other batches**: callers on several
+///    threads see the result of some sequential order of whole batches.
+///
+/// e. **Bad input changes nothing.** A length or width mismatch, or a put that cannot
+///    fit, returns an error and leaves the table exactly as it was. An empty batch is a
+///    no-op.
+///
+/// f. **Growth.** A put of `n` keys is admitted when `len() + n <= capacity()`, counting
+///    every key of the batch as new so that the decision is made before anything
+///    changes. Otherwise, with growth on, the table first rehashes into a larger one
+///    (see [`plan_put`](crate::plan_put)); with growth off the put is refused whole with
+///    [`Error::CapacityExceeded`].
+///
+/// Errors never come as panics.
+///
+/// Optional capabilities are methods with a default that answers
+/// [`Error::Unsupported`]; a backend overrides the ones it offers.
+///
+/// # Example
+///
+/// Any backend is used the same way; here a tiny in-crate model stands in for one:
+///
+/// ```
+/// use kv_core::{KvBackend, TableConfig};
+/// # use kv_core::{Description, Result, check_put, check_get, check_contains};
+/// # use std::{collections::HashMap, sync::Mutex};
+/// # struct Model(Mutex<HashMap<u64, u64>>);
+/// # impl KvBackend for Model {
+/// #   fn width(&self) -> usize { 1 }
+/// #   fn put(&self, k: &[u64], v: &[u64]) -> Result<()> { check_put(1, k, v)?; let mut m = self.0.lock().unwrap(); for (k, v) in k.iter().zip(v) { m.insert(*k, *v); } Ok(()) }
+/// #   fn get(&self, k: &[u64], v: &mut [u64], f: &mut [bool]) -> Result<()> { check_get(1, k, v, f)?; let m = self.0.lock().unwrap(); for i in 0..k.len() { let r = m.get(&k[i]); f[i] = r.is_some(); v[i] = r.copied().unwrap_or(0); } Ok(()) }
+/// #   fn delete(&self, k: &[u64]) -> Result<usize> { let mut m = self.0.lock().unwrap(); Ok(k.iter().filter(|k| m.remove(k).is_some()).count()) }
+/// #   fn contains(&self, k: &[u64], f: &mut [bool]) -> Result<()> { check_contains(k, f)?; let m = self.0.lock().unwrap(); for i in 0..k.len() { f[i] = m.contains_key(&k[i]); } Ok(()) }
+/// #   fn len(&self) -> usize { self.0.lock().unwrap().len() }
+/// #   fn capacity(&self) -> usize { usize::MAX }
+/// #   fn clear(&self) -> Result<()> { self.0.lock().unwrap().clear(); Ok(()) }
+/// #   fn describe(&self) -> Description { Description { backend: "model", device: "host".into(), bytes_in_use: 0, slots: 0 } }
+/// # }
+/// # let table = Model(Mutex::new(HashMap::new()));
+/// table.put(&[1, 2, u64::MAX, 2], &[10, 20, 30, 21])?;
+/// let mut values = [0; 3];
+/// let mut found = [false; 3];
+/// table.get(&[2, 7, u64::MAX], &mut values, &mut found)?;
+/// assert_eq!(values, [21, 0, 30]);
+/// assert_eq!(found, [true, false, true]);
+/// assert_eq!(table.delete(&[1, 1, 9])?, 1);
+/// assert_eq!(table.len(), 2);
+/// # Ok::<(), kv_core::Error>(())
+/// ```
+pub trait KvBackend: Send + Sync {
+    /// Value width in u64 words, fixed when the table was created.
+    fn width(&self) -> usize;
+
+    /// Inserts or overwrites `keys.len()` pairs; `values.len()` must be `keys.len() * width()`.
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()>;
+
+    /// Looks `keys` up. Writes each key's value row into `values_out` (zeros when missing)
+    /// and whether it was found into `found_out`.
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()>;
+
+    /// Removes `keys`; returns how many entries were removed (a repeated key counts once).
+    fn delete(&self, keys: &[u64]) -> Result<usize>;
+
+    /// Writes whether each key is present into `found_out`.
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()>;
+
+    /// Entries in the table.
+    fn len(&self) -> usize;
+
+    /// Whether the table holds no entry.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entries the table holds before it must grow (see semantics f).
+    fn capacity(&self) -> usize;
+
+    /// Removes every entry; capacity is kept.
+    fn clear(&self) -> Result<()>;
+
+    /// Backend, device and memory use.
+    fn describe(&self) -> Description;
+
+}
+
+/// Checks the argument lengths of a put; every backend calls it first.
+pub fn check_put(width: usize, keys: &[u64], values: &[u64]) -> Result<()> {
+    check_rows("values", width, keys.len(), values.len())
+}
+
+/// Checks the argument lengths of a get.
+pub fn check_get(width: usize, keys: &[u64], values_out: &[u64], found_out: &[bool]) -> Result<()> {
+    check_rows("values_out", width, keys.len(), values_out.len())?;
+    check_contains(keys, found_out)
+}
+
+/// Checks the argument lengths of a contains.
+pub fn check_contains(keys: &[u64], found_out: &[bool]) -> Result<()> {
+    if found_out.len() != keys.len() {
+        return Err(Error::LengthMismatch { what: "found_out", expected: keys.len(), got: found_out.len() });
+    }
+    Ok(())
+}
+
+fn check_rows(what: &'static str, width: usize, keys: usize, len: usize) -> Result<()> {
+    if len % width != 0 {
+        return Err(Error::WidthMismatch { what, width, len });
+    }
+    let expected = keys.saturating_mul(width);
+    if len != expected {
+        return Err(Error::LengthMismatch { what, expected, got: len });
+    }
+    Ok(())
+}

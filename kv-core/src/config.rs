@@ -1,0 +1,168 @@
+//! Table configuration and the sizing rules every backend shares.
+//!
+//! The rules live here, not in the backends, so that `capacity()` and the
+//! decision to grow or to refuse a batch are identical on every backend.
+
+use crate::{Error, Result};
+
+/// The widest value a table can hold, in u64 words (128 bytes).
+pub const MAX_WIDTH: usize = 16;
+/// The smallest slot count a table is created with.
+pub const MIN_SLOTS: usize = 16;
+/// The largest slot count a table may reach (slot indices fit in 32 bits on the GPU).
+pub const MAX_SLOTS: usize = 1 << 32;
+/// The highest max load factor accepted.
+pub const MAX_LOAD_FACTOR: f64 = 0.95;
+
+/// How a table is created.
+///
+/// ```
+/// use kv_core::TableConfig;
+/// let cfg = TableConfig::new(1_000_000).width(2).max_load_factor(0.8).growth(false);
+/// cfg.validate().unwrap();
+/// assert!(cfg.initial_capacity() >= 1_000_000);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableConfig {
+    /// How many entries the table must hold before its first growth.
+    pub capacity: usize,
+    /// Value width in u64 words, `1..=16` (8 to 128 bytes).
+    pub width: usize,
+    /// The highest fraction of slots that may hold entries, in `(0, 0.95]`.
+    pub max_load_factor: f64,
+    /// Whether a put that would pass the max load factor grows the table (`true`)
+    /// or is refused with [`Error::CapacityExceeded`] (`false`).
+    pub growth: bool,
+    /// Which device to use, by the backend's own ordinal; `None` lets the backend choose
+    /// (the GPU with the most free memory).
+    pub device: Option<usize>,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self { capacity: 1 << 16, width: 1, max_load_factor: 0.75, growth: true, device: None }
+    }
+}
+
+impl TableConfig {
+    /// A config for `capacity` entries of one u64 word, max load 0.75, growth on.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, ..Self::default() }
+    }
+    /// Sets the value width in u64 words.
+    pub fn width(mut self, width: usize) -> Self {
+        self.width = width;
+        self
+    }
+    /// Sets the max load factor.
+    pub fn max_load_factor(mut self, f: f64) -> Self {
+        self.max_load_factor = f;
+        self
+    }
+    /// Turns growth on or off.
+    pub fn growth(mut self, on: bool) -> Self {
+        self.growth = on;
+        self
+    }
+    /// Picks a device by ordinal.
+    pub fn device(mut self, ordinal: usize) -> Self {
+        self.device = Some(ordinal);
+        self
+    }
+
+    /// Checks the config; every backend calls this before allocating.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_WIDTH).contains(&self.width) {
+            return Err(Error::InvalidConfig(format!(
+                "width {} is outside 1..={MAX_WIDTH} u64 words",
+                self.width
+            )));
+        }
+        if !(self.max_load_factor > 0.0 && self.max_load_factor <= MAX_LOAD_FACTOR) {
+            return Err(Error::InvalidConfig(format!(
+                "max_load_factor {} is outside (0, {MAX_LOAD_FACTOR}]",
+                self.max_load_factor
+            )));
+        }
+        if slots_for(self.capacity, self.max_load_factor).is_none() {
+            return Err(Error::InvalidConfig(format!(
+                "capacity {} needs more than {MAX_SLOTS} slots",
+                self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// The slot count a table with this config starts with.
+    pub fn initial_slots(&self) -> usize {
+        slots_for(self.capacity, self.max_load_factor).unwrap_or(MAX_SLOTS)
+    }
+
+    /// The capacity a table with this config starts with (at least `capacity`).
+    pub fn initial_capacity(&self) -> usize {
+        capacity_of(self.initial_slots(), self.max_load_factor)
+    }
+}
+
+/// The number of entries `slots` slots hold at `max_load_factor`.
+pub fn capacity_of(slots: usize, max_load_factor: f64) -> usize {
+    ((slots as f64) * max_load_factor).floor() as usize
+}
+
+/// The smallest power-of-two slot count (at least [`MIN_SLOTS`]) that holds `entries`
+/// at `max_load_factor`, or `None` past [`MAX_SLOTS`].
+pub fn slots_for(entries: usize, max_load_factor: f64) -> Option<usize> {
+    let mut slots = ((entries as f64) / max_load_factor).ceil() as usize;
+    slots = slots.max(MIN_SLOTS).checked_next_power_of_two()?;
+    // Rounding of the float division can leave us one entry short.
+    while capacity_of(slots, max_load_factor) < entries {
+        slots = slots.checked_mul(2)?;
+    }
+    (slots <= MAX_SLOTS).then_some(slots)
+}
+
+/// What a put of `batch` keys must do first, decided before anything changes.
+///
+/// The rule, shared by all backends: a put is admitted when `len + batch <= capacity`,
+/// counting every key of the batch as new (so that the decision can be made before
+/// the batch runs and a refused batch changes nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutPlan {
+    /// The batch fits as the table is.
+    Fits,
+    /// Grow to this many slots first.
+    Grow {
+        /// The new slot count.
+        slots: usize,
+    },
+}
+
+/// Decides whether a put of `batch` keys fits a table of `slots` slots holding `len` entries.
+///
+/// ```
+/// use kv_core::{plan_put, PutPlan, Error};
+/// assert_eq!(plan_put(0, 10, 16, 0.75, true), Ok(PutPlan::Fits));
+/// assert_eq!(plan_put(10, 10, 16, 0.75, true), Ok(PutPlan::Grow { slots: 32 }));
+/// assert!(matches!(plan_put(10, 10, 16, 0.75, false), Err(Error::CapacityExceeded { .. })));
+/// ```
+pub fn plan_put(
+    len: usize,
+    batch: usize,
+    slots: usize,
+    max_load_factor: f64,
+    growth: bool,
+) -> Result<PutPlan> {
+    let capacity = capacity_of(slots, max_load_factor);
+    let requested = len.saturating_add(batch);
+    if requested <= capacity {
+        return Ok(PutPlan::Fits);
+    }
+    let refuse = Error::CapacityExceeded { requested, capacity };
+    if !growth {
+        return Err(refuse);
+    }
+    match slots_for(requested, max_load_factor) {
+        Some(needed) => Ok(PutPlan::Grow { slots: needed.max(slots.saturating_mul(2).min(MAX_SLOTS)) }),
+        None => Err(refuse),
+    }
+}
