@@ -1,0 +1,356 @@
+//! The kernel entry points (nvptx64 only) and the PTX implementation of [`Mem`].
+//!
+//! Every kernel is a grid-stride loop over one of the per-item functions of [`crate::ops`],
+//! launched with 1-D blocks whose size is a multiple of 32 and no early return before the
+//! warp-level counter reduction (which uses full-warp `shfl.sync`).
+//!
+//! Atomics are written as inline PTX with `.gpu` scope on the `.global` state space: the
+//! table lives in device memory and is only touched by this GPU, so system scope (what
+//! `core::sync::atomic` lowers to) would only cost. Generic addresses are converted with
+//! `cvta.to.global` inside each asm block.
+
+use core::arch::asm;
+use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
+
+use crate::layout::{BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag};
+use crate::ops::{self, Mem};
+
+/// PTX memory operations.
+struct Ptx;
+
+// SAFETY: each method performs exactly the named PTX operation on the given address.
+unsafe impl Mem for Ptx {
+    #[inline(always)]
+    unsafe fn load_sync(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.relaxed.gpu.global.u64 {v}, [ga]; }}",
+                a = in(reg64) addr, v = out(reg64) v,
+                options(nostack, readonly)
+            )
+        };
+        v
+    }
+    #[inline(always)]
+    unsafe fn load(addr: u64) -> u64 {
+        // SAFETY: the caller guarantees a valid, aligned address.
+        unsafe { core::ptr::read(addr as *const u64) }
+    }
+    #[inline(always)]
+    unsafe fn store(addr: u64, v: u64) {
+        // SAFETY: the caller guarantees a valid, aligned address.
+        unsafe { core::ptr::write(addr as *mut u64, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_u32(addr: u64) -> u32 {
+        // SAFETY: the caller guarantees a valid, aligned address.
+        unsafe { core::ptr::read(addr as *const u32) }
+    }
+    #[inline(always)]
+    unsafe fn store_u32(addr: u64, v: u32) {
+        // SAFETY: the caller guarantees a valid, aligned address.
+        unsafe { core::ptr::write(addr as *mut u32, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_u8(addr: u64) -> u8 {
+        // SAFETY: the caller guarantees a valid address.
+        unsafe { core::ptr::read(addr as *const u8) }
+    }
+    #[inline(always)]
+    unsafe fn store_u8(addr: u64, v: u8) {
+        // SAFETY: the caller guarantees a valid address.
+        unsafe { core::ptr::write(addr as *mut u8, v) }
+    }
+    #[inline(always)]
+    unsafe fn cas(addr: u64, current: u64, new: u64) -> u64 {
+        let old: u64;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.cas.b64 {o}, [ga], {c}, {n}; }}",
+                a = in(reg64) addr, c = in(reg64) current, n = in(reg64) new, o = out(reg64) old,
+                options(nostack)
+            )
+        };
+        old
+    }
+    #[inline(always)]
+    unsafe fn exch(addr: u64, v: u64) -> u64 {
+        let old: u64;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.exch.b64 {o}, [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg64) v, o = out(reg64) old,
+                options(nostack)
+            )
+        };
+        old
+    }
+    #[inline(always)]
+    unsafe fn max_u64(addr: u64, v: u64) {
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; red.relaxed.gpu.global.max.u64 [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg64) v,
+                options(nostack)
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn max_u32(addr: u64, v: u32) {
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; red.relaxed.gpu.global.max.u32 [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg32) v,
+                options(nostack)
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn add(addr: u64, v: u64) {
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; red.relaxed.gpu.global.add.u64 [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg64) v,
+                options(nostack)
+            )
+        }
+    }
+}
+
+/// This thread's first item and the grid stride.
+#[inline(always)]
+fn grid() -> (u64, u64) {
+    // SAFETY: reading special registers has no preconditions.
+    unsafe {
+        let bd = _block_dim_x() as u64;
+        (
+            _block_idx_x() as u64 * bd + _thread_idx_x() as u64,
+            _grid_dim_x() as u64 * bd,
+        )
+    }
+}
+
+/// Sum of `v` over the warp (every lane gets it). All 32 lanes must call it.
+#[inline(always)]
+fn warp_sum(mut v: u32) -> u32 {
+    let mut off = 16u32;
+    while off > 0 {
+        let o: u32;
+        // SAFETY: full-warp shuffle; every kernel calls this from all 32 lanes (no early return).
+        unsafe {
+            asm!(
+                "shfl.sync.bfly.b32 {o}, {v}, {off}, 31, -1;",
+                o = out(reg32) o, v = in(reg32) v, off = in(reg32) off,
+                options(nostack, nomem)
+            )
+        };
+        v = v.wrapping_add(o);
+        off >>= 1;
+    }
+    v
+}
+
+/// This thread's lane in its warp.
+#[inline(always)]
+fn lane() -> u32 {
+    let l: u32;
+    // SAFETY: reading %laneid has no preconditions.
+    unsafe { asm!("mov.u32 {l}, %laneid;", l = out(reg32) l, options(nostack, nomem, pure)) };
+    l
+}
+
+/// Adds the warp's total of `v` to counter `index` (one atomic per warp).
+#[inline(always)]
+fn count(t: &TableArgs, index: usize, v: u32) {
+    let s = warp_sum(v);
+    if s != 0 && lane() == 0 {
+        // SAFETY: the counter buffer holds counter::LEN words.
+        unsafe { Ptx::add(t.counters + index as u64 * 8, s as u64) };
+    }
+}
+
+/// Put pass 1: place every key, write its row; raise DUP if any key was found.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_place(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    let (mut inserted, mut from_empty, mut found, mut overflow) = (0u32, 0u32, 0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        let p = unsafe { ops::put_place::<Ptx>(&a, i) };
+        inserted += p.inserted as u32;
+        from_empty += p.from_empty as u32;
+        found += p.found as u32;
+        overflow += p.overflow as u32;
+        i += stride;
+    }
+    if warp_sum(found) != 0 && lane() == 0 {
+        // SAFETY: the flag buffer holds flag::LEN words.
+        unsafe { ops::raise_dup::<Ptx>(&a) };
+    }
+    count(&a.table, counter::INSERTED, inserted);
+    count(&a.table, counter::FROM_EMPTY, from_empty);
+    count(&a.table, counter::ERRORS, overflow);
+}
+
+/// Put pass 2 (runs only if DUP): zero word 0 of every touched row.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_zero(a: BatchArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
+        return;
+    }
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: as above.
+        unsafe { ops::put_zero::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Put pass 3 (runs only if DUP): atomic max of 1 + index into word 0 of every touched row.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_max(a: BatchArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
+        return;
+    }
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: as above.
+        unsafe { ops::put_max::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Put pass 4 (runs only if DUP): mark the last occurrence of every touched row.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_win(a: BatchArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
+        return;
+    }
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: as above.
+        unsafe { ops::put_win::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Put pass 5: thread 0 applies the sentinel keys; if DUP, winners rewrite their rows.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_finish(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    if i == 0 {
+        // SAFETY: the host passes valid buffers for n items.
+        unsafe { ops::put_specials::<Ptx>(&a) };
+    }
+    // SAFETY: as above.
+    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
+        return;
+    }
+    while i < a.n {
+        // SAFETY: as above.
+        unsafe { ops::put_write_winner::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Get: value rows (zeros when missing) and found flags.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_get(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        unsafe { ops::get_item::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Contains: found flags only (`a.values` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_contains(a: BatchArgs) {
+    let a = BatchArgs { values: 0, ..a };
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        unsafe { ops::get_item::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Delete: tombstone every key found; count removals.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_delete(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    let (mut removed, mut spec_removed) = (0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        let r = unsafe { ops::delete_item::<Ptx>(&a, i) };
+        removed += r.table as u32;
+        spec_removed += r.special as u32;
+        i += stride;
+    }
+    count(&a.table, counter::REMOVED, removed);
+    count(&a.table, counter::SPEC_REMOVED, spec_removed);
+}
+
+/// Rehash: move every live key of the old arrays into the (EMPTY-filled) new table.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_rehash(a: RehashArgs) {
+    let (mut s, stride) = grid();
+    let (mut moved, mut overflow) = (0u32, 0u32);
+    while s < a.old_slots {
+        // SAFETY: the host passes valid buffers for old_slots slots.
+        match unsafe { ops::rehash_item::<Ptx>(&a, s) } {
+            Some(m) => moved += m as u32,
+            None => overflow += 1,
+        }
+        s += stride;
+    }
+    count(&a.table, counter::MOVED, moved);
+    count(&a.table, counter::ERRORS, overflow);
+}
+
+/// Fill: `dst[0..n] = value` (clearing a key array to EMPTY).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_fill_u64(a: FillArgs) {
+    let (mut i, stride) = grid();
+    while i < a.n {
+        // SAFETY: the host passes a buffer of n words.
+        unsafe { ops::fill_item::<Ptx>(&a, i) };
+        i += stride;
+    }
+}
+
+/// Count: live keys and tombstones of the key array (for checks and diagnostics).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_count(a: TableArgs) {
+    let (mut s, stride) = grid();
+    let (mut live, mut tombs) = (0u32, 0u32);
+    while s <= a.mask {
+        // SAFETY: s < slots.
+        let (l, t) = unsafe { ops::count_item::<Ptx>(&a, s) };
+        live += l as u32;
+        tombs += t as u32;
+        s += stride;
+    }
+    count(&a, counter::LIVE, live);
+    count(&a, counter::TOMBS, tombs);
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // SAFETY: trap aborts the kernel; nothing in the kernels can panic, this is a backstop.
+    unsafe { core::arch::nvptx::trap() }
+}
+
+// The flag indices used above must match the layout module.
+const _: () = assert!(flag::DUP == 0 && flag::SPEC_WIN == 1);

@@ -1,0 +1,175 @@
+//! The table layout, hashing and probe sequence, shared bit for bit by the host and the kernels.
+//!
+//! Everything here is plain `const fn`/`#[repr(C)]` data, compiled for both targets, so the
+//! host and the device cannot disagree about where a key lives or how arguments are laid out.
+
+/// Key-slot marker of a slot that never held a key. Probes stop here.
+pub const EMPTY: u64 = u64::MAX;
+/// Key-slot marker of a slot whose key was deleted. Probes go past it; puts may reuse it.
+pub const TOMBSTONE: u64 = u64::MAX - 1;
+
+/// Whether a user key equals one of the two sentinels (it then lives in the special area).
+#[inline(always)]
+pub const fn is_sentinel(key: u64) -> bool {
+    key >= TOMBSTONE
+}
+
+/// Index in the special area of a sentinel-valued user key: `u64::MAX - 1` → 0, `u64::MAX` → 1.
+#[inline(always)]
+pub const fn special_index(key: u64) -> u64 {
+    key.wrapping_sub(TOMBSTONE)
+}
+
+/// The 64-bit finaliser of MurmurHash3 (`fmix64`): a bijection, so distinct keys never
+/// share a full hash, with good avalanche so that `hash & mask` spreads sequential keys.
+#[inline(always)]
+pub const fn hash(key: u64) -> u64 {
+    let mut h = key;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+/// The first slot probed for `key` in a table of `mask + 1` slots (a power of two).
+#[inline(always)]
+pub const fn home_slot(key: u64, mask: u64) -> u64 {
+    hash(key) & mask
+}
+
+/// The slot probed after `slot` (linear probing, wrapping).
+#[inline(always)]
+pub const fn next_slot(slot: u64, mask: u64) -> u64 {
+    slot.wrapping_add(1) & mask
+}
+
+/// Offset in u64 words of the value row of `slot` in a table of `width`-word values.
+#[inline(always)]
+pub const fn row(slot: u64, width: u32) -> u64 {
+    slot * width as u64
+}
+
+/// Words of the special area: `present[2]` then `values[2][width]`.
+#[inline(always)]
+pub const fn special_words(width: u32) -> u64 {
+    2 + 2 * width as u64
+}
+
+/// Offset in u64 words, inside the special area, of the value row of special key `index` (0 or 1).
+#[inline(always)]
+pub const fn special_row(index: u64, width: u32) -> u64 {
+    2 + index * width as u64
+}
+
+/// Indices of the u64 counters in a table's counter buffer. Kernels add to them with
+/// device-scope atomics (warp-aggregated); the host zeroes them before a batch and reads
+/// them back after it.
+pub mod counter {
+    /// Keys newly placed in the key array by a put (claimed from EMPTY or TOMBSTONE).
+    pub const INSERTED: usize = 0;
+    /// Of those, the ones that took an EMPTY slot (the rest reused a tombstone).
+    pub const FROM_EMPTY: usize = 1;
+    /// Keys turned into tombstones by a delete.
+    pub const REMOVED: usize = 2;
+    /// Sentinel-valued keys that became present in the special area.
+    pub const SPEC_INSERTED: usize = 3;
+    /// Sentinel-valued keys removed from the special area.
+    pub const SPEC_REMOVED: usize = 4;
+    /// Probes that ran through the whole table (a broken invariant; reported as a device error).
+    pub const ERRORS: usize = 5;
+    /// Keys moved by a rehash.
+    pub const MOVED: usize = 6;
+    /// Live keys counted by `kv_count`.
+    pub const LIVE: usize = 7;
+    /// Tombstones counted by `kv_count`.
+    pub const TOMBS: usize = 8;
+    /// Length of the counter buffer in u64 words.
+    pub const LEN: usize = 16;
+}
+
+/// Indices of the u32 per-chunk flags of a put (one flag buffer per staging lane).
+pub mod flag {
+    /// Set when some key of the chunk was found already in the table: value rows may have
+    /// raced, and the last-wins passes must run.
+    pub const DUP: usize = 0;
+    /// `SPEC_WIN + i` holds 1 + the highest batch index of special key `i` in the chunk (0: none).
+    pub const SPEC_WIN: usize = 1;
+    /// Length of a flag buffer in u32 words.
+    pub const LEN: usize = 4;
+}
+
+/// A table as the kernels see it: device addresses and shape.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableArgs {
+    /// `u64[slots]` keys (or EMPTY / TOMBSTONE).
+    pub keys: u64,
+    /// `u64[slots * width]` value rows.
+    pub values: u64,
+    /// `u64[special_words(width)]`: presence words then value rows of the two sentinel keys.
+    pub special: u64,
+    /// `u64[counter::LEN]` counters.
+    pub counters: u64,
+    /// `slots - 1`; slots is a power of two.
+    pub mask: u64,
+    /// Value width in u64 words.
+    pub width: u32,
+    /// Padding, always 0 (keeps the layout explicit).
+    pub pad: u32,
+}
+
+/// Arguments of the batch kernels (put passes, get, contains, delete). One struct, passed
+/// by value as the single kernel parameter, so that host and device agree on the layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchArgs {
+    /// The table.
+    pub table: TableArgs,
+    /// `u64[n]` keys of the chunk.
+    pub keys_in: u64,
+    /// `u64[n * width]`: the chunk's values (put: input; get: output; contains/delete: unused, 0).
+    pub values: u64,
+    /// `u8[n]` found flags written by get/contains (0/1); unused elsewhere.
+    pub found_out: u64,
+    /// `u32[n]` slot of each key, written by the place pass of a put.
+    pub slot_of: u64,
+    /// `u8[n]` winner flags of the last-wins passes of a put.
+    pub win: u64,
+    /// `u32[flag::LEN]` per-chunk flags of a put.
+    pub flags: u64,
+    /// Keys in the chunk.
+    pub n: u64,
+}
+
+/// Arguments of `kv_rehash`: move every live key of an old key/value array into `table`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RehashArgs {
+    /// The destination table (keys already filled with EMPTY).
+    pub table: TableArgs,
+    /// `u64[old_slots]` old keys.
+    pub old_keys: u64,
+    /// `u64[old_slots * width]` old values.
+    pub old_values: u64,
+    /// Slots of the old arrays.
+    pub old_slots: u64,
+}
+
+/// Arguments of `kv_fill_u64`: `dst[0..n] = value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FillArgs {
+    /// `u64[n]` destination.
+    pub dst: u64,
+    /// The word to store.
+    pub value: u64,
+    /// Words to fill.
+    pub n: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<TableArgs>() == 48);
+const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 7 * 8);
+const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);
+const _: () = assert!(core::mem::size_of::<FillArgs>() == 24);

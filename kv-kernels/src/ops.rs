@@ -1,0 +1,479 @@
+//! The per-item algorithms of every kernel, generic over the memory operations ([`Mem`]).
+//!
+//! The device instantiates them with PTX inline assembly (device-scope atomics on global
+//! memory); the host tests instantiate them with `core::sync::atomic` and run them over
+//! host memory, sequentially and on several threads, against a `HashMap` model. The kernel
+//! entry points are thin grid-stride loops over these functions.
+//!
+//! # The put protocol (per chunk; chunks of a batch run one after the other)
+//!
+//! 1. [`put_place`] (every key): a sentinel key records `1 + i` with an atomic max in its
+//!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
+//!    is taken as is ("found"); on EMPTY, the key is claimed with a CAS, at the first
+//!    tombstone met on the way if there was one, else at the EMPTY slot. A failed CAS on a
+//!    tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key (if it is
+//!    ours: found; else probing goes on). During a put, slots only go from EMPTY or TOMBSTONE
+//!    to a key, never back, so a key is never placed twice. The slot is stored in
+//!    `slot_of[i]`, the value row written. If any key was found (a duplicate in the chunk, or
+//!    a key already in the table), the chunk's DUP flag is raised.
+//! 2. Only when DUP is raised (each pass reads the flag first and exits at once otherwise):
+//!    [`put_zero`] zeroes word 0 of every touched row; [`put_max`] atomically maxes `1 + i`
+//!    into it; [`put_win`] marks as winner the `i` whose `1 + i` stayed (the last occurrence);
+//!    [`put_write_winner`] rewrites the winners' rows. Every touched row has exactly one
+//!    winner, so every row ends as the last occurrence wrote it.
+//! 3. [`put_specials`] (one thread): the winner of each special key writes its row and sets
+//!    its presence word.
+
+use crate::layout::{
+    BatchArgs, EMPTY, FillArgs, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
+    is_sentinel, next_slot, row, special_index, special_row,
+};
+
+/// The memory operations the algorithms need. Addresses are device (or host) addresses as u64.
+///
+/// # Safety
+///
+/// Implementations must perform exactly the named operation on the given address;
+/// callers guarantee the address is valid and aligned for its type (this covers every
+/// method below).
+#[allow(clippy::missing_safety_doc)]
+pub unsafe trait Mem {
+    /// A load that observes the latest value at device scope (never a stale L1 line).
+    unsafe fn load_sync(addr: u64) -> u64;
+    /// A plain load (data not written concurrently by the running kernel).
+    unsafe fn load(addr: u64) -> u64;
+    /// A plain store.
+    unsafe fn store(addr: u64, v: u64);
+    /// A plain u32 load.
+    unsafe fn load_u32(addr: u64) -> u32;
+    /// A plain u32 store.
+    unsafe fn store_u32(addr: u64, v: u32);
+    /// A plain u8 load.
+    unsafe fn load_u8(addr: u64) -> u8;
+    /// A plain u8 store.
+    unsafe fn store_u8(addr: u64, v: u8);
+    /// Atomic compare-and-swap; returns the old value.
+    unsafe fn cas(addr: u64, current: u64, new: u64) -> u64;
+    /// Atomic exchange; returns the old value.
+    unsafe fn exch(addr: u64, v: u64) -> u64;
+    /// Atomic unsigned max (u64).
+    unsafe fn max_u64(addr: u64, v: u64);
+    /// Atomic unsigned max (u32).
+    unsafe fn max_u32(addr: u64, v: u32);
+    /// Atomic add (u64).
+    unsafe fn add(addr: u64, v: u64);
+}
+
+#[inline(always)]
+const fn w64(base: u64, index: u64) -> u64 {
+    base + index * 8
+}
+
+#[inline(always)]
+const fn w32(base: u64, index: u64) -> u64 {
+    base + index * 4
+}
+
+/// Copies `width` words from `src` to `dst` (word addresses).
+#[inline(always)]
+unsafe fn copy_row<M: Mem>(dst: u64, src: u64, width: u32) {
+    let mut j = 0u64;
+    while j < width as u64 {
+        // SAFETY: the caller guarantees both rows are valid for `width` words.
+        unsafe { M::store(w64(dst, j), M::load(w64(src, j))) };
+        j += 1;
+    }
+}
+
+/// Writes `width` zero words at `dst`.
+#[inline(always)]
+unsafe fn zero_row<M: Mem>(dst: u64, width: u32) {
+    let mut j = 0u64;
+    while j < width as u64 {
+        // SAFETY: the caller guarantees the row is valid for `width` words.
+        unsafe { M::store(w64(dst, j), 0) };
+        j += 1;
+    }
+}
+
+/// What [`put_place`] did with one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// The key took a free slot (EMPTY or TOMBSTONE).
+    pub inserted: bool,
+    /// ... and that slot was EMPTY.
+    pub from_empty: bool,
+    /// The key was already in the table (placed earlier, or by another key of the chunk).
+    pub found: bool,
+    /// The probe went round the whole table without finding room (broken invariant).
+    pub overflow: bool,
+}
+
+/// Put pass 1 for item `i`: place key `i`, record its slot, write its value row.
+///
+/// # Safety
+/// `a` describes valid device buffers and `i < a.n`.
+#[inline(always)]
+pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
+    let t = &a.table;
+    let w = t.width;
+    // SAFETY: i < n, keys_in holds n words.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    let mut out = Placed::default();
+    if is_sentinel(key) {
+        // SAFETY: flags holds flag::LEN words; i + 1 fits u32 (the host keeps n < u32::MAX).
+        unsafe {
+            M::max_u32(
+                w32(a.flags, flag::SPEC_WIN as u64 + special_index(key)),
+                (i + 1) as u32,
+            )
+        };
+        return out;
+    }
+    let start = home_slot(key, t.mask);
+    let slot;
+    'restart: loop {
+        let mut pos = start;
+        let mut first_tomb = u64::MAX;
+        let mut steps = 0u64;
+        loop {
+            // SAFETY: pos <= mask < slots.
+            let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+            if cur == EMPTY {
+                if first_tomb != u64::MAX {
+                    // SAFETY: first_tomb < slots.
+                    let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
+                    if old == TOMBSTONE {
+                        out.inserted = true;
+                        slot = first_tomb;
+                        break 'restart;
+                    }
+                    if old == key {
+                        out.found = true;
+                        slot = first_tomb;
+                        break 'restart;
+                    }
+                    // Another key took the tombstone: probe again from the start.
+                    continue 'restart;
+                }
+                // SAFETY: pos < slots.
+                let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
+                if old == EMPTY {
+                    out.inserted = true;
+                    out.from_empty = true;
+                    slot = pos;
+                    break 'restart;
+                }
+                // Someone claimed this slot first: look at what they put there.
+                cur = old;
+            }
+            if cur == key {
+                out.found = true;
+                slot = pos;
+                break 'restart;
+            }
+            if cur == TOMBSTONE && first_tomb == u64::MAX {
+                first_tomb = pos;
+            }
+            pos = next_slot(pos, t.mask);
+            steps += 1;
+            if steps > t.mask {
+                out.overflow = true;
+                // SAFETY: slot_of holds n u32 words. Slot 0 exists; the batch reports an error.
+                unsafe { M::store_u32(w32(a.slot_of, i), 0) };
+                return out;
+            }
+        }
+    }
+    // SAFETY: slot < slots <= 2^32, so it fits u32; rows are in bounds.
+    unsafe {
+        M::store_u32(w32(a.slot_of, i), slot as u32);
+        copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w);
+    }
+    out
+}
+
+/// Reads the chunk's DUP flag (the last-wins passes run only when it is set).
+///
+/// # Safety
+/// `a.flags` is a valid flag buffer.
+#[inline(always)]
+pub unsafe fn dup_raised<M: Mem>(a: &BatchArgs) -> bool {
+    // SAFETY: flags holds flag::LEN words.
+    unsafe { M::load_u32(w32(a.flags, flag::DUP as u64)) != 0 }
+}
+
+/// Raises the chunk's DUP flag.
+///
+/// # Safety
+/// `a.flags` is a valid flag buffer.
+#[inline(always)]
+pub unsafe fn raise_dup<M: Mem>(a: &BatchArgs) {
+    // SAFETY: flags holds flag::LEN words.
+    unsafe { M::store_u32(w32(a.flags, flag::DUP as u64), 1) }
+}
+
+/// The slot item `i` was placed in, or `None` for a sentinel key.
+#[inline(always)]
+unsafe fn placed_slot<M: Mem>(a: &BatchArgs, i: u64) -> Option<u64> {
+    // SAFETY: i < n.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    if is_sentinel(key) {
+        return None;
+    }
+    // SAFETY: i < n.
+    Some(unsafe { M::load_u32(w32(a.slot_of, i)) } as u64)
+}
+
+/// Put pass 2 (DUP only): zero word 0 of item `i`'s row.
+///
+/// # Safety
+/// As [`put_place`], after it ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_zero<M: Mem>(a: &BatchArgs, i: u64) {
+    // SAFETY: forwarded.
+    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
+        // SAFETY: slot < slots.
+        unsafe { M::store(w64(a.table.values, row(slot, a.table.width)), 0) };
+    }
+}
+
+/// Put pass 3 (DUP only): atomic max of `1 + i` into word 0 of item `i`'s row.
+///
+/// # Safety
+/// As [`put_place`], after [`put_zero`] ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_max<M: Mem>(a: &BatchArgs, i: u64) {
+    // SAFETY: forwarded.
+    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
+        // SAFETY: slot < slots.
+        unsafe { M::max_u64(w64(a.table.values, row(slot, a.table.width)), i + 1) };
+    }
+}
+
+/// Put pass 4 (DUP only): item `i` wins its row if `1 + i` stayed in word 0.
+///
+/// # Safety
+/// As [`put_place`], after [`put_max`] ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_win<M: Mem>(a: &BatchArgs, i: u64) {
+    // SAFETY: forwarded.
+    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
+        // SAFETY: slot < slots; win holds n bytes.
+        unsafe {
+            let v = M::load(w64(a.table.values, row(slot, a.table.width)));
+            M::store_u8(a.win + i, (v == i + 1) as u8);
+        }
+    }
+}
+
+/// Put pass 5 (DUP only): the winner of each row rewrites it.
+///
+/// # Safety
+/// As [`put_place`], after [`put_win`] ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_write_winner<M: Mem>(a: &BatchArgs, i: u64) {
+    // SAFETY: forwarded.
+    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
+        // SAFETY: win holds n bytes; rows are in bounds.
+        unsafe {
+            if M::load_u8(a.win + i) != 0 {
+                let w = a.table.width;
+                copy_row::<M>(
+                    w64(a.table.values, row(slot, w)),
+                    w64(a.values, i * w as u64),
+                    w,
+                );
+            }
+        }
+    }
+}
+
+/// Put pass 3 for the two sentinel keys (run by one thread): the last occurrence of each
+/// writes its row and makes it present. Counts newly present ones.
+///
+/// # Safety
+/// As [`put_place`], after it ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
+    let t = &a.table;
+    let mut sp = 0u64;
+    while sp < 2 {
+        // SAFETY: flags holds flag::LEN words.
+        let winner = unsafe { M::load_u32(w32(a.flags, flag::SPEC_WIN as u64 + sp)) } as u64;
+        if winner != 0 {
+            let i = winner - 1;
+            // SAFETY: i < n; the special area holds special_words(width) words.
+            unsafe {
+                copy_row::<M>(
+                    w64(t.special, special_row(sp, t.width)),
+                    w64(a.values, i * t.width as u64),
+                    t.width,
+                );
+                if M::exch(w64(t.special, sp), 1) == 0 {
+                    M::add(w64(t.counters, counter::SPEC_INSERTED as u64), 1);
+                }
+            }
+        }
+        sp += 1;
+    }
+}
+
+/// Finds `key` in the table: its slot, or `None` (sentinel keys are not looked for here).
+#[inline(always)]
+unsafe fn find<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
+    let mut pos = home_slot(key, t.mask);
+    let mut steps = 0u64;
+    loop {
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load(w64(t.keys, pos)) };
+        if cur == key {
+            return Some(pos);
+        }
+        if cur == EMPTY || steps >= t.mask {
+            return None;
+        }
+        pos = next_slot(pos, t.mask);
+        steps += 1;
+    }
+}
+
+/// Get/contains for item `i`: writes `found_out[i]` and, when `a.values != 0`, the value row
+/// (zeros when missing). Returns whether the key was found.
+///
+/// # Safety
+/// `a` describes valid device buffers and `i < a.n`.
+#[inline(always)]
+pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
+    let t = &a.table;
+    let w = t.width;
+    // SAFETY: i < n.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    let src = if is_sentinel(key) {
+        let sp = special_index(key);
+        // SAFETY: the special area holds special_words(width) words.
+        if unsafe { M::load(w64(t.special, sp)) } != 0 {
+            Some(w64(t.special, special_row(sp, w)))
+        } else {
+            None
+        }
+    } else {
+        // SAFETY: forwarded.
+        unsafe { find::<M>(t, key) }.map(|slot| w64(t.values, row(slot, w)))
+    };
+    // SAFETY: found_out holds n bytes; values (when set) holds n rows.
+    unsafe {
+        M::store_u8(a.found_out + i, src.is_some() as u8);
+        if a.values != 0 {
+            let dst = w64(a.values, i * w as u64);
+            match src {
+                Some(src) => copy_row::<M>(dst, src, w),
+                None => zero_row::<M>(dst, w),
+            }
+        }
+    }
+    src.is_some()
+}
+
+/// What [`delete_item`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// A key of the key array became a tombstone.
+    pub table: bool,
+    /// A sentinel key left the special area.
+    pub special: bool,
+}
+
+/// Delete for item `i`. A key repeated in the batch is removed (and counted) once: the
+/// second CAS finds a tombstone.
+///
+/// # Safety
+/// `a` describes valid device buffers and `i < a.n`.
+#[inline(always)]
+pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
+    let t = &a.table;
+    // SAFETY: i < n.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    let mut out = Removed::default();
+    if is_sentinel(key) {
+        // SAFETY: the special area holds special_words(width) words.
+        out.special = unsafe { M::exch(w64(t.special, special_index(key)), 0) } != 0;
+        return out;
+    }
+    let mut pos = home_slot(key, t.mask);
+    let mut steps = 0u64;
+    loop {
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        if cur == key {
+            // SAFETY: pos < slots.
+            out.table = unsafe { M::cas(w64(t.keys, pos), key, TOMBSTONE) } == key;
+            return out;
+        }
+        if cur == EMPTY || steps >= t.mask {
+            return out;
+        }
+        pos = next_slot(pos, t.mask);
+        steps += 1;
+    }
+}
+
+/// Rehash for old slot `s`: moves its key (if live) and value row into `a.table`.
+/// Returns whether a key moved, or `None` if the new table had no room (broken invariant).
+///
+/// # Safety
+/// `a` describes valid device buffers, `s < a.old_slots`, and the new table has fewer live
+/// keys than slots.
+#[inline(always)]
+pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
+    let t = &a.table;
+    // SAFETY: s < old_slots.
+    let key = unsafe { M::load(w64(a.old_keys, s)) };
+    if is_sentinel(key) {
+        return Some(false);
+    }
+    let mut pos = home_slot(key, t.mask);
+    let mut steps = 0u64;
+    loop {
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        // SAFETY: pos < slots.
+        if cur == EMPTY && unsafe { M::cas(w64(t.keys, pos), EMPTY, key) } == EMPTY {
+            // SAFETY: rows in bounds of both tables.
+            unsafe {
+                copy_row::<M>(
+                    w64(t.values, row(pos, t.width)),
+                    w64(a.old_values, row(s, t.width)),
+                    t.width,
+                )
+            };
+            return Some(true);
+        }
+        if steps >= t.mask {
+            return None;
+        }
+        pos = next_slot(pos, t.mask);
+        steps += 1;
+    }
+}
+
+/// Fill for word `i`.
+///
+/// # Safety
+/// `i < a.n` and `a.dst` holds `a.n` words.
+#[inline(always)]
+pub unsafe fn fill_item<M: Mem>(a: &FillArgs, i: u64) {
+    // SAFETY: forwarded.
+    unsafe { M::store(w64(a.dst, i), a.value) }
+}
+
+/// Classifies slot `s` for `kv_count`: (live, tombstone).
+///
+/// # Safety
+/// `s` is below the table's slot count.
+#[inline(always)]
+pub unsafe fn count_item<M: Mem>(t: &TableArgs, s: u64) -> (bool, bool) {
+    // SAFETY: s < slots.
+    let k = unsafe { M::load(w64(t.keys, s)) };
+    (!is_sentinel(k), k == TOMBSTONE)
+}
