@@ -1,1 +1,420 @@
-//! placeholder
+//! vramkv's CUDA backend: the hash table lives in GPU memory; the kernels are Rust
+//! (crate `kv-kernels`, shipped as PTX and JIT-compiled by the driver for the GPU at hand).
+//!
+//! ```no_run
+//! use kv_backend_cuda::CudaBackend;
+//! use kv_core::{KvBackend, TableConfig};
+//!
+//! let table = CudaBackend::open(TableConfig::new(1 << 20))?;
+//! table.put(&[1, 2, u64::MAX], &[10, 20, 30])?;
+//! let (mut values, mut found) = (vec![0; 2], vec![false; 2]);
+//! table.get(&[2, 3], &mut values, &mut found)?;
+//! assert_eq!((values, found), (vec![20, 0], vec![true, false]));
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+//!
+//! # Driver access: cudarc, loaded at run time
+//!
+//! The backend talks to the CUDA *driver* API through cudarc with `dynamic-loading`:
+//! `libcuda.so` is opened when the first table is created, not linked at build time. So
+//! building needs no CUDA toolkit, and a binary with this backend compiled in starts on a
+//! machine without an NVIDIA driver, where [`CudaBackend::open`] answers
+//! [`Error::BackendUnavailable`] and vramkv falls back to another backend. We check that the
+//! library and every entry point we use are present before the first driver call (cudarc
+//! would panic otherwise), and turn every driver error into an [`Error`] (out of memory into
+//! [`Error::OutOfDeviceMemory`]), never a panic.
+//!
+//! Why not `cust` (rust-cuda's driver wrapper): it links `libcuda` at build time, so it
+//! needs a CUDA installation to compile, and a binary built with it cannot even start on a
+//! machine without the driver, which would rule out the CPU fallback.
+//!
+//! # Devices
+//!
+//! [`devices`] lists the GPUs (name, total and free memory). A table opens on
+//! [`TableConfig::device`] if set, else on the GPU with the most free memory (chosen once
+//! per process). One context per device per process (the driver's primary context), shared
+//! by every table and thread. GPUs of compute capability 7.0 (Volta) or newer are supported.
+//! Set `VRAMKV_CUDA_DISABLE=1` to make the backend report itself unavailable.
+//!
+//! # Table layout
+//!
+//! Structure of arrays in device memory: `keys: u64[slots]` (EMPTY = `u64::MAX`,
+//! TOMBSTONE = `u64::MAX - 1`), `values: u64[slots * width]`, a small special area for the
+//! two user keys equal to the sentinels (handled inside the kernels, so device-resident
+//! batches need no host help), and a counter block. Linear probing from a murmur3-`fmix64`
+//! home slot. One allocation per array, made at creation and at each growth; growth
+//! rehashes on the device into arrays allocated *before* the old ones are released, so a
+//! failed allocation leaves the table as it was. Tombstones are purged by an in-place
+//! rehash when live + tombstones + batch would pass the max load factor.
+//!
+//! # Host batches
+//!
+//! See [`table`](crate) docs in the source: batches from host memory stream through a few
+//! pinned staging lanes on separate streams so that copies in, kernels and copies out of
+//! consecutive chunks overlap; staging buffers are pooled and reused, so a steady stream of
+//! batches allocates nothing. [`CudaBackend::put_device`] and [`CudaBackend::get_device`]
+//! take keys and values already in VRAM.
+
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
+use kv_core::{
+    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains, check_get, check_put,
+    plan_put,
+};
+use kv_kernels::layout::counter;
+
+mod gpu;
+mod table;
+
+pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
+use gpu::{BACKEND, Drv, Gpu};
+use table::{Lane, Op, State};
+
+/// A vramkv table in the memory of one NVIDIA GPU.
+pub struct CudaBackend {
+    gpu: Arc<Gpu>,
+    cfg: TableConfig,
+    state: RwLock<State>,
+    /// Staging lanes between batches (taken out by a batch, put back after).
+    pool: Mutex<Vec<Lane>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("device", &self.gpu.name).field("cfg", &self.cfg).finish()
+    }
+}
+
+fn device_mismatch() -> Error {
+    Error::Device { backend: BACKEND, message: "the device buffers belong to another CUDA context".into() }
+}
+
+impl CudaBackend {
+    /// Creates a table on the GPU `cfg.device` (default: the one with the most free memory).
+    ///
+    /// Fails with [`Error::InvalidConfig`] for a bad config, [`Error::BackendUnavailable`]
+    /// when there is no driver or no usable GPU, [`Error::OutOfDeviceMemory`] when the table
+    /// does not fit.
+    pub fn open(cfg: TableConfig) -> Result<Self> {
+        cfg.validate()?;
+        let gpu = gpu::gpu(cfg.device)?;
+        gpu.bind()?;
+        let state = State::new(&gpu, cfg.initial_slots(), cfg.width)?;
+        Ok(CudaBackend { gpu, cfg, state: RwLock::new(state), pool: Mutex::new(Vec::new()) })
+    }
+
+    /// The CUDA context the table lives in (for allocating device-resident batches).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.gpu.ctx
+    }
+
+    /// A new stream on the table's context, e.g. to allocate and fill device-resident batches.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.gpu.bind()?;
+        self.gpu.ctx.new_stream().drv("cuStreamCreate")
+    }
+
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.gpu.ordinal
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
+    fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
+        let mut out = Vec::with_capacity(count);
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            // Too-small lanes are dropped: they would be replaced by bigger ones anyway.
+            pool.retain(|l| l.cap >= cap);
+            while out.len() < count {
+                match pool.pop() {
+                    Some(l) => out.push(l),
+                    None => break,
+                }
+            }
+        }
+        while out.len() < count {
+            out.push(Lane::new(&self.gpu, cap, self.cfg.width)?);
+        }
+        Ok(out)
+    }
+
+    fn return_lanes(&self, lanes: Vec<Lane>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.extend(lanes);
+        if pool.len() > table::POOL_MAX {
+            pool.sort_by_key(|l| std::cmp::Reverse(l.cap));
+            pool.truncate(table::POOL_MAX);
+        }
+    }
+
+    /// Runs a host batch on the current state, with pooled lanes.
+    fn host_batch(&self, st: &State, keys: &[u64], mut op: Op<'_>, after_main: bool) -> Result<()> {
+        let cap = table::lane_cap(keys.len(), self.cfg.width);
+        let count = keys.len().div_ceil(cap).min(table::LANES);
+        let mut lanes = self.take_lanes(count, cap)?;
+        let after = if after_main {
+            st.ready.record(&st.main).drv("cuEventRecord")?;
+            Some(&st.ready)
+        } else {
+            None
+        };
+        let r = table::run_host_batch(&self.gpu, st.table_args(self.cfg.width), &mut lanes, cap, keys, &mut op, after);
+        match r {
+            Ok(()) => self.return_lanes(lanes),
+            Err(_) => {
+                // Leave nothing in flight before the pinned buffers are freed.
+                for l in &lanes {
+                    let _ = l.stream.synchronize();
+                }
+            }
+        }
+        r
+    }
+
+    /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
+    fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
+        let w = self.cfg.width;
+        let mlf = self.cfg.max_load_factor;
+        match plan_put(st.len, n, st.slots, mlf, self.cfg.growth)? {
+            PutPlan::Grow { slots } => st.rehash(&self.gpu, slots, w),
+            PutPlan::Fits => {
+                let used = st.table_len() + st.tombs;
+                if used + n <= capacity_of(st.slots, mlf) {
+                    return Ok(());
+                }
+                match st.rehash(&self.gpu, st.slots, w) {
+                    Ok(()) => Ok(()),
+                    // No memory for a purge: go on if the probes still end on an EMPTY slot.
+                    Err(Error::OutOfDeviceMemory { .. }) if used + n < st.slots => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Applies a finished put's counters to the host-side lengths.
+    fn finish_put(st: &mut State) -> Result<()> {
+        let c = st.read_counters()?;
+        let inserted = c[counter::INSERTED] as usize;
+        let reused = inserted - (c[counter::FROM_EMPTY] as usize).min(inserted);
+        st.len += inserted + c[counter::SPEC_INSERTED] as usize;
+        st.spec_len += c[counter::SPEC_INSERTED] as usize;
+        st.tombs -= reused.min(st.tombs);
+        if c[counter::ERRORS] != 0 {
+            return Err(Error::Device {
+                backend: BACKEND,
+                message: format!("{} keys found no slot (table invariant broken)", c[counter::ERRORS]),
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts a batch whose keys (`u64[n]`) and values (`u64[n * width]`) are already in this
+    /// table's device memory. Same semantics as [`KvBackend::put`].
+    pub fn put_device(&self, keys: &impl DevicePtr<u64>, values: &impl DevicePtr<u64>) -> Result<()> {
+        let (n, w) = (keys.len(), self.cfg.width);
+        if values.len() != n * w {
+            return Err(Error::LengthMismatch { what: "values", expected: n * w, got: values.len() });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_context(keys.stream())?;
+        self.check_context(values.stream())?;
+        self.gpu.bind()?;
+        let mut st = self.write();
+        self.prepare_put(&mut st, n)?;
+        st.reset_counters()?;
+        let cap = table::lane_cap(n, w);
+        let mut lanes = self.take_lanes(1, cap)?;
+        let lane = &lanes[0];
+        st.ready.record(&st.main).drv("cuEventRecord")?;
+        lane.stream.wait(&st.ready).drv("cuStreamWaitEvent")?;
+        let r = (|| {
+            let (kp, _kg) = keys.device_ptr(&lane.stream);
+            let (vp, _vg) = values.device_ptr(&lane.stream);
+            let table = st.table_args(w);
+            let mut start = 0;
+            while start < n {
+                let m = cap.min(n - start);
+                let a = lane.args(table, kp + 8 * start as u64, vp + 8 * (start * w) as u64, 0, m);
+                lane.enqueue_put(&self.gpu, &a)?;
+                start += m;
+            }
+            Ok(())
+        })();
+        let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
+        r.and(synced)?;
+        self.return_lanes(std::mem::take(&mut lanes));
+        Self::finish_put(&mut st)
+    }
+
+    /// Looks up keys already in device memory: writes value rows (zeros when missing) to
+    /// `values_out` (`u64[n * width]`) and 0/1 to `found_out` (`u8[n]`). Same semantics as
+    /// [`KvBackend::get`].
+    pub fn get_device(
+        &self,
+        keys: &impl DevicePtr<u64>,
+        values_out: &mut impl DevicePtrMut<u64>,
+        found_out: &mut impl DevicePtrMut<u8>,
+    ) -> Result<()> {
+        let (n, w) = (keys.len(), self.cfg.width);
+        if values_out.len() != n * w {
+            return Err(Error::LengthMismatch { what: "values_out", expected: n * w, got: values_out.len() });
+        }
+        if found_out.len() != n {
+            return Err(Error::LengthMismatch { what: "found_out", expected: n, got: found_out.len() });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_context(keys.stream())?;
+        self.check_context(values_out.stream())?;
+        self.check_context(found_out.stream())?;
+        self.gpu.bind()?;
+        let st = self.read();
+        let cap = table::lane_cap(n, w);
+        let lanes = self.take_lanes(1, cap)?;
+        let lane = &lanes[0];
+        let r = (|| {
+            let (kp, _kg) = keys.device_ptr(&lane.stream);
+            let (vp, _vg) = values_out.device_ptr_mut(&lane.stream);
+            let (fp, _fg) = found_out.device_ptr_mut(&lane.stream);
+            let table = st.table_args(w);
+            let mut start = 0;
+            while start < n {
+                let m = cap.min(n - start);
+                let a = lane.args(table, kp + 8 * start as u64, vp + 8 * (start * w) as u64, fp + start as u64, m);
+                self.gpu.launch(&self.gpu.k.get, &a, m as u64, &lane.stream)?;
+                start += m;
+            }
+            Ok(())
+        })();
+        let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
+        r.and(synced)?;
+        self.return_lanes(lanes);
+        Ok(())
+    }
+
+    fn check_context(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() { Err(device_mismatch()) } else { Ok(()) }
+    }
+
+    /// Live keys and tombstones in the key array as the device counts them, plus the
+    /// host's bookkeeping `(len, tombstones)`, for checks: the two must agree.
+    pub fn audit(&self) -> Result<((u64, u64), (usize, usize))> {
+        self.gpu.bind()?;
+        let mut st = self.write();
+        let dev = st.count(&self.gpu, self.cfg.width)?;
+        Ok((dev, (st.table_len(), st.tombs)))
+    }
+}
+
+impl KvBackend for CudaBackend {
+    fn width(&self) -> usize {
+        self.cfg.width
+    }
+
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
+        check_put(self.cfg.width, keys, values)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let mut st = self.write();
+        self.prepare_put(&mut st, keys.len())?;
+        st.reset_counters()?;
+        self.host_batch(&st, keys, Op::Put { values }, true)?;
+        Self::finish_put(&mut st)
+    }
+
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        check_get(self.cfg.width, keys, values_out, found_out)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let st = self.read();
+        self.host_batch(&st, keys, Op::Get { values: values_out, found: found_out }, false)
+    }
+
+    fn delete(&self, keys: &[u64]) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.gpu.bind()?;
+        let mut st = self.write();
+        st.reset_counters()?;
+        self.host_batch(&st, keys, Op::Delete, true)?;
+        let c = st.read_counters()?;
+        let (removed, spec) = (c[counter::REMOVED] as usize, c[counter::SPEC_REMOVED] as usize);
+        st.len -= (removed + spec).min(st.len);
+        st.spec_len -= spec.min(st.spec_len);
+        st.tombs += removed;
+        Ok(removed + spec)
+    }
+
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
+        check_contains(keys, found_out)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let st = self.read();
+        self.host_batch(&st, keys, Op::Contains { found: found_out }, false)
+    }
+
+    fn len(&self) -> usize {
+        self.read().len
+    }
+
+    fn capacity(&self) -> usize {
+        capacity_of(self.read().slots, self.cfg.max_load_factor)
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.gpu.bind()?;
+        let mut st = self.write();
+        st.clear(&self.gpu)?;
+        st.len = 0;
+        st.tombs = 0;
+        st.spec_len = 0;
+        Ok(())
+    }
+
+    fn describe(&self) -> Description {
+        let st = self.read();
+        let lanes: usize =
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|l| l.device_bytes()).sum();
+        Description {
+            backend: BACKEND,
+            device: self.gpu.name.clone(),
+            bytes_in_use: (st.bytes() + lanes) as u64,
+            slots: st.slots,
+        }
+    }
+}
+
+/// Why the CUDA backend cannot run here, or `None` if it can (a driver and a device are
+/// present). Creates no context.
+pub fn unavailable_reason() -> Option<String> {
+    match devices_present() {
+        Ok(()) => None,
+        Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+fn devices_present() -> Result<()> {
+    if is_available() { Ok(()) } else { gpu::gpu_probe_error() }
+}
