@@ -1,7 +1,7 @@
 //! The test bodies. Each takes a way to open a table and panics on the first violation.
 
 use crate::{Model, SplitMix64};
-use kv_core::{capacity_of, Error, KvBackend, TableConfig};
+use kv_core::{Error, KvBackend, TableConfig, capacity_of};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How a suite opens a table of the backend under test.
@@ -55,26 +55,46 @@ pub fn assert_same(t: &dyn KvBackend, m: &Model, probe: &[u64], ctx: &str) {
     assert_eq!(t.len(), m.len(), "{ctx}: len differs from the model");
     let mut values = vec![0xDEAD_BEEF_u64; probe.len() * w];
     let mut found = vec![true; probe.len()];
-    t.get(probe, &mut values, &mut found).unwrap_or_else(|e| panic!("{ctx}: get failed: {e}"));
+    t.get(probe, &mut values, &mut found)
+        .unwrap_or_else(|e| panic!("{ctx}: get failed: {e}"));
     let (mv, mf) = m.get(probe);
     for i in 0..probe.len() {
         assert_eq!(found[i], mf[i], "{ctx}: found[{i}] for key {:#x}", probe[i]);
-        assert_eq!(&values[i * w..(i + 1) * w], &mv[i * w..(i + 1) * w], "{ctx}: value of key {:#x}", probe[i]);
+        assert_eq!(
+            &values[i * w..(i + 1) * w],
+            &mv[i * w..(i + 1) * w],
+            "{ctx}: value of key {:#x}",
+            probe[i]
+        );
     }
     let mut present = vec![!mf.first().copied().unwrap_or(false); probe.len()];
-    t.contains(probe, &mut present).unwrap_or_else(|e| panic!("{ctx}: contains failed: {e}"));
+    t.contains(probe, &mut present)
+        .unwrap_or_else(|e| panic!("{ctx}: contains failed: {e}"));
     assert_eq!(present, mf, "{ctx}: contains differs from the model");
 }
 
 fn values_for(keys: &[u64], w: usize, salt: u64) -> Vec<u64> {
     keys.iter()
         .enumerate()
-        .flat_map(|(i, k)| (0..w as u64).map(move |j| k.rotate_left(17) ^ salt ^ (i as u64) << 8 ^ j))
+        .flat_map(|(i, k)| {
+            (0..w as u64).map(move |j| k.rotate_left(17) ^ salt ^ (i as u64) << 8 ^ j)
+        })
         .collect()
 }
 
 fn edge_key_set() -> Vec<u64> {
-    vec![0, 1, 2, u64::MAX, u64::MAX - 1, u64::MAX - 2, 1 << 63, (1 << 63) - 1, 0xFFFF_FFFF, 1 << 32]
+    vec![
+        0,
+        1,
+        2,
+        u64::MAX,
+        u64::MAX - 1,
+        u64::MAX - 2,
+        1 << 63,
+        (1 << 63) - 1,
+        0xFFFF_FFFF,
+        1 << 32,
+    ]
 }
 
 /// Basic put then get.
@@ -145,7 +165,10 @@ pub fn last_duplicate_wins(o: &Open) {
 pub fn repeated_delete_counts_once(o: &Open) {
     let t = open(o, TableConfig::new(64));
     t.put(&[1, 2, 3, u64::MAX], &[1, 2, 3, 4]).expect("put");
-    assert_eq!(t.delete(&[2, 2, 2, 9, u64::MAX, u64::MAX]).expect("delete"), 2);
+    assert_eq!(
+        t.delete(&[2, 2, 2, 9, u64::MAX, u64::MAX]).expect("delete"),
+        2
+    );
     assert_eq!(t.len(), 2);
     assert_eq!(t.delete(&[2, u64::MAX]).expect("delete"), 0);
 }
@@ -154,13 +177,24 @@ pub fn repeated_delete_counts_once(o: &Open) {
 pub fn delete_reinsert_cycles(o: &Open) {
     let t = open(o, TableConfig::new(2048));
     let mut m = Model::new(1);
-    let keys: Vec<u64> = (0..1000).map(|i| i * 0x9E37_79B9).chain(edge_key_set()).collect();
+    let keys: Vec<u64> = (0..1000)
+        .map(|i| i * 0x9E37_79B9)
+        .chain(edge_key_set())
+        .collect();
     for round in 0..20u64 {
         let vals = values_for(&keys, 1, round);
         t.put(&keys, &vals).expect("put");
         m.put(&keys, &vals);
-        let half: Vec<u64> = keys.iter().copied().filter(|k| (k ^ round) % 2 == 0).collect();
-        assert_eq!(t.delete(&half).expect("delete"), m.delete(&half), "round {round}");
+        let half: Vec<u64> = keys
+            .iter()
+            .copied()
+            .filter(|k| (k ^ round) % 2 == 0)
+            .collect();
+        assert_eq!(
+            t.delete(&half).expect("delete"),
+            m.delete(&half),
+            "round {round}"
+        );
         assert_same(&*t, &m, &keys, "cycle");
     }
     assert_eq!(t.delete(&keys).expect("delete"), m.delete(&keys));
@@ -175,12 +209,19 @@ pub fn tombstones_never_hide_live_keys(o: &Open) {
     let cap = open(o, cfg.clone()).capacity();
     let t = open(o, cfg);
     let mut m = Model::new(1);
-    let keys: Vec<u64> = (0..cap as u64).map(|i| i.wrapping_mul(0x1000_0000_0001)).collect();
+    let keys: Vec<u64> = (0..cap as u64)
+        .map(|i| i.wrapping_mul(0x1000_0000_0001))
+        .collect();
     let vals = values_for(&keys, 1, 1);
     t.put(&keys, &vals).expect("fill");
     m.put(&keys, &vals);
     for round in 0..30u64 {
-        let del: Vec<u64> = keys.iter().copied().skip(round as usize % 3).step_by(3).collect();
+        let del: Vec<u64> = keys
+            .iter()
+            .copied()
+            .skip(round as usize % 3)
+            .step_by(3)
+            .collect();
         assert_eq!(t.delete(&del).expect("delete"), m.delete(&del));
         assert_same(&*t, &m, &keys, "after delete");
         // Re-put every key: live ones must be overwritten in place, not duplicated.
@@ -199,7 +240,9 @@ pub fn widths_1_2_16(o: &Open) {
         let t = open(o, TableConfig::new(10_000).width(w));
         assert_eq!(t.width(), w);
         let mut m = Model::new(w);
-        let keys: Vec<u64> = (0..5000u64).map(|i| i.wrapping_mul(0xA24B_AED4_963E_E407)).collect();
+        let keys: Vec<u64> = (0..5000u64)
+            .map(|i| i.wrapping_mul(0xA24B_AED4_963E_E407))
+            .collect();
         let vals = values_for(&keys, w, w as u64);
         t.put(&keys, &vals).expect("put");
         m.put(&keys, &vals);
@@ -226,9 +269,17 @@ pub fn growth_keeps_every_entry(o: &Open) {
         if let kv_core::PutPlan::Grow { slots } =
             kv_core::plan_put(len, n, slots, 0.75, true).expect("plan")
         {
-            assert_eq!(t.capacity(), capacity_of(slots, 0.75), "capacity after growth at step {step}");
+            assert_eq!(
+                t.capacity(),
+                capacity_of(slots, 0.75),
+                "capacity after growth at step {step}"
+            );
         } else {
-            assert_eq!(t.capacity(), cap, "capacity changed without growth at step {step}");
+            assert_eq!(
+                t.capacity(),
+                cap,
+                "capacity changed without growth at step {step}"
+            );
         }
     }
     assert_same(&*t, &m, &all, "after growth");
@@ -244,7 +295,10 @@ pub fn growth_off_refuses_whole_batch(o: &Open) {
     m.put(&keys, &keys);
     let extra: Vec<u64> = (1000..1010).collect();
     match t.put(&extra, &extra) {
-        Err(Error::CapacityExceeded { requested, capacity }) => {
+        Err(Error::CapacityExceeded {
+            requested,
+            capacity,
+        }) => {
             assert_eq!((requested, capacity), (cap - 3 + 10, cap));
         }
         other => panic!("expected CapacityExceeded, got {other:?}"),
@@ -252,7 +306,8 @@ pub fn growth_off_refuses_whole_batch(o: &Open) {
     assert_eq!(t.capacity(), cap);
     let probe: Vec<u64> = keys.iter().copied().chain(extra.iter().copied()).collect();
     assert_same(&*t, &m, &probe, "after refused put");
-    t.put(&extra[..3], &extra[..3]).expect("an exact fit is admitted");
+    t.put(&extra[..3], &extra[..3])
+        .expect("an exact fit is admitted");
 }
 
 /// Length and width mismatches are errors that change nothing.
@@ -261,17 +316,41 @@ pub fn bad_lengths_change_nothing(o: &Open) {
     let mut m = Model::new(2);
     t.put(&[1, 2], &[1, 1, 2, 2]).expect("put");
     m.put(&[1, 2], &[1, 1, 2, 2]);
-    assert!(matches!(t.put(&[3, 4], &[3, 3, 4]), Err(Error::WidthMismatch { .. })));
-    assert!(matches!(t.put(&[3, 4], &[3, 3]), Err(Error::LengthMismatch { what: "values", .. })));
-    assert!(matches!(t.put(&[], &[3, 3]), Err(Error::LengthMismatch { .. })));
+    assert!(matches!(
+        t.put(&[3, 4], &[3, 3, 4]),
+        Err(Error::WidthMismatch { .. })
+    ));
+    assert!(matches!(
+        t.put(&[3, 4], &[3, 3]),
+        Err(Error::LengthMismatch { what: "values", .. })
+    ));
+    assert!(matches!(
+        t.put(&[], &[3, 3]),
+        Err(Error::LengthMismatch { .. })
+    ));
     let mut v = vec![7; 2];
     let mut f = vec![true; 2];
-    assert!(matches!(t.get(&[1, 2], &mut v, &mut f), Err(Error::LengthMismatch { what: "values_out", .. })));
+    assert!(matches!(
+        t.get(&[1, 2], &mut v, &mut f),
+        Err(Error::LengthMismatch {
+            what: "values_out",
+            ..
+        })
+    ));
     let mut v = vec![7; 4];
     let mut f1 = vec![true; 1];
-    assert!(matches!(t.get(&[1, 2], &mut v, &mut f1), Err(Error::LengthMismatch { what: "found_out", .. })));
+    assert!(matches!(
+        t.get(&[1, 2], &mut v, &mut f1),
+        Err(Error::LengthMismatch {
+            what: "found_out",
+            ..
+        })
+    ));
     assert_eq!(v, [7; 4], "a refused get writes nothing");
-    assert!(matches!(t.contains(&[1, 2], &mut f1), Err(Error::LengthMismatch { .. })));
+    assert!(matches!(
+        t.contains(&[1, 2], &mut f1),
+        Err(Error::LengthMismatch { .. })
+    ));
     assert_same(&*t, &m, &[1, 2, 3, 4], "after bad input");
 }
 
@@ -313,7 +392,10 @@ pub fn invalid_configs_are_refused(o: &Open) {
         TableConfig::new(16).max_load_factor(0.99),
         TableConfig::new(16).max_load_factor(f64::NAN),
     ] {
-        assert!(matches!(o(cfg.clone()), Err(Error::InvalidConfig(_))), "{cfg:?} was not refused");
+        assert!(
+            matches!(o(cfg.clone()), Err(Error::InvalidConfig(_))),
+            "{cfg:?} was not refused"
+        );
     }
 }
 
@@ -357,7 +439,11 @@ pub fn random_sequence_matches_model(o: &Open) {
                     t.put(&keys, &vals).expect("put");
                     m.put(&keys, &vals);
                 }
-                4..=5 => assert_eq!(t.delete(&keys).expect("delete"), m.delete(&keys), "step {step}"),
+                4..=5 => assert_eq!(
+                    t.delete(&keys).expect("delete"),
+                    m.delete(&keys),
+                    "step {step}"
+                ),
                 6 if step % 50 == 0 => {
                     t.clear().expect("clear");
                     m.clear();
@@ -390,7 +476,10 @@ pub fn threads_see_whole_batches(o: &Open) {
                 while !done.load(Ordering::Acquire) {
                     t.get(&keys, &mut v, &mut f).expect("reader get");
                     assert!(f.iter().all(|&x| x), "a key vanished mid-batch");
-                    assert!(v.iter().all(|&x| x == v[0]), "a reader saw a half-applied batch");
+                    assert!(
+                        v.iter().all(|&x| x == v[0]),
+                        "a reader saw a half-applied batch"
+                    );
                     assert!(v[0] >= last, "batches went backwards");
                     last = v[0];
                 }
@@ -430,5 +519,8 @@ pub fn describe_is_sane(o: &Open) {
     let d = t.describe();
     assert!(!d.backend.is_empty() && !d.device.is_empty());
     assert_eq!(t.capacity(), capacity_of(d.slots, 0.75));
-    assert!(d.bytes_in_use >= (d.slots * (1 + 4) * 8) as u64, "bytes_in_use must count keys and values");
+    assert!(
+        d.bytes_in_use >= (d.slots * (1 + 4) * 8) as u64,
+        "bytes_in_use must count keys and values"
+    );
 }

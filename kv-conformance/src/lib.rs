@@ -59,7 +59,9 @@ pub fn trials(
                         Ok(())
                     })
                 }
-                Availability::Skip(_) => libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true),
+                Availability::Skip(_) => {
+                    libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true)
+                }
                 Availability::Fail(reason) => {
                     let reason = reason.clone();
                     libtest_mimic::Trial::test(name, move || Err(reason.into()))
@@ -86,7 +88,11 @@ macro_rules! conformance_main {
 /// shared sizing rules. It is what the contract looks like with nothing GPU about it.
 pub fn doc_backend(cfg: kv_core::TableConfig) -> kv_core::Result<impl kv_core::KvBackend> {
     cfg.validate()?;
-    Ok(ModelBackend { cfg: cfg.clone(), slots: std::sync::Mutex::new(cfg.initial_slots()), m: Default::default() })
+    Ok(ModelBackend {
+        cfg: cfg.clone(),
+        slots: std::sync::Mutex::new(cfg.initial_slots()),
+        m: Default::default(),
+    })
 }
 
 struct ModelBackend {
@@ -113,15 +119,24 @@ impl kv_core::KvBackend for ModelBackend {
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let len = self.len();
-        if let kv_core::PutPlan::Grow { slots: s } =
-            kv_core::plan_put(len, keys.len(), *slots, self.cfg.max_load_factor, self.cfg.growth)?
-        {
+        if let kv_core::PutPlan::Grow { slots: s } = kv_core::plan_put(
+            len,
+            keys.len(),
+            *slots,
+            self.cfg.max_load_factor,
+            self.cfg.growth,
+        )? {
             *slots = s;
         }
         self.with(|m| m.put(keys, values));
         Ok(())
     }
-    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> kv_core::Result<()> {
+    fn get(
+        &self,
+        keys: &[u64],
+        values_out: &mut [u64],
+        found_out: &mut [bool],
+    ) -> kv_core::Result<()> {
         kv_core::check_get(self.cfg.width, keys, values_out, found_out)?;
         let (v, f) = self.with(|m| m.get(keys));
         values_out.copy_from_slice(&v);
@@ -140,7 +155,10 @@ impl kv_core::KvBackend for ModelBackend {
         self.with(|m| m.len())
     }
     fn capacity(&self) -> usize {
-        kv_core::capacity_of(*self.slots.lock().unwrap_or_else(|p| p.into_inner()), self.cfg.max_load_factor)
+        kv_core::capacity_of(
+            *self.slots.lock().unwrap_or_else(|p| p.into_inner()),
+            self.cfg.max_load_factor,
+        )
     }
     fn clear(&self) -> kv_core::Result<()> {
         self.with(|m| m.clear());

@@ -21,7 +21,10 @@ pub struct Model {
 impl Model {
     /// An empty model of `width` u64 words per value.
     pub fn new(width: usize) -> Self {
-        Self { width, map: HashMap::new() }
+        Self {
+            width,
+            map: HashMap::new(),
+        }
     }
     /// Entries held.
     pub fn len(&self) -> usize {
@@ -34,7 +37,8 @@ impl Model {
     /// Inserts or overwrites, in order.
     pub fn put(&mut self, keys: &[u64], values: &[u64]) {
         for (i, k) in keys.iter().enumerate() {
-            self.map.insert(*k, values[i * self.width..(i + 1) * self.width].to_vec());
+            self.map
+                .insert(*k, values[i * self.width..(i + 1) * self.width].to_vec());
         }
     }
     /// Looks up; missing keys give zeros and `false`.
