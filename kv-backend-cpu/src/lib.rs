@@ -33,8 +33,8 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Keys per lookup block: their home slots are prefetched together.
 const BLOCK: usize = 16;
-/// How far ahead a partition prefetches while it applies a put.
-const PREFETCH_AHEAD: usize = 12;
+/// How far ahead a partition prefetches while it applies a batch.
+const PREFETCH_AHEAD: usize = 8;
 /// Slots per partition below which the table is not split further.
 const PART_SLOTS: usize = 1 << 12;
 /// The most partitions a table is split into.
@@ -117,23 +117,23 @@ impl State {
 
     fn apply_put(&mut self, keys: &[u64], values: &[u64], cfg: &TableConfig) {
         let w = cfg.width;
-        let hashes: Vec<u64> = keys.par_iter().map(|&k| hash(k)).collect();
-        let (order, bounds) = partition(&hashes, self.bits);
+        let load = cfg.max_load_factor;
+        let sorted = Sorted::new(keys, Some((values, w)), self.bits);
         let added: usize = self
             .parts
             .par_iter_mut()
             .enumerate()
             .map(|(p, part)| {
-                let idx = &order[bounds[p]..bounds[p + 1]];
-                part.reserve(idx.len(), cfg.max_load_factor);
+                let (keys, values) = sorted.share(p, w);
                 let mut added = 0;
-                for (j, &i) in idx.iter().enumerate() {
-                    if let Some(&ahead) = idx.get(j + PREFETCH_AHEAD) {
-                        part.prefetch_home(hashes[ahead as usize]);
+                for_each_prefetched(part, keys, |part, j, h| {
+                    // Only a new key claims a slot, so growing here (and not for the whole
+                    // share up front) keeps overwrite-heavy batches from doubling partitions.
+                    if part.used >= part.max_used {
+                        part.reserve(1, load);
                     }
-                    let i = i as usize;
-                    added += part.upsert(hashes[i], keys[i], &values[i * w..(i + 1) * w]) as usize;
-                }
+                    added += part.upsert(h, keys[j], &values[j * w..(j + 1) * w]) as usize;
+                });
                 added
             })
             .sum();
@@ -141,21 +141,17 @@ impl State {
     }
 
     fn apply_delete(&mut self, keys: &[u64]) -> usize {
-        let hashes: Vec<u64> = keys.par_iter().map(|&k| hash(k)).collect();
-        let (order, bounds) = partition(&hashes, self.bits);
+        let sorted = Sorted::new(keys, None, self.bits);
         let removed: usize = self
             .parts
             .par_iter_mut()
             .enumerate()
             .map(|(p, part)| {
-                let idx = &order[bounds[p]..bounds[p + 1]];
+                let (keys, _) = sorted.share(p, 0);
                 let mut removed = 0;
-                for (j, &i) in idx.iter().enumerate() {
-                    if let Some(&ahead) = idx.get(j + PREFETCH_AHEAD) {
-                        part.prefetch_home(hashes[ahead as usize]);
-                    }
-                    removed += part.remove(hashes[i as usize], keys[i as usize]) as usize;
-                }
+                for_each_prefetched(part, keys, |part, j, h| {
+                    removed += part.remove(h, keys[j]) as usize
+                });
                 removed
             })
             .sum();
@@ -214,9 +210,29 @@ fn oom(requested_bytes: u64) -> Error {
     }
 }
 
+/// Walks `keys` in order with the home slots of keys a little ahead prefetched, calling
+/// `f(part, index, hash)`.
+#[inline]
+fn for_each_prefetched(part: &mut Part, keys: &[u64], mut f: impl FnMut(&mut Part, usize, u64)) {
+    const RING: usize = 16;
+    let mut ring = [0u64; RING];
+    for (j, &k) in keys.iter().enumerate().take(PREFETCH_AHEAD) {
+        ring[j % RING] = hash(k);
+        part.prefetch_home(ring[j % RING]);
+    }
+    for j in 0..keys.len() {
+        if let Some(&k) = keys.get(j + PREFETCH_AHEAD) {
+            let h = hash(k);
+            ring[(j + PREFETCH_AHEAD) % RING] = h;
+            part.prefetch_home(h);
+        }
+        f(part, j, ring[j % RING]);
+    }
+}
+
 /// A raw pointer that rayon tasks may share; each task writes only its own indices.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut u32);
+struct SharedOut(*mut u64);
 // SAFETY: the pointer is only written at indices that the counting sort hands to exactly
 // one task, and the Vec it points into outlives the parallel loop.
 unsafe impl Send for SharedOut {}
@@ -225,57 +241,98 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// # Safety
-    /// `i` is in bounds of the allocation and no other thread accesses element `i`.
-    unsafe fn write(&self, i: usize, v: u32) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { *self.0.add(i) = v }
+    /// `i..i + src.len()` is in bounds of the allocation and no other thread accesses it.
+    unsafe fn write(&self, i: usize, src: &[u64]) {
+        // SAFETY: guaranteed by the caller; `src` is a different allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(i), src.len()) }
     }
 }
 
-/// Counting sort of batch positions by partition, stable within each partition.
-/// Returns the positions and each partition's bounds in them.
-fn partition(hashes: &[u64], bits: u32) -> (Vec<u32>, Vec<usize>) {
-    let n = hashes.len();
-    let parts = 1usize << bits;
-    if bits == 0 {
-        return ((0..n as u32).collect(), vec![0, n]);
-    }
-    let chunk = (n / (rayon::current_num_threads() * 4)).max(1 << 14);
-    let hist: Vec<Vec<usize>> = hashes
-        .par_chunks(chunk)
-        .map(|c| {
-            let mut h = vec![0usize; parts];
-            c.iter().for_each(|&x| h[part_of(x, bits)] += 1);
-            h
-        })
-        .collect();
-    let mut bounds = vec![0usize; parts + 1];
-    let mut starts = vec![vec![0usize; parts]; hist.len()];
-    let mut at = 0;
-    for p in 0..parts {
-        bounds[p] = at;
-        for (c, h) in hist.iter().enumerate() {
-            starts[c][p] = at;
-            at += h[p];
+/// A batch's keys (and value rows) regrouped by partition, stable within each partition,
+/// so that every partition reads its share sequentially.
+enum Sorted<'a> {
+    /// One partition: the batch as it is.
+    Whole(&'a [u64], &'a [u64]),
+    /// Counting-sorted copies and each partition's bounds in them.
+    Split {
+        keys: Vec<u64>,
+        values: Vec<u64>,
+        bounds: Vec<usize>,
+    },
+}
+
+impl<'a> Sorted<'a> {
+    fn new(keys: &'a [u64], values: Option<(&'a [u64], usize)>, bits: u32) -> Self {
+        if bits == 0 {
+            return Sorted::Whole(keys, values.map_or(&[], |v| v.0));
+        }
+        let n = keys.len();
+        let parts = 1usize << bits;
+        let chunk = (n / (rayon::current_num_threads() * 4)).max(1 << 14);
+        let hist: Vec<Vec<usize>> = keys
+            .par_chunks(chunk)
+            .map(|c| {
+                let mut h = vec![0usize; parts];
+                c.iter().for_each(|&k| h[part_of(hash(k), bits)] += 1);
+                h
+            })
+            .collect();
+        let mut bounds = vec![0usize; parts + 1];
+        let mut starts = vec![vec![0usize; parts]; hist.len()];
+        let mut at = 0;
+        for p in 0..parts {
+            bounds[p] = at;
+            for (c, h) in hist.iter().enumerate() {
+                starts[c][p] = at;
+                at += h[p];
+            }
+        }
+        bounds[parts] = at;
+        let (vals, w) = values.unwrap_or((&[], 0));
+        let mut sorted_keys = vec![0u64; n];
+        let mut sorted_vals = vec![0u64; n * w];
+        let (ko, vo) = (
+            SharedOut(sorted_keys.as_mut_ptr()),
+            SharedOut(sorted_vals.as_mut_ptr()),
+        );
+        keys.par_chunks(chunk)
+            .zip(starts)
+            .enumerate()
+            .for_each(|(c, (ks, mut next))| {
+                for (j, k) in ks.iter().enumerate() {
+                    let p = part_of(hash(*k), bits);
+                    let (dst, src) = (next[p], c * chunk + j);
+                    // SAFETY: next[p] walks this chunk's own disjoint range of the outputs,
+                    // computed from the histograms above, so it is in bounds and no other task
+                    // writes it; rows are `w` words at `w` times the same index.
+                    unsafe {
+                        ko.write(dst, std::slice::from_ref(k));
+                        vo.write(dst * w, &vals[src * w..(src + 1) * w]);
+                    }
+                    next[p] += 1;
+                }
+            });
+        Sorted::Split {
+            keys: sorted_keys,
+            values: sorted_vals,
+            bounds,
         }
     }
-    bounds[parts] = at;
-    let mut order = vec![0u32; n];
-    let out = SharedOut(order.as_mut_ptr());
-    hashes
-        .par_chunks(chunk)
-        .zip(starts)
-        .enumerate()
-        .for_each(|(c, (hs, mut next))| {
-            for (j, &x) in hs.iter().enumerate() {
-                let p = part_of(x, bits);
-                // SAFETY: next[p] walks this chunk's own disjoint range of `order`, computed
-                // from the histograms above, so it is in bounds and written by no other task.
-                unsafe { out.write(next[p], (c * chunk + j) as u32) };
-                next[p] += 1;
+
+    /// Partition `p`'s keys and value rows.
+    fn share(&self, p: usize, w: usize) -> (&[u64], &[u64]) {
+        match self {
+            Sorted::Whole(k, v) => (k, v),
+            Sorted::Split {
+                keys,
+                values,
+                bounds,
+            } => {
+                let (a, b) = (bounds[p], bounds[p + 1]);
+                (&keys[a..b], &values[a * w..b * w])
             }
-        });
-    (order, bounds)
+        }
+    }
 }
 
 impl CpuBackend {
