@@ -257,3 +257,8 @@ pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)>
         })
         .collect()
 }
+
+/// The README's examples, run as doctests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
