@@ -1,1 +1,264 @@
-//! placeholder
+//! # vramkv
+//!
+//! A batched key-value store whose table lives in GPU memory: VRAM used as a cache
+//! tier below host RAM, fed by large batches. Keys are u64; values are rows of
+//! 1 to 16 u64 words. One contract, [`KvBackend`], sits over three backends:
+//!
+//! | feature | backend | where the table lives |
+//! |---|---|---|
+//! | `cpu` (default) | [`BackendKind::Cpu`] | host RAM, all cores |
+//! | `cuda` | [`BackendKind::Cuda`] | NVIDIA GPU memory, kernels written in Rust |
+//! | `wgpu` | [`BackendKind::Wgpu`] | any Vulkan/Metal/DX12 GPU, WGSL shaders |
+//!
+//! [`open`] picks the best backend available: CUDA, then wgpu on a discrete GPU, then
+//! CPU, and records why each better one was skipped ([`Table::skipped`]). The
+//! environment variable `VRAMKV_BACKEND=cpu|cuda|wgpu` forces one; a forced backend
+//! that cannot be used is an error, never a silent fallback.
+//!
+//! ```
+//! use vramkv::{KvBackend, TableConfig};
+//!
+//! let table = vramkv::open(TableConfig::new(1_000_000))?;
+//! table.put(&[1, 2, 3, 2], &[10, 20, 30, 21])?; // the last duplicate wins
+//! let mut values = vec![0; 3];
+//! let mut found = vec![false; 3];
+//! table.get(&[2, 3, 4], &mut values, &mut found)?;
+//! assert_eq!(values, [21, 30, 0]);
+//! assert_eq!(found, [true, true, false]);
+//! assert_eq!(table.delete(&[1, 1])?, 1);
+//! println!("{} entries on {}", table.len(), table.describe().backend);
+//! # Ok::<(), vramkv::Error>(())
+//! ```
+
+pub use kv_core::{
+    Description, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, PutPlan, Result,
+    TableConfig, capacity_of, check_contains, check_get, check_put, plan_put, slots_for,
+};
+
+#[cfg(feature = "cpu")]
+pub use kv_backend_cpu as cpu;
+#[cfg(feature = "cuda")]
+pub use kv_backend_cuda as cuda;
+#[cfg(feature = "wgpu")]
+pub use kv_backend_wgpu as wgpu;
+
+use std::fmt;
+
+/// The environment variable that forces a backend.
+pub const BACKEND_ENV: &str = "VRAMKV_BACKEND";
+
+/// The backends vramkv knows, whether or not this build has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// The parallel CPU table.
+    Cpu,
+    /// NVIDIA GPUs through the CUDA driver.
+    Cuda,
+    /// Any GPU through wgpu (Vulkan, Metal, DX12).
+    Wgpu,
+}
+
+impl BackendKind {
+    /// Every backend, best first: the order [`open`] tries them in.
+    pub const ALL: [BackendKind; 3] = [BackendKind::Cuda, BackendKind::Wgpu, BackendKind::Cpu];
+
+    /// The backend's short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+
+    /// Whether this build was compiled with the backend's feature.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            BackendKind::Cpu => cfg!(feature = "cpu"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Wgpu => cfg!(feature = "wgpu"),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            other => Err(Error::InvalidConfig(format!(
+                "unknown backend {other:?}; expected cpu, cuda or wgpu"
+            ))),
+        }
+    }
+}
+
+/// A table on the backend [`open`] chose, with the record of that choice.
+///
+/// It implements [`KvBackend`] by handing every call to the chosen backend.
+pub struct Table {
+    inner: Box<dyn KvBackend>,
+    kind: BackendKind,
+    skipped: Vec<(BackendKind, String)>,
+}
+
+impl Table {
+    /// The backend in use.
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+    /// Each better backend that was not used, and why.
+    pub fn skipped(&self) -> &[(BackendKind, String)] {
+        &self.skipped
+    }
+    /// The backend itself, for its own inherent methods.
+    pub fn backend(&self) -> &dyn KvBackend {
+        &*self.inner
+    }
+}
+
+impl fmt::Debug for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Table")
+            .field("kind", &self.kind)
+            .field("description", &self.inner.describe())
+            .finish()
+    }
+}
+
+impl KvBackend for Table {
+    fn width(&self) -> usize {
+        self.inner.width()
+    }
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
+        self.inner.put(keys, values)
+    }
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        self.inner.get(keys, values_out, found_out)
+    }
+    fn delete(&self, keys: &[u64]) -> Result<usize> {
+        self.inner.delete(keys)
+    }
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
+        self.inner.contains(keys, found_out)
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn clear(&self) -> Result<()> {
+        self.inner.clear()
+    }
+    fn describe(&self) -> Description {
+        self.inner.describe()
+    }
+}
+
+/// Opens a table on the best available backend, or on the one `VRAMKV_BACKEND` forces.
+///
+/// Automatic choice tries CUDA, then wgpu on a discrete GPU, then CPU, and keeps the
+/// reason each better backend was skipped. A forced backend that cannot be used is an
+/// error ([`Error::BackendUnavailable`]); it never falls back.
+pub fn open(cfg: TableConfig) -> Result<Table> {
+    match std::env::var(BACKEND_ENV) {
+        Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("auto") => {
+            open_backend(v.parse()?, cfg)
+        }
+        _ => open_auto(cfg),
+    }
+}
+
+/// Opens a table on exactly this backend; no fallback.
+pub fn open_backend(kind: BackendKind, cfg: TableConfig) -> Result<Table> {
+    cfg.validate()?;
+    let inner = open_kind(kind, cfg, false)?;
+    Ok(Table {
+        inner,
+        kind,
+        skipped: Vec::new(),
+    })
+}
+
+/// Opens a table on the best available backend, ignoring `VRAMKV_BACKEND`.
+pub fn open_auto(cfg: TableConfig) -> Result<Table> {
+    cfg.validate()?;
+    let mut skipped = Vec::new();
+    for kind in BackendKind::ALL {
+        match open_kind(kind, cfg.clone(), true) {
+            Ok(inner) => {
+                return Ok(Table {
+                    inner,
+                    kind,
+                    skipped,
+                });
+            }
+            Err(e @ (Error::BackendUnavailable { .. } | Error::Device { .. })) => {
+                skipped.push((kind, e.to_string()))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let reasons: Vec<String> = skipped.iter().map(|(k, r)| format!("{k}: {r}")).collect();
+    Err(Error::BackendUnavailable {
+        backend: "auto",
+        reason: reasons.join("; "),
+    })
+}
+
+fn not_compiled(kind: BackendKind) -> Error {
+    Error::BackendUnavailable {
+        backend: kind.name(),
+        reason: format!("vramkv was built without the `{kind}` feature"),
+    }
+}
+
+#[allow(unused_variables)]
+fn open_kind(kind: BackendKind, cfg: TableConfig, auto: bool) -> Result<Box<dyn KvBackend>> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBackend::open(cfg)?)),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBackend::open(cfg)?)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            let t = kv_backend_wgpu::WgpuBackend::open(cfg)?;
+            if auto && !t.is_discrete_gpu() {
+                return Err(Error::BackendUnavailable {
+                    backend: "wgpu",
+                    reason: format!("adapter {} is not a discrete GPU", t.describe().device),
+                });
+            }
+            Ok(Box::new(t))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(not_compiled(other)),
+    }
+}
+
+/// One line per backend: compiled in or not, and whether it opens here (and why not).
+pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)> {
+    BackendKind::ALL
+        .into_iter()
+        .map(|kind| {
+            let r = open_kind(kind, TableConfig::new(16), true)
+                .map(|t| t.describe().device)
+                .map_err(|e| e.to_string());
+            (kind, r)
+        })
+        .collect()
+}
+
+/// The README's examples, run as doctests so that they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,1 +1,293 @@
-fn main() {}
+//! Differential property tests: random sequences of put, get, delete, contains and clear
+//! batches (duplicates, edge keys, widths 1..=16, growth on and off, bad input) applied to
+//! the sequential model and, in lockstep, to every backend this build has. Any divergence
+//! fails with proptest's shrunk sequence.
+//!
+//! `PROPTEST_CASES` sets the sequences per backend (default 1000). A backend that cannot
+//! run here (no GPU, no adapter) prints `skipped: <reason>` and its trial is reported as
+//! ignored; with `VRAMKV_REQUIRE_WGPU=1` a missing wgpu adapter fails instead.
+
+use kv_conformance::Model;
+use libtest_mimic::{Arguments, Failed, Trial};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use vramkv::{BackendKind, Error, KvBackend, PutPlan, TableConfig};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(Vec<u64>, u64),
+    Get(Vec<u64>),
+    Delete(Vec<u64>),
+    Contains(Vec<u64>),
+    Clear,
+    /// A put whose values slice is `short` words too short: must change nothing.
+    BadPut(Vec<u64>, usize),
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    width: usize,
+    capacity: usize,
+    load: f64,
+    growth: bool,
+    ops: Vec<Op>,
+}
+
+fn key() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        2 => prop::sample::select(vec![0, 1, 2, u64::MAX, u64::MAX - 1, u64::MAX - 2, 1 << 63]),
+        5 => 0..48u64,
+        2 => any::<u64>(),
+    ]
+}
+
+fn keys() -> impl Strategy<Value = Vec<u64>> {
+    prop_oneof![
+        6 => prop::collection::vec(key(), 0..40),
+        1 => prop::collection::vec(key(), 200..600),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (keys(), any::<u64>()).prop_map(|(k, s)| Op::Put(k, s)),
+        3 => keys().prop_map(Op::Get),
+        3 => keys().prop_map(Op::Delete),
+        2 => keys().prop_map(Op::Contains),
+        1 => Just(Op::Clear),
+        1 => (prop::collection::vec(key(), 1..8), 1..3usize).prop_map(|(k, s)| Op::BadPut(k, s)),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        prop_oneof![3 => Just(1usize), 1 => 2..=16usize],
+        0..300usize,
+        prop::sample::select(vec![0.5, 0.75, 0.9]),
+        prop::bool::weighted(0.7),
+        prop::collection::vec(op(), 1..25),
+    )
+        .prop_map(|(width, capacity, load, growth, ops)| Scenario {
+            width,
+            capacity,
+            load,
+            growth,
+            ops,
+        })
+}
+
+fn values(keys: &[u64], width: usize, salt: u64) -> Vec<u64> {
+    (0..keys.len() * width)
+        .map(|i| keys[i / width] ^ salt.rotate_left(i as u32) ^ i as u64)
+        .collect()
+}
+
+/// The model plus the shared sizing rules: what every backend must answer.
+struct Expected {
+    model: Model,
+    slots: usize,
+    cfg: TableConfig,
+}
+
+impl Expected {
+    fn put(&mut self, keys: &[u64], vals: &[u64]) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let plan = vramkv::plan_put(
+            self.model.len(),
+            keys.len(),
+            self.slots,
+            self.cfg.max_load_factor,
+            self.cfg.growth,
+        )?;
+        if let PutPlan::Grow { slots } = plan {
+            self.slots = slots;
+        }
+        self.model.put(keys, vals);
+        Ok(())
+    }
+}
+
+fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), TestCaseError> {
+    if cond {
+        Ok(())
+    } else {
+        Err(TestCaseError::fail(msg()))
+    }
+}
+
+fn run_scenario(
+    s: &Scenario,
+    backends: &[(BackendKind, Box<dyn KvBackend>)],
+) -> Result<(), TestCaseError> {
+    let w = s.width;
+    let mut exp = Expected {
+        model: Model::new(w),
+        slots: 0,
+        cfg: backends_cfg(s),
+    };
+    exp.slots = exp.cfg.initial_slots();
+    for (step, op) in s.ops.iter().enumerate() {
+        for (kind, t) in backends {
+            let at = || format!("{kind}, step {step}, op {op:?}");
+            match op {
+                Op::Put(k, salt) => {
+                    let r = t.put(k, &values(k, w, *salt));
+                    // Compare with what the model will do (computed on a clone so each backend sees the same).
+                    let mut e2 = Expected {
+                        model: exp.model.clone(),
+                        slots: exp.slots,
+                        cfg: exp.cfg.clone(),
+                    };
+                    let want = e2.put(k, &values(k, w, *salt));
+                    check(r == want, || {
+                        format!("{}: put returned {r:?}, expected {want:?}", at())
+                    })?;
+                }
+                Op::BadPut(k, short) => {
+                    let v = values(k, w, 1);
+                    let r = t.put(k, &v[..v.len().saturating_sub(*short)]);
+                    check(
+                        matches!(
+                            r,
+                            Err(Error::LengthMismatch { .. } | Error::WidthMismatch { .. })
+                        ),
+                        || format!("{}: bad put returned {r:?}", at()),
+                    )?;
+                }
+                Op::Get(k) => {
+                    let mut v = vec![0xBAD; k.len() * w];
+                    let mut f = vec![true; k.len()];
+                    t.get(k, &mut v, &mut f)
+                        .map_err(|e| TestCaseError::fail(format!("{}: {e}", at())))?;
+                    let (mv, mf) = exp.model.get(k);
+                    check(f == mf, || {
+                        format!("{}: found {f:?}, expected {mf:?}", at())
+                    })?;
+                    check(v == mv, || {
+                        format!("{}: values {v:?}, expected {mv:?}", at())
+                    })?;
+                }
+                Op::Contains(k) => {
+                    let mut f = vec![false; k.len()];
+                    t.contains(k, &mut f)
+                        .map_err(|e| TestCaseError::fail(format!("{}: {e}", at())))?;
+                    let mf = exp.model.contains(k);
+                    check(f == mf, || {
+                        format!("{}: contains {f:?}, expected {mf:?}", at())
+                    })?;
+                }
+                Op::Delete(k) => {
+                    let n = t
+                        .delete(k)
+                        .map_err(|e| TestCaseError::fail(format!("{}: {e}", at())))?;
+                    let want = exp.model.clone().delete(k);
+                    check(n == want, || {
+                        format!("{}: deleted {n}, expected {want}", at())
+                    })?;
+                }
+                Op::Clear => t
+                    .clear()
+                    .map_err(|e| TestCaseError::fail(format!("{}: {e}", at())))?,
+            }
+        }
+        match op {
+            Op::Put(k, salt) => {
+                let _ = exp.put(k, &values(k, w, *salt));
+            }
+            Op::Delete(k) => {
+                exp.model.delete(k);
+            }
+            Op::Clear => exp.model.clear(),
+            _ => {}
+        }
+        let cap = vramkv::capacity_of(exp.slots, s.load);
+        for (kind, t) in backends {
+            check(t.len() == exp.model.len(), || {
+                format!(
+                    "{kind}, step {step}: len {} vs {}",
+                    t.len(),
+                    exp.model.len()
+                )
+            })?;
+            check(t.capacity() == cap, || {
+                format!("{kind}, step {step}: capacity {} vs {cap}", t.capacity())
+            })?;
+        }
+    }
+    // Finally every key the model holds, and some it does not, read back identically.
+    let mut probe = exp.model.keys();
+    probe.extend([0, 1, u64::MAX, u64::MAX - 1, 47]);
+    let (mv, mf) = exp.model.get(&probe);
+    for (kind, t) in backends {
+        let mut v = vec![0; probe.len() * w];
+        let mut f = vec![false; probe.len()];
+        t.get(&probe, &mut v, &mut f)
+            .map_err(|e| TestCaseError::fail(format!("{kind}: final get: {e}")))?;
+        check(v == mv && f == mf, || {
+            format!("{kind}: final contents differ from the model")
+        })?;
+    }
+    Ok(())
+}
+
+fn backends_cfg(s: &Scenario) -> TableConfig {
+    TableConfig::new(s.capacity)
+        .width(s.width)
+        .max_load_factor(s.load)
+        .growth(s.growth)
+}
+
+/// Runs the property for `kind`, with the CPU backend alongside as a second reference.
+fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&scenario(), |s| {
+            let cfg = backends_cfg(&s);
+            let mut backends = vec![(kind, open(kind, cfg.clone())?)];
+            if kind != BackendKind::Cpu && BackendKind::Cpu.compiled_in() {
+                backends.push((BackendKind::Cpu, open(BackendKind::Cpu, cfg)?));
+            }
+            run_scenario(&s, &backends)
+        })
+        .map_err(|e| Failed::from(format!("{kind}: {e}")))
+}
+
+fn open(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    vramkv::open_backend(kind, cfg)
+        .map(|t| Box::new(t) as Box<dyn KvBackend>)
+        .map_err(|e| TestCaseError::fail(format!("opening {kind}: {e}")))
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let cases: u32 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let require_wgpu = std::env::var("VRAMKV_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    let mut trials = Vec::new();
+    for kind in BackendKind::ALL {
+        let name = format!("differential::{kind}");
+        if !kind.compiled_in() {
+            continue;
+        }
+        match vramkv::open_backend(kind, TableConfig::new(16)) {
+            Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
+            Err(e) if kind == BackendKind::Wgpu && require_wgpu => {
+                let msg = format!("VRAMKV_REQUIRE_WGPU=1 but wgpu cannot run: {e}");
+                trials.push(Trial::test(name, move || Err(msg.into())));
+            }
+            Err(e) => {
+                println!("skipped: {kind}: {e}");
+                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
+            }
+        }
+    }
+    libtest_mimic::run(&args, trials).exit();
+}

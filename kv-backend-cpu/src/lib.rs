@@ -1,1 +1,461 @@
-//! placeholder
+//! vramkv's CPU backend: the fallback when no GPU is usable, and the reference the
+//! GPU backends are compared with.
+//!
+//! The table is split by the top bits of each key's hash into up to 1024 partitions,
+//! each a structure-of-arrays open-addressing table (control bytes, keys, values) with
+//! linear probing. A batch is hashed in parallel, counting-sorted by partition, and
+//! each partition then applies its share *in batch order* on one core. That gives the
+//! contract's "last duplicate wins" and "a repeated delete counts once" without any
+//! atomics, and lets every core work on its own part of memory. Lookups run straight
+//! over the batch in parallel, with the home slots of the next keys prefetched.
+//!
+//! ```
+//! use kv_backend_cpu::CpuBackend;
+//! use kv_core::{KvBackend, TableConfig};
+//!
+//! let table = CpuBackend::open(TableConfig::new(1000).width(2))?;
+//! table.put(&[7, u64::MAX], &[1, 2, 3, 4])?;
+//! let (mut values, mut found) = (vec![0; 4], vec![false; 2]);
+//! table.get(&[u64::MAX, 8], &mut values, &mut found)?;
+//! assert_eq!((values, found), (vec![3, 4, 0, 0], vec![true, false]));
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+
+mod part;
+
+use kv_core::{
+    Description, Error, KvBackend, PutPlan, Result, TableConfig, check_contains, check_get,
+    check_put,
+};
+use part::{Part, hash};
+use rayon::prelude::*;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Keys per lookup block: their home slots are prefetched together.
+const BLOCK: usize = 16;
+/// How far ahead a partition prefetches while it applies a batch.
+const PREFETCH_AHEAD: usize = 8;
+/// Slots per partition below which the table is not split further.
+const PART_SLOTS: usize = 1 << 12;
+/// The most partitions a table is split into.
+const MAX_PARTS: usize = 1 << 10;
+/// Batches longer than this are applied as consecutive sub-batches (indices are u32).
+const MAX_SUB_BATCH: usize = u32::MAX as usize;
+
+/// The CPU backend. Cheap to share across threads: batches take a read or write lock.
+pub struct CpuBackend {
+    cfg: TableConfig,
+    state: RwLock<State>,
+}
+
+struct State {
+    /// The slot count the shared sizing rules see (capacity = slots * max load).
+    slots: usize,
+    bits: u32,
+    parts: Vec<Part>,
+    len: usize,
+}
+
+fn part_bits(slots: usize) -> u32 {
+    (slots / PART_SLOTS).clamp(1, MAX_PARTS).trailing_zeros()
+}
+
+#[inline]
+fn part_of(h: u64, bits: u32) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        (h >> (64 - bits)) as usize
+    }
+}
+
+impl State {
+    fn new(slots: usize, cfg: &TableConfig) -> Result<Self> {
+        let bits = part_bits(slots);
+        let per = slots >> bits;
+        let parts = try_parts(1 << bits, per, cfg)?;
+        Ok(Self {
+            slots,
+            bits,
+            parts,
+            len: 0,
+        })
+    }
+
+    /// Rebuilds into `slots` slots; the new partitions are allocated before the old go,
+    /// so a failed allocation leaves the table as it was.
+    fn grow_to(&mut self, slots: usize, cfg: &TableConfig) -> Result<()> {
+        let bits = part_bits(slots);
+        let per = slots >> bits;
+        let ratio = 1usize << (bits - self.bits);
+        let groups: Vec<Result<Vec<Part>>> = self
+            .parts
+            .par_iter()
+            .map(|old| {
+                let mut group = try_parts(ratio, per, cfg)?;
+                for i in old.live_slots() {
+                    let (k, h) = (old.keys[i], hash(old.keys[i]));
+                    let dst = &mut group[part_of(h, bits) & (ratio - 1)];
+                    dst.reserve(1, cfg.max_load_factor);
+                    dst.upsert(h, k, old.row(i));
+                }
+                Ok(group)
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(1 << bits);
+        for g in groups {
+            parts.extend(g?);
+        }
+        *self = Self {
+            slots,
+            bits,
+            parts,
+            len: self.len,
+        };
+        Ok(())
+    }
+
+    fn apply_put(&mut self, keys: &[u64], values: &[u64], cfg: &TableConfig) {
+        let w = cfg.width;
+        let load = cfg.max_load_factor;
+        let sorted = Sorted::new(keys, Some((values, w)), self.bits);
+        let added: usize = self
+            .parts
+            .par_iter_mut()
+            .enumerate()
+            .map(|(p, part)| {
+                let (keys, values) = sorted.share(p, w);
+                let mut added = 0;
+                for_each_prefetched(part, keys, |part, j, h| {
+                    // Only a new key claims a slot, so growing here (and not for the whole
+                    // share up front) keeps overwrite-heavy batches from doubling partitions.
+                    if part.used >= part.max_used {
+                        part.reserve(1, load);
+                    }
+                    added += part.upsert(h, keys[j], &values[j * w..(j + 1) * w]) as usize;
+                });
+                added
+            })
+            .sum();
+        self.len += added;
+    }
+
+    fn apply_delete(&mut self, keys: &[u64]) -> usize {
+        let sorted = Sorted::new(keys, None, self.bits);
+        let removed: usize = self
+            .parts
+            .par_iter_mut()
+            .enumerate()
+            .map(|(p, part)| {
+                let (keys, _) = sorted.share(p, 0);
+                let mut removed = 0;
+                for_each_prefetched(part, keys, |part, j, h| {
+                    removed += part.remove(h, keys[j]) as usize
+                });
+                removed
+            })
+            .sum();
+        self.len -= removed;
+        removed
+    }
+
+    /// Looks up one block of keys: hashes and prefetches them all, then probes.
+    fn lookup_block(&self, keys: &[u64], mut emit: impl FnMut(usize, Option<&[u64]>)) {
+        let mut hs = [0u64; BLOCK];
+        for (j, &k) in keys.iter().enumerate() {
+            hs[j] = hash(k);
+            self.parts[part_of(hs[j], self.bits)].prefetch_home(hs[j]);
+        }
+        let mut slots = [None; BLOCK];
+        for (j, &k) in keys.iter().enumerate() {
+            let part = &self.parts[part_of(hs[j], self.bits)];
+            slots[j] = part.find(hs[j], k);
+            if let Some(s) = slots[j] {
+                part::prefetch(part.values.as_ptr().wrapping_add(s * part.width));
+            }
+        }
+        for j in 0..keys.len() {
+            let part = &self.parts[part_of(hs[j], self.bits)];
+            emit(j, slots[j].map(|s| part.row(s)));
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.parts.iter().map(Part::bytes).sum()
+    }
+}
+
+fn try_parts(n: usize, slots: usize, cfg: &TableConfig) -> Result<Vec<Part>> {
+    let bytes = (slots * (9 + 8 * cfg.width)) as u64;
+    let mut parts = Vec::new();
+    parts
+        .try_reserve_exact(n)
+        .map_err(|_| oom(bytes * n as u64))?;
+    for _ in 0..n {
+        // Probe the allocator first: Vec::new on a failed allocation aborts the process.
+        let mut probe: Vec<u64> = Vec::new();
+        probe
+            .try_reserve_exact(slots * (cfg.width + 1))
+            .map_err(|_| oom(bytes))?;
+        drop(probe);
+        parts.push(Part::new(slots, cfg.width, cfg.max_load_factor));
+    }
+    Ok(parts)
+}
+
+fn oom(requested_bytes: u64) -> Error {
+    Error::OutOfDeviceMemory {
+        backend: "cpu",
+        requested_bytes,
+    }
+}
+
+/// Walks `keys` in order with the home slots of keys a little ahead prefetched, calling
+/// `f(part, index, hash)`.
+#[inline]
+fn for_each_prefetched(part: &mut Part, keys: &[u64], mut f: impl FnMut(&mut Part, usize, u64)) {
+    const RING: usize = 16;
+    let mut ring = [0u64; RING];
+    for (j, &k) in keys.iter().enumerate().take(PREFETCH_AHEAD) {
+        ring[j % RING] = hash(k);
+        part.prefetch_home(ring[j % RING]);
+    }
+    for j in 0..keys.len() {
+        if let Some(&k) = keys.get(j + PREFETCH_AHEAD) {
+            let h = hash(k);
+            ring[(j + PREFETCH_AHEAD) % RING] = h;
+            part.prefetch_home(h);
+        }
+        f(part, j, ring[j % RING]);
+    }
+}
+
+/// A raw pointer that rayon tasks may share; each task writes only its own indices.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut u64);
+// SAFETY: the pointer is only written at indices that the counting sort hands to exactly
+// one task, and the Vec it points into outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above; no two tasks touch the same element.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i..i + src.len()` is in bounds of the allocation and no other thread accesses it.
+    unsafe fn write(&self, i: usize, src: &[u64]) {
+        // SAFETY: guaranteed by the caller; `src` is a different allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(i), src.len()) }
+    }
+}
+
+/// A batch's keys (and value rows) regrouped by partition, stable within each partition,
+/// so that every partition reads its share sequentially.
+enum Sorted<'a> {
+    /// One partition: the batch as it is.
+    Whole(&'a [u64], &'a [u64]),
+    /// Counting-sorted copies and each partition's bounds in them.
+    Split {
+        keys: Vec<u64>,
+        values: Vec<u64>,
+        bounds: Vec<usize>,
+    },
+}
+
+impl<'a> Sorted<'a> {
+    fn new(keys: &'a [u64], values: Option<(&'a [u64], usize)>, bits: u32) -> Self {
+        if bits == 0 {
+            return Sorted::Whole(keys, values.map_or(&[], |v| v.0));
+        }
+        let n = keys.len();
+        let parts = 1usize << bits;
+        let chunk = (n / (rayon::current_num_threads() * 4)).max(1 << 14);
+        let hist: Vec<Vec<usize>> = keys
+            .par_chunks(chunk)
+            .map(|c| {
+                let mut h = vec![0usize; parts];
+                c.iter().for_each(|&k| h[part_of(hash(k), bits)] += 1);
+                h
+            })
+            .collect();
+        let mut bounds = vec![0usize; parts + 1];
+        let mut starts = vec![vec![0usize; parts]; hist.len()];
+        let mut at = 0;
+        for p in 0..parts {
+            bounds[p] = at;
+            for (c, h) in hist.iter().enumerate() {
+                starts[c][p] = at;
+                at += h[p];
+            }
+        }
+        bounds[parts] = at;
+        let (vals, w) = values.unwrap_or((&[], 0));
+        let mut sorted_keys = vec![0u64; n];
+        let mut sorted_vals = vec![0u64; n * w];
+        let (ko, vo) = (
+            SharedOut(sorted_keys.as_mut_ptr()),
+            SharedOut(sorted_vals.as_mut_ptr()),
+        );
+        keys.par_chunks(chunk)
+            .zip(starts)
+            .enumerate()
+            .for_each(|(c, (ks, mut next))| {
+                for (j, k) in ks.iter().enumerate() {
+                    let p = part_of(hash(*k), bits);
+                    let (dst, src) = (next[p], c * chunk + j);
+                    // SAFETY: next[p] walks this chunk's own disjoint range of the outputs,
+                    // computed from the histograms above, so it is in bounds and no other task
+                    // writes it; rows are `w` words at `w` times the same index.
+                    unsafe {
+                        ko.write(dst, std::slice::from_ref(k));
+                        vo.write(dst * w, &vals[src * w..(src + 1) * w]);
+                    }
+                    next[p] += 1;
+                }
+            });
+        Sorted::Split {
+            keys: sorted_keys,
+            values: sorted_vals,
+            bounds,
+        }
+    }
+
+    /// Partition `p`'s keys and value rows.
+    fn share(&self, p: usize, w: usize) -> (&[u64], &[u64]) {
+        match self {
+            Sorted::Whole(k, v) => (k, v),
+            Sorted::Split {
+                keys,
+                values,
+                bounds,
+            } => {
+                let (a, b) = (bounds[p], bounds[p + 1]);
+                (&keys[a..b], &values[a * w..b * w])
+            }
+        }
+    }
+}
+
+impl CpuBackend {
+    /// Opens an empty table.
+    pub fn open(cfg: TableConfig) -> Result<Self> {
+        cfg.validate()?;
+        let state = State::new(cfg.initial_slots(), &cfg)?;
+        Ok(Self {
+            cfg,
+            state: RwLock::new(state),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl KvBackend for CpuBackend {
+    fn width(&self) -> usize {
+        self.cfg.width
+    }
+
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
+        check_put(self.cfg.width, keys, values)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.write();
+        if let PutPlan::Grow { slots } = kv_core::plan_put(
+            st.len,
+            keys.len(),
+            st.slots,
+            self.cfg.max_load_factor,
+            self.cfg.growth,
+        )? {
+            st.grow_to(slots, &self.cfg)?;
+        }
+        let w = self.cfg.width;
+        for (k, v) in keys
+            .chunks(MAX_SUB_BATCH)
+            .zip(values.chunks(MAX_SUB_BATCH * w))
+        {
+            st.apply_put(k, v, &self.cfg);
+        }
+        Ok(())
+    }
+
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        check_get(self.cfg.width, keys, values_out, found_out)?;
+        let w = self.cfg.width;
+        let st = self.read();
+        let per = BLOCK * 64;
+        keys.par_chunks(per)
+            .zip(values_out.par_chunks_mut(per * w))
+            .zip(found_out.par_chunks_mut(per))
+            .for_each(|((k, v), f)| {
+                for ((kb, vb), fb) in k
+                    .chunks(BLOCK)
+                    .zip(v.chunks_mut(BLOCK * w))
+                    .zip(f.chunks_mut(BLOCK))
+                {
+                    st.lookup_block(kb, |j, row| {
+                        let out = &mut vb[j * w..(j + 1) * w];
+                        match row {
+                            Some(r) => out.copy_from_slice(r),
+                            None => out.fill(0),
+                        }
+                        fb[j] = row.is_some();
+                    });
+                }
+            });
+        Ok(())
+    }
+
+    fn delete(&self, keys: &[u64]) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.write();
+        Ok(keys.chunks(MAX_SUB_BATCH).map(|k| st.apply_delete(k)).sum())
+    }
+
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
+        check_contains(keys, found_out)?;
+        let st = self.read();
+        let per = BLOCK * 64;
+        keys.par_chunks(per)
+            .zip(found_out.par_chunks_mut(per))
+            .for_each(|(k, f)| {
+                for (kb, fb) in k.chunks(BLOCK).zip(f.chunks_mut(BLOCK)) {
+                    st.lookup_block(kb, |j, row| fb[j] = row.is_some());
+                }
+            });
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.read().len
+    }
+
+    fn capacity(&self) -> usize {
+        kv_core::capacity_of(self.read().slots, self.cfg.max_load_factor)
+    }
+
+    fn clear(&self) -> Result<()> {
+        let mut st = self.write();
+        st.parts.par_iter_mut().for_each(Part::clear);
+        st.len = 0;
+        Ok(())
+    }
+
+    fn describe(&self) -> Description {
+        let st = self.read();
+        Description {
+            backend: "cpu",
+            device: format!("host CPU ({} threads)", rayon::current_num_threads()),
+            bytes_in_use: st.bytes(),
+            slots: st.slots,
+        }
+    }
+}

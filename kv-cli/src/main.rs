@@ -1,1 +1,316 @@
-fn main() {}
+//! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
+
+mod workload;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::process::ExitCode;
+use std::time::Instant;
+use vramkv::{BackendKind, KvBackend, TableConfig};
+use workload::Batch;
+
+#[derive(Parser)]
+#[command(
+    name = "vramkv",
+    version,
+    about = "A batched key-value store whose table lives in GPU memory"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// PUT and GET throughput per batch, validated against the sequential semantics.
+    Bench(BenchArgs),
+    /// The backends compiled in, the devices found, and what `auto` would pick.
+    Info,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Choice {
+    Auto,
+    Cpu,
+    Cuda,
+    Wgpu,
+    All,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Which backend to run; `all` runs every available one side by side.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Choice,
+    /// Items per batch.
+    #[arg(long, default_value_t = 2_000_000)]
+    items: usize,
+    /// Batches; the first is reported as warm-up.
+    #[arg(long, default_value_t = 5)]
+    batches: usize,
+    /// Value width in u64 words (1..=16).
+    #[arg(long, default_value_t = 1)]
+    width: usize,
+    /// Seed of the key and value generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One JSON object per batch on its own line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct BatchResult {
+    backend: &'static str,
+    batch: usize,
+    items: usize,
+    put_mops: f64,
+    get_mops: f64,
+    valid: usize,
+    warmup: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Bench(a) => bench(&a),
+        Cmd::Info => {
+            info();
+            Ok(true)
+        }
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("vramkv: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn backends_for(choice: Choice) -> vramkv::Result<Vec<Option<BackendKind>>> {
+    Ok(match choice {
+        Choice::Auto => vec![None],
+        Choice::Cpu => vec![Some(BackendKind::Cpu)],
+        Choice::Cuda => vec![Some(BackendKind::Cuda)],
+        Choice::Wgpu => vec![Some(BackendKind::Wgpu)],
+        Choice::All => vramkv::availability()
+            .into_iter()
+            .filter_map(|(k, r)| match r {
+                Ok(_) => Some(Some(k)),
+                Err(why) => {
+                    eprintln!("skipped: {k}: {why}");
+                    None
+                }
+            })
+            .collect(),
+    })
+}
+
+/// Runs the bench; `Ok(false)` when a batch failed validation.
+fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
+    if a.items == 0 || a.batches == 0 {
+        return Err(vramkv::Error::InvalidConfig(
+            "--items and --batches must be at least 1".into(),
+        ));
+    }
+    let cfg = TableConfig::new(workload::unique_keys(a.items, a.batches)).width(a.width);
+    cfg.validate()?;
+    let kinds = backends_for(a.backend)?;
+    let bar = ProgressBar::new((kinds.len() * a.batches) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} batches {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut all_ok = true;
+    let mut table_rows: Vec<(String, Vec<BatchResult>)> = Vec::new();
+    for kind in kinds {
+        let table = match kind {
+            Some(k) => vramkv::open_backend(k, cfg.clone())?,
+            None => vramkv::open(cfg.clone())?,
+        };
+        let d = table.describe();
+        if !a.json {
+            bar.suspend(|| {
+                for (k, why) in table.skipped() {
+                    println!("skipped {k}: {why}");
+                }
+                println!(
+                    "backend {} on {} — {} items/batch, width {}",
+                    d.backend, d.device, a.items, a.width
+                );
+            });
+        }
+        let mut results = Vec::new();
+        let mut out = vec![0u64; a.items * a.width];
+        let mut found = vec![false; a.items];
+        for b in 0..a.batches {
+            bar.set_message(format!("{}: batch {}", d.backend, b + 1));
+            let batch = Batch::new(b, a.items, a.width, a.seed);
+            let t0 = Instant::now();
+            table.put(&batch.keys, &batch.values)?;
+            let put = t0.elapsed().as_secs_f64();
+            out.fill(u64::MAX);
+            let t0 = Instant::now();
+            table.get(&batch.keys, &mut out, &mut found)?;
+            let get = t0.elapsed().as_secs_f64();
+            let valid = batch.count_valid(&out, &found);
+            all_ok &= valid == a.items;
+            let r = BatchResult {
+                backend: d.backend,
+                batch: b + 1,
+                items: a.items,
+                put_mops: round1(a.items as f64 / put / 1e6),
+                get_mops: round1(a.items as f64 / get / 1e6),
+                valid,
+                warmup: b == 0,
+            };
+            bar.suspend(|| {
+                if a.json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                } else {
+                    println!(
+                        "  batch {:>2}{}  PUT {:>9.1} M ops/s  GET {:>9.1} M ops/s  valid {}/{}",
+                        r.batch,
+                        if r.warmup { " (warm-up)" } else { "          " },
+                        r.put_mops,
+                        r.get_mops,
+                        r.valid,
+                        r.items
+                    );
+                }
+            });
+            results.push(r);
+            bar.inc(1);
+        }
+        table_rows.push((format!("{} ({})", d.backend, d.device), results));
+    }
+    bar.finish_and_clear();
+    if !a.json && table_rows.len() > 1 {
+        print_side_by_side(&table_rows);
+    }
+    if !all_ok {
+        eprintln!(
+            "vramkv: validation failed: some batch read back fewer than {} valid items",
+            a.items
+        );
+    }
+    Ok(all_ok)
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Median over the batches after the warm-up (or the only batch).
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn print_side_by_side(rows: &[(String, Vec<BatchResult>)]) {
+    println!(
+        "\n{:<48} {:>14} {:>14} {:>8}",
+        "backend (median after warm-up)", "PUT M ops/s", "GET M ops/s", "valid"
+    );
+    for (name, rs) in rows {
+        let steady: Vec<&BatchResult> = if rs.len() > 1 {
+            rs[1..].iter().collect()
+        } else {
+            rs.iter().collect()
+        };
+        let put = median(steady.iter().map(|r| r.put_mops).collect());
+        let get = median(steady.iter().map(|r| r.get_mops).collect());
+        let ok = rs.iter().all(|r| r.valid == r.items);
+        println!(
+            "{:<48} {:>14.1} {:>14.1} {:>8}",
+            name,
+            put,
+            get,
+            if ok { "all" } else { "FAILED" }
+        );
+    }
+}
+
+fn info() {
+    println!("vramkv {}", env!("CARGO_PKG_VERSION"));
+    println!("backends compiled in:");
+    for k in BackendKind::ALL {
+        println!(
+            "  {:<5} {}",
+            k.name(),
+            if k.compiled_in() {
+                "yes"
+            } else {
+                "no (feature off)"
+            }
+        );
+    }
+    devices();
+    println!("availability, best first:");
+    let avail = vramkv::availability();
+    for (k, r) in &avail {
+        match r {
+            Ok(dev) => println!("  {k:<5} usable: {dev}"),
+            Err(why) => println!("  {k:<5} skipped: {why}"),
+        }
+    }
+    match avail.iter().find(|(_, r)| r.is_ok()) {
+        Some((k, Ok(dev))) => println!(
+            "auto picks: {k} ({dev}), the first usable backend in the order cuda, wgpu (discrete GPU), cpu"
+        ),
+        _ => println!("auto picks: nothing usable"),
+    }
+    if let Ok(v) = std::env::var(vramkv::BACKEND_ENV) {
+        println!(
+            "{}={v} forces that backend (no fallback)",
+            vramkv::BACKEND_ENV
+        );
+    }
+}
+
+fn devices() {
+    #[cfg(feature = "cuda")]
+    match vramkv::cuda::devices() {
+        Ok(devs) => {
+            println!("CUDA devices, most free memory first:");
+            for d in devs {
+                println!(
+                    "  [{}] {} — {:.1} GiB total, {:.1} GiB free",
+                    d.ordinal,
+                    d.name,
+                    gib(d.total_bytes),
+                    gib(d.free_bytes)
+                );
+            }
+        }
+        Err(e) => println!("CUDA devices: none ({e})"),
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        let adapters = vramkv::wgpu::adapters();
+        if adapters.is_empty() {
+            println!("wgpu adapters: none");
+        }
+        for a in adapters {
+            println!("wgpu adapter: {a}");
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}

@@ -1,1 +1,176 @@
-//! placeholder
+//! The vramkv conformance suite.
+//!
+//! Every rule of the [`KvBackend`](kv_core::KvBackend) contract is a case in
+//! [`cases::all`]. A backend runs the whole suite from one integration test file
+//! (with `harness = false` in its `Cargo.toml`) and one macro call:
+//!
+//! ```no_run
+//! // tests/conformance.rs of a backend crate
+//! kv_conformance::conformance_main! {
+//!     backend: "mine",
+//!     open: |cfg| Ok(Box::new(kv_conformance::doc_backend(cfg)?) as Box<dyn kv_core::KvBackend>),
+//!     availability: || kv_conformance::Availability::Available,
+//! }
+//! ```
+//!
+//! `availability` decides, at run time, whether the backend can run here. When it answers
+//! [`Availability::Skip`], the binary prints `skipped: <reason>` and reports every case
+//! as *ignored* (never as passed); [`Availability::Fail`] makes every case fail, for
+//! machines where the backend is required.
+//!
+//! [`Model`] is the sequential reference the cases (and the differential property tests)
+//! compare a backend with.
+
+pub mod cases;
+mod model;
+
+pub use libtest_mimic;
+pub use model::{Model, SplitMix64};
+
+/// Whether the backend under test can run on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// Run every case.
+    Available,
+    /// Report every case as ignored, after printing `skipped: <reason>`.
+    Skip(String),
+    /// Fail every case with this reason (the backend is required here but absent).
+    Fail(String),
+}
+
+/// Builds the suite's trials for a backend; what [`conformance_main!`] calls.
+pub fn trials(
+    backend: &'static str,
+    open: std::sync::Arc<cases::Open>,
+    availability: Availability,
+) -> Vec<libtest_mimic::Trial> {
+    if let Availability::Skip(reason) = &availability {
+        println!("skipped: {reason} ({backend} conformance suite not run)");
+    }
+    cases::all()
+        .into_iter()
+        .map(|case| {
+            let name = format!("{backend}::{}", case.name);
+            match &availability {
+                Availability::Available => {
+                    let open = open.clone();
+                    libtest_mimic::Trial::test(name, move || {
+                        (case.run)(&*open);
+                        Ok(())
+                    })
+                }
+                Availability::Skip(_) => {
+                    libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true)
+                }
+                Availability::Fail(reason) => {
+                    let reason = reason.clone();
+                    libtest_mimic::Trial::test(name, move || Err(reason.into()))
+                }
+            }
+        })
+        .collect()
+}
+
+/// Generates `fn main()` for a backend's conformance test binary; see the crate docs.
+#[macro_export]
+macro_rules! conformance_main {
+    (backend: $backend:expr, open: $open:expr, availability: $avail:expr $(,)?) => {
+        fn main() {
+            let args = $crate::libtest_mimic::Arguments::from_args();
+            let open: ::std::sync::Arc<$crate::cases::Open> = ::std::sync::Arc::new($open);
+            let trials = $crate::trials($backend, open, ($avail)());
+            $crate::libtest_mimic::run(&args, trials).exit();
+        }
+    };
+}
+
+/// A minimal backend for the crate's doc example: a mutex around [`Model`], with the
+/// shared sizing rules. It is what the contract looks like with nothing GPU about it.
+pub fn doc_backend(cfg: kv_core::TableConfig) -> kv_core::Result<impl kv_core::KvBackend> {
+    cfg.validate()?;
+    Ok(ModelBackend {
+        cfg: cfg.clone(),
+        slots: std::sync::Mutex::new(cfg.initial_slots()),
+        m: Default::default(),
+    })
+}
+
+struct ModelBackend {
+    cfg: kv_core::TableConfig,
+    slots: std::sync::Mutex<usize>,
+    m: std::sync::Mutex<Option<Model>>,
+}
+
+impl ModelBackend {
+    fn with<R>(&self, f: impl FnOnce(&mut Model) -> R) -> R {
+        let mut g = self.m.lock().unwrap_or_else(|p| p.into_inner());
+        f(g.get_or_insert_with(|| Model::new(self.cfg.width)))
+    }
+}
+
+impl kv_core::KvBackend for ModelBackend {
+    fn width(&self) -> usize {
+        self.cfg.width
+    }
+    fn put(&self, keys: &[u64], values: &[u64]) -> kv_core::Result<()> {
+        kv_core::check_put(self.cfg.width, keys, values)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let len = self.len();
+        if let kv_core::PutPlan::Grow { slots: s } = kv_core::plan_put(
+            len,
+            keys.len(),
+            *slots,
+            self.cfg.max_load_factor,
+            self.cfg.growth,
+        )? {
+            *slots = s;
+        }
+        self.with(|m| m.put(keys, values));
+        Ok(())
+    }
+    fn get(
+        &self,
+        keys: &[u64],
+        values_out: &mut [u64],
+        found_out: &mut [bool],
+    ) -> kv_core::Result<()> {
+        kv_core::check_get(self.cfg.width, keys, values_out, found_out)?;
+        let (v, f) = self.with(|m| m.get(keys));
+        values_out.copy_from_slice(&v);
+        found_out.copy_from_slice(&f);
+        Ok(())
+    }
+    fn delete(&self, keys: &[u64]) -> kv_core::Result<usize> {
+        Ok(self.with(|m| m.delete(keys)))
+    }
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> kv_core::Result<()> {
+        kv_core::check_contains(keys, found_out)?;
+        found_out.copy_from_slice(&self.with(|m| m.contains(keys)));
+        Ok(())
+    }
+    fn len(&self) -> usize {
+        self.with(|m| m.len())
+    }
+    fn capacity(&self) -> usize {
+        kv_core::capacity_of(
+            *self.slots.lock().unwrap_or_else(|p| p.into_inner()),
+            self.cfg.max_load_factor,
+        )
+    }
+    fn clear(&self) -> kv_core::Result<()> {
+        self.with(|m| m.clear());
+        Ok(())
+    }
+    fn describe(&self) -> kv_core::Description {
+        let slots = *self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        kv_core::Description {
+            backend: "model",
+            device: "host".into(),
+            bytes_in_use: (slots * (1 + self.cfg.width) * 8) as u64,
+            slots,
+        }
+    }
+}

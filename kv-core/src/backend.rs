@@ -115,7 +115,6 @@ pub trait KvBackend: Send + Sync {
 
     /// Backend, device and memory use.
     fn describe(&self) -> Description;
-
 }
 
 /// Checks the argument lengths of a put; every backend calls it first.
@@ -132,18 +131,26 @@ pub fn check_get(width: usize, keys: &[u64], values_out: &[u64], found_out: &[bo
 /// Checks the argument lengths of a contains.
 pub fn check_contains(keys: &[u64], found_out: &[bool]) -> Result<()> {
     if found_out.len() != keys.len() {
-        return Err(Error::LengthMismatch { what: "found_out", expected: keys.len(), got: found_out.len() });
+        return Err(Error::LengthMismatch {
+            what: "found_out",
+            expected: keys.len(),
+            got: found_out.len(),
+        });
     }
     Ok(())
 }
 
 fn check_rows(what: &'static str, width: usize, keys: usize, len: usize) -> Result<()> {
-    if len % width != 0 {
+    if !len.is_multiple_of(width) {
         return Err(Error::WidthMismatch { what, width, len });
     }
     let expected = keys.saturating_mul(width);
     if len != expected {
-        return Err(Error::LengthMismatch { what, expected, got: len });
+        return Err(Error::LengthMismatch {
+            what,
+            expected,
+            got: len,
+        });
     }
     Ok(())
 }

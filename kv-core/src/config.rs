@@ -40,14 +40,23 @@ pub struct TableConfig {
 
 impl Default for TableConfig {
     fn default() -> Self {
-        Self { capacity: 1 << 16, width: 1, max_load_factor: 0.75, growth: true, device: None }
+        Self {
+            capacity: 1 << 16,
+            width: 1,
+            max_load_factor: 0.75,
+            growth: true,
+            device: None,
+        }
     }
 }
 
 impl TableConfig {
     /// A config for `capacity` entries of one u64 word, max load 0.75, growth on.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, ..Self::default() }
+        Self {
+            capacity,
+            ..Self::default()
+        }
     }
     /// Sets the value width in u64 words.
     pub fn width(mut self, width: usize) -> Self {
@@ -157,12 +166,17 @@ pub fn plan_put(
     if requested <= capacity {
         return Ok(PutPlan::Fits);
     }
-    let refuse = Error::CapacityExceeded { requested, capacity };
+    let refuse = Error::CapacityExceeded {
+        requested,
+        capacity,
+    };
     if !growth {
         return Err(refuse);
     }
     match slots_for(requested, max_load_factor) {
-        Some(needed) => Ok(PutPlan::Grow { slots: needed.max(slots.saturating_mul(2).min(MAX_SLOTS)) }),
+        Some(needed) => Ok(PutPlan::Grow {
+            slots: needed.max(slots.saturating_mul(2).min(MAX_SLOTS)),
+        }),
         None => Err(refuse),
     }
 }

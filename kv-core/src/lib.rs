@@ -12,8 +12,9 @@ mod backend;
 mod config;
 mod error;
 
-pub use backend::{check_contains, check_get, check_put, Description, KvBackend};
+pub use backend::{Description, KvBackend, check_contains, check_get, check_put};
 pub use config::{
-    capacity_of, plan_put, slots_for, PutPlan, TableConfig, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS,
+    MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,
+    slots_for,
 };
 pub use error::{Error, Result};

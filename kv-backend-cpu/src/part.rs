@@ -1,0 +1,189 @@
+//! One partition: an SoA open-addressing table with linear probing and control bytes.
+
+/// Control byte of a slot that never held an entry: probing stops here.
+pub(crate) const EMPTY: u8 = 0x80;
+/// Control byte of a slot whose entry was deleted: probing goes on past it.
+pub(crate) const DELETED: u8 = 0xFE;
+
+/// The 7-bit tag kept in the control byte of a full slot; it filters out most key reads.
+#[inline]
+pub(crate) fn tag(h: u64) -> u8 {
+    ((h >> 32) & 0x7F) as u8
+}
+
+/// The murmur3 64-bit finaliser: a bijection with full avalanche, cheap enough for
+/// batches of hundreds of millions of keys.
+#[inline]
+pub(crate) fn hash(key: u64) -> u64 {
+    let mut h = key;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[inline]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+pub(crate) struct Part {
+    pub(crate) ctrl: Vec<u8>,
+    pub(crate) keys: Vec<u64>,
+    pub(crate) values: Vec<u64>,
+    pub(crate) width: usize,
+    pub(crate) live: usize,
+    /// Live plus deleted slots: what probing has to walk past.
+    pub(crate) used: usize,
+    pub(crate) max_used: usize,
+}
+
+impl Part {
+    pub(crate) fn new(slots: usize, width: usize, max_load: f64) -> Self {
+        Self {
+            ctrl: vec![EMPTY; slots],
+            keys: vec![0; slots],
+            values: vec![0; slots * width],
+            width,
+            live: 0,
+            used: 0,
+            max_used: kv_core::capacity_of(slots, max_load).min(slots - 1),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn mask(&self) -> usize {
+        self.ctrl.len() - 1
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.ctrl.len() + self.keys.len() * 8 + self.values.len() * 8) as u64
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.ctrl.fill(EMPTY);
+        self.live = 0;
+        self.used = 0;
+    }
+
+    /// Hints the home slot of hash `h` into cache.
+    #[inline]
+    pub(crate) fn prefetch_home(&self, h: u64) {
+        let i = h as usize & self.mask();
+        prefetch(self.ctrl.as_ptr().wrapping_add(i));
+        prefetch(self.keys.as_ptr().wrapping_add(i));
+    }
+
+    /// The slot holding `key`, if any.
+    #[inline]
+    pub(crate) fn find(&self, h: u64, key: u64) -> Option<usize> {
+        let t = tag(h);
+        let mask = self.mask();
+        let mut i = h as usize & mask;
+        loop {
+            // SAFETY: i is masked to the table size, and ctrl and keys have that many elements.
+            let c = unsafe { *self.ctrl.get_unchecked(i) };
+            if c == EMPTY {
+                return None;
+            }
+            // SAFETY: as above.
+            if c == t && unsafe { *self.keys.get_unchecked(i) } == key {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Inserts or overwrites; true when the key is new. The caller makes sure that
+    /// `used < slots` holds afterwards (see [`Part::reserve`]).
+    #[inline]
+    pub(crate) fn upsert(&mut self, h: u64, key: u64, row: &[u64]) -> bool {
+        let t = tag(h);
+        let mask = self.mask();
+        let mut i = h as usize & mask;
+        let mut first_deleted = None;
+        let at = loop {
+            let c = self.ctrl[i];
+            if c == EMPTY {
+                break match first_deleted {
+                    Some(d) => d,
+                    None => {
+                        self.used += 1;
+                        i
+                    }
+                };
+            }
+            if c == DELETED {
+                first_deleted.get_or_insert(i);
+            } else if c == t && self.keys[i] == key {
+                self.row_mut(i).copy_from_slice(row);
+                return false;
+            }
+            i = (i + 1) & mask;
+        };
+        self.ctrl[at] = t;
+        self.keys[at] = key;
+        self.row_mut(at).copy_from_slice(row);
+        self.live += 1;
+        true
+    }
+
+    /// Removes `key`; true when it was there.
+    #[inline]
+    pub(crate) fn remove(&mut self, h: u64, key: u64) -> bool {
+        match self.find(h, key) {
+            Some(i) => {
+                self.ctrl[i] = DELETED;
+                self.live -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn row(&self, i: usize) -> &[u64] {
+        &self.values[i * self.width..(i + 1) * self.width]
+    }
+
+    #[inline]
+    fn row_mut(&mut self, i: usize) -> &mut [u64] {
+        &mut self.values[i * self.width..(i + 1) * self.width]
+    }
+
+    /// Makes room for `incoming` more entries: rehashes away tombstones, or doubles
+    /// when live entries alone would pass the partition's load limit.
+    pub(crate) fn reserve(&mut self, incoming: usize, max_load: f64) {
+        if self.used + incoming <= self.max_used {
+            return;
+        }
+        let mut slots = self.ctrl.len();
+        while kv_core::capacity_of(slots, max_load).min(slots - 1) < self.live + incoming {
+            slots *= 2;
+        }
+        let mut fresh = Part::new(slots, self.width, max_load);
+        self.drain_into(&mut fresh);
+        *self = fresh;
+    }
+
+    /// Moves every live entry into `dst`.
+    pub(crate) fn drain_into(&self, dst: &mut Part) {
+        for i in 0..self.ctrl.len() {
+            if self.ctrl[i] & 0x80 == 0 {
+                dst.upsert(hash(self.keys[i]), self.keys[i], self.row(i));
+            }
+        }
+    }
+
+    /// Every live (key, row) pair, for rebuilding into a larger table.
+    pub(crate) fn live_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.ctrl.len()).filter(|&i| self.ctrl[i] & 0x80 == 0)
+    }
+}
