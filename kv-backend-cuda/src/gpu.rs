@@ -59,17 +59,32 @@ const SYMBOLS: &[&str] = &[
 ];
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> Error {
-    Error::BackendUnavailable { backend: BACKEND, reason: reason.into() }
+    Error::BackendUnavailable {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
 }
 
 /// A driver error as a vramkv error.
 pub(crate) fn drv(what: &str, e: DriverError) -> Error {
     if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        return Error::OutOfDeviceMemory { backend: BACKEND, requested_bytes: 0 };
+        return Error::OutOfDeviceMemory {
+            backend: BACKEND,
+            requested_bytes: 0,
+        };
     }
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
-    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Error::Device { backend: BACKEND, message: format!("{what}: {name} ({text})") }
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Error::Device {
+        backend: BACKEND,
+        message: format!("{what}: {name} ({text})"),
+    }
 }
 
 /// Extension to map driver results with a context string.
@@ -97,7 +112,8 @@ fn registry() -> Result<&'static Registry> {
     let reg = REG.get_or_init(|| {
         // cudarc panics when the library or a symbol is missing; we check first, and still
         // catch a panic so that no driver oddity can take the process down.
-        std::panic::catch_unwind(probe_driver).unwrap_or_else(|_| Err("the CUDA driver library failed to load".into()))
+        std::panic::catch_unwind(probe_driver)
+            .unwrap_or_else(|_| Err("the CUDA driver library failed to load".into()))
     });
     reg.as_ref().map_err(|r| unavailable(r.clone()))
 }
@@ -105,16 +121,20 @@ fn registry() -> Result<&'static Registry> {
 fn probe_driver() -> std::result::Result<Registry, String> {
     // SAFETY: only tries to dlopen the driver library; no driver call is made.
     if !unsafe { sys::is_culib_present() } {
-        return Err("the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver \
+        return Err(
+            "the NVIDIA driver library (libcuda.so) was not found; install the NVIDIA driver \
                     or add its directory to LD_LIBRARY_PATH"
-            .into());
+                .into(),
+        );
     }
     // SAFETY: the library is present (checked above), so culib() loads it without panicking.
     let lib = unsafe { sys::culib() };
     for name in SYMBOLS {
         // SAFETY: looks a symbol up without calling it.
         if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
-            return Err(format!("the NVIDIA driver is too old: it lacks {name} (CUDA 12 driver or newer needed)"));
+            return Err(format!(
+                "the NVIDIA driver is too old: it lacks {name} (CUDA 12 driver or newer needed)"
+            ));
         }
     }
     result::init().map_err(|e| format!("cuInit failed: {e}"))?;
@@ -123,7 +143,11 @@ fn probe_driver() -> std::result::Result<Registry, String> {
         return Err("no CUDA device".into());
     }
     let count = count as usize;
-    Ok(Registry { count, gpus: Mutex::new(vec![None; count]), default: OnceLock::new() })
+    Ok(Registry {
+        count,
+        gpus: Mutex::new(vec![None; count]),
+        default: OnceLock::new(),
+    })
 }
 
 /// Whether a CUDA driver and at least one device are present (no context is created).
@@ -163,8 +187,14 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     let name = result::device::get_name(dev).drv("cuDeviceGetName")?;
     // SAFETY: dev is a valid device handle.
     let total = unsafe { result::device::total_mem(dev) }.drv("cuDeviceTotalMem")? as u64;
-    let major = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32;
-    let minor = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32;
+    let major = attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+    )? as u32;
+    let minor = attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+    )? as u32;
     // Free memory needs a context: reuse ours if the device is open, else retain the primary
     // context for the query (the driver refcounts it; released when `ctx` drops).
     let free = {
@@ -176,7 +206,13 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
         };
         ctx.mem_get_info().drv("cuMemGetInfo")?.0 as u64
     };
-    Ok(DeviceInfo { ordinal, name, total_bytes: total, free_bytes: free, compute_capability: (major, minor) })
+    Ok(DeviceInfo {
+        ordinal,
+        name,
+        total_bytes: total,
+        free_bytes: free,
+        compute_capability: (major, minor),
+    })
 }
 
 /// Every CUDA device with its memory, most free memory first (the order in which the
@@ -184,13 +220,22 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
 /// driver or no device.
 pub fn devices() -> Result<Vec<DeviceInfo>> {
     let reg = registry()?;
-    let mut all = (0..reg.count).map(device_info).collect::<Result<Vec<_>>>()?;
-    all.sort_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then(a.ordinal.cmp(&b.ordinal)));
+    let mut all = (0..reg.count)
+        .map(device_info)
+        .collect::<Result<Vec<_>>>()?;
+    all.sort_by(|a, b| {
+        b.free_bytes
+            .cmp(&a.free_bytes)
+            .then(a.ordinal.cmp(&b.ordinal))
+    });
     Ok(all)
 }
 
 fn poisoned() -> Error {
-    Error::Device { backend: BACKEND, message: "a CUDA backend lock was poisoned by a panic".into() }
+    Error::Device {
+        backend: BACKEND,
+        message: "a CUDA backend lock was poisoned by a panic".into(),
+    }
 }
 
 /// A kernel whose single parameter is an `A` (the `#[repr(C)]` struct shared with the device).
@@ -236,7 +281,13 @@ impl Gpu {
     }
 
     /// Launches `k` with `args` over `items` items (grid-stride) on `stream`.
-    pub fn launch<A: Copy>(&self, k: &Kernel<A>, args: &A, items: u64, stream: &CudaStream) -> Result<()> {
+    pub fn launch<A: Copy>(
+        &self,
+        k: &Kernel<A>,
+        args: &A,
+        items: u64,
+        stream: &CudaStream,
+    ) -> Result<()> {
         let grid = kv_kernels::grid_size(items, self.sm_count);
         let mut params = [args as *const A as *mut c_void];
         // SAFETY: `k` takes exactly one parameter of type `A` (the Kernel<A> type ties each
@@ -288,7 +339,10 @@ pub(crate) fn gpu(cfg_device: Option<usize>) -> Result<Arc<Gpu>> {
                     }
                 }
                 let Some((_, o)) = best else {
-                    return Err(unavailable(format!("no usable CUDA device: {}", reasons.join("; "))));
+                    return Err(unavailable(format!(
+                        "no usable CUDA device: {}",
+                        reasons.join("; ")
+                    )));
                 };
                 *reg.default.get_or_init(|| o)
             }
@@ -314,16 +368,24 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
     let ctx = CudaContext::new(ordinal).drv("cuDevicePrimaryCtxRetain")?;
     ctx.bind_to_thread().drv("cuCtxSetCurrent")?;
     let dev = result::device::get(ordinal as i32).drv("cuDeviceGet")?;
-    let sm_count = attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+    let sm_count = attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?
+    .max(1) as u32;
     let module = load_module(kv_kernels::PTX)?;
     let f = |name: &str| -> Result<CUfunction> {
         let c = CString::new(name).map_err(|_| unavailable("bad kernel name"))?;
         // SAFETY: module is a loaded module of the current context.
-        unsafe { result::module::get_function(module, c) }.drv(&format!("cuModuleGetFunction({name})"))
+        unsafe { result::module::get_function(module, c) }
+            .drv(&format!("cuModuleGetFunction({name})"))
     };
     use kv_kernels::names as n;
     fn k<A>(f: CUfunction) -> Kernel<A> {
-        Kernel { f, _args: PhantomData }
+        Kernel {
+            f,
+            _args: PhantomData,
+        }
     }
     let kernels = Kernels {
         put_place: k(f(n::PUT_PLACE)?),
@@ -338,7 +400,13 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         fill: k(f(n::FILL_U64)?),
         count: k(f(n::COUNT)?),
     };
-    Ok(Gpu { ctx, ordinal, name: info.name, sm_count, k: kernels })
+    Ok(Gpu {
+        ctx,
+        ordinal,
+        name: info.name,
+        sm_count,
+        k: kernels,
+    })
 }
 
 /// Loads the PTX (JIT-compiled by the driver for this GPU), keeping the JIT's error log.
@@ -370,7 +438,10 @@ fn load_module(ptx: &str) -> Result<sys::CUmodule> {
             let text = String::from_utf8_lossy(&log[..end]);
             let err = drv("cuModuleLoadDataEx (JIT of kv-kernels' PTX)", e);
             Err(match err {
-                Error::Device { backend, message } => Error::Device { backend, message: format!("{message}: {text}") },
+                Error::Device { backend, message } => Error::Device {
+                    backend,
+                    message: format!("{message}: {text}"),
+                },
                 other => other,
             })
         }
@@ -391,10 +462,15 @@ impl DevBuf {
         gpu.bind()?;
         // SAFETY: plain allocation in the current context.
         match unsafe { result::malloc_sync(bytes) } {
-            Ok(ptr) => Ok(DevBuf { ptr, bytes, ctx: gpu.ctx.clone() }),
-            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                Err(Error::OutOfDeviceMemory { backend: BACKEND, requested_bytes: bytes as u64 })
-            }
+            Ok(ptr) => Ok(DevBuf {
+                ptr,
+                bytes,
+                ctx: gpu.ctx.clone(),
+            }),
+            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfDeviceMemory {
+                backend: BACKEND,
+                requested_bytes: bytes as u64,
+            }),
             Err(e) => Err(drv("cuMemAlloc", e)),
         }
     }
@@ -408,8 +484,10 @@ impl DevBuf {
     pub fn memset(&self, byte: u8, bytes: usize, stream: &CudaStream) -> Result<()> {
         debug_assert!(bytes <= self.bytes);
         // SAFETY: the range lies inside this allocation.
-        unsafe { result::memset_d8_async(self.ptr, byte, bytes.min(self.bytes), stream.cu_stream()) }
-            .drv("cuMemsetD8Async")
+        unsafe {
+            result::memset_d8_async(self.ptr, byte, bytes.min(self.bytes), stream.cu_stream())
+        }
+        .drv("cuMemsetD8Async")
     }
 }
 
@@ -440,14 +518,26 @@ impl<T: Copy> Pinned<T> {
         let len = len.max(1);
         let bytes = len * std::mem::size_of::<T>();
         gpu.bind()?;
-        let flags = if write_combined { sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
+        let flags = if write_combined {
+            sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
         // SAFETY: plain allocation of page-locked host memory.
-        let ptr = unsafe { result::malloc_host(bytes, flags) }
-            .map_err(|e| drv(&format!("cuMemHostAlloc of {bytes} bytes of pinned host memory"), e))?;
+        let ptr = unsafe { result::malloc_host(bytes, flags) }.map_err(|e| {
+            drv(
+                &format!("cuMemHostAlloc of {bytes} bytes of pinned host memory"),
+                e,
+            )
+        })?;
         // Zero it so the slices below are always initialised.
         // SAFETY: ptr points to `bytes` writable bytes.
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
-        Ok(Pinned { ptr: ptr as *mut T, len, ctx: gpu.ctx.clone() })
+        Ok(Pinned {
+            ptr: ptr as *mut T,
+            len,
+            ctx: gpu.ctx.clone(),
+        })
     }
     pub fn as_slice(&self) -> &[T] {
         // SAFETY: ptr holds len initialised elements (zeroed at allocation). Callers only
@@ -464,7 +554,8 @@ impl<T: Copy> Pinned<T> {
         let n = n.min(self.len);
         // SAFETY: page-locked source of n elements; dst holds at least n elements (callers);
         // the buffer is not written until the stream passes the lane's event.
-        unsafe { result::memcpy_htod_async(dst, &self.as_slice()[..n], stream.cu_stream()) }.drv("cuMemcpyHtoDAsync")
+        unsafe { result::memcpy_htod_async(dst, &self.as_slice()[..n], stream.cu_stream()) }
+            .drv("cuMemcpyHtoDAsync")
     }
     /// Enqueues a copy of `n` elements from `src` into the first `n` elements on `stream`.
     pub fn dtoh(&mut self, src: u64, n: usize, stream: &CudaStream) -> Result<()> {
@@ -492,9 +583,4 @@ pub(crate) fn stream(gpu: &Gpu) -> Result<Arc<CudaStream>> {
 /// A new event (timing disabled).
 pub(crate) fn event(gpu: &Gpu) -> Result<CudaEvent> {
     gpu.ctx.new_event(None).drv("cuEventCreate")
-}
-
-/// The error that makes the backend unavailable (only meaningful when it is).
-pub(crate) fn gpu_probe_error() -> Result<()> {
-    registry().map(|_| ())
 }

@@ -59,16 +59,16 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
-    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains, check_get, check_put,
-    plan_put,
+    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains,
+    check_get, check_put, plan_put,
 };
 use kv_kernels::layout::counter;
 
 mod gpu;
 mod table;
 
-pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
 use gpu::{BACKEND, Drv, Gpu};
+pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
 use table::{Lane, Op, State};
 
 /// A vramkv table in the memory of one NVIDIA GPU.
@@ -82,12 +82,18 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("device", &self.gpu.name).field("cfg", &self.cfg).finish()
+        f.debug_struct("CudaBackend")
+            .field("device", &self.gpu.name)
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
 fn device_mismatch() -> Error {
-    Error::Device { backend: BACKEND, message: "the device buffers belong to another CUDA context".into() }
+    Error::Device {
+        backend: BACKEND,
+        message: "the device buffers belong to another CUDA context".into(),
+    }
 }
 
 impl CudaBackend {
@@ -101,7 +107,12 @@ impl CudaBackend {
         let gpu = gpu::gpu(cfg.device)?;
         gpu.bind()?;
         let state = State::new(&gpu, cfg.initial_slots(), cfg.width)?;
-        Ok(CudaBackend { gpu, cfg, state: RwLock::new(state), pool: Mutex::new(Vec::new()) })
+        Ok(CudaBackend {
+            gpu,
+            cfg,
+            state: RwLock::new(state),
+            pool: Mutex::new(Vec::new()),
+        })
     }
 
     /// The CUDA context the table lives in (for allocating device-resident batches).
@@ -168,7 +179,15 @@ impl CudaBackend {
         } else {
             None
         };
-        let r = table::run_host_batch(&self.gpu, st.table_args(self.cfg.width), &mut lanes, cap, keys, &mut op, after);
+        let r = table::run_host_batch(
+            &self.gpu,
+            st.table_args(self.cfg.width),
+            &mut lanes,
+            cap,
+            keys,
+            &mut op,
+            after,
+        );
         match r {
             Ok(()) => self.return_lanes(lanes),
             Err(_) => {
@@ -213,7 +232,10 @@ impl CudaBackend {
         if c[counter::ERRORS] != 0 {
             return Err(Error::Device {
                 backend: BACKEND,
-                message: format!("{} keys found no slot (table invariant broken)", c[counter::ERRORS]),
+                message: format!(
+                    "{} keys found no slot (table invariant broken)",
+                    c[counter::ERRORS]
+                ),
             });
         }
         Ok(())
@@ -221,10 +243,18 @@ impl CudaBackend {
 
     /// Puts a batch whose keys (`u64[n]`) and values (`u64[n * width]`) are already in this
     /// table's device memory. Same semantics as [`KvBackend::put`].
-    pub fn put_device(&self, keys: &impl DevicePtr<u64>, values: &impl DevicePtr<u64>) -> Result<()> {
+    pub fn put_device(
+        &self,
+        keys: &impl DevicePtr<u64>,
+        values: &impl DevicePtr<u64>,
+    ) -> Result<()> {
         let (n, w) = (keys.len(), self.cfg.width);
         if values.len() != n * w {
-            return Err(Error::LengthMismatch { what: "values", expected: n * w, got: values.len() });
+            return Err(Error::LengthMismatch {
+                what: "values",
+                expected: n * w,
+                got: values.len(),
+            });
         }
         if n == 0 {
             return Ok(());
@@ -247,7 +277,13 @@ impl CudaBackend {
             let mut start = 0;
             while start < n {
                 let m = cap.min(n - start);
-                let a = lane.args(table, kp + 8 * start as u64, vp + 8 * (start * w) as u64, 0, m);
+                let a = lane.args(
+                    table,
+                    kp + 8 * start as u64,
+                    vp + 8 * (start * w) as u64,
+                    0,
+                    m,
+                );
                 lane.enqueue_put(&self.gpu, &a)?;
                 start += m;
             }
@@ -270,10 +306,18 @@ impl CudaBackend {
     ) -> Result<()> {
         let (n, w) = (keys.len(), self.cfg.width);
         if values_out.len() != n * w {
-            return Err(Error::LengthMismatch { what: "values_out", expected: n * w, got: values_out.len() });
+            return Err(Error::LengthMismatch {
+                what: "values_out",
+                expected: n * w,
+                got: values_out.len(),
+            });
         }
         if found_out.len() != n {
-            return Err(Error::LengthMismatch { what: "found_out", expected: n, got: found_out.len() });
+            return Err(Error::LengthMismatch {
+                what: "found_out",
+                expected: n,
+                got: found_out.len(),
+            });
         }
         if n == 0 {
             return Ok(());
@@ -294,8 +338,15 @@ impl CudaBackend {
             let mut start = 0;
             while start < n {
                 let m = cap.min(n - start);
-                let a = lane.args(table, kp + 8 * start as u64, vp + 8 * (start * w) as u64, fp + start as u64, m);
-                self.gpu.launch(&self.gpu.k.get, &a, m as u64, &lane.stream)?;
+                let a = lane.args(
+                    table,
+                    kp + 8 * start as u64,
+                    vp + 8 * (start * w) as u64,
+                    fp + start as u64,
+                    m,
+                );
+                self.gpu
+                    .launch(&self.gpu.k.get, &a, m as u64, &lane.stream)?;
                 start += m;
             }
             Ok(())
@@ -307,7 +358,11 @@ impl CudaBackend {
     }
 
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
-        if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() { Err(device_mismatch()) } else { Ok(()) }
+        if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
+            Err(device_mismatch())
+        } else {
+            Ok(())
+        }
     }
 
     /// Live keys and tombstones in the key array as the device counts them, plus the
@@ -345,7 +400,15 @@ impl KvBackend for CudaBackend {
         }
         self.gpu.bind()?;
         let st = self.read();
-        self.host_batch(&st, keys, Op::Get { values: values_out, found: found_out }, false)
+        self.host_batch(
+            &st,
+            keys,
+            Op::Get {
+                values: values_out,
+                found: found_out,
+            },
+            false,
+        )
     }
 
     fn delete(&self, keys: &[u64]) -> Result<usize> {
@@ -357,7 +420,10 @@ impl KvBackend for CudaBackend {
         st.reset_counters()?;
         self.host_batch(&st, keys, Op::Delete, true)?;
         let c = st.read_counters()?;
-        let (removed, spec) = (c[counter::REMOVED] as usize, c[counter::SPEC_REMOVED] as usize);
+        let (removed, spec) = (
+            c[counter::REMOVED] as usize,
+            c[counter::SPEC_REMOVED] as usize,
+        );
         st.len -= (removed + spec).min(st.len);
         st.spec_len -= spec.min(st.spec_len);
         st.tombs += removed;
@@ -394,8 +460,13 @@ impl KvBackend for CudaBackend {
 
     fn describe(&self) -> Description {
         let st = self.read();
-        let lanes: usize =
-            self.pool.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|l| l.device_bytes()).sum();
+        let lanes: usize = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|l| l.device_bytes())
+            .sum();
         Description {
             backend: BACKEND,
             device: self.gpu.name.clone(),
@@ -405,16 +476,23 @@ impl KvBackend for CudaBackend {
     }
 }
 
-/// Why the CUDA backend cannot run here, or `None` if it can (a driver and a device are
-/// present). Creates no context.
+/// The environment variable that makes a missing CUDA device a test failure instead of a
+/// skip (set it on GPU machines).
+pub const REQUIRE_ENV: &str = "VRAMKV_REQUIRE_CUDA";
+
+/// Why the CUDA backend cannot run here, or `None` if it can (a driver and at least one
+/// device of compute capability 7.0+). Used by the tests to skip on machines without a GPU.
 pub fn unavailable_reason() -> Option<String> {
-    match devices_present() {
-        Ok(()) => None,
+    match devices() {
+        Ok(d) if d.iter().any(DeviceInfo::supported) => None,
+        Ok(d) => Some(format!(
+            "no CUDA device of compute capability 7.0+ (found: {})",
+            d.iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
         Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
         Err(e) => Some(e.to_string()),
     }
-}
-
-fn devices_present() -> Result<()> {
-    if is_available() { Ok(()) } else { gpu::gpu_probe_error() }
 }

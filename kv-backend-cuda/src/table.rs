@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
-use kv_kernels::layout::{BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, special_words};
+use kv_kernels::layout::{
+    BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, special_words,
+};
 use rayon::prelude::*;
 
 use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, event, stream};
@@ -36,7 +38,10 @@ pub(crate) const POOL_MAX: usize = 2 * LANES;
 pub(crate) fn lane_cap(n: usize, width: usize) -> usize {
     let max = (CHUNK_BYTES / (8 * (width + 1))).max(MIN_LANE);
     let max = 1usize << (usize::BITS - 1 - max.leading_zeros()); // round down to a power of two
-    n.div_ceil(LANES).max(1).next_power_of_two().clamp(MIN_LANE, max)
+    n.div_ceil(LANES)
+        .max(1)
+        .next_power_of_two()
+        .clamp(MIN_LANE, max)
 }
 
 /// Copies `src` into `dst` (same length), on all cores when it is large.
@@ -46,7 +51,9 @@ pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     if dst.len() < PAR_MIN {
         dst.copy_from_slice(src);
     } else {
-        dst.par_chunks_mut(PIECE).zip(src.par_chunks(PIECE)).for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(PIECE)
+            .zip(src.par_chunks(PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
     }
 }
 
@@ -109,12 +116,23 @@ impl Lane {
     }
 
     pub fn device_bytes(&self) -> usize {
-        self.d_keys.bytes() + self.d_vals.bytes() + self.d_found.bytes() + self.d_slot.bytes() + self.d_flags.bytes()
+        self.d_keys.bytes()
+            + self.d_vals.bytes()
+            + self.d_found.bytes()
+            + self.d_slot.bytes()
+            + self.d_flags.bytes()
     }
 
     /// Batch arguments for a chunk of `n` items whose keys/values are at the given device
     /// addresses, with this lane's scratch.
-    pub fn args(&self, table: TableArgs, keys: u64, values: u64, found: u64, n: usize) -> BatchArgs {
+    pub fn args(
+        &self,
+        table: TableArgs,
+        keys: u64,
+        values: u64,
+        found: u64,
+        n: usize,
+    ) -> BatchArgs {
         BatchArgs {
             table,
             keys_in: keys,
@@ -141,9 +159,16 @@ impl Lane {
 
 /// What a host batch does, with its output slices.
 pub(crate) enum Op<'a> {
-    Put { values: &'a [u64] },
-    Get { values: &'a mut [u64], found: &'a mut [bool] },
-    Contains { found: &'a mut [bool] },
+    Put {
+        values: &'a [u64],
+    },
+    Get {
+        values: &'a mut [u64],
+        found: &'a mut [bool],
+    },
+    Contains {
+        found: &'a mut [bool],
+    },
     Delete,
 }
 
@@ -167,10 +192,13 @@ pub(crate) struct State {
 }
 
 fn array_bytes(slots: usize, words: usize) -> Result<usize> {
-    slots.checked_mul(words).and_then(|w| w.checked_mul(8)).ok_or(Error::OutOfDeviceMemory {
-        backend: BACKEND,
-        requested_bytes: u64::MAX,
-    })
+    slots
+        .checked_mul(words)
+        .and_then(|w| w.checked_mul(8))
+        .ok_or(Error::OutOfDeviceMemory {
+            backend: BACKEND,
+            requested_bytes: u64::MAX,
+        })
 }
 
 impl State {
@@ -232,7 +260,8 @@ impl State {
     /// Reads the counters back (waits for the main stream; callers have already waited
     /// for the lanes).
     pub fn read_counters(&mut self) -> Result<[u64; counter::LEN]> {
-        self.h_counters.dtoh(self.counters.ptr(), counter::LEN, &self.main)?;
+        self.h_counters
+            .dtoh(self.counters.ptr(), counter::LEN, &self.main)?;
         self.main.synchronize().drv("cuStreamSynchronize")?;
         let mut out = [0u64; counter::LEN];
         out.copy_from_slice(&self.h_counters.as_slice()[..counter::LEN]);
@@ -248,7 +277,12 @@ impl State {
         fill_empty(gpu, &keys, slots, &self.main)?;
         self.reset_counters()?;
         let a = RehashArgs {
-            table: TableArgs { keys: keys.ptr(), values: values.ptr(), mask: slots as u64 - 1, ..self.table_args(width) },
+            table: TableArgs {
+                keys: keys.ptr(),
+                values: values.ptr(),
+                mask: slots as u64 - 1,
+                ..self.table_args(width)
+            },
             old_keys: self.keys.ptr(),
             old_values: self.values.ptr(),
             old_slots: self.slots as u64,
@@ -276,14 +310,23 @@ impl State {
     /// Live keys and tombstones as the device counts them (checks and diagnostics).
     pub fn count(&mut self, gpu: &Gpu, width: usize) -> Result<(u64, u64)> {
         self.reset_counters()?;
-        gpu.launch(&gpu.k.count, &self.table_args(width), self.slots as u64, &self.main)?;
+        gpu.launch(
+            &gpu.k.count,
+            &self.table_args(width),
+            self.slots as u64,
+            &self.main,
+        )?;
         let c = self.read_counters()?;
         Ok((c[counter::LIVE], c[counter::TOMBS]))
     }
 }
 
 fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Result<()> {
-    let a = FillArgs { dst: keys.ptr(), value: kv_kernels::layout::EMPTY, n: slots as u64 };
+    let a = FillArgs {
+        dst: keys.ptr(),
+        value: kv_kernels::layout::EMPTY,
+        n: slots as u64,
+    };
     gpu.launch(&gpu.k.fill, &a, slots as u64, stream)
 }
 
@@ -319,19 +362,34 @@ pub(crate) fn run_host_batch(
         drain_output(&mut lanes[li], op);
         {
             let lane = &mut lanes[li];
-            par_copy(&mut lane.h_keys.as_mut_slice()[..m], &keys[start..start + m]);
+            par_copy(
+                &mut lane.h_keys.as_mut_slice()[..m],
+                &keys[start..start + m],
+            );
             lane.h_keys.htod(lane.d_keys.ptr(), m, &lane.stream)?;
             if let Op::Put { values } = op {
-                par_copy(&mut lane.h_vals.as_mut_slice()[..m * w], &values[start * w..(start + m) * w]);
+                par_copy(
+                    &mut lane.h_vals.as_mut_slice()[..m * w],
+                    &values[start * w..(start + m) * w],
+                );
                 lane.h_vals.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
             }
         }
         if is_put && let Some(p) = prev {
             // Kernels in batch order; this lane's copies above do not wait.
-            lanes[li].stream.wait(&lanes[p].kdone).drv("cuStreamWaitEvent")?;
+            lanes[li]
+                .stream
+                .wait(&lanes[p].kdone)
+                .drv("cuStreamWaitEvent")?;
         }
         let lane = &mut lanes[li];
-        let a = lane.args(table, lane.d_keys.ptr(), lane.d_vals.ptr(), lane.d_found.ptr(), m);
+        let a = lane.args(
+            table,
+            lane.d_keys.ptr(),
+            lane.d_vals.ptr(),
+            lane.d_found.ptr(),
+            m,
+        );
         match op {
             Op::Put { .. } => {
                 lane.enqueue_put(gpu, &a)?;
@@ -363,14 +421,21 @@ pub(crate) fn run_host_batch(
 
 /// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
 fn drain_output(lane: &mut Lane, op: &mut Op<'_>) {
-    let Some((start, m)) = lane.pending.take() else { return };
+    let Some((start, m)) = lane.pending.take() else {
+        return;
+    };
     let w = lane.width;
     match op {
         Op::Get { values, found } => {
-            par_copy(&mut values[start * w..(start + m) * w], &lane.h_vals.as_slice()[..m * w]);
+            par_copy(
+                &mut values[start * w..(start + m) * w],
+                &lane.h_vals.as_slice()[..m * w],
+            );
             par_bools(&mut found[start..start + m], &lane.h_found.as_slice()[..m]);
         }
-        Op::Contains { found } => par_bools(&mut found[start..start + m], &lane.h_found.as_slice()[..m]),
+        Op::Contains { found } => {
+            par_bools(&mut found[start..start + m], &lane.h_found.as_slice()[..m])
+        }
         Op::Put { .. } | Op::Delete => {}
     }
 }
