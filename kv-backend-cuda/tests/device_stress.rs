@@ -389,7 +389,9 @@ fn throughput_report() -> R {
 }
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // One trial at a time: the OOM trial fills the GPU, and the throughput report wants it alone.
+    args.test_threads.get_or_insert(1);
     let reason = kv_backend_cuda::unavailable_reason();
     let required = std::env::var_os(kv_backend_cuda::REQUIRE_ENV).is_some_and(|v| v != "0");
     if let Some(r) = &reason {
