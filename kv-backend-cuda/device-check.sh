@@ -43,8 +43,9 @@ run() { # name, timeout seconds, args...
   timeout --kill-after=10 "$secs" "$exe" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   local took=$((SECONDS - start))
-  # Show the report lines and any failure, not the whole log.
-  grep -E '^(test |  |skipped|failures:|---- |thread .* panicked|test result)' "$logs/$name.log" | grep -v '\.\.\. ok$' | tail -60
+  # Show the report lines and failures, not the whole log.
+  grep -E '^(  |skipped|test result)|FAILED|panicked' "$logs/$name.log" | grep -v '^test .*\.\.\. ok$' | head -40
+  [ $rc -ne 0 ] && sed -n '/^failures:/,/^failures:/p' "$logs/$name.log" | head -60
   local result
   result=$(grep -E '^test result' "$logs/$name.log" | tail -1)
   if [ $rc -eq 0 ]; then

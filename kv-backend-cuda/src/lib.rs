@@ -49,11 +49,22 @@
 //!
 //! # Host batches
 //!
-//! See [`table`](crate) docs in the source: batches from host memory stream through a few
-//! pinned staging lanes on separate streams so that copies in, kernels and copies out of
-//! consecutive chunks overlap; staging buffers are pooled and reused, so a steady stream of
-//! batches allocates nothing. [`CudaBackend::put_device`] and [`CudaBackend::get_device`]
-//! take keys and values already in VRAM.
+//! A batch from host memory is cut into chunks that stream through a few staging lanes
+//! (pinned host buffers, device buffers, one stream each), so that the copy in, the kernels
+//! and the copy out of consecutive chunks overlap, and the host's copies between the
+//! caller's slices and the pinned buffers (parallel, with rayon) overlap the device work.
+//! The chunks of a put apply in batch order (each chunk's kernels wait, on the device, for
+//! the previous chunk's); those of get, contains and delete run concurrently. Staging lanes
+//! are pooled and reused, so a steady stream of batches allocates nothing. The host waits
+//! only to reuse a lane and once at the end of the batch (to read the counters that keep
+//! `len()` exact).
+//!
+//! A put resolves duplicates on the device: keys are placed with CAS; if any key of a chunk
+//! was already present (a repeat in the chunk or an overwrite), four short passes make the
+//! last occurrence of every key write its row (see `kv_kernels::ops`).
+//!
+//! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
+//! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.
 
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
