@@ -182,7 +182,8 @@ fn attribute(dev: sys::CUdevice, a: CUdevice_attribute) -> Result<i32> {
     unsafe { result::device::get_attribute(dev, a) }.drv("cuDeviceGetAttribute")
 }
 
-fn device_info(ordinal: usize) -> Result<DeviceInfo> {
+/// Name, total memory and compute capability: no context needed.
+fn device_static_info(ordinal: usize) -> Result<DeviceInfo> {
     let dev = result::device::get(ordinal as i32).drv("cuDeviceGet")?;
     let name = result::device::get_name(dev).drv("cuDeviceGetName")?;
     // SAFETY: dev is a valid device handle.
@@ -195,24 +196,27 @@ fn device_info(ordinal: usize) -> Result<DeviceInfo> {
         dev,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
     )? as u32;
-    // Free memory needs a context: reuse ours if the device is open, else retain the primary
-    // context for the query (the driver refcounts it; released when `ctx` drops).
-    let free = {
-        let reg = registry()?;
-        let open = reg.gpus.lock().map_err(|_| poisoned())?[ordinal].clone();
-        let ctx = match open {
-            Some(g) => g.ctx.clone(),
-            None => CudaContext::new(ordinal).drv("cuDevicePrimaryCtxRetain")?,
-        };
-        ctx.mem_get_info().drv("cuMemGetInfo")?.0 as u64
-    };
     Ok(DeviceInfo {
         ordinal,
         name,
         total_bytes: total,
-        free_bytes: free,
+        free_bytes: 0,
         compute_capability: (major, minor),
     })
+}
+
+fn device_info(ordinal: usize) -> Result<DeviceInfo> {
+    let mut info = device_static_info(ordinal)?;
+    // Free memory needs a context: reuse ours if the device is open, else retain the primary
+    // context for the query (the driver refcounts it; released when `ctx` drops).
+    let reg = registry()?;
+    let open = reg.gpus.lock().map_err(|_| poisoned())?[ordinal].clone();
+    let ctx = match open {
+        Some(g) => g.ctx.clone(),
+        None => CudaContext::new(ordinal).drv("cuDevicePrimaryCtxRetain")?,
+    };
+    info.free_bytes = ctx.mem_get_info().drv("cuMemGetInfo")?.0 as u64;
+    Ok(info)
 }
 
 /// Every CUDA device with its memory, most free memory first (the order in which the
@@ -321,6 +325,8 @@ pub(crate) fn gpu(cfg_device: Option<usize>) -> Result<Arc<Gpu>> {
         Some(o) => o,
         None => match reg.default.get() {
             Some(o) => *o,
+            // One GPU: nothing to rank (open_gpu still checks it is supported).
+            None if reg.count == 1 => *reg.default.get_or_init(|| 0),
             None => {
                 let mut best: Option<(u64, usize)> = None;
                 let mut reasons = Vec::new();
@@ -358,7 +364,7 @@ pub(crate) fn gpu(cfg_device: Option<usize>) -> Result<Arc<Gpu>> {
 }
 
 fn open_gpu(ordinal: usize) -> Result<Gpu> {
-    let info = device_info(ordinal)?;
+    let info = device_static_info(ordinal)?;
     if !info.supported() {
         return Err(unavailable(format!(
             "CUDA device {ordinal} ({}) has compute capability {}.{}; vramkv's kernels need 7.0 (Volta) or newer",

@@ -338,30 +338,16 @@ impl CudaBackend {
         self.check_context(found_out.stream())?;
         self.gpu.bind()?;
         let st = self.read();
-        let cap = table::lane_cap(n, w);
-        let lanes = self.take_lanes(1, cap)?;
+        // A lookup needs no scratch: one launch over the whole batch, on a pooled lane's stream.
+        let lanes = self.take_lanes(1, table::lane_cap(1, w))?;
         let lane = &lanes[0];
-        let r = (|| {
+        let r = {
             let (kp, _kg) = keys.device_ptr(&lane.stream);
             let (vp, _vg) = values_out.device_ptr_mut(&lane.stream);
             let (fp, _fg) = found_out.device_ptr_mut(&lane.stream);
-            let table = st.table_args(w);
-            let mut start = 0;
-            while start < n {
-                let m = cap.min(n - start);
-                let a = lane.args(
-                    table,
-                    kp + 8 * start as u64,
-                    vp + 8 * (start * w) as u64,
-                    fp + start as u64,
-                    m,
-                );
-                self.gpu
-                    .launch(&self.gpu.k.get, &a, m as u64, &lane.stream)?;
-                start += m;
-            }
-            Ok(())
-        })();
+            let a = lane.args(st.table_args(w), kp, vp, fp, n);
+            self.gpu.launch(&self.gpu.k.get, &a, n as u64, &lane.stream)
+        };
         let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
         r.and(synced)?;
         self.return_lanes(lanes);
