@@ -242,7 +242,7 @@ impl State {
 
     /// Keys in the key array (entries less the sentinel keys).
     pub fn table_len(&self) -> usize {
-        self.len - self.spec_len
+        self.len.saturating_sub(self.spec_len)
     }
 
     /// Empties the table: keys to EMPTY, sentinel keys absent. Synchronous.
