@@ -36,9 +36,9 @@ const BLOCK: usize = 16;
 /// How far ahead a partition prefetches while it applies a batch.
 const PREFETCH_AHEAD: usize = 8;
 /// Slots per partition below which the table is not split further.
-const PART_SLOTS: usize = 1 << 12;
+const PART_SLOTS: usize = 1 << 14;
 /// The most partitions a table is split into.
-const MAX_PARTS: usize = 1 << 10;
+const MAX_PARTS: usize = 1 << 8;
 /// Batches longer than this are applied as consecutive sub-batches (indices are u32).
 const MAX_SUB_BATCH: usize = u32::MAX as usize;
 
@@ -54,6 +54,8 @@ struct State {
     bits: u32,
     parts: Vec<Part>,
     len: usize,
+    /// Regrouping buffers, kept between batches so that steady-state batches allocate nothing.
+    scratch: (Vec<u64>, Vec<u64>),
 }
 
 fn part_bits(slots: usize) -> u32 {
@@ -79,6 +81,7 @@ impl State {
             bits,
             parts,
             len: 0,
+            scratch: Default::default(),
         })
     }
 
@@ -106,19 +109,17 @@ impl State {
         for g in groups {
             parts.extend(g?);
         }
-        *self = Self {
-            slots,
-            bits,
-            parts,
-            len: self.len,
-        };
+        self.slots = slots;
+        self.bits = bits;
+        self.parts = parts;
         Ok(())
     }
 
     fn apply_put(&mut self, keys: &[u64], values: &[u64], cfg: &TableConfig) {
         let w = cfg.width;
         let load = cfg.max_load_factor;
-        let sorted = Sorted::new(keys, Some((values, w)), self.bits);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let sorted = Sorted::new(keys, Some((values, w)), self.bits, &mut scratch);
         let added: usize = self
             .parts
             .par_iter_mut()
@@ -138,10 +139,13 @@ impl State {
             })
             .sum();
         self.len += added;
+        drop(sorted);
+        self.scratch = scratch;
     }
 
     fn apply_delete(&mut self, keys: &[u64]) -> usize {
-        let sorted = Sorted::new(keys, None, self.bits);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let sorted = Sorted::new(keys, None, self.bits, &mut scratch);
         let removed: usize = self
             .parts
             .par_iter_mut()
@@ -156,6 +160,8 @@ impl State {
             })
             .sum();
         self.len -= removed;
+        drop(sorted);
+        self.scratch = scratch;
         removed
     }
 
@@ -246,6 +252,14 @@ impl SharedOut {
         // SAFETY: guaranteed by the caller; `src` is a different allocation.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(i), src.len()) }
     }
+
+    /// # Safety
+    /// As for [`SharedOut::write`], for one element.
+    #[inline(always)]
+    unsafe fn write_one(&self, i: usize, v: u64) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(i).write(v) }
+    }
 }
 
 /// A batch's keys (and value rows) regrouped by partition, stable within each partition,
@@ -253,16 +267,21 @@ impl SharedOut {
 enum Sorted<'a> {
     /// One partition: the batch as it is.
     Whole(&'a [u64], &'a [u64]),
-    /// Counting-sorted copies and each partition's bounds in them.
+    /// Counting-sorted copies (in the table's scratch buffers) and each partition's bounds.
     Split {
-        keys: Vec<u64>,
-        values: Vec<u64>,
+        keys: &'a [u64],
+        values: &'a [u64],
         bounds: Vec<usize>,
     },
 }
 
 impl<'a> Sorted<'a> {
-    fn new(keys: &'a [u64], values: Option<(&'a [u64], usize)>, bits: u32) -> Self {
+    fn new(
+        keys: &'a [u64],
+        values: Option<(&'a [u64], usize)>,
+        bits: u32,
+        scratch: &'a mut (Vec<u64>, Vec<u64>),
+    ) -> Self {
         if bits == 0 {
             return Sorted::Whole(keys, values.map_or(&[], |v| v.0));
         }
@@ -289,8 +308,11 @@ impl<'a> Sorted<'a> {
         }
         bounds[parts] = at;
         let (vals, w) = values.unwrap_or((&[], 0));
-        let mut sorted_keys = vec![0u64; n];
-        let mut sorted_vals = vec![0u64; n * w];
+        let (sorted_keys, sorted_vals) = scratch;
+        for (buf, len) in [(&mut *sorted_keys, n), (&mut *sorted_vals, n * w)] {
+            buf.clear();
+            buf.reserve(len);
+        }
         let (ko, vo) = (
             SharedOut(sorted_keys.as_mut_ptr()),
             SharedOut(sorted_vals.as_mut_ptr()),
@@ -306,12 +328,22 @@ impl<'a> Sorted<'a> {
                     // computed from the histograms above, so it is in bounds and no other task
                     // writes it; rows are `w` words at `w` times the same index.
                     unsafe {
-                        ko.write(dst, std::slice::from_ref(k));
-                        vo.write(dst * w, &vals[src * w..(src + 1) * w]);
+                        ko.write_one(dst, *k);
+                        if w == 1 {
+                            vo.write_one(dst, vals[src]);
+                        } else if w > 1 {
+                            vo.write(dst * w, &vals[src * w..(src + 1) * w]);
+                        }
                     }
                     next[p] += 1;
                 }
             });
+        // SAFETY: the scatter above wrote every one of the n keys and n * w value words
+        // (the histograms count each key exactly once), within the reserved capacity.
+        unsafe {
+            sorted_keys.set_len(n);
+            sorted_vals.set_len(n * w);
+        }
         Sorted::Split {
             keys: sorted_keys,
             values: sorted_vals,

@@ -34,6 +34,18 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// A zeroed vector whose pages are touched now, when the table is sized, rather than on
+/// the first put into each page (`vec![0; n]` maps zero pages lazily).
+#[expect(
+    clippy::slow_vector_initialization,
+    reason = "the explicit fill is the point: it touches the pages"
+)]
+fn committed(n: usize) -> Vec<u64> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, 0);
+    v
+}
+
 pub(crate) struct Part {
     pub(crate) ctrl: Vec<u8>,
     pub(crate) keys: Vec<u64>,
@@ -49,8 +61,8 @@ impl Part {
     pub(crate) fn new(slots: usize, width: usize, max_load: f64) -> Self {
         Self {
             ctrl: vec![EMPTY; slots],
-            keys: vec![0; slots],
-            values: vec![0; slots * width],
+            keys: committed(slots),
+            values: committed(slots * width),
             width,
             live: 0,
             used: 0,
@@ -123,14 +135,14 @@ impl Part {
             if c == DELETED {
                 first_deleted.get_or_insert(i);
             } else if c == t && self.keys[i] == key {
-                self.row_mut(i).copy_from_slice(row);
+                self.set_row(i, row);
                 return false;
             }
             i = (i + 1) & mask;
         };
         self.ctrl[at] = t;
         self.keys[at] = key;
-        self.row_mut(at).copy_from_slice(row);
+        self.set_row(at, row);
         self.live += 1;
         true
     }
@@ -156,6 +168,16 @@ impl Part {
     #[inline]
     fn row_mut(&mut self, i: usize) -> &mut [u64] {
         &mut self.values[i * self.width..(i + 1) * self.width]
+    }
+
+    /// Writes a value row; one-word rows skip the general copy.
+    #[inline]
+    fn set_row(&mut self, i: usize, row: &[u64]) {
+        if self.width == 1 {
+            self.values[i] = row[0];
+        } else {
+            self.row_mut(i).copy_from_slice(row);
+        }
     }
 
     /// Makes room for `incoming` more entries: rehashes away tombstones, or doubles
