@@ -1,5 +1,8 @@
 //! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
 
+#[cfg(feature = "cuda")]
+mod resident;
+mod sweep;
 mod workload;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -58,6 +61,27 @@ struct BenchArgs {
     /// One JSON object per batch on its own line.
     #[arg(long)]
     json: bool,
+    /// Throughput against batch size (1K up to --items) and against table size, printed
+    /// as a table and drawn into the SVG file --plot.
+    #[arg(long)]
+    sweep: bool,
+    /// Where --sweep draws its plot (the backend's name is added before the extension).
+    #[arg(long, default_value = "vramkv-sweep.svg")]
+    plot: std::path::PathBuf,
+    /// Device-resident insert and find on the CUDA backend (keys already in VRAM), at the
+    /// occupancies of --occupancy, in a table of the largest power-of-two slot count that
+    /// holds --items keys at occupancy 0.74.
+    #[arg(long)]
+    resident: bool,
+    /// Occupancies for --resident.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.74, 0.9])]
+    occupancy: Vec<f64>,
+    /// CUDA device ordinal (default: the GPU with the most free memory).
+    #[arg(long)]
+    device: Option<usize>,
+    /// Repetitions per sweep point (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
 }
 
 #[derive(Serialize)]
@@ -116,9 +140,20 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
             "--items and --batches must be at least 1".into(),
         ));
     }
-    let cfg = TableConfig::new(workload::unique_keys(a.items, a.batches)).width(a.width);
+    // Room for every distinct key, plus one batch: a put is admitted while
+    // len + batch <= capacity (every key of a batch counts as new), so without the extra
+    // batch the last one would measure a growth rehash instead of steady-state puts.
+    let mut cfg =
+        TableConfig::new(workload::unique_keys(a.items, a.batches) + a.items).width(a.width);
+    cfg.device = a.device;
     cfg.validate()?;
+    if a.resident {
+        return run_resident(a).map(|()| true);
+    }
     let kinds = backends_for(a.backend)?;
+    if a.sweep {
+        return run_sweep(a, &kinds).map(|()| true);
+    }
     let bar = ProgressBar::new((kinds.len() * a.batches) as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -200,6 +235,96 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         );
     }
     Ok(all_ok)
+}
+
+#[cfg(feature = "cuda")]
+fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
+    let slots = resident::slots_for_items(a.items);
+    println!(
+        "device-resident on cuda: {slots} slots, width {}, median of {} after a warm-up",
+        a.width, a.reps
+    );
+    let rows = resident::run(slots, &a.occupancy, a.width, a.reps.max(1), a.device)?;
+    println!(
+        "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
+        "occupancy", "keys", "insert G/s", "find G/s", "B/entry", "found"
+    );
+    for r in rows {
+        let _ = r.slots;
+        println!(
+            "{:>9.2} {:>12} {:>12.2} {:>12.2} {:>10.1} {:>12}",
+            r.occupancy, r.keys, r.insert_gops, r.find_gops, r.bytes_per_entry, r.found
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_resident(_: &BenchArgs) -> vramkv::Result<()> {
+    Err(vramkv::Error::BackendUnavailable {
+        backend: "cuda",
+        reason: "--resident needs the CUDA backend; build with --features cuda".into(),
+    })
+}
+
+fn run_sweep(a: &BenchArgs, kinds: &[Option<BackendKind>]) -> vramkv::Result<()> {
+    let sizes = sweep::decades(a.items);
+    let batch = a.items.min(1 << 20);
+    let reps = a.reps.max(1);
+    for kind in kinds {
+        // Headroom of two batches over the largest fill, for the same reason as in `bench`.
+        let mut cfg = TableConfig::new(a.items + 2 * batch).width(a.width);
+        cfg.device = a.device;
+        let table = match kind {
+            Some(k) => vramkv::open_backend(*k, cfg)?,
+            None => vramkv::open(cfg)?,
+        };
+        let d = table.describe();
+        println!(
+            "sweep on {} ({}), width {}, median of {reps}",
+            d.backend, d.device, a.width
+        );
+        let by_batch = sweep::by_batch(&table, &sizes, reps)?;
+        sweep::print(
+            "throughput against batch size (fresh keys, cleared table)",
+            "batch",
+            &by_batch,
+        );
+        let by_table = sweep::by_table(&table, &sizes, batch, reps)?;
+        sweep::print(
+            &format!("throughput against table size (batches of {batch})"),
+            "entries",
+            &by_table,
+        );
+        let svg = sweep::svg(
+            &[
+                ("against batch size", "batch size", &by_batch),
+                (
+                    &format!("against table size, batches of {batch}"),
+                    "entries in table",
+                    &by_table,
+                ),
+            ],
+            &format!("{} on {}", d.backend, d.device),
+        );
+        let path = plot_path(&a.plot, d.backend, kinds.len() > 1);
+        std::fs::write(&path, svg).map_err(|e| {
+            vramkv::Error::InvalidConfig(format!("cannot write {}: {e}", path.display()))
+        })?;
+        println!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+fn plot_path(base: &std::path::Path, backend: &str, several: bool) -> std::path::PathBuf {
+    if !several {
+        return base.to_path_buf();
+    }
+    let stem = base
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("vramkv-sweep");
+    base.with_file_name(format!("{stem}-{backend}.svg"))
 }
 
 fn round1(x: f64) -> f64 {

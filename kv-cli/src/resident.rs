@@ -1,0 +1,109 @@
+//! `vramkv bench --resident`: device-resident insert and find on the CUDA backend, keys
+//! and values already in VRAM, at several occupancies (the comparison with cuCollections'
+//! `static_map` bulk insert and find).
+
+use crate::workload::mix;
+use std::time::Instant;
+use vramkv::cuda::CudaBackend;
+use vramkv::{Error, KvBackend, Result, TableConfig};
+
+/// One occupancy's result.
+pub struct Row {
+    pub occupancy: f64,
+    pub keys: usize,
+    pub slots: usize,
+    pub insert_gops: f64,
+    pub find_gops: f64,
+    pub bytes_per_entry: f64,
+    pub found: usize,
+}
+
+fn drv(e: impl std::fmt::Display) -> Error {
+    Error::Device {
+        backend: "cuda",
+        message: e.to_string(),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The largest power-of-two slot count that holds at most `items` keys at 0.74.
+pub fn slots_for_items(items: usize) -> usize {
+    let mut s = 16usize;
+    while ((s * 2) as f64 * 0.74) <= items as f64 {
+        s *= 2;
+    }
+    s
+}
+
+/// Runs the resident benchmark at each occupancy of a table of `slots` slots.
+pub fn run(
+    slots: usize,
+    occupancies: &[f64],
+    width: usize,
+    reps: usize,
+    device: Option<usize>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &occ in occupancies {
+        let n = (occ * slots as f64).floor() as usize;
+        let mut cfg = TableConfig::new(n)
+            .max_load_factor(occ)
+            .width(width)
+            .growth(false);
+        cfg.device = device;
+        let t = CudaBackend::open(cfg)?;
+        let stream = t.new_stream()?;
+        // Two key sets, used in turn, so that no repetition finds the last one's lines in L2.
+        let sets: Vec<_> = (0..2u64)
+            .map(|s| {
+                let keys: Vec<u64> = (0..n as u64).map(|i| mix(i ^ (s << 62))).collect();
+                stream.clone_htod(&keys).map_err(drv)
+            })
+            .collect::<Result<_>>()?;
+        let vals: Vec<u64> = (0..(n * width) as u64).collect();
+        let vals = stream.clone_htod(&vals).map_err(drv)?;
+        let mut out = stream.alloc_zeros::<u64>(n * width).map_err(drv)?;
+        let mut found = stream.alloc_zeros::<u8>(n).map_err(drv)?;
+        stream.synchronize().map_err(drv)?;
+        let (mut ins, mut fin) = (Vec::new(), Vec::new());
+        let mut found_count = 0;
+        // One warm-up round (module load, first touch), then `reps` timed rounds.
+        for r in 0..=reps {
+            let keys = &sets[r % 2];
+            t.clear()?;
+            let t0 = Instant::now();
+            t.put_device(keys, &vals)?;
+            let put = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            t.get_device(keys, &mut out, &mut found)?;
+            let get = t0.elapsed().as_secs_f64();
+            if r > 0 {
+                ins.push(n as f64 / put / 1e9);
+                fin.push(n as f64 / get / 1e9);
+            }
+            let f: Vec<u8> = stream.clone_dtoh(&found).map_err(drv)?;
+            found_count = f.iter().filter(|&&x| x == 1).count();
+            if found_count != n || t.len() != n {
+                return Err(drv(format!(
+                    "resident validation failed at occupancy {occ}: {found_count} of {n} keys found, len {}",
+                    t.len()
+                )));
+            }
+        }
+        let d = t.describe();
+        rows.push(Row {
+            occupancy: occ,
+            keys: n,
+            slots: d.slots,
+            insert_gops: median(ins),
+            find_gops: median(fin),
+            bytes_per_entry: d.bytes_in_use as f64 / n as f64,
+            found: found_count,
+        });
+    }
+    Ok(rows)
+}
