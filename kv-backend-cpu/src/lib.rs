@@ -31,8 +31,8 @@ use part::{Part, hash};
 use rayon::prelude::*;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Keys per lookup block: their home slots are prefetched together.
-const BLOCK: usize = 16;
+/// Keys per lookup task (one rayon job runs one software-pipelined run).
+const RUN: usize = 4096;
 /// How far ahead a partition prefetches while it applies a batch.
 const PREFETCH_AHEAD: usize = 8;
 /// Slots per partition below which the table is not split further.
@@ -165,24 +165,34 @@ impl State {
         removed
     }
 
-    /// Looks up one block of keys: hashes and prefetches them all, then probes.
-    fn lookup_block(&self, keys: &[u64], mut emit: impl FnMut(usize, Option<&[u64]>)) {
-        let mut hs = [0u64; BLOCK];
-        for (j, &k) in keys.iter().enumerate() {
-            hs[j] = hash(k);
-            self.parts[part_of(hs[j], self.bits)].prefetch_home(hs[j]);
-        }
-        let mut slots = [None; BLOCK];
-        for (j, &k) in keys.iter().enumerate() {
-            let part = &self.parts[part_of(hs[j], self.bits)];
-            slots[j] = part.find(hs[j], k);
-            if let Some(s) = slots[j] {
-                part::prefetch(part.values.as_ptr().wrapping_add(s * part.width));
+    /// Looks up a run of keys as a software pipeline: the home slot of key `j + HOME_AHEAD`
+    /// is prefetched while key `j` is probed, and the value row of a found key is prefetched
+    /// `ROW_AHEAD` keys before it is emitted, so DRAM latency overlaps with work.
+    fn lookup_run(&self, keys: &[u64], mut emit: impl FnMut(usize, Option<&[u64]>)) {
+        const HOME_AHEAD: usize = 16;
+        const ROW_AHEAD: usize = 8;
+        const RING: usize = 32;
+        let n = keys.len();
+        let mut hs = [0u64; RING];
+        let mut found: [Option<(usize, usize)>; RING] = [None; RING];
+        for j in 0..n + HOME_AHEAD + ROW_AHEAD {
+            if j < n {
+                let h = hash(keys[j]);
+                hs[j % RING] = h;
+                self.parts[part_of(h, self.bits)].prefetch_home(h);
             }
-        }
-        for j in 0..keys.len() {
-            let part = &self.parts[part_of(hs[j], self.bits)];
-            emit(j, slots[j].map(|s| part.row(s)));
+            if let Some(k) = j.checked_sub(HOME_AHEAD).filter(|&k| k < n) {
+                let h = hs[k % RING];
+                let p = part_of(h, self.bits);
+                let part = &self.parts[p];
+                found[k % RING] = part.find(h, keys[k]).map(|s| {
+                    part::prefetch(part.values.as_ptr().wrapping_add(s * part.width));
+                    (p, s)
+                });
+            }
+            if let Some(k) = j.checked_sub(HOME_AHEAD + ROW_AHEAD).filter(|&k| k < n) {
+                emit(k, found[k % RING].map(|(p, s)| self.parts[p].row(s)));
+            }
         }
     }
 
@@ -421,25 +431,18 @@ impl KvBackend for CpuBackend {
         check_get(self.cfg.width, keys, values_out, found_out)?;
         let w = self.cfg.width;
         let st = self.read();
-        let per = BLOCK * 64;
-        keys.par_chunks(per)
-            .zip(values_out.par_chunks_mut(per * w))
-            .zip(found_out.par_chunks_mut(per))
+        keys.par_chunks(RUN)
+            .zip(values_out.par_chunks_mut(RUN * w))
+            .zip(found_out.par_chunks_mut(RUN))
             .for_each(|((k, v), f)| {
-                for ((kb, vb), fb) in k
-                    .chunks(BLOCK)
-                    .zip(v.chunks_mut(BLOCK * w))
-                    .zip(f.chunks_mut(BLOCK))
-                {
-                    st.lookup_block(kb, |j, row| {
-                        let out = &mut vb[j * w..(j + 1) * w];
-                        match row {
-                            Some(r) => out.copy_from_slice(r),
-                            None => out.fill(0),
-                        }
-                        fb[j] = row.is_some();
-                    });
-                }
+                st.lookup_run(k, |j, row| {
+                    let out = &mut v[j * w..(j + 1) * w];
+                    match row {
+                        Some(r) => out.copy_from_slice(r),
+                        None => out.fill(0),
+                    }
+                    f[j] = row.is_some();
+                });
             });
         Ok(())
     }
@@ -455,14 +458,9 @@ impl KvBackend for CpuBackend {
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
         check_contains(keys, found_out)?;
         let st = self.read();
-        let per = BLOCK * 64;
-        keys.par_chunks(per)
-            .zip(found_out.par_chunks_mut(per))
-            .for_each(|(k, f)| {
-                for (kb, fb) in k.chunks(BLOCK).zip(f.chunks_mut(BLOCK)) {
-                    st.lookup_block(kb, |j, row| fb[j] = row.is_some());
-                }
-            });
+        keys.par_chunks(RUN)
+            .zip(found_out.par_chunks_mut(RUN))
+            .for_each(|(k, f)| st.lookup_run(k, |j, row| f[j] = row.is_some()));
         Ok(())
     }
 
