@@ -170,8 +170,23 @@ impl KvBackend for Table {
 /// reason each better backend was skipped. A forced backend that cannot be used is an
 /// error ([`Error::BackendUnavailable`]); it never falls back.
 pub fn open(cfg: TableConfig) -> Result<Table> {
-    match std::env::var(BACKEND_ENV) {
-        Ok(v) if !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("auto") => {
+    open_with_choice(std::env::var(BACKEND_ENV).ok().as_deref(), cfg)
+}
+
+/// [`open`] with the value of `VRAMKV_BACKEND` passed in: `None`, `""` or `"auto"` choose
+/// automatically; a backend name forces that backend.
+///
+/// ```
+/// use vramkv::{BackendKind, Error, TableConfig};
+/// let t = vramkv::open_with_choice(Some("cpu"), TableConfig::new(16))?;
+/// assert_eq!(t.kind(), BackendKind::Cpu);
+/// let r = vramkv::open_with_choice(Some("tpu"), TableConfig::new(16));
+/// assert!(matches!(r, Err(Error::InvalidConfig(_))));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn open_with_choice(choice: Option<&str>, cfg: TableConfig) -> Result<Table> {
+    match choice.map(str::trim) {
+        Some(v) if !v.is_empty() && !v.eq_ignore_ascii_case("auto") => {
             open_backend(v.parse()?, cfg)
         }
         _ => open_auto(cfg),

@@ -1,0 +1,46 @@
+//! Backend selection: forcing never falls back, unknown names are errors, and automatic
+//! choice records why each better backend was skipped.
+
+use vramkv::{BackendKind, Error, KvBackend, TableConfig};
+
+#[test]
+fn a_forced_backend_that_cannot_run_is_an_error_not_a_fallback() {
+    for kind in [BackendKind::Cuda, BackendKind::Wgpu] {
+        match vramkv::open_with_choice(Some(kind.name()), TableConfig::new(16)) {
+            Ok(t) => assert_eq!(t.kind(), kind, "forcing {kind} opened {} instead", t.kind()),
+            Err(e) => assert!(
+                matches!(e, Error::BackendUnavailable { backend, .. } if backend == kind.name()),
+                "forcing {kind} gave {e:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn unknown_backend_names_are_refused() {
+    let r = vramkv::open_with_choice(Some("tpu"), TableConfig::new(16));
+    assert!(matches!(r, Err(Error::InvalidConfig(msg)) if msg.contains("tpu")));
+}
+
+#[test]
+fn auto_reports_every_better_backend_it_skipped() {
+    for choice in [None, Some(""), Some("auto"), Some(" AUTO ")] {
+        let t =
+            vramkv::open_with_choice(choice, TableConfig::new(16)).expect("cpu is always there");
+        let better: Vec<BackendKind> = BackendKind::ALL
+            .into_iter()
+            .take_while(|k| *k != t.kind())
+            .collect();
+        let skipped: Vec<BackendKind> = t.skipped().iter().map(|(k, _)| *k).collect();
+        assert_eq!(skipped, better, "every better backend is listed, in order");
+        assert!(t.skipped().iter().all(|(_, why)| !why.is_empty()));
+        t.put(&[1], &[2]).expect("the chosen table works");
+        assert_eq!(t.len(), 1);
+    }
+}
+
+#[test]
+fn bad_configs_are_refused_before_any_backend_is_tried() {
+    let r = vramkv::open_with_choice(None, TableConfig::new(16).width(0));
+    assert!(matches!(r, Err(Error::InvalidConfig(_))));
+}
