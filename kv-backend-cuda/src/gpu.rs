@@ -19,6 +19,24 @@ pub(crate) const BACKEND: &str = "cuda";
 /// itself unavailable, e.g. to exercise the CPU fallback on a GPU machine.
 pub const DISABLE_ENV: &str = "VRAMKV_CUDA_DISABLE";
 
+/// Kernel development knobs, read once when a device is opened (unset: the defaults).
+///
+/// - `VRAMKV_PTX=<file>`: load this PTX instead of the built-in kernels (same entry points
+///   and argument layout; for comparing kernel variants with one binary).
+/// - `VRAMKV_BLOCKS_PER_SM=<n>`: grid cap of every launch in blocks per multiprocessor
+///   (default [`kv_kernels::BLOCKS_PER_SM`]).
+/// - `VRAMKV_L2_FETCH_BYTES=<n>`: the context's L2 fetch granularity limit
+///   (`CU_LIMIT_MAX_L2_FETCH_GRANULARITY`; the driver's default when unset).
+pub const PTX_ENV: &str = "VRAMKV_PTX";
+/// See [`PTX_ENV`].
+pub const BLOCKS_PER_SM_ENV: &str = "VRAMKV_BLOCKS_PER_SM";
+/// See [`PTX_ENV`].
+pub const L2_FETCH_ENV: &str = "VRAMKV_L2_FETCH_BYTES";
+
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
 /// Every driver entry point vramkv may call (directly or through cudarc). They are looked
 /// up before the first call so that an old driver is reported as unavailable instead of
 /// making cudarc panic on a missing symbol.
@@ -54,6 +72,7 @@ const SYMBOLS: &[&str] = &[
     "cuModuleLoadDataEx",
     "cuModuleGetFunction",
     "cuLaunchKernel",
+    "cuCtxSetLimit",
     "cuGetErrorName",
     "cuGetErrorString",
 ];
@@ -275,6 +294,8 @@ pub(crate) struct Gpu {
     pub ordinal: usize,
     pub name: String,
     pub sm_count: u32,
+    /// Grid cap in blocks per multiprocessor.
+    pub blocks_per_sm: u32,
     pub k: Kernels,
 }
 
@@ -292,7 +313,7 @@ impl Gpu {
         items: u64,
         stream: &CudaStream,
     ) -> Result<()> {
-        let grid = kv_kernels::grid_size(items, self.sm_count);
+        let grid = kv_kernels::grid_size_per_sm(items, self.sm_count, self.blocks_per_sm);
         let mut params = [args as *const A as *mut c_void];
         // SAFETY: `k` takes exactly one parameter of type `A` (the Kernel<A> type ties each
         // handle to its argument struct); the driver copies the parameter at this call;
@@ -379,7 +400,25 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
     )?
     .max(1) as u32;
-    let module = load_module(kv_kernels::PTX)?;
+    if let Some(bytes) = env_u32(L2_FETCH_ENV) {
+        // SAFETY: the device's context is current on this thread; a limit is a plain value.
+        unsafe {
+            sys::cuCtxSetLimit(
+                sys::CUlimit::CU_LIMIT_MAX_L2_FETCH_GRANULARITY,
+                bytes as usize,
+            )
+        }
+        .result()
+        .map_err(|e| drv("cuCtxSetLimit(MAX_L2_FETCH_GRANULARITY)", e))?;
+    }
+    let module = match std::env::var_os(PTX_ENV) {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| unavailable(format!("{PTX_ENV}={}: {e}", path.to_string_lossy())))?;
+            load_module(&text)?
+        }
+        None => load_module(kv_kernels::PTX)?,
+    };
     let f = |name: &str| -> Result<CUfunction> {
         let c = CString::new(name).map_err(|_| unavailable("bad kernel name"))?;
         // SAFETY: module is a loaded module of the current context.
@@ -411,6 +450,9 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         ordinal,
         name: info.name,
         sm_count,
+        blocks_per_sm: env_u32(BLOCKS_PER_SM_ENV)
+            .filter(|b| *b > 0)
+            .unwrap_or(kv_kernels::BLOCKS_PER_SM),
         k: kernels,
     })
 }

@@ -102,8 +102,16 @@ pub const BLOCK_SIZE: u32 = 256;
 /// fill the GPU several times over (the kernels are grid-stride loops), never more than
 /// the items need, at least one.
 pub const fn grid_size(n: u64, sm_count: u32) -> u32 {
+    grid_size_per_sm(n, sm_count, BLOCKS_PER_SM)
+}
+
+/// Blocks per multiprocessor of a full grid (a cap: small batches launch fewer).
+pub const BLOCKS_PER_SM: u32 = 32;
+
+/// [`grid_size`] with `per_sm` blocks per multiprocessor at most.
+pub const fn grid_size_per_sm(n: u64, sm_count: u32, per_sm: u32) -> u32 {
     let needed = n.div_ceil(BLOCK_SIZE as u64);
-    let cap = sm_count as u64 * 32;
+    let cap = sm_count as u64 * per_sm as u64;
     let g = if needed < cap { needed } else { cap };
     if g == 0 { 1 } else { g as u32 }
 }
