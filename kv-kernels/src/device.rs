@@ -34,69 +34,6 @@ unsafe impl Mem for Ptx {
         v
     }
     #[inline(always)]
-    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
-        let (x, y): (u64, u64);
-        // SAFETY: the caller guarantees a valid, 16-byte aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.relaxed.gpu.global.v2.u64 {{{x}, {y}}}, [ga]; }}",
-                a = in(reg64) addr, x = out(reg64) x, y = out(reg64) y,
-                options(nostack, readonly)
-            )
-        };
-        [x, y]
-    }
-    #[inline(always)]
-    unsafe fn load2(addr: u64) -> [u64; 2] {
-        let (x, y): (u64, u64);
-        // SAFETY: the caller guarantees a valid, 16-byte aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.global.cg.v2.u64 {{{x}, {y}}}, [ga]; }}",
-                a = in(reg64) addr, x = out(reg64) x, y = out(reg64) y,
-                // Not `pure`: both halves of a bucket are requested at once, not the
-                // second only when the first does not decide the probe.
-                options(nostack, readonly)
-            )
-        };
-        [x, y]
-    }
-    #[inline(always)]
-    unsafe fn load_stream(addr: u64) -> u64 {
-        let v: u64;
-        // SAFETY: the caller guarantees a valid, aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.global.cs.u64 {v}, [ga]; }}",
-                a = in(reg64) addr, v = out(reg64) v,
-                options(nostack, readonly, pure)
-            )
-        };
-        v
-    }
-    #[inline(always)]
-    unsafe fn store_stream(addr: u64, v: u64) {
-        // SAFETY: the caller guarantees a valid, aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; st.global.cs.u64 [ga], {v}; }}",
-                a = in(reg64) addr, v = in(reg64) v,
-                options(nostack)
-            )
-        }
-    }
-    #[inline(always)]
-    unsafe fn store_u8_stream(addr: u64, v: u8) {
-        // SAFETY: the caller guarantees a valid global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; st.global.cs.u8 [ga], {v}; }}",
-                a = in(reg64) addr, v = in(reg16) v as u16,
-                options(nostack)
-            )
-        }
-    }
-    #[inline(always)]
     unsafe fn load(addr: u64) -> u64 {
         // SAFETY: the caller guarantees a valid, aligned address.
         unsafe { core::ptr::read(addr as *const u64) }

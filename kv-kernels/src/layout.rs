@@ -33,22 +33,16 @@ pub const fn hash(key: u64) -> u64 {
     h
 }
 
-/// Slots per bucket: the probe sequence visits aligned groups of `BUCKET` consecutive slots
-/// (32 bytes of keys, one DRAM sector), which a thread reads with two 16-byte vector loads.
-pub const BUCKET: u64 = 4;
-
-/// The first bucket probed for `key` (the index of its first slot) in a table of `mask + 1`
-/// slots (a power of two, at least `BUCKET`).
+/// The first slot probed for `key` in a table of `mask + 1` slots (a power of two).
 #[inline(always)]
-pub const fn home_bucket(key: u64, mask: u64) -> u64 {
-    hash(key) & mask & !(BUCKET - 1)
+pub const fn home_slot(key: u64, mask: u64) -> u64 {
+    hash(key) & mask
 }
 
-/// The bucket probed after bucket `b` (linear probing over buckets, wrapping). Inside a
-/// bucket, slots are probed in index order.
+/// The slot probed after `slot` (linear probing, wrapping).
 #[inline(always)]
-pub const fn next_bucket(b: u64, mask: u64) -> u64 {
-    b.wrapping_add(BUCKET) & mask
+pub const fn next_slot(slot: u64, mask: u64) -> u64 {
+    slot.wrapping_add(1) & mask
 }
 
 /// Offset in u64 words of the value row of `slot` in a table of `width`-word values.

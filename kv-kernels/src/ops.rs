@@ -8,8 +8,7 @@
 //! # The put protocol (per chunk; chunks of a batch run one after the other)
 //!
 //! 1. [`put_place`] (every key): a sentinel key records `1 + i` with an atomic max in its
-//!    chunk flag. Any other key probes its home bucket (`BUCKET` aligned slots, read with
-//!    16-byte loads), then the following buckets, slots in index order: a slot holding the key
+//!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
 //!    is taken as is ("found"); on EMPTY, the key is claimed with a CAS, at the first
 //!    tombstone met on the way if there was one, else at the EMPTY slot. A failed CAS on a
 //!    tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key (if it is
@@ -26,8 +25,8 @@
 //!    its presence word.
 
 use crate::layout::{
-    BUCKET, BatchArgs, EMPTY, FillArgs, RehashArgs, TOMBSTONE, TableArgs, counter, flag,
-    home_bucket, is_sentinel, next_bucket, row, special_index, special_row,
+    BatchArgs, EMPTY, FillArgs, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
+    is_sentinel, next_slot, row, special_index, special_row,
 };
 
 /// The memory operations the algorithms need. Addresses are device (or host) addresses as u64.
@@ -41,18 +40,8 @@ use crate::layout::{
 pub unsafe trait Mem {
     /// A load that observes the latest value at device scope (never a stale L1 line).
     unsafe fn load_sync(addr: u64) -> u64;
-    /// Two consecutive words (16-byte aligned) with the guarantee of [`Mem::load_sync`].
-    unsafe fn load2_sync(addr: u64) -> [u64; 2];
     /// A plain load (data not written concurrently by the running kernel).
     unsafe fn load(addr: u64) -> u64;
-    /// Two consecutive words (16-byte aligned), not written concurrently by the running kernel.
-    unsafe fn load2(addr: u64) -> [u64; 2];
-    /// A load of batch input read once (a streaming hint: it should not displace table lines).
-    unsafe fn load_stream(addr: u64) -> u64;
-    /// A store of batch output written once (streaming hint).
-    unsafe fn store_stream(addr: u64, v: u64);
-    /// A u8 store of batch output written once (streaming hint).
-    unsafe fn store_u8_stream(addr: u64, v: u8);
     /// A plain store.
     unsafe fn store(addr: u64, v: u64);
     /// A plain u32 load.
@@ -96,53 +85,13 @@ unsafe fn copy_row<M: Mem>(dst: u64, src: u64, width: u32) {
     }
 }
 
-/// Slots per bucket as an array length.
-const B: usize = BUCKET as usize;
-
-/// The keys of the bucket starting at slot `b`, read with [`Mem::load2_sync`].
+/// Writes `width` zero words at `dst`.
 #[inline(always)]
-unsafe fn bucket_sync<M: Mem>(keys: u64, b: u64) -> [u64; B] {
-    let mut out = [0u64; B];
-    let mut j = 0;
-    while j < B {
-        // SAFETY: the caller guarantees b is a bucket start below the slot count, so the
-        // bucket's words are in bounds; b is a multiple of BUCKET (even), so 16-byte aligned.
-        let p = unsafe { M::load2_sync(w64(keys, b + j as u64)) };
-        out[j] = p[0];
-        out[j + 1] = p[1];
-        j += 2;
-    }
-    out
-}
-
-/// The keys of the bucket starting at slot `b`, read with [`Mem::load2`].
-#[inline(always)]
-unsafe fn bucket<M: Mem>(keys: u64, b: u64) -> [u64; B] {
-    let mut out = [0u64; B];
-    let mut j = 0;
-    while j < B {
-        // SAFETY: as in bucket_sync.
-        let p = unsafe { M::load2(w64(keys, b + j as u64)) };
-        out[j] = p[0];
-        out[j + 1] = p[1];
-        j += 2;
-    }
-    out
-}
-
-/// Buckets in a table of `mask + 1` slots.
-#[inline(always)]
-const fn buckets(mask: u64) -> u64 {
-    (mask >> BUCKET.trailing_zeros()) + 1
-}
-
-/// Copies a value row to batch output (streaming stores).
-#[inline(always)]
-unsafe fn copy_row_out<M: Mem>(dst: u64, src: u64, width: u32) {
+unsafe fn zero_row<M: Mem>(dst: u64, width: u32) {
     let mut j = 0u64;
     while j < width as u64 {
-        // SAFETY: the caller guarantees both rows are valid for `width` words.
-        unsafe { M::store_stream(w64(dst, j), M::load(w64(src, j))) };
+        // SAFETY: the caller guarantees the row is valid for `width` words.
+        unsafe { M::store(w64(dst, j), 0) };
         j += 1;
     }
 }
@@ -169,14 +118,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
     let t = &a.table;
     let w = t.width;
     // SAFETY: i < n, keys_in holds n words.
-    let key = unsafe { M::load_stream(w64(a.keys_in, i)) };
-    // One-word rows: the value is loaded before the probe, so its latency hides behind it.
-    let v0 = if w == 1 {
-        // SAFETY: i < n, values holds n rows of w words.
-        unsafe { M::load_stream(w64(a.values, i)) }
-    } else {
-        0
-    };
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Placed::default();
     if is_sentinel(key) {
         // SAFETY: flags holds flag::LEN words; i + 1 fits u32 (the host keeps n < u32::MAX).
@@ -188,61 +130,54 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
         };
         return out;
     }
-    let start = home_bucket(key, t.mask);
-    let nb = buckets(t.mask);
+    let start = home_slot(key, t.mask);
     let slot;
     'restart: loop {
-        let mut b = start;
+        let mut pos = start;
         let mut first_tomb = u64::MAX;
         let mut steps = 0u64;
         loop {
-            // SAFETY: b is a bucket start, b + BUCKET <= slots.
-            let ks = unsafe { bucket_sync::<M>(t.keys, b) };
-            let mut j = 0;
-            while j < B {
-                let pos = b + j as u64;
-                let mut cur = ks[j];
-                if cur == EMPTY {
-                    if first_tomb != u64::MAX {
-                        // SAFETY: first_tomb < slots.
-                        let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
-                        if old == TOMBSTONE {
-                            out.inserted = true;
-                            slot = first_tomb;
-                            break 'restart;
-                        }
-                        if old == key {
-                            out.found = true;
-                            slot = first_tomb;
-                            break 'restart;
-                        }
-                        // Another key took the tombstone: probe again from the start.
-                        continue 'restart;
-                    }
-                    // SAFETY: pos < slots.
-                    let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
-                    if old == EMPTY {
+            // SAFETY: pos <= mask < slots.
+            let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+            if cur == EMPTY {
+                if first_tomb != u64::MAX {
+                    // SAFETY: first_tomb < slots.
+                    let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
+                    if old == TOMBSTONE {
                         out.inserted = true;
-                        out.from_empty = true;
-                        slot = pos;
+                        slot = first_tomb;
                         break 'restart;
                     }
-                    // Someone claimed this slot first: look at what they put there.
-                    cur = old;
+                    if old == key {
+                        out.found = true;
+                        slot = first_tomb;
+                        break 'restart;
+                    }
+                    // Another key took the tombstone: probe again from the start.
+                    continue 'restart;
                 }
-                if cur == key {
-                    out.found = true;
+                // SAFETY: pos < slots.
+                let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
+                if old == EMPTY {
+                    out.inserted = true;
+                    out.from_empty = true;
                     slot = pos;
                     break 'restart;
                 }
-                if cur == TOMBSTONE && first_tomb == u64::MAX {
-                    first_tomb = pos;
-                }
-                j += 1;
+                // Someone claimed this slot first: look at what they put there.
+                cur = old;
             }
-            b = next_bucket(b, t.mask);
+            if cur == key {
+                out.found = true;
+                slot = pos;
+                break 'restart;
+            }
+            if cur == TOMBSTONE && first_tomb == u64::MAX {
+                first_tomb = pos;
+            }
+            pos = next_slot(pos, t.mask);
             steps += 1;
-            if steps >= nb {
+            if steps > t.mask {
                 out.overflow = true;
                 // SAFETY: slot_of holds n u32 words. Slot 0 exists; the batch reports an error.
                 unsafe { M::store_u32(w32(a.slot_of, i), 0) };
@@ -253,11 +188,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
     // SAFETY: slot < slots <= 2^32, so it fits u32; rows are in bounds.
     unsafe {
         M::store_u32(w32(a.slot_of, i), slot as u32);
-        if w == 1 {
-            M::store(w64(t.values, slot), v0);
-        } else {
-            copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w);
-        }
+        copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w);
     }
     out
 }
@@ -391,27 +322,19 @@ pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
 /// Finds `key` in the table: its slot, or `None` (sentinel keys are not looked for here).
 #[inline(always)]
 unsafe fn find<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
-    let mut b = home_bucket(key, t.mask);
-    let nb = buckets(t.mask);
+    let mut pos = home_slot(key, t.mask);
     let mut steps = 0u64;
     loop {
-        // SAFETY: b is a bucket start, b + BUCKET <= slots.
-        let ks = unsafe { bucket::<M>(t.keys, b) };
-        let mut j = 0;
-        while j < B {
-            if ks[j] == key {
-                return Some(b + j as u64);
-            }
-            if ks[j] == EMPTY {
-                return None;
-            }
-            j += 1;
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load(w64(t.keys, pos)) };
+        if cur == key {
+            return Some(pos);
         }
-        steps += 1;
-        if steps >= nb {
+        if cur == EMPTY || steps >= t.mask {
             return None;
         }
-        b = next_bucket(b, t.mask);
+        pos = next_slot(pos, t.mask);
+        steps += 1;
     }
 }
 
@@ -425,7 +348,7 @@ pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
     let t = &a.table;
     let w = t.width;
     // SAFETY: i < n.
-    let key = unsafe { M::load_stream(w64(a.keys_in, i)) };
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
     let src = if is_sentinel(key) {
         let sp = special_index(key);
         // SAFETY: the special area holds special_words(width) words.
@@ -440,18 +363,12 @@ pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
     };
     // SAFETY: found_out holds n bytes; values (when set) holds n rows.
     unsafe {
-        M::store_u8_stream(a.found_out + i, src.is_some() as u8);
+        M::store_u8(a.found_out + i, src.is_some() as u8);
         if a.values != 0 {
             let dst = w64(a.values, i * w as u64);
             match src {
-                Some(src) => copy_row_out::<M>(dst, src, w),
-                None => {
-                    let mut j = 0u64;
-                    while j < w as u64 {
-                        M::store_stream(w64(dst, j), 0);
-                        j += 1;
-                    }
-                }
+                Some(src) => copy_row::<M>(dst, src, w),
+                None => zero_row::<M>(dst, w),
             }
         }
     }
@@ -483,29 +400,21 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
         out.special = unsafe { M::exch(w64(t.special, special_index(key)), 0) } != 0;
         return out;
     }
-    let mut b = home_bucket(key, t.mask);
-    let nb = buckets(t.mask);
+    let mut pos = home_slot(key, t.mask);
     let mut steps = 0u64;
     loop {
-        // SAFETY: b is a bucket start, b + BUCKET <= slots.
-        let ks = unsafe { bucket_sync::<M>(t.keys, b) };
-        let mut j = 0;
-        while j < B {
-            if ks[j] == key {
-                // SAFETY: b + j < slots.
-                out.table = unsafe { M::cas(w64(t.keys, b + j as u64), key, TOMBSTONE) } == key;
-                return out;
-            }
-            if ks[j] == EMPTY {
-                return out;
-            }
-            j += 1;
-        }
-        steps += 1;
-        if steps >= nb {
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        if cur == key {
+            // SAFETY: pos < slots.
+            out.table = unsafe { M::cas(w64(t.keys, pos), key, TOMBSTONE) } == key;
             return out;
         }
-        b = next_bucket(b, t.mask);
+        if cur == EMPTY || steps >= t.mask {
+            return out;
+        }
+        pos = next_slot(pos, t.mask);
+        steps += 1;
     }
 }
 
@@ -523,34 +432,28 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
     if is_sentinel(key) {
         return Some(false);
     }
-    let mut b = home_bucket(key, t.mask);
-    let nb = buckets(t.mask);
+    let mut pos = home_slot(key, t.mask);
     let mut steps = 0u64;
     loop {
-        // SAFETY: b is a bucket start, b + BUCKET <= slots.
-        let ks = unsafe { bucket_sync::<M>(t.keys, b) };
-        let mut j = 0;
-        while j < B {
-            let pos = b + j as u64;
-            // SAFETY: pos < slots.
-            if ks[j] == EMPTY && unsafe { M::cas(w64(t.keys, pos), EMPTY, key) } == EMPTY {
-                // SAFETY: rows in bounds of both tables.
-                unsafe {
-                    copy_row::<M>(
-                        w64(t.values, row(pos, t.width)),
-                        w64(a.old_values, row(s, t.width)),
-                        t.width,
-                    )
-                };
-                return Some(true);
-            }
-            j += 1;
+        // SAFETY: pos < slots.
+        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        // SAFETY: pos < slots.
+        if cur == EMPTY && unsafe { M::cas(w64(t.keys, pos), EMPTY, key) } == EMPTY {
+            // SAFETY: rows in bounds of both tables.
+            unsafe {
+                copy_row::<M>(
+                    w64(t.values, row(pos, t.width)),
+                    w64(a.old_values, row(s, t.width)),
+                    t.width,
+                )
+            };
+            return Some(true);
         }
-        steps += 1;
-        if steps >= nb {
+        if steps >= t.mask {
             return None;
         }
-        b = next_bucket(b, t.mask);
+        pos = next_slot(pos, t.mask);
+        steps += 1;
     }
 }
 

@@ -29,23 +29,8 @@ unsafe impl Mem for Host {
     unsafe fn load_sync(addr: u64) -> u64 {
         a64(addr).load(Relaxed)
     }
-    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
     unsafe fn load(addr: u64) -> u64 {
         a64(addr).load(Relaxed)
-    }
-    unsafe fn load2(addr: u64) -> [u64; 2] {
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
-    unsafe fn load_stream(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
-    unsafe fn store_stream(addr: u64, v: u64) {
-        a64(addr).store(v, Relaxed)
-    }
-    unsafe fn store_u8_stream(addr: u64, v: u8) {
-        a8(addr).store(v, Relaxed)
     }
     unsafe fn store(addr: u64, v: u64) {
         a64(addr).store(v, Relaxed)
@@ -364,7 +349,7 @@ fn hash_is_a_bijection_on_a_sample_and_spreads() {
     let mask = 1023;
     let mut buckets = vec![0u32; 1024];
     for k in 0..102_400u64 {
-        buckets[(hash(k) & mask) as usize] += 1;
+        buckets[home_slot(k, mask) as usize] += 1;
     }
     assert!(
         buckets.iter().all(|b| (50..=160).contains(b)),
@@ -378,8 +363,7 @@ fn sentinels_and_layout() {
     assert!(is_sentinel(u64::MAX) && is_sentinel(u64::MAX - 1) && !is_sentinel(u64::MAX - 2));
     assert_eq!(special_index(u64::MAX - 1), 0);
     assert_eq!(special_index(u64::MAX), 1);
-    assert_eq!(next_bucket(12, 15), 0);
-    assert_eq!(home_bucket(7, 15) % BUCKET, 0);
+    assert_eq!(next_slot(15, 15), 0);
     assert_eq!(special_row(1, 4), 6);
     assert_eq!(special_words(16), 34);
     assert_eq!(crate::grid_size(0, 132), 1);
