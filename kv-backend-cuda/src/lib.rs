@@ -50,16 +50,18 @@
 //! # Host batches
 //!
 //! A batch from host memory is cut into chunks (a power of two of items, 1 to 16 MiB of keys
-//! and values, so that a batch of a few million items is already 8 to 16 chunks) that stream
-//! through four staging lanes (device buffers and one stream each, plus pinned host buffers:
-//! write-combined for what only goes to the device, cached for what the host reads back), so
-//! that the copy in, the kernels and the copy out of consecutive chunks overlap, in both
-//! directions of the link at once, and the host's copies between the caller's slices and the
-//! pinned buffers (on all cores, with rayon) overlap the device work. The chunks of a put
-//! apply in batch order (each chunk's kernels wait, on the device, for the previous
-//! chunk's); those of get, contains and delete run concurrently. Staging lanes are pooled
-//! and reused, so a steady stream of batches allocates nothing. The host waits only to reuse
-//! a lane and once at the end of the batch (to read the counters that keep `len()` exact).
+//! and values, so that a batch of a few million items is already 8 to 16 chunks) that are
+//! dealt round robin to eight staging lanes. A lane is a stream, device buffers, pinned host
+//! buffers (write-combined for what only goes to the device, cached for what the host reads
+//! back) and, for the length of the batch, a host thread (the caller's for the first lane)
+//! that copies its chunks between the caller's slices and its pinned buffers and enqueues
+//! their copies and kernels. So the host copies of several chunks run in parallel, and
+//! they, the copies over the link in both directions and the kernels of other chunks all
+//! overlap. The chunks of a put apply in batch order (each chunk's kernels are enqueued after
+//! the previous chunk's and wait, on the device, for them); those of get, contains and delete
+//! run concurrently. Staging lanes are pooled and reused, so a steady stream of batches
+//! allocates no pinned or device memory. The host waits only to reuse a lane and once at the
+//! end of the batch (to read the counters that keep `len()` exact).
 //! `VRAMKV_CUDA_LANES` (1..=16) and `VRAMKV_CUDA_CHUNK_MIB` (the largest chunk) change the
 //! pipeline's shape, for measurements; they are read once per process.
 //!
@@ -297,7 +299,7 @@ impl CudaBackend {
         let mut st = self.write();
         self.prepare_put(&mut st, n)?;
         st.reset_counters()?;
-        let cap = table::lane_cap(n, w);
+        let cap = table::device_cap(n, w);
         let mut lanes = self.take_lanes(1, cap)?;
         let lane = &lanes[0];
         st.ready.record(&st.main).drv("cuEventRecord")?;

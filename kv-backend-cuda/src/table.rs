@@ -2,14 +2,16 @@
 //!
 //! # Pipeline
 //!
-//! A batch from host memory is cut into chunks (see [`lane_cap_with`]). Each chunk goes
-//! through one of a few staging *lanes* (a stream, pinned host buffers, device buffers, two
-//! events), round robin, so that while the GPU runs chunk `c`'s kernels, chunk `c + 1` is being copied in
-//! and chunk `c - 1`'s results copied out, and the host copies (user slice ↔ pinned, in
-//! parallel with rayon) overlap both. The host only waits for a lane when it needs to reuse
-//! it, and once at the end of the batch.
+//! A batch from host memory is cut into chunks (see [`lane_cap_with`]). Chunk `c` goes
+//! through lane `c % lanes` (a stream, pinned host buffers, device buffers, two events),
+//! driven by that lane's host thread for the length of the batch: it waits for the lane's
+//! previous chunk, hands that chunk's output over to the caller's slices, copies its next
+//! chunk's input into the pinned buffers and enqueues the copies and kernels. The lanes'
+//! threads run side by side, so host copies of several chunks proceed in parallel (one
+//! memcpy per thread, no fork-join per chunk) while the device copies and computes others.
 //!
 //! A put's kernels must apply in batch order (a later chunk overwrites an earlier one):
+//! the lanes' threads enqueue them in chunk order (a turn passed from chunk to chunk), and
 //! each chunk's first kernel waits (`cuStreamWaitEvent`, on the device) for the previous
 //! chunk's last kernel, while its copies do not wait. Get, contains and delete chunks are
 //! independent and run concurrently.
@@ -18,19 +20,18 @@
 //! the host copies: each chunk is copied between the batch's own buffers and the lane's
 //! device buffers.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
 use kv_kernels::layout::{
     BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, special_words,
 };
-use rayon::prelude::*;
 
-use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
-
-/// Staging lanes used by one host batch (default; `VRAMKV_CUDA_LANES` overrides).
-const LANES: usize = 4;
+/// Staging lanes (each with its host thread) used by one host batch (default;
+/// `VRAMKV_CUDA_LANES` overrides).
+const LANES: usize = 8;
 /// Chunks a batch is cut into at least, when the chunk size bounds allow it.
 const TARGET_CHUNKS: usize = 8;
 /// Bytes of keys + values per chunk at least (below this, per-chunk costs dominate).
@@ -82,6 +83,13 @@ pub(crate) fn lane_cap(n: usize, width: usize) -> usize {
     lane_cap_with(n, width, tuning().max_chunk_bytes)
 }
 
+/// Items per chunk of a device-resident put (no host copies to overlap: few, large chunks;
+/// the chunk only bounds the lane's scratch).
+pub(crate) fn device_cap(n: usize, width: usize) -> usize {
+    let hi = pow2_floor(((32 << 20) / (8 * (width + 1))).max(MIN_LANE));
+    n.div_ceil(3).max(1).next_power_of_two().clamp(MIN_LANE, hi)
+}
+
 /// Items per chunk: a power of two, so that a batch is cut into `TARGET_CHUNKS` to
 /// `2 * TARGET_CHUNKS` chunks where the bounds of 1 MiB .. `max_chunk_bytes` of keys and
 /// values per chunk allow it; a batch smaller than the smallest chunk is one chunk.
@@ -95,38 +103,8 @@ pub(crate) fn lane_cap_with(n: usize, width: usize, max_chunk_bytes: usize) -> u
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
 }
 
-/// Copies `src` into `dst` (same length), on all cores when it is large: one piece per
-/// thread (at least 64 KiB each), so that a 1 MiB chunk already uses 16 cores.
-pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
-    const PAR_MIN_BYTES: usize = 256 << 10;
-    const PIECE_MIN_BYTES: usize = 64 << 10;
-    let size = std::mem::size_of::<T>().max(1);
-    if std::mem::size_of_val(dst) < PAR_MIN_BYTES {
-        dst.copy_from_slice(src);
-    } else {
-        let piece = dst
-            .len()
-            .div_ceil(rayon::current_num_threads())
-            .max(PIECE_MIN_BYTES / size);
-        dst.par_chunks_mut(piece)
-            .zip(src.par_chunks(piece))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    }
-}
-
-fn par_bools(dst: &mut [bool], src: &[u8]) {
-    const PAR_MIN: usize = 1 << 18;
-    if dst.len() < PAR_MIN {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
-    } else {
-        let piece = dst
-            .len()
-            .div_ceil(rayon::current_num_threads())
-            .max(1 << 16);
-        dst.par_chunks_mut(piece)
-            .zip(src.par_chunks(piece))
-            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = *s != 0));
-    }
+fn bools(dst: &mut [bool], src: &[u8]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
 }
 
 /// Which pinned staging buffers a host batch needs in its lanes.
@@ -163,9 +141,7 @@ pub(crate) struct Lane {
     /// Recorded after the chunk's last operation on this lane.
     done: CudaEvent,
     /// Recorded after the chunk's last put kernel.
-    kdone: CudaEvent,
-    /// A chunk (start, len) whose output waits in the pinned buffers.
-    pending: Option<(usize, usize)>,
+    kdone: Arc<CudaEvent>,
 }
 
 fn host_buf<T: Copy>(
@@ -204,8 +180,7 @@ impl Lane {
             d_slot: DevBuf::new(gpu, cap * 4)?,
             d_flags: DevBuf::new(gpu, flag::LEN * 4)?,
             done: event(gpu)?,
-            kdone: event(gpu)?,
-            pending: None,
+            kdone: Arc::new(event(gpu)?),
         })
     }
 
@@ -470,9 +445,108 @@ fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Re
     gpu.launch(&gpu.k.fill, &a, slots as u64, stream)
 }
 
+/// The order in which a put's chunks enqueue their kernels: chunk `c` waits for its turn,
+/// which chunk `c - 1` passes on once its kernels (and the event after them) are enqueued.
+/// A failing lane aborts the batch, so that no lane waits forever.
+struct Turn {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+fn aborted() -> Error {
+    Error::Device {
+        backend: BACKEND,
+        message: "batch aborted: another staging lane failed".into(),
+    }
+}
+
+impl Turn {
+    fn new() -> Self {
+        Turn {
+            state: Mutex::new((0, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until it is chunk `c`'s turn (or the batch was aborted).
+    fn wait(&self, c: usize) -> Result<()> {
+        let mut g = self.lock();
+        while g.0 != c && !g.1 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        if g.1 { Err(aborted()) } else { Ok(()) }
+    }
+
+    /// Passes the turn to the next chunk.
+    fn pass(&self) {
+        self.lock().0 += 1;
+        self.cv.notify_all();
+    }
+
+    fn abort(&self) {
+        self.lock().1 = true;
+        self.cv.notify_all();
+    }
+
+    fn aborted(&self) -> bool {
+        self.lock().1
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Put,
+    Get,
+    Contains,
+    Delete,
+}
+
+/// One chunk's output slices (the caller's, or a pinned batch's).
+enum Out<'a> {
+    None,
+    Get {
+        values: &'a mut [u64],
+        found: &'a mut [bool],
+    },
+    GetPinned {
+        values: &'a mut [u64],
+        found: &'a mut [u8],
+    },
+    Contains {
+        found: &'a mut [bool],
+    },
+}
+
+/// One chunk of a host batch.
+struct Chunk<'a> {
+    index: usize,
+    keys: &'a [u64],
+    /// A put's value rows (empty otherwise).
+    values: &'a [u64],
+    out: Out<'a>,
+}
+
+/// What every lane of a batch shares.
+struct Shared<'a> {
+    gpu: &'a Gpu,
+    table: TableArgs,
+    kind: Kind,
+    pinned: bool,
+    /// Each lane's kernels-done event, by lane index.
+    kdone: Vec<Arc<CudaEvent>>,
+    turn: Turn,
+}
+
 /// Runs a host batch through `lanes` (all of capacity `cap`, with the host buffers of
-/// `batch.needs()`): see the module docs. On return (Ok or Err after a successful drain) no
-/// work of the batch is in flight.
+/// `batch.needs()`): see the module docs. Chunk `c` goes to lane `c % lanes`, and each lane
+/// is driven by its own host thread (the caller's for lane 0), which copies its chunks
+/// between the caller's slices and its pinned buffers, so that the host copies of several
+/// chunks run in parallel with each other and with the device. On return (Ok or Err after
+/// the caller's drain) no work of the batch is in flight.
 pub(crate) fn run_host_batch(
     gpu: &Gpu,
     table: TableArgs,
@@ -482,122 +556,193 @@ pub(crate) fn run_host_batch(
     after: Option<&CudaEvent>,
 ) -> Result<()> {
     let keys = batch.keys;
-    let pinned = batch.pinned;
-    let op = &mut batch.op;
     let n = keys.len();
     let chunks = n.div_ceil(cap);
-    let nl = lanes.len();
-    debug_assert!(nl >= 1 && lanes.iter().all(|l| l.cap >= cap));
+    let nl = lanes.len().min(chunks).max(1);
+    let lanes = &mut lanes[..nl];
+    debug_assert!(lanes.iter().all(|l| l.cap >= cap));
     if let Some(ev) = after {
         for l in lanes.iter() {
             l.stream.wait(ev).drv("cuStreamWaitEvent")?;
         }
     }
     let w = lanes[0].width;
-    let is_put = matches!(op, Op::Put { .. });
-    let mut prev: Option<usize> = None;
-    for c in 0..chunks {
-        let start = c * cap;
+    let (kind, put_values): (Kind, &[u64]) = match &batch.op {
+        Op::Put { values } => (Kind::Put, values),
+        Op::Get { .. } | Op::GetPinned { .. } => (Kind::Get, &[]),
+        Op::Contains { .. } => (Kind::Contains, &[]),
+        Op::Delete => (Kind::Delete, &[]),
+    };
+    let mut outs: Vec<Out<'_>> = match &mut batch.op {
+        Op::Get { values, found } => values
+            .chunks_mut(cap * w)
+            .zip(found.chunks_mut(cap))
+            .map(|(values, found)| Out::Get { values, found })
+            .collect(),
+        Op::GetPinned { values, found } => values
+            .chunks_mut(cap * w)
+            .zip(found.chunks_mut(cap))
+            .map(|(values, found)| Out::GetPinned { values, found })
+            .collect(),
+        Op::Contains { found } => found
+            .chunks_mut(cap)
+            .map(|found| Out::Contains { found })
+            .collect(),
+        Op::Put { .. } | Op::Delete => Vec::new(),
+    };
+    outs.resize_with(chunks, || Out::None);
+    let mut work: Vec<Vec<Chunk<'_>>> = (0..nl)
+        .map(|_| Vec::with_capacity(chunks.div_ceil(nl)))
+        .collect();
+    for (index, out) in outs.into_iter().enumerate() {
+        let start = index * cap;
         let m = cap.min(n - start);
-        let li = c % nl;
-        // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
-        lanes[li].done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(&mut lanes[li], op)?;
-        {
-            let lane = &mut lanes[li];
-            let rows = start * w..(start + m) * w;
-            if pinned {
-                htod_slice(lane.d_keys.ptr(), &keys[start..start + m], &lane.stream)?;
-                if let Op::Put { values } = op {
-                    htod_slice(lane.d_vals.ptr(), &values[rows], &lane.stream)?;
-                }
-            } else {
-                let hk = staged(&mut lane.h_keys)?;
-                par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]);
-                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-                if let Op::Put { values } = op {
-                    let hv = staged(&mut lane.h_vals_in)?;
-                    par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]);
-                    hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
-                }
+        let values = if kind == Kind::Put {
+            &put_values[start * w..(start + m) * w]
+        } else {
+            &[]
+        };
+        work[index % nl].push(Chunk {
+            index,
+            keys: &keys[start..start + m],
+            values,
+            out,
+        });
+    }
+    let shared = Shared {
+        gpu,
+        table,
+        kind,
+        pinned: batch.pinned,
+        kdone: lanes.iter().map(|l| l.kdone.clone()).collect(),
+        turn: Turn::new(),
+    };
+    let run = |lane: &mut Lane, chunks: Vec<Chunk<'_>>| {
+        let r = gpu.bind().and_then(|()| run_lane(&shared, lane, chunks));
+        if r.is_err() {
+            shared.turn.abort();
+        }
+        r
+    };
+    let mut work = work.into_iter();
+    let first = work.next().unwrap_or_default();
+    let (lane0, rest) = lanes.split_first_mut().ok_or_else(aborted)?;
+    if rest.is_empty() {
+        return run(lane0, first);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rest
+            .iter_mut()
+            .zip(work)
+            .map(|(lane, chunks)| s.spawn(|| run(lane, chunks)))
+            .collect();
+        let mut r = run(lane0, first);
+        for h in handles {
+            let hr = h.join().unwrap_or_else(|_| {
+                Err(Error::Device {
+                    backend: BACKEND,
+                    message: "a staging lane thread panicked".into(),
+                })
+            });
+            if r.is_ok() {
+                r = hr;
             }
         }
-        if is_put && let Some(p) = prev {
-            // Kernels in batch order; this lane's copies above do not wait.
-            lanes[li]
-                .stream
-                .wait(&lanes[p].kdone)
-                .drv("cuStreamWaitEvent")?;
+        r
+    })
+}
+
+/// Drives one lane through its chunks (in batch order).
+fn run_lane(sh: &Shared<'_>, lane: &mut Lane, chunks: Vec<Chunk<'_>>) -> Result<()> {
+    let w = lane.width;
+    let gpu = sh.gpu;
+    let nl = sh.kdone.len();
+    let mut pending = Out::None;
+    for ch in chunks {
+        if sh.turn.aborted() {
+            return Err(aborted());
         }
-        let lane = &mut lanes[li];
+        // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
+        lane.done.synchronize().drv("cuEventSynchronize")?;
+        drain_output(lane, std::mem::replace(&mut pending, Out::None))?;
+        let m = ch.keys.len();
+        if sh.pinned {
+            htod_slice(lane.d_keys.ptr(), ch.keys, &lane.stream)?;
+            htod_slice(lane.d_vals.ptr(), ch.values, &lane.stream)?;
+        } else {
+            let hk = staged(&mut lane.h_keys)?;
+            hk.as_mut_slice()[..m].copy_from_slice(ch.keys);
+            hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+            if sh.kind == Kind::Put {
+                let hv = staged(&mut lane.h_vals_in)?;
+                hv.as_mut_slice()[..m * w].copy_from_slice(ch.values);
+                hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+            }
+        }
         let a = lane.args(
-            table,
+            sh.table,
             lane.d_keys.ptr(),
             lane.d_vals.ptr(),
             lane.d_found.ptr(),
             m,
         );
-        match op {
-            Op::Put { .. } => {
+        match sh.kind {
+            Kind::Put => {
+                // Kernels in batch order; this lane's copies above do not wait.
+                sh.turn.wait(ch.index)?;
+                if ch.index > 0 {
+                    let prev = &sh.kdone[(ch.index - 1) % nl];
+                    lane.stream.wait(prev).drv("cuStreamWaitEvent")?;
+                }
                 lane.enqueue_put(gpu, &a)?;
                 lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
+                sh.turn.pass();
             }
-            Op::Get { .. } => {
+            Kind::Get => {
                 gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                staged(&mut lane.h_vals_out)?.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
-                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                lane.pending = Some((start, m));
+                let mut out = ch.out;
+                match &mut out {
+                    Out::GetPinned { values, found } => {
+                        dtoh_slice(values, lane.d_vals.ptr(), &lane.stream)?;
+                        dtoh_slice(found, lane.d_found.ptr(), &lane.stream)?;
+                    }
+                    _ => {
+                        staged(&mut lane.h_vals_out)?.dtoh(
+                            lane.d_vals.ptr(),
+                            m * w,
+                            &lane.stream,
+                        )?;
+                        staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+                    }
+                }
+                pending = out;
             }
-            Op::GetPinned { values, found } => {
-                gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                let rows = start * w..(start + m) * w;
-                dtoh_slice(&mut values[rows], lane.d_vals.ptr(), &lane.stream)?;
-                dtoh_slice(
-                    &mut found[start..start + m],
-                    lane.d_found.ptr(),
-                    &lane.stream,
-                )?;
-            }
-            Op::Contains { .. } => {
+            Kind::Contains => {
                 let a = BatchArgs { values: 0, ..a };
                 gpu.launch(&gpu.k.contains, &a, m as u64, &lane.stream)?;
                 staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                lane.pending = Some((start, m));
+                pending = ch.out;
             }
-            Op::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
+            Kind::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
         }
         lane.done.record(&lane.stream).drv("cuEventRecord")?;
-        prev = Some(li);
     }
-    for lane in lanes.iter_mut() {
-        lane.done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(lane, op)?;
-    }
-    Ok(())
+    lane.done.synchronize().drv("cuEventSynchronize")?;
+    drain_output(lane, pending)
 }
 
-/// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
-fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
-    let Some((start, m)) = lane.pending.take() else {
-        return Ok(());
-    };
-    let w = lane.width;
-    match op {
-        Op::Get { values, found } => {
-            par_copy(
-                &mut values[start * w..(start + m) * w],
-                &staged(&mut lane.h_vals_out)?.as_slice()[..m * w],
-            );
-            par_bools(
-                &mut found[start..start + m],
-                &staged(&mut lane.h_found)?.as_slice()[..m],
-            );
+/// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices
+/// (nothing to do for a pinned batch: the device wrote into it directly).
+fn drain_output(lane: &mut Lane, out: Out<'_>) -> Result<()> {
+    match out {
+        Out::Get { values, found } => {
+            values.copy_from_slice(&staged(&mut lane.h_vals_out)?.as_slice()[..values.len()]);
+            bools(found, &staged(&mut lane.h_found)?.as_slice()[..found.len()]);
         }
-        Op::Contains { found } => par_bools(
-            &mut found[start..start + m],
-            &staged(&mut lane.h_found)?.as_slice()[..m],
-        ),
-        Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
+        Out::Contains { found } => {
+            bools(found, &staged(&mut lane.h_found)?.as_slice()[..found.len()])
+        }
+        Out::None | Out::GetPinned { .. } => {}
     }
     Ok(())
 }
@@ -642,16 +787,35 @@ mod tests {
     }
 
     #[test]
-    fn par_copy_and_bools() {
-        for len in [0, 1, 300_000, 1_000_003] {
-            let src: Vec<u64> = (0..len).collect();
-            let mut dst = vec![0; src.len()];
-            par_copy(&mut dst, &src);
-            assert_eq!(dst, src);
-        }
-        let bytes: Vec<u8> = (0..1_300_000).map(|i| (i % 3 == 0) as u8).collect();
+    fn turns_go_in_order_and_abort_wakes_waiters() {
+        let t = Turn::new();
+        let order = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for c in (0..8).rev() {
+                let (t, order) = (&t, &order);
+                s.spawn(move || {
+                    t.wait(c).map_err(|e| e.to_string())?;
+                    order.lock().map_err(|e| e.to_string())?.push(c);
+                    t.pass();
+                    Ok::<(), String>(())
+                });
+            }
+        });
+        assert_eq!(order.into_inner().ok(), Some((0..8).collect::<Vec<_>>()));
+        let t = Turn::new();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| t.wait(5));
+            t.abort();
+            assert!(h.join().ok().is_some_and(|r| r.is_err()));
+        });
+        assert!(t.aborted());
+    }
+
+    #[test]
+    fn bools_convert() {
+        let bytes: Vec<u8> = (0..1000).map(|i| (i % 3 == 0) as u8).collect();
         let mut b = vec![false; bytes.len()];
-        par_bools(&mut b, &bytes);
+        bools(&mut b, &bytes);
         assert!(b.iter().enumerate().all(|(i, x)| *x == (i % 3 == 0)));
     }
 }
