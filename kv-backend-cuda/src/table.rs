@@ -2,42 +2,50 @@
 //!
 //! # Pipeline
 //!
-//! A batch from host memory is cut into chunks (see [`lane_cap_with`]). Chunk `c` goes
-//! through lane `c % lanes` (a stream, pinned host buffers, device buffers, two events),
-//! driven by that lane's host thread for the length of the batch: it waits for the lane's
-//! previous chunk, hands that chunk's output over to the caller's slices, copies its next
-//! chunk's input into the pinned buffers and enqueues the copies and kernels. The lanes'
-//! threads run side by side, so host copies of several chunks proceed in parallel (one
-//! memcpy per thread, no fork-join per chunk) while the device copies and computes others.
+//! A batch from host memory is cut into chunks ([`copy_cap`]: few and large, since each
+//! chunk's host copy is a fork-join over all cores with a fixed cost). Each chunk goes
+//! through one of a few staging *lanes* (a stream, pinned host buffers, device buffers, two
+//! events), round robin, so that while the GPU runs chunk `c`'s kernels, chunk `c + 1` is
+//! being copied in and chunk `c - 1`'s results copied out, and the host copies (user slice
+//! ↔ pinned, in parallel with rayon) overlap both. The host only waits for a lane when it
+//! needs to reuse it, and once at the end of the batch.
 //!
 //! A put's kernels must apply in batch order (a later chunk overwrites an earlier one):
-//! the lanes' threads enqueue them in chunk order (a turn passed from chunk to chunk), and
 //! each chunk's first kernel waits (`cuStreamWaitEvent`, on the device) for the previous
 //! chunk's last kernel, while its copies do not wait. Get, contains and delete chunks are
 //! independent and run concurrently.
 //!
 //! A batch in lent page-locked memory ([`crate::PinnedBatch`]) takes the same path without
 //! the host copies: each chunk is copied between the batch's own buffers and the lane's
-//! device buffers.
+//! device buffers. With no host copy to amortise, its chunks are smaller and more
+//! numerous ([`spread_cap`], 8 to 16 per batch) and it uses four lanes.
 
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
-use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
 use kv_kernels::layout::{
     BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, special_words,
 };
+use rayon::prelude::*;
 
-/// Staging lanes (each with its host thread) used by one host batch (default;
+use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
+
+/// Staging lanes of a batch copied through the lanes' pinned buffers (default;
 /// `VRAMKV_CUDA_LANES` overrides).
-const LANES: usize = 8;
-/// Chunks a batch is cut into at least, when the chunk size bounds allow it.
+const COPY_LANES: usize = 3;
+/// Largest chunk of such a batch, bytes of keys + values (default; `VRAMKV_CUDA_CHUNK_MIB`
+/// overrides).
+const COPY_CHUNK_BYTES: usize = 32 << 20;
+/// Staging lanes of a batch in lent page-locked memory (default; `VRAMKV_CUDA_LANES`
+/// overrides).
+const PINNED_LANES: usize = 4;
+/// Largest chunk of such a batch (default; `VRAMKV_CUDA_CHUNK_MIB` overrides).
+const PINNED_CHUNK_BYTES: usize = 16 << 20;
+/// Chunks a lent batch is cut into at least, when the chunk size bounds allow it.
 const TARGET_CHUNKS: usize = 8;
-/// Bytes of keys + values per chunk at least (below this, per-chunk costs dominate).
+/// Bytes of keys + values per chunk of a lent batch at least.
 const MIN_CHUNK_BYTES: usize = 1 << 20;
-/// Bytes of keys + values per chunk at most (default; `VRAMKV_CUDA_CHUNK_MIB` overrides).
-const MAX_CHUNK_BYTES: usize = 16 << 20;
 /// Smallest lane (items); lanes are sized in powers of two so that they are reused.
 const MIN_LANE: usize = 4096;
 
@@ -46,15 +54,16 @@ pub const LANES_ENV: &str = "VRAMKV_CUDA_LANES";
 /// Environment variable: largest chunk in MiB of keys + values (1..=256), for measurements.
 pub const CHUNK_ENV: &str = "VRAMKV_CUDA_CHUNK_MIB";
 
-/// The pipeline's shape: lanes per batch and the largest chunk (read once per process).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Tuning {
+/// The pipeline's shape for one kind of host batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shape {
     pub lanes: usize,
     pub max_chunk_bytes: usize,
 }
 
-pub(crate) fn tuning() -> Tuning {
-    static T: OnceLock<Tuning> = OnceLock::new();
+/// The environment's overrides `(lanes, max chunk bytes)`, read once per process.
+fn overrides() -> (Option<usize>, Option<usize>) {
+    static T: OnceLock<(Option<usize>, Option<usize>)> = OnceLock::new();
     *T.get_or_init(|| {
         let var = |name: &str, lo: usize, hi: usize| {
             std::env::var(name)
@@ -62,38 +71,69 @@ pub(crate) fn tuning() -> Tuning {
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .map(|v| v.clamp(lo, hi))
         };
-        Tuning {
-            lanes: var(LANES_ENV, 1, 16).unwrap_or(LANES),
-            max_chunk_bytes: var(CHUNK_ENV, 1, 256).map_or(MAX_CHUNK_BYTES, |m| m << 20),
-        }
+        (
+            var(LANES_ENV, 1, 16),
+            var(CHUNK_ENV, 1, 256).map(|m| m << 20),
+        )
     })
+}
+
+/// The shape of a batch copied through the lanes (`pinned == false`) or of a lent
+/// page-locked batch.
+pub(crate) fn shape(pinned: bool) -> Shape {
+    let (lanes, chunk) = overrides();
+    let (l, c) = if pinned {
+        (PINNED_LANES, PINNED_CHUNK_BYTES)
+    } else {
+        (COPY_LANES, COPY_CHUNK_BYTES)
+    };
+    Shape {
+        lanes: lanes.unwrap_or(l),
+        max_chunk_bytes: chunk.unwrap_or(c),
+    }
 }
 
 /// Lanes kept in a table's pool between batches.
 pub(crate) fn pool_max() -> usize {
-    2 * tuning().lanes
+    2 * shape(false).lanes.max(shape(true).lanes)
 }
 
 fn pow2_floor(x: usize) -> usize {
     1usize << (usize::BITS - 1 - x.max(1).leading_zeros())
 }
 
-/// Items per chunk for a batch of `n` keys of `width` words, with the default tuning.
-pub(crate) fn lane_cap(n: usize, width: usize) -> usize {
-    lane_cap_with(n, width, tuning().max_chunk_bytes)
+/// Items per chunk of a host batch of `n` keys of `width` words.
+pub(crate) fn lane_cap(n: usize, width: usize, pinned: bool) -> usize {
+    let sh = shape(pinned);
+    if pinned {
+        spread_cap(n, width, sh.max_chunk_bytes)
+    } else {
+        copy_cap(n, width, sh.max_chunk_bytes)
+    }
 }
 
-/// Items per chunk of a device-resident put (no host copies to overlap: few, large chunks;
-/// the chunk only bounds the lane's scratch).
+/// Items per chunk of a device-resident put (the chunk only bounds the lane's scratch).
 pub(crate) fn device_cap(n: usize, width: usize) -> usize {
-    let hi = pow2_floor(((32 << 20) / (8 * (width + 1))).max(MIN_LANE));
-    n.div_ceil(3).max(1).next_power_of_two().clamp(MIN_LANE, hi)
+    copy_cap(n, width, COPY_CHUNK_BYTES)
 }
 
-/// Items per chunk: a power of two, so that a batch is cut into `TARGET_CHUNKS` to
-/// `2 * TARGET_CHUNKS` chunks where the bounds of 1 MiB .. `max_chunk_bytes` of keys and
-/// values per chunk allow it; a batch smaller than the smallest chunk is one chunk.
-pub(crate) fn lane_cap_with(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
+/// Items per chunk of a batch copied through the lanes: `n / 3` rounded up to a power of
+/// two, at most `max_chunk_bytes` of keys and values. Few, large chunks: each chunk's host
+/// copy is a fork-join over all cores, whose fixed cost (waking the workers) measured on the
+/// H100 host (PERF.md) outweighs the overlap that more, smaller chunks would give.
+pub(crate) fn copy_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
+    let max = pow2_floor((max_chunk_bytes / (8 * (width + 1))).max(MIN_LANE));
+    n.div_ceil(3)
+        .max(1)
+        .next_power_of_two()
+        .clamp(MIN_LANE, max)
+}
+
+/// Items per chunk of a lent page-locked batch (no host copies, so chunks are cheap): a
+/// power of two, so that a batch is cut into `TARGET_CHUNKS` to `2 * TARGET_CHUNKS` chunks
+/// where the bounds of 1 MiB .. `max_chunk_bytes` of keys and values per chunk allow it; a
+/// batch smaller than the smallest chunk is one chunk.
+pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
     let row = 8 * (width + 1);
     let hi = pow2_floor((max_chunk_bytes / row).max(MIN_LANE));
     let lo = pow2_floor((MIN_CHUNK_BYTES / row).max(MIN_LANE)).min(hi);
@@ -103,8 +143,28 @@ pub(crate) fn lane_cap_with(n: usize, width: usize, max_chunk_bytes: usize) -> u
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
 }
 
-fn bools(dst: &mut [bool], src: &[u8]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
+/// Copies `src` into `dst` (same length), on all cores when it is large.
+pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+    const PAR_MIN: usize = 1 << 17;
+    const PIECE: usize = 1 << 15;
+    if dst.len() < PAR_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PIECE)
+            .zip(src.par_chunks(PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+fn par_bools(dst: &mut [bool], src: &[u8]) {
+    const PAR_MIN: usize = 1 << 17;
+    if dst.len() < PAR_MIN {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
+    } else {
+        dst.par_chunks_mut(1 << 15)
+            .zip(src.par_chunks(1 << 15))
+            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = *s != 0));
+    }
 }
 
 /// Which pinned staging buffers a host batch needs in its lanes.
@@ -141,7 +201,9 @@ pub(crate) struct Lane {
     /// Recorded after the chunk's last operation on this lane.
     done: CudaEvent,
     /// Recorded after the chunk's last put kernel.
-    kdone: Arc<CudaEvent>,
+    kdone: CudaEvent,
+    /// A chunk (start, len) whose output waits in the pinned buffers.
+    pending: Option<(usize, usize)>,
 }
 
 fn host_buf<T: Copy>(
@@ -180,7 +242,8 @@ impl Lane {
             d_slot: DevBuf::new(gpu, cap * 4)?,
             d_flags: DevBuf::new(gpu, flag::LEN * 4)?,
             done: event(gpu)?,
-            kdone: Arc::new(event(gpu)?),
+            kdone: event(gpu)?,
+            pending: None,
         })
     }
 
@@ -445,108 +508,9 @@ fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Re
     gpu.launch(&gpu.k.fill, &a, slots as u64, stream)
 }
 
-/// The order in which a put's chunks enqueue their kernels: chunk `c` waits for its turn,
-/// which chunk `c - 1` passes on once its kernels (and the event after them) are enqueued.
-/// A failing lane aborts the batch, so that no lane waits forever.
-struct Turn {
-    state: Mutex<(usize, bool)>,
-    cv: Condvar,
-}
-
-fn aborted() -> Error {
-    Error::Device {
-        backend: BACKEND,
-        message: "batch aborted: another staging lane failed".into(),
-    }
-}
-
-impl Turn {
-    fn new() -> Self {
-        Turn {
-            state: Mutex::new((0, false)),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits until it is chunk `c`'s turn (or the batch was aborted).
-    fn wait(&self, c: usize) -> Result<()> {
-        let mut g = self.lock();
-        while g.0 != c && !g.1 {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        if g.1 { Err(aborted()) } else { Ok(()) }
-    }
-
-    /// Passes the turn to the next chunk.
-    fn pass(&self) {
-        self.lock().0 += 1;
-        self.cv.notify_all();
-    }
-
-    fn abort(&self) {
-        self.lock().1 = true;
-        self.cv.notify_all();
-    }
-
-    fn aborted(&self) -> bool {
-        self.lock().1
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Put,
-    Get,
-    Contains,
-    Delete,
-}
-
-/// One chunk's output slices (the caller's, or a pinned batch's).
-enum Out<'a> {
-    None,
-    Get {
-        values: &'a mut [u64],
-        found: &'a mut [bool],
-    },
-    GetPinned {
-        values: &'a mut [u64],
-        found: &'a mut [u8],
-    },
-    Contains {
-        found: &'a mut [bool],
-    },
-}
-
-/// One chunk of a host batch.
-struct Chunk<'a> {
-    index: usize,
-    keys: &'a [u64],
-    /// A put's value rows (empty otherwise).
-    values: &'a [u64],
-    out: Out<'a>,
-}
-
-/// What every lane of a batch shares.
-struct Shared<'a> {
-    gpu: &'a Gpu,
-    table: TableArgs,
-    kind: Kind,
-    pinned: bool,
-    /// Each lane's kernels-done event, by lane index.
-    kdone: Vec<Arc<CudaEvent>>,
-    turn: Turn,
-}
-
 /// Runs a host batch through `lanes` (all of capacity `cap`, with the host buffers of
-/// `batch.needs()`): see the module docs. Chunk `c` goes to lane `c % lanes`, and each lane
-/// is driven by its own host thread (the caller's for lane 0), which copies its chunks
-/// between the caller's slices and its pinned buffers, so that the host copies of several
-/// chunks run in parallel with each other and with the device. On return (Ok or Err after
-/// the caller's drain) no work of the batch is in flight.
+/// `batch.needs()`): see the module docs. On return (Ok or Err after a successful drain) no
+/// work of the batch is in flight.
 pub(crate) fn run_host_batch(
     gpu: &Gpu,
     table: TableArgs,
@@ -556,193 +520,122 @@ pub(crate) fn run_host_batch(
     after: Option<&CudaEvent>,
 ) -> Result<()> {
     let keys = batch.keys;
+    let pinned = batch.pinned;
+    let op = &mut batch.op;
     let n = keys.len();
     let chunks = n.div_ceil(cap);
-    let nl = lanes.len().min(chunks).max(1);
-    let lanes = &mut lanes[..nl];
-    debug_assert!(lanes.iter().all(|l| l.cap >= cap));
+    let nl = lanes.len();
+    debug_assert!(nl >= 1 && lanes.iter().all(|l| l.cap >= cap));
     if let Some(ev) = after {
         for l in lanes.iter() {
             l.stream.wait(ev).drv("cuStreamWaitEvent")?;
         }
     }
     let w = lanes[0].width;
-    let (kind, put_values): (Kind, &[u64]) = match &batch.op {
-        Op::Put { values } => (Kind::Put, values),
-        Op::Get { .. } | Op::GetPinned { .. } => (Kind::Get, &[]),
-        Op::Contains { .. } => (Kind::Contains, &[]),
-        Op::Delete => (Kind::Delete, &[]),
-    };
-    let mut outs: Vec<Out<'_>> = match &mut batch.op {
-        Op::Get { values, found } => values
-            .chunks_mut(cap * w)
-            .zip(found.chunks_mut(cap))
-            .map(|(values, found)| Out::Get { values, found })
-            .collect(),
-        Op::GetPinned { values, found } => values
-            .chunks_mut(cap * w)
-            .zip(found.chunks_mut(cap))
-            .map(|(values, found)| Out::GetPinned { values, found })
-            .collect(),
-        Op::Contains { found } => found
-            .chunks_mut(cap)
-            .map(|found| Out::Contains { found })
-            .collect(),
-        Op::Put { .. } | Op::Delete => Vec::new(),
-    };
-    outs.resize_with(chunks, || Out::None);
-    let mut work: Vec<Vec<Chunk<'_>>> = (0..nl)
-        .map(|_| Vec::with_capacity(chunks.div_ceil(nl)))
-        .collect();
-    for (index, out) in outs.into_iter().enumerate() {
-        let start = index * cap;
+    let is_put = matches!(op, Op::Put { .. });
+    let mut prev: Option<usize> = None;
+    for c in 0..chunks {
+        let start = c * cap;
         let m = cap.min(n - start);
-        let values = if kind == Kind::Put {
-            &put_values[start * w..(start + m) * w]
-        } else {
-            &[]
-        };
-        work[index % nl].push(Chunk {
-            index,
-            keys: &keys[start..start + m],
-            values,
-            out,
-        });
-    }
-    let shared = Shared {
-        gpu,
-        table,
-        kind,
-        pinned: batch.pinned,
-        kdone: lanes.iter().map(|l| l.kdone.clone()).collect(),
-        turn: Turn::new(),
-    };
-    let run = |lane: &mut Lane, chunks: Vec<Chunk<'_>>| {
-        let r = gpu.bind().and_then(|()| run_lane(&shared, lane, chunks));
-        if r.is_err() {
-            shared.turn.abort();
-        }
-        r
-    };
-    let mut work = work.into_iter();
-    let first = work.next().unwrap_or_default();
-    let (lane0, rest) = lanes.split_first_mut().ok_or_else(aborted)?;
-    if rest.is_empty() {
-        return run(lane0, first);
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = rest
-            .iter_mut()
-            .zip(work)
-            .map(|(lane, chunks)| s.spawn(|| run(lane, chunks)))
-            .collect();
-        let mut r = run(lane0, first);
-        for h in handles {
-            let hr = h.join().unwrap_or_else(|_| {
-                Err(Error::Device {
-                    backend: BACKEND,
-                    message: "a staging lane thread panicked".into(),
-                })
-            });
-            if r.is_ok() {
-                r = hr;
-            }
-        }
-        r
-    })
-}
-
-/// Drives one lane through its chunks (in batch order).
-fn run_lane(sh: &Shared<'_>, lane: &mut Lane, chunks: Vec<Chunk<'_>>) -> Result<()> {
-    let w = lane.width;
-    let gpu = sh.gpu;
-    let nl = sh.kdone.len();
-    let mut pending = Out::None;
-    for ch in chunks {
-        if sh.turn.aborted() {
-            return Err(aborted());
-        }
+        let li = c % nl;
         // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
-        lane.done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(lane, std::mem::replace(&mut pending, Out::None))?;
-        let m = ch.keys.len();
-        if sh.pinned {
-            htod_slice(lane.d_keys.ptr(), ch.keys, &lane.stream)?;
-            htod_slice(lane.d_vals.ptr(), ch.values, &lane.stream)?;
-        } else {
-            let hk = staged(&mut lane.h_keys)?;
-            hk.as_mut_slice()[..m].copy_from_slice(ch.keys);
-            hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-            if sh.kind == Kind::Put {
-                let hv = staged(&mut lane.h_vals_in)?;
-                hv.as_mut_slice()[..m * w].copy_from_slice(ch.values);
-                hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+        lanes[li].done.synchronize().drv("cuEventSynchronize")?;
+        drain_output(&mut lanes[li], op)?;
+        {
+            let lane = &mut lanes[li];
+            let rows = start * w..(start + m) * w;
+            if pinned {
+                htod_slice(lane.d_keys.ptr(), &keys[start..start + m], &lane.stream)?;
+                if let Op::Put { values } = op {
+                    htod_slice(lane.d_vals.ptr(), &values[rows], &lane.stream)?;
+                }
+            } else {
+                let hk = staged(&mut lane.h_keys)?;
+                par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]);
+                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+                if let Op::Put { values } = op {
+                    let hv = staged(&mut lane.h_vals_in)?;
+                    par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]);
+                    hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+                }
             }
         }
+        if is_put && let Some(p) = prev {
+            // Kernels in batch order; this lane's copies above do not wait.
+            lanes[li]
+                .stream
+                .wait(&lanes[p].kdone)
+                .drv("cuStreamWaitEvent")?;
+        }
+        let lane = &mut lanes[li];
         let a = lane.args(
-            sh.table,
+            table,
             lane.d_keys.ptr(),
             lane.d_vals.ptr(),
             lane.d_found.ptr(),
             m,
         );
-        match sh.kind {
-            Kind::Put => {
-                // Kernels in batch order; this lane's copies above do not wait.
-                sh.turn.wait(ch.index)?;
-                if ch.index > 0 {
-                    let prev = &sh.kdone[(ch.index - 1) % nl];
-                    lane.stream.wait(prev).drv("cuStreamWaitEvent")?;
-                }
+        match op {
+            Op::Put { .. } => {
                 lane.enqueue_put(gpu, &a)?;
                 lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
-                sh.turn.pass();
             }
-            Kind::Get => {
+            Op::Get { .. } => {
                 gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                let mut out = ch.out;
-                match &mut out {
-                    Out::GetPinned { values, found } => {
-                        dtoh_slice(values, lane.d_vals.ptr(), &lane.stream)?;
-                        dtoh_slice(found, lane.d_found.ptr(), &lane.stream)?;
-                    }
-                    _ => {
-                        staged(&mut lane.h_vals_out)?.dtoh(
-                            lane.d_vals.ptr(),
-                            m * w,
-                            &lane.stream,
-                        )?;
-                        staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                    }
-                }
-                pending = out;
+                staged(&mut lane.h_vals_out)?.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
+                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+                lane.pending = Some((start, m));
             }
-            Kind::Contains => {
+            Op::GetPinned { values, found } => {
+                gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
+                let rows = start * w..(start + m) * w;
+                dtoh_slice(&mut values[rows], lane.d_vals.ptr(), &lane.stream)?;
+                dtoh_slice(
+                    &mut found[start..start + m],
+                    lane.d_found.ptr(),
+                    &lane.stream,
+                )?;
+            }
+            Op::Contains { .. } => {
                 let a = BatchArgs { values: 0, ..a };
                 gpu.launch(&gpu.k.contains, &a, m as u64, &lane.stream)?;
                 staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                pending = ch.out;
+                lane.pending = Some((start, m));
             }
-            Kind::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
+            Op::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
         }
         lane.done.record(&lane.stream).drv("cuEventRecord")?;
+        prev = Some(li);
     }
-    lane.done.synchronize().drv("cuEventSynchronize")?;
-    drain_output(lane, pending)
+    for lane in lanes.iter_mut() {
+        lane.done.synchronize().drv("cuEventSynchronize")?;
+        drain_output(lane, op)?;
+    }
+    Ok(())
 }
 
-/// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices
-/// (nothing to do for a pinned batch: the device wrote into it directly).
-fn drain_output(lane: &mut Lane, out: Out<'_>) -> Result<()> {
-    match out {
-        Out::Get { values, found } => {
-            values.copy_from_slice(&staged(&mut lane.h_vals_out)?.as_slice()[..values.len()]);
-            bools(found, &staged(&mut lane.h_found)?.as_slice()[..found.len()]);
+/// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
+fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
+    let Some((start, m)) = lane.pending.take() else {
+        return Ok(());
+    };
+    let w = lane.width;
+    match op {
+        Op::Get { values, found } => {
+            par_copy(
+                &mut values[start * w..(start + m) * w],
+                &staged(&mut lane.h_vals_out)?.as_slice()[..m * w],
+            );
+            par_bools(
+                &mut found[start..start + m],
+                &staged(&mut lane.h_found)?.as_slice()[..m],
+            );
         }
-        Out::Contains { found } => {
-            bools(found, &staged(&mut lane.h_found)?.as_slice()[..found.len()])
-        }
-        Out::None | Out::GetPinned { .. } => {}
+        Op::Contains { found } => par_bools(
+            &mut found[start..start + m],
+            &staged(&mut lane.h_found)?.as_slice()[..m],
+        ),
+        Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
     }
     Ok(())
 }
@@ -752,22 +645,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lane_cap_is_a_bounded_power_of_two() {
-        let max = MAX_CHUNK_BYTES;
-        assert_eq!(lane_cap_with(1, 1, max), MIN_LANE);
-        assert_eq!(lane_cap_with(10_000, 1, max), 16_384); // one chunk
-        assert_eq!(lane_cap_with(65_536, 1, max), 65_536); // 1 MiB: one chunk
-        assert_eq!(lane_cap_with(65_537, 1, max), 65_536); // two chunks of the smallest size
-        assert_eq!(lane_cap_with(2_000_000, 1, max), 1 << 17); // 16 chunks of 2 MiB
-        assert_eq!(lane_cap_with(20_000_000, 1, max), 1 << 20); // 16 MiB chunks
-        assert_eq!(lane_cap_with(100_000_000, 1, max), 1 << 20);
-        assert_eq!(lane_cap_with(100_000_000, 1, 32 << 20), 1 << 21);
-        assert_eq!(lane_cap_with(100_000_000, 16, max), 1 << 16);
+    fn copy_cap_is_mains_rule() {
+        let max = COPY_CHUNK_BYTES;
+        assert_eq!(copy_cap(1, 1, max), MIN_LANE);
+        assert_eq!(copy_cap(10_000, 1, max), MIN_LANE);
+        assert_eq!(copy_cap(3 * 8192, 1, max), 8192);
+        assert_eq!(copy_cap(2_000_000, 1, max), 1 << 20);
+        assert_eq!(copy_cap(100_000_000, 1, max), 1 << 21); // 32 MiB / 16 B
+        assert_eq!(copy_cap(100_000_000, 16, max), 1 << 17);
+        assert_eq!(device_cap(100_000_000, 1), 1 << 21);
+        for w in 1..=16 {
+            for n in [1, 5000, 1 << 20, 123_456_789] {
+                let c = copy_cap(n, w, max);
+                assert!(c.is_power_of_two() && c >= MIN_LANE);
+                assert!(c * 8 * (w + 1) <= max.max(MIN_LANE * 8 * 17));
+                assert!((c as u64) < u32::MAX as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn spread_cap_is_a_bounded_power_of_two() {
+        let max = PINNED_CHUNK_BYTES;
+        assert_eq!(spread_cap(1, 1, max), MIN_LANE);
+        assert_eq!(spread_cap(10_000, 1, max), 16_384); // one chunk
+        assert_eq!(spread_cap(65_536, 1, max), 65_536); // 1 MiB: one chunk
+        assert_eq!(spread_cap(65_537, 1, max), 65_536); // two chunks of the smallest size
+        assert_eq!(spread_cap(2_000_000, 1, max), 1 << 17); // 16 chunks of 2 MiB
+        assert_eq!(spread_cap(20_000_000, 1, max), 1 << 20); // 16 MiB chunks
+        assert_eq!(spread_cap(100_000_000, 1, max), 1 << 20);
+        assert_eq!(spread_cap(100_000_000, 1, 32 << 20), 1 << 21);
+        assert_eq!(spread_cap(100_000_000, 16, max), 1 << 16);
         for w in 1..=16 {
             let row = 8 * (w + 1);
             for n in [1, 5000, 70_000, 1 << 20, 2_000_000, 123_456_789] {
-                for max in [1 << 20, MAX_CHUNK_BYTES, 256 << 20] {
-                    let c = lane_cap_with(n, w, max);
+                for max in [1 << 20, PINNED_CHUNK_BYTES, 256 << 20] {
+                    let c = spread_cap(n, w, max);
                     assert!(c.is_power_of_two() && c >= MIN_LANE, "{n} {w} {c}");
                     assert!(c * row <= max.max(MIN_LANE * row), "{n} {w} {c}");
                     assert!((c as u64) < u32::MAX as u64);
@@ -787,35 +700,16 @@ mod tests {
     }
 
     #[test]
-    fn turns_go_in_order_and_abort_wakes_waiters() {
-        let t = Turn::new();
-        let order = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for c in (0..8).rev() {
-                let (t, order) = (&t, &order);
-                s.spawn(move || {
-                    t.wait(c).map_err(|e| e.to_string())?;
-                    order.lock().map_err(|e| e.to_string())?.push(c);
-                    t.pass();
-                    Ok::<(), String>(())
-                });
-            }
-        });
-        assert_eq!(order.into_inner().ok(), Some((0..8).collect::<Vec<_>>()));
-        let t = Turn::new();
-        std::thread::scope(|s| {
-            let h = s.spawn(|| t.wait(5));
-            t.abort();
-            assert!(h.join().ok().is_some_and(|r| r.is_err()));
-        });
-        assert!(t.aborted());
-    }
-
-    #[test]
-    fn bools_convert() {
-        let bytes: Vec<u8> = (0..1000).map(|i| (i % 3 == 0) as u8).collect();
+    fn par_copy_and_bools() {
+        for len in [0, 1, 300_000] {
+            let src: Vec<u64> = (0..len).collect();
+            let mut dst = vec![0; src.len()];
+            par_copy(&mut dst, &src);
+            assert_eq!(dst, src);
+        }
+        let bytes: Vec<u8> = (0..300_000).map(|i| (i % 3 == 0) as u8).collect();
         let mut b = vec![false; bytes.len()];
-        bools(&mut b, &bytes);
+        par_bools(&mut b, &bytes);
         assert!(b.iter().enumerate().all(|(i, x)| *x == (i % 3 == 0)));
     }
 }
