@@ -587,6 +587,10 @@ impl<T: Copy> Pinned<T> {
             ctx: gpu.ctx.clone(),
         })
     }
+    /// The context the memory is page-locked for.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
     pub fn as_slice(&self) -> &[T] {
         // SAFETY: ptr holds len initialised elements (zeroed at allocation). Callers only
         // read after the lane's event says the device finished writing.
@@ -600,19 +604,39 @@ impl<T: Copy> Pinned<T> {
     /// Enqueues a copy of the first `n` elements to `dst` on `stream`.
     pub fn htod(&self, dst: u64, n: usize, stream: &CudaStream) -> Result<()> {
         let n = n.min(self.len);
-        // SAFETY: page-locked source of n elements; dst holds at least n elements (callers);
-        // the buffer is not written until the stream passes the lane's event.
-        unsafe { result::memcpy_htod_async(dst, &self.as_slice()[..n], stream.cu_stream()) }
-            .drv("cuMemcpyHtoDAsync")
+        htod_slice(dst, &self.as_slice()[..n], stream)
     }
     /// Enqueues a copy of `n` elements from `src` into the first `n` elements on `stream`.
     pub fn dtoh(&mut self, src: u64, n: usize, stream: &CudaStream) -> Result<()> {
         let n = n.min(self.len);
-        // SAFETY: page-locked destination of n elements; src holds n elements (callers);
-        // the buffer is not read until the lane's event has completed.
-        unsafe { result::memcpy_dtoh_async(&mut self.as_mut_slice()[..n], src, stream.cu_stream()) }
-            .drv("cuMemcpyDtoHAsync")
+        dtoh_slice(&mut self.as_mut_slice()[..n], src, stream)
     }
+}
+
+/// Enqueues a copy of `src` to the device address `dst` on `stream`.
+///
+/// Callers (this crate only) pass page-locked memory (a [`Pinned`] buffer's elements) that
+/// stays allocated and unwritten until the stream has passed the copy, and a `dst` that
+/// holds `src.len()` elements.
+pub(crate) fn htod_slice<T: Copy>(dst: u64, src: &[T], stream: &CudaStream) -> Result<()> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: see above: the source is page-locked and outlives the copy (callers wait for
+    // the stream before releasing or rewriting it); dst holds src.len() elements.
+    unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }.drv("cuMemcpyHtoDAsync")
+}
+
+/// Enqueues a copy from the device address `src` into `dst` on `stream`.
+///
+/// As for [`htod_slice`]: `dst` is page-locked and is neither read nor released until the
+/// stream has passed the copy; `src` holds `dst.len()` elements.
+pub(crate) fn dtoh_slice<T: Copy>(dst: &mut [T], src: u64, stream: &CudaStream) -> Result<()> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: see above.
+    unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.drv("cuMemcpyDtoHAsync")
 }
 
 impl<T: Copy> Drop for Pinned<T> {

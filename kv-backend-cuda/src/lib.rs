@@ -49,15 +49,28 @@
 //!
 //! # Host batches
 //!
-//! A batch from host memory is cut into chunks that stream through a few staging lanes
-//! (pinned host buffers, device buffers, one stream each), so that the copy in, the kernels
-//! and the copy out of consecutive chunks overlap, and the host's copies between the
-//! caller's slices and the pinned buffers (parallel, with rayon) overlap the device work.
-//! The chunks of a put apply in batch order (each chunk's kernels wait, on the device, for
-//! the previous chunk's); those of get, contains and delete run concurrently. Staging lanes
-//! are pooled and reused, so a steady stream of batches allocates nothing. The host waits
-//! only to reuse a lane and once at the end of the batch (to read the counters that keep
-//! `len()` exact).
+//! A batch from host memory is cut into chunks that stream through three staging lanes
+//! (device buffers and one stream each, plus pinned host buffers: write-combined for what
+//! only goes to the device, cached for what the host reads back), so that the copy in, the
+//! kernels and the copy out of consecutive chunks overlap, and the host's copies between the
+//! caller's slices and the pinned buffers (on all cores, with rayon) overlap the device
+//! work. Chunks are large (a third of the batch, up to 32 MiB of keys and values): each
+//! chunk's host copy is a fork-join over all cores whose fixed cost, measured on an H100
+//! host, outweighed the extra overlap of 8–16 smaller chunks (docs/PERF.md). The chunks of
+//! a put apply in batch order (each chunk's kernels wait, on the device, for the previous
+//! chunk's); those of get, contains and delete run concurrently. Staging lanes are pooled
+//! and reused, so a steady stream of batches allocates no pinned or device memory. The host
+//! waits only to reuse a lane and once at the end of the batch (to read the counters that
+//! keep `len()` exact). `VRAMKV_CUDA_LANES` (1..=16) and `VRAMKV_CUDA_CHUNK_MIB` (the
+//! largest chunk) change the pipeline's shape, for measurements; they are read once per
+//! process.
+//!
+//! To skip the host's copies altogether, borrow a [`PinnedBatch`] from the table
+//! ([`CudaBackend::pinned_batch`]), write keys and values into it, and call
+//! [`CudaBackend::put_pinned`] / [`CudaBackend::get_pinned`]: its chunks (8 to 16 per batch,
+//! up to 16 MiB, over four lanes) are copied straight between the lent page-locked memory and
+//! the device. On the H100 this reaches the PCIe link for lookups (5.1 G lookups/s of
+//! u64→u64 at 100M keys per batch, against 2.4 from a `Vec`).
 //!
 //! A put resolves duplicates on the device: keys are placed with CAS; if any key of a chunk
 //! was already present (a repeat in the chunk or an overwrite), four short passes make the
@@ -76,11 +89,14 @@ use kv_core::{
 use kv_kernels::layout::counter;
 
 mod gpu;
+mod pinned;
 mod table;
 
 use gpu::{BACKEND, Drv, Gpu};
 pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
-use table::{Lane, Op, State};
+pub use pinned::PinnedBatch;
+pub use table::{CHUNK_ENV, LANES_ENV};
+use table::{HostBatch, Lane, Op, State};
 
 /// A vramkv table in the memory of one NVIDIA GPU.
 pub struct CudaBackend {
@@ -173,17 +189,27 @@ impl CudaBackend {
     fn return_lanes(&self, lanes: Vec<Lane>) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         pool.extend(lanes);
-        if pool.len() > table::POOL_MAX {
+        if pool.len() > table::pool_max() {
             pool.sort_by_key(|l| std::cmp::Reverse(l.cap));
-            pool.truncate(table::POOL_MAX);
+            pool.truncate(table::pool_max());
         }
     }
 
     /// Runs a host batch on the current state, with pooled lanes.
-    fn host_batch(&self, st: &State, keys: &[u64], mut op: Op<'_>, after_main: bool) -> Result<()> {
-        let cap = table::lane_cap(keys.len(), self.cfg.width);
-        let count = keys.len().div_ceil(cap).min(table::LANES);
+    fn host_batch(&self, st: &State, mut batch: HostBatch<'_>, after_main: bool) -> Result<()> {
+        let n = batch.keys.len();
+        let cap = table::lane_cap(n, self.cfg.width, batch.pinned);
+        let count = n.div_ceil(cap).min(table::shape(batch.pinned).lanes);
         let mut lanes = self.take_lanes(count, cap)?;
+        // Every buffer is allocated before the first chunk: a failure leaves the table as it was.
+        let needs = batch.needs();
+        if let Err(e) = lanes
+            .iter_mut()
+            .try_for_each(|l| l.ensure_host(&self.gpu, needs))
+        {
+            self.return_lanes(lanes);
+            return Err(e);
+        }
         let after = if after_main {
             st.ready.record(&st.main).drv("cuEventRecord")?;
             Some(&st.ready)
@@ -195,8 +221,7 @@ impl CudaBackend {
             st.table_args(self.cfg.width),
             &mut lanes,
             cap,
-            keys,
-            &mut op,
+            &mut batch,
             after,
         );
         match r {
@@ -276,7 +301,7 @@ impl CudaBackend {
         let mut st = self.write();
         self.prepare_put(&mut st, n)?;
         st.reset_counters()?;
-        let cap = table::lane_cap(n, w);
+        let cap = table::device_cap(n, w);
         let mut lanes = self.take_lanes(1, cap)?;
         let lane = &lanes[0];
         st.ready.record(&st.main).drv("cuEventRecord")?;
@@ -339,7 +364,7 @@ impl CudaBackend {
         self.gpu.bind()?;
         let st = self.read();
         // A lookup needs no scratch: one launch over the whole batch, on a pooled lane's stream.
-        let lanes = self.take_lanes(1, table::lane_cap(1, w))?;
+        let lanes = self.take_lanes(1, table::device_cap(1, w))?;
         let lane = &lanes[0];
         let r = {
             let (kp, _kg) = keys.device_ptr(&lane.stream);
@@ -352,6 +377,78 @@ impl CudaBackend {
         r.and(synced)?;
         self.return_lanes(lanes);
         Ok(())
+    }
+
+    /// A batch of `n` items (keys, value rows of this table's width, found flags) in
+    /// page-locked host memory that the table lends: fill its keys (and values) in place,
+    /// then [`put_pinned`](Self::put_pinned) / [`get_pinned`](Self::get_pinned) copy
+    /// straight between it and the GPU, without the copy through staging buffers that
+    /// [`KvBackend::put`] and [`KvBackend::get`] make. Allocate it once and reuse it:
+    /// page-locking memory is slow (milliseconds per hundred MiB).
+    ///
+    /// Fails with an error (never a panic) when the driver refuses the page-locked allocation.
+    pub fn pinned_batch(&self, n: usize) -> Result<PinnedBatch> {
+        self.gpu.bind()?;
+        PinnedBatch::new(&self.gpu, n, self.cfg.width)
+    }
+
+    fn check_batch(&self, batch: &PinnedBatch) -> Result<()> {
+        let w = self.cfg.width;
+        if batch.width() != w {
+            return Err(Error::LengthMismatch {
+                what: "values",
+                expected: batch.len() * w,
+                got: batch.values().len(),
+            });
+        }
+        if batch.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
+            return Err(Error::Device {
+                backend: BACKEND,
+                message: "the pinned batch belongs to another CUDA device".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts the batch's `len()` keys with their value rows; same semantics as
+    /// [`KvBackend::put`] (the last occurrence of a key wins, the batch is applied whole or,
+    /// on error, not at all). The batch is only read.
+    pub fn put_pinned(&self, batch: &PinnedBatch) -> Result<()> {
+        self.check_batch(batch)?;
+        let (keys, values) = (batch.keys(), batch.values());
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let mut st = self.write();
+        self.prepare_put(&mut st, keys.len())?;
+        st.reset_counters()?;
+        let hb = HostBatch {
+            keys,
+            op: Op::Put { values },
+            pinned: true,
+        };
+        self.host_batch(&st, hb, true)?;
+        Self::finish_put(&mut st)
+    }
+
+    /// Looks up the batch's `len()` keys: writes each key's value row (zeros when missing)
+    /// into [`PinnedBatch::values`] and 1 or 0 into [`PinnedBatch::found`]; same semantics
+    /// as [`KvBackend::get`]. The keys are left as they were.
+    pub fn get_pinned(&self, batch: &mut PinnedBatch) -> Result<()> {
+        self.check_batch(batch)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let st = self.read();
+        let (keys, values, found) = batch.parts_for_get();
+        let hb = HostBatch {
+            keys,
+            op: Op::GetPinned { values, found },
+            pinned: true,
+        };
+        self.host_batch(&st, hb, false)
     }
 
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
@@ -386,7 +483,12 @@ impl KvBackend for CudaBackend {
         let mut st = self.write();
         self.prepare_put(&mut st, keys.len())?;
         st.reset_counters()?;
-        self.host_batch(&st, keys, Op::Put { values }, true)?;
+        let batch = HostBatch {
+            keys,
+            op: Op::Put { values },
+            pinned: false,
+        };
+        self.host_batch(&st, batch, true)?;
         Self::finish_put(&mut st)
     }
 
@@ -397,15 +499,15 @@ impl KvBackend for CudaBackend {
         }
         self.gpu.bind()?;
         let st = self.read();
-        self.host_batch(
-            &st,
+        let batch = HostBatch {
             keys,
-            Op::Get {
+            op: Op::Get {
                 values: values_out,
                 found: found_out,
             },
-            false,
-        )
+            pinned: false,
+        };
+        self.host_batch(&st, batch, false)
     }
 
     fn delete(&self, keys: &[u64]) -> Result<usize> {
@@ -415,7 +517,12 @@ impl KvBackend for CudaBackend {
         self.gpu.bind()?;
         let mut st = self.write();
         st.reset_counters()?;
-        self.host_batch(&st, keys, Op::Delete, true)?;
+        let batch = HostBatch {
+            keys,
+            op: Op::Delete,
+            pinned: false,
+        };
+        self.host_batch(&st, batch, true)?;
         let c = st.read_counters()?;
         let (removed, spec) = (
             c[counter::REMOVED] as usize,
@@ -434,7 +541,12 @@ impl KvBackend for CudaBackend {
         }
         self.gpu.bind()?;
         let st = self.read();
-        self.host_batch(&st, keys, Op::Contains { found: found_out }, false)
+        let batch = HostBatch {
+            keys,
+            op: Op::Contains { found: found_out },
+            pinned: false,
+        };
+        self.host_batch(&st, batch, false)
     }
 
     fn len(&self) -> usize {

@@ -2,19 +2,25 @@
 //!
 //! # Pipeline
 //!
-//! A batch from host memory is cut into chunks. Each chunk goes through one of a few
-//! staging *lanes* (a stream, pinned host buffers, device buffers, two events), round
-//! robin, so that while the GPU runs chunk `c`'s kernels, chunk `c + 1` is being copied in
-//! and chunk `c - 1`'s results copied out, and the host copies (user slice ↔ pinned, in
-//! parallel with rayon) overlap both. The host only waits for a lane when it needs to reuse
-//! it, and once at the end of the batch.
+//! A batch from host memory is cut into chunks ([`copy_cap`]: few and large, since each
+//! chunk's host copy is a fork-join over all cores with a fixed cost). Each chunk goes
+//! through one of a few staging *lanes* (a stream, pinned host buffers, device buffers, two
+//! events), round robin, so that while the GPU runs chunk `c`'s kernels, chunk `c + 1` is
+//! being copied in and chunk `c - 1`'s results copied out, and the host copies (user slice
+//! ↔ pinned, in parallel with rayon) overlap both. The host only waits for a lane when it
+//! needs to reuse it, and once at the end of the batch.
 //!
 //! A put's kernels must apply in batch order (a later chunk overwrites an earlier one):
 //! each chunk's first kernel waits (`cuStreamWaitEvent`, on the device) for the previous
 //! chunk's last kernel, while its copies do not wait. Get, contains and delete chunks are
 //! independent and run concurrently.
+//!
+//! A batch in lent page-locked memory ([`crate::PinnedBatch`]) takes the same path without
+//! the host copies: each chunk is copied between the batch's own buffers and the lane's
+//! device buffers. With no host copy to amortise, its chunks are smaller and more
+//! numerous ([`spread_cap`], 8 to 16 per batch) and it uses four lanes.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
@@ -23,25 +29,118 @@ use kv_kernels::layout::{
 };
 use rayon::prelude::*;
 
-use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, event, stream};
+use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
 
-/// Staging lanes used by one host batch.
-pub(crate) const LANES: usize = 3;
-/// Bytes of keys + values per chunk at most (the chunk size for large batches).
-const CHUNK_BYTES: usize = 32 << 20;
+/// Staging lanes of a batch copied through the lanes' pinned buffers (default;
+/// `VRAMKV_CUDA_LANES` overrides).
+const COPY_LANES: usize = 3;
+/// Largest chunk of such a batch, bytes of keys + values (default; `VRAMKV_CUDA_CHUNK_MIB`
+/// overrides).
+const COPY_CHUNK_BYTES: usize = 32 << 20;
+/// Staging lanes of a batch in lent page-locked memory (default; `VRAMKV_CUDA_LANES`
+/// overrides).
+const PINNED_LANES: usize = 4;
+/// Largest chunk of such a batch (default; `VRAMKV_CUDA_CHUNK_MIB` overrides).
+const PINNED_CHUNK_BYTES: usize = 16 << 20;
+/// Chunks a lent batch is cut into at least, when the chunk size bounds allow it.
+const TARGET_CHUNKS: usize = 8;
+/// Bytes of keys + values per chunk of a lent batch at least.
+const MIN_CHUNK_BYTES: usize = 1 << 20;
 /// Smallest lane (items); lanes are sized in powers of two so that they are reused.
 const MIN_LANE: usize = 4096;
-/// Lanes kept in a table's pool between batches.
-pub(crate) const POOL_MAX: usize = 2 * LANES;
 
-/// Items per chunk for a batch of `n` keys of `width` words.
-pub(crate) fn lane_cap(n: usize, width: usize) -> usize {
-    let max = (CHUNK_BYTES / (8 * (width + 1))).max(MIN_LANE);
-    let max = 1usize << (usize::BITS - 1 - max.leading_zeros()); // round down to a power of two
-    n.div_ceil(LANES)
+/// Environment variable: staging lanes per host batch (1..=16), for measurements.
+pub const LANES_ENV: &str = "VRAMKV_CUDA_LANES";
+/// Environment variable: largest chunk in MiB of keys + values (1..=256), for measurements.
+pub const CHUNK_ENV: &str = "VRAMKV_CUDA_CHUNK_MIB";
+
+/// The pipeline's shape for one kind of host batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub lanes: usize,
+    pub max_chunk_bytes: usize,
+}
+
+/// The environment's overrides `(lanes, max chunk bytes)`, read once per process.
+fn overrides() -> (Option<usize>, Option<usize>) {
+    static T: OnceLock<(Option<usize>, Option<usize>)> = OnceLock::new();
+    *T.get_or_init(|| {
+        let var = |name: &str, lo: usize, hi: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .map(|v| v.clamp(lo, hi))
+        };
+        (
+            var(LANES_ENV, 1, 16),
+            var(CHUNK_ENV, 1, 256).map(|m| m << 20),
+        )
+    })
+}
+
+/// The shape of a batch copied through the lanes (`pinned == false`) or of a lent
+/// page-locked batch.
+pub(crate) fn shape(pinned: bool) -> Shape {
+    let (lanes, chunk) = overrides();
+    let (l, c) = if pinned {
+        (PINNED_LANES, PINNED_CHUNK_BYTES)
+    } else {
+        (COPY_LANES, COPY_CHUNK_BYTES)
+    };
+    Shape {
+        lanes: lanes.unwrap_or(l),
+        max_chunk_bytes: chunk.unwrap_or(c),
+    }
+}
+
+/// Lanes kept in a table's pool between batches.
+pub(crate) fn pool_max() -> usize {
+    2 * shape(false).lanes.max(shape(true).lanes)
+}
+
+fn pow2_floor(x: usize) -> usize {
+    1usize << (usize::BITS - 1 - x.max(1).leading_zeros())
+}
+
+/// Items per chunk of a host batch of `n` keys of `width` words.
+pub(crate) fn lane_cap(n: usize, width: usize, pinned: bool) -> usize {
+    let sh = shape(pinned);
+    if pinned {
+        spread_cap(n, width, sh.max_chunk_bytes)
+    } else {
+        copy_cap(n, width, sh.max_chunk_bytes)
+    }
+}
+
+/// Items per chunk of a device-resident put (the chunk only bounds the lane's scratch).
+pub(crate) fn device_cap(n: usize, width: usize) -> usize {
+    copy_cap(n, width, COPY_CHUNK_BYTES)
+}
+
+/// Items per chunk of a batch copied through the lanes: `n / 3` rounded up to a power of
+/// two, at most `max_chunk_bytes` of keys and values. Few, large chunks: each chunk's host
+/// copy is a fork-join over all cores, whose fixed cost (waking the workers) measured on the
+/// H100 host (PERF.md) outweighs the overlap that more, smaller chunks would give.
+pub(crate) fn copy_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
+    let max = pow2_floor((max_chunk_bytes / (8 * (width + 1))).max(MIN_LANE));
+    n.div_ceil(3)
         .max(1)
         .next_power_of_two()
         .clamp(MIN_LANE, max)
+}
+
+/// Items per chunk of a lent page-locked batch (no host copies, so chunks are cheap): a
+/// power of two, so that a batch is cut into `TARGET_CHUNKS` to `2 * TARGET_CHUNKS` chunks
+/// where the bounds of 1 MiB .. `max_chunk_bytes` of keys and values per chunk allow it; a
+/// batch smaller than the smallest chunk is one chunk.
+pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
+    let row = 8 * (width + 1);
+    let hi = pow2_floor((max_chunk_bytes / row).max(MIN_LANE));
+    let lo = pow2_floor((MIN_CHUNK_BYTES / row).max(MIN_LANE)).min(hi);
+    if n <= lo {
+        return n.max(1).next_power_of_two().clamp(MIN_LANE, lo);
+    }
+    pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
 }
 
 /// Copies `src` into `dst` (same length), on all cores when it is large.
@@ -68,17 +167,29 @@ fn par_bools(dst: &mut [bool], src: &[u8]) {
     }
 }
 
-/// One staging lane: a stream with its own pinned and device buffers for one chunk.
+/// Which pinned staging buffers a host batch needs in its lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct HostNeeds {
+    keys: bool,
+    vals_in: bool,
+    vals_out: bool,
+    found: bool,
+}
+
+/// One staging lane: a stream with its own device buffers for one chunk, and the pinned
+/// host buffers that the batches it served needed (allocated on first need, then kept).
 pub(crate) struct Lane {
     pub stream: Arc<CudaStream>,
     pub cap: usize,
     width: usize,
     /// Keys in (host writes only: write-combined).
-    h_keys: Pinned<u64>,
-    /// Values in (put) or out (get): read back on the host, so not write-combined.
-    h_vals: Pinned<u64>,
-    /// Found flags out.
-    h_found: Pinned<u8>,
+    h_keys: Option<Pinned<u64>>,
+    /// Put values in (host writes only: write-combined).
+    h_vals_in: Option<Pinned<u64>>,
+    /// Get values out: read on the host, so not write-combined.
+    h_vals_out: Option<Pinned<u64>>,
+    /// Found flags out (not write-combined).
+    h_found: Option<Pinned<u8>>,
     d_keys: DevBuf,
     d_vals: DevBuf,
     /// Found flags (get/contains) or winner flags (put): u8[cap].
@@ -95,15 +206,36 @@ pub(crate) struct Lane {
     pending: Option<(usize, usize)>,
 }
 
+fn host_buf<T: Copy>(
+    slot: &mut Option<Pinned<T>>,
+    gpu: &Gpu,
+    len: usize,
+    write_combined: bool,
+) -> Result<()> {
+    if slot.is_none() {
+        *slot = Some(Pinned::new(gpu, len, write_combined)?);
+    }
+    Ok(())
+}
+
+/// A lane's staging buffer (allocated by [`Lane::ensure_host`] before the batch).
+fn staged<T: Copy>(b: &mut Option<Pinned<T>>) -> Result<&mut Pinned<T>> {
+    b.as_mut().ok_or_else(|| Error::Device {
+        backend: BACKEND,
+        message: "internal: a staging lane lacks its pinned buffer".into(),
+    })
+}
+
 impl Lane {
     pub fn new(gpu: &Gpu, cap: usize, width: usize) -> Result<Lane> {
         Ok(Lane {
             stream: stream(gpu)?,
             cap,
             width,
-            h_keys: Pinned::new(gpu, cap, true)?,
-            h_vals: Pinned::new(gpu, cap * width, false)?,
-            h_found: Pinned::new(gpu, cap, false)?,
+            h_keys: None,
+            h_vals_in: None,
+            h_vals_out: None,
+            h_found: None,
             d_keys: DevBuf::new(gpu, cap * 8)?,
             d_vals: DevBuf::new(gpu, cap * width * 8)?,
             d_found: DevBuf::new(gpu, cap)?,
@@ -113,6 +245,25 @@ impl Lane {
             kdone: event(gpu)?,
             pending: None,
         })
+    }
+
+    /// Allocates the pinned buffers `needs` asks for that the lane lacks (before a batch
+    /// starts, so that a failed allocation leaves the table untouched).
+    pub fn ensure_host(&mut self, gpu: &Gpu, needs: HostNeeds) -> Result<()> {
+        let (cap, w) = (self.cap, self.width);
+        if needs.keys {
+            host_buf(&mut self.h_keys, gpu, cap, true)?;
+        }
+        if needs.vals_in {
+            host_buf(&mut self.h_vals_in, gpu, cap * w, true)?;
+        }
+        if needs.vals_out {
+            host_buf(&mut self.h_vals_out, gpu, cap * w, false)?;
+        }
+        if needs.found {
+            host_buf(&mut self.h_found, gpu, cap, false)?;
+        }
+        Ok(())
     }
 
     pub fn device_bytes(&self) -> usize {
@@ -166,10 +317,37 @@ pub(crate) enum Op<'a> {
         values: &'a mut [u64],
         found: &'a mut [bool],
     },
+    /// A get whose keys and outputs are page-locked ([`crate::PinnedBatch`]): copied
+    /// straight between them and the device.
+    GetPinned {
+        values: &'a mut [u64],
+        found: &'a mut [u8],
+    },
     Contains {
         found: &'a mut [bool],
     },
     Delete,
+}
+
+/// A host batch: its keys, what to do with them, and whether the keys (and a put's
+/// values) are page-locked memory that the device copies from directly.
+pub(crate) struct HostBatch<'a> {
+    pub keys: &'a [u64],
+    pub op: Op<'a>,
+    pub pinned: bool,
+}
+
+impl HostBatch<'_> {
+    /// The lane buffers this batch stages through.
+    pub fn needs(&self) -> HostNeeds {
+        let staged_in = !self.pinned;
+        HostNeeds {
+            keys: staged_in,
+            vals_in: staged_in && matches!(self.op, Op::Put { .. }),
+            vals_out: matches!(self.op, Op::Get { .. }),
+            found: matches!(self.op, Op::Get { .. } | Op::Contains { .. }),
+        }
+    }
 }
 
 /// The table's device state (behind the backend's RwLock).
@@ -330,17 +508,20 @@ fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Re
     gpu.launch(&gpu.k.fill, &a, slots as u64, stream)
 }
 
-/// Runs a host batch through `lanes` (all of capacity `cap`): see the module docs.
-/// On return (Ok or Err after a successful drain) no work of the batch is in flight.
+/// Runs a host batch through `lanes` (all of capacity `cap`, with the host buffers of
+/// `batch.needs()`): see the module docs. On return (Ok or Err after a successful drain) no
+/// work of the batch is in flight.
 pub(crate) fn run_host_batch(
     gpu: &Gpu,
     table: TableArgs,
     lanes: &mut [Lane],
     cap: usize,
-    keys: &[u64],
-    op: &mut Op<'_>,
+    batch: &mut HostBatch<'_>,
     after: Option<&CudaEvent>,
 ) -> Result<()> {
+    let keys = batch.keys;
+    let pinned = batch.pinned;
+    let op = &mut batch.op;
     let n = keys.len();
     let chunks = n.div_ceil(cap);
     let nl = lanes.len();
@@ -359,20 +540,24 @@ pub(crate) fn run_host_batch(
         let li = c % nl;
         // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
         lanes[li].done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(&mut lanes[li], op);
+        drain_output(&mut lanes[li], op)?;
         {
             let lane = &mut lanes[li];
-            par_copy(
-                &mut lane.h_keys.as_mut_slice()[..m],
-                &keys[start..start + m],
-            );
-            lane.h_keys.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-            if let Op::Put { values } = op {
-                par_copy(
-                    &mut lane.h_vals.as_mut_slice()[..m * w],
-                    &values[start * w..(start + m) * w],
-                );
-                lane.h_vals.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+            let rows = start * w..(start + m) * w;
+            if pinned {
+                htod_slice(lane.d_keys.ptr(), &keys[start..start + m], &lane.stream)?;
+                if let Op::Put { values } = op {
+                    htod_slice(lane.d_vals.ptr(), &values[rows], &lane.stream)?;
+                }
+            } else {
+                let hk = staged(&mut lane.h_keys)?;
+                par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]);
+                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+                if let Op::Put { values } = op {
+                    let hv = staged(&mut lane.h_vals_in)?;
+                    par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]);
+                    hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+                }
             }
         }
         if is_put && let Some(p) = prev {
@@ -397,14 +582,24 @@ pub(crate) fn run_host_batch(
             }
             Op::Get { .. } => {
                 gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                lane.h_vals.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
-                lane.h_found.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+                staged(&mut lane.h_vals_out)?.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
+                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
                 lane.pending = Some((start, m));
+            }
+            Op::GetPinned { values, found } => {
+                gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
+                let rows = start * w..(start + m) * w;
+                dtoh_slice(&mut values[rows], lane.d_vals.ptr(), &lane.stream)?;
+                dtoh_slice(
+                    &mut found[start..start + m],
+                    lane.d_found.ptr(),
+                    &lane.stream,
+                )?;
             }
             Op::Contains { .. } => {
                 let a = BatchArgs { values: 0, ..a };
                 gpu.launch(&gpu.k.contains, &a, m as u64, &lane.stream)?;
-                lane.h_found.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
                 lane.pending = Some((start, m));
             }
             Op::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
@@ -414,30 +609,35 @@ pub(crate) fn run_host_batch(
     }
     for lane in lanes.iter_mut() {
         lane.done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(lane, op);
+        drain_output(lane, op)?;
     }
     Ok(())
 }
 
 /// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
-fn drain_output(lane: &mut Lane, op: &mut Op<'_>) {
+fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
     let Some((start, m)) = lane.pending.take() else {
-        return;
+        return Ok(());
     };
     let w = lane.width;
     match op {
         Op::Get { values, found } => {
             par_copy(
                 &mut values[start * w..(start + m) * w],
-                &lane.h_vals.as_slice()[..m * w],
+                &staged(&mut lane.h_vals_out)?.as_slice()[..m * w],
             );
-            par_bools(&mut found[start..start + m], &lane.h_found.as_slice()[..m]);
+            par_bools(
+                &mut found[start..start + m],
+                &staged(&mut lane.h_found)?.as_slice()[..m],
+            );
         }
-        Op::Contains { found } => {
-            par_bools(&mut found[start..start + m], &lane.h_found.as_slice()[..m])
-        }
-        Op::Put { .. } | Op::Delete => {}
+        Op::Contains { found } => par_bools(
+            &mut found[start..start + m],
+            &staged(&mut lane.h_found)?.as_slice()[..m],
+        ),
+        Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -445,28 +645,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lane_cap_is_a_bounded_power_of_two() {
-        assert_eq!(lane_cap(1, 1), MIN_LANE);
-        assert_eq!(lane_cap(10_000, 1), MIN_LANE);
-        assert_eq!(lane_cap(3 * 8192, 1), 8192);
-        assert_eq!(lane_cap(100_000_000, 1), 1 << 21); // 32 MiB / 16 B
-        assert_eq!(lane_cap(100_000_000, 16), 1 << 17);
+    fn copy_cap_is_mains_rule() {
+        let max = COPY_CHUNK_BYTES;
+        assert_eq!(copy_cap(1, 1, max), MIN_LANE);
+        assert_eq!(copy_cap(10_000, 1, max), MIN_LANE);
+        assert_eq!(copy_cap(3 * 8192, 1, max), 8192);
+        assert_eq!(copy_cap(2_000_000, 1, max), 1 << 20);
+        assert_eq!(copy_cap(100_000_000, 1, max), 1 << 21); // 32 MiB / 16 B
+        assert_eq!(copy_cap(100_000_000, 16, max), 1 << 17);
+        assert_eq!(device_cap(100_000_000, 1), 1 << 21);
         for w in 1..=16 {
             for n in [1, 5000, 1 << 20, 123_456_789] {
-                let c = lane_cap(n, w);
+                let c = copy_cap(n, w, max);
                 assert!(c.is_power_of_two() && c >= MIN_LANE);
-                assert!(c * 8 * (w + 1) <= CHUNK_BYTES.max(MIN_LANE * 8 * 17));
+                assert!(c * 8 * (w + 1) <= max.max(MIN_LANE * 8 * 17));
                 assert!((c as u64) < u32::MAX as u64);
             }
         }
     }
 
     #[test]
+    fn spread_cap_is_a_bounded_power_of_two() {
+        let max = PINNED_CHUNK_BYTES;
+        assert_eq!(spread_cap(1, 1, max), MIN_LANE);
+        assert_eq!(spread_cap(10_000, 1, max), 16_384); // one chunk
+        assert_eq!(spread_cap(65_536, 1, max), 65_536); // 1 MiB: one chunk
+        assert_eq!(spread_cap(65_537, 1, max), 65_536); // two chunks of the smallest size
+        assert_eq!(spread_cap(2_000_000, 1, max), 1 << 17); // 16 chunks of 2 MiB
+        assert_eq!(spread_cap(20_000_000, 1, max), 1 << 20); // 16 MiB chunks
+        assert_eq!(spread_cap(100_000_000, 1, max), 1 << 20);
+        assert_eq!(spread_cap(100_000_000, 1, 32 << 20), 1 << 21);
+        assert_eq!(spread_cap(100_000_000, 16, max), 1 << 16);
+        for w in 1..=16 {
+            let row = 8 * (w + 1);
+            for n in [1, 5000, 70_000, 1 << 20, 2_000_000, 123_456_789] {
+                for max in [1 << 20, PINNED_CHUNK_BYTES, 256 << 20] {
+                    let c = spread_cap(n, w, max);
+                    assert!(c.is_power_of_two() && c >= MIN_LANE, "{n} {w} {c}");
+                    assert!(c * row <= max.max(MIN_LANE * row), "{n} {w} {c}");
+                    assert!((c as u64) < u32::MAX as u64);
+                    let chunks = n.div_ceil(c);
+                    // Enough chunks to overlap, unless the chunk size bounds forbid it.
+                    assert!(
+                        chunks >= TARGET_CHUNKS || c * row <= 2 * MIN_CHUNK_BYTES || n <= c,
+                        "{n} {w} {c}"
+                    );
+                    assert!(
+                        chunks <= 2 * TARGET_CHUNKS || c * 2 * row > max,
+                        "{n} {w} {c}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn par_copy_and_bools() {
-        let src: Vec<u64> = (0..300_000).collect();
-        let mut dst = vec![0; src.len()];
-        par_copy(&mut dst, &src);
-        assert_eq!(dst, src);
+        for len in [0, 1, 300_000] {
+            let src: Vec<u64> = (0..len).collect();
+            let mut dst = vec![0; src.len()];
+            par_copy(&mut dst, &src);
+            assert_eq!(dst, src);
+        }
         let bytes: Vec<u8> = (0..300_000).map(|i| (i % 3 == 0) as u8).collect();
         let mut b = vec![false; bytes.len()];
         par_bools(&mut b, &bytes);

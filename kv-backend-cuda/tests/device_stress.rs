@@ -243,6 +243,75 @@ fn device_resident() -> R {
     Ok(())
 }
 
+fn pinned_batches() -> R {
+    // Lent page-locked batches: many chunks, repeats across chunk boundaries, sentinel keys,
+    // a shorter length, and the plain API reading what the pinned one wrote (and back).
+    let w = 2;
+    let t = open(TableConfig::new(1 << 16).width(w))?; // grows on the way
+    let n = 3_000_000usize;
+    let mut b = t.pinned_batch(n).map_err(|x| e("pinned_batch", x))?;
+    let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut rng = Rng(4242);
+    for round in 0..2 {
+        let (keys, vals) = b.keys_values_mut();
+        for k in keys.iter_mut() {
+            *k = rng.key(1 << 21);
+        }
+        for v in vals.iter_mut() {
+            *v = rng.next();
+        }
+        t.put_pinned(&b).map_err(|x| e("put_pinned", x))?;
+        for (i, k) in b.keys().iter().enumerate() {
+            m.insert(*k, b.values()[i * w..(i + 1) * w].to_vec());
+        }
+        let probe: Vec<u64> = (0..(1u64 << 21)).chain([u64::MAX, u64::MAX - 1]).collect();
+        check(&t, &m, &probe, &format!("after put_pinned round {round}"))?;
+        b.set_len(probe.len()).map_err(|x| e("set_len", x))?;
+        b.keys_mut().copy_from_slice(&probe);
+        t.get_pinned(&mut b).map_err(|x| e("get_pinned", x))?;
+        for (i, k) in probe.iter().enumerate() {
+            let row = &b.values()[i * w..(i + 1) * w];
+            let want = m.get(k);
+            if (b.found()[i] == 1) != want.is_some()
+                || want.is_some_and(|v| row != &v[..])
+                || (want.is_none() && row != [0, 0])
+            {
+                return Err(format!(
+                    "get_pinned key {k:#x}: {} {row:?}, expected {want:?}",
+                    b.found()[i]
+                )
+                .into());
+            }
+        }
+        b.set_len(n).map_err(|x| e("set_len", x))?;
+    }
+    if b.set_len(n + 1).is_ok() {
+        return Err("set_len past the capacity succeeded".into());
+    }
+    // A batch of another width is refused and changes nothing.
+    let other = open(TableConfig::new(16).width(1))?;
+    let mut b1 = other.pinned_batch(10).map_err(|x| e("pinned_batch", x))?;
+    b1.keys_mut()
+        .copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    match t.put_pinned(&b1) {
+        Err(Error::LengthMismatch { .. }) => {}
+        other => return Err(format!("width mismatch: {other:?}").into()),
+    }
+    if t.get_pinned(&mut b1).is_ok() {
+        return Err("get_pinned of a batch of another width succeeded".into());
+    }
+    let mut empty = t.pinned_batch(0).map_err(|x| e("pinned_batch", x))?;
+    t.put_pinned(&empty).map_err(|x| e("empty put_pinned", x))?;
+    t.get_pinned(&mut empty)
+        .map_err(|x| e("empty get_pinned", x))?;
+    check(
+        &t,
+        &m,
+        &[1, 2, 3, u64::MAX, u64::MAX - 1],
+        "after refused batches",
+    )
+}
+
 fn concurrent_readers_and_writers() -> R {
     let t = std::sync::Arc::new(open(TableConfig::new(1 << 16))?);
     let writers: Vec<_> = (0..4u64)
@@ -404,6 +473,7 @@ fn main() {
         ("million_key_batches", million_key_batches),
         ("tombstone_churn", tombstone_churn),
         ("device_resident", device_resident),
+        ("pinned_batches", pinned_batches),
         (
             "concurrent_readers_and_writers",
             concurrent_readers_and_writers,
