@@ -160,6 +160,11 @@ impl WgpuBackend {
         self.read().segs.len()
     }
 
+    /// The most segments a table may have on this adapter (its storage-binding limit).
+    pub fn max_segments(&self) -> usize {
+        self.gpu.max_segments()
+    }
+
     /// Live keys and tombstones in the key array as the device counts them, plus the
     /// host's bookkeeping `(len, tombstones)`, for checks: the two must agree.
     pub fn audit(&self) -> Result<((u64, u64), (usize, usize))> {
