@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 use kv_core::Result;
+use rayon::prelude::*;
 
 use crate::gpu::{Gpu, device_error, oom};
 use crate::shader::ctl;
@@ -308,20 +309,15 @@ impl Lane {
         values: Option<&[u64]>,
     ) -> Result<()> {
         expect_mapped(gpu, &self.up_state, "upload")?;
-        {
-            let mut view = self
-                .upload
-                .get_mapped_range_mut(..)
-                .map_err(|e| device_error(format!("upload: {e}")))?;
-            view.slice(..32).copy_from_slice(bytemuck::bytes_of(params));
-            let k0 = UP_HDR as usize;
-            view.slice(k0..k0 + keys.len() * 8)
-                .copy_from_slice(bytemuck::cast_slice(keys));
-            if let Some(v) = values {
-                let v0 = k0 + self.cap * 8;
-                view.slice(v0..v0 + v.len() * 8)
-                    .copy_from_slice(bytemuck::cast_slice(v));
-            }
+        let p = bytemuck::bytes_of(params);
+        self.upload
+            .get_mapped_range_mut(..p.len() as u64)
+            .map_err(|e| device_error(format!("upload: {e}")))?
+            .copy_from_slice(p);
+        let k0 = UP_HDR as usize;
+        write_mapped(&self.upload, k0, bytemuck::cast_slice(keys))?;
+        if let Some(v) = values {
+            write_mapped(&self.upload, k0 + self.cap * 8, bytemuck::cast_slice(v))?;
         }
         self.upload.unmap();
         self.up_state.store(MAP_PENDING, Ordering::Release);
@@ -341,12 +337,55 @@ impl Lane {
     }
 }
 
+/// Copies of at least this many bytes are split over the rayon pool.
+const PAR_MIN: usize = 1 << 20;
+/// Bytes per piece of a parallel copy.
+const PAR_PIECE: usize = 1 << 18;
+
 fn copy_bools(dst: &mut [bool], src: &[u8]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
+    let f = |(d, s): (&mut [bool], &[u8])| d.iter_mut().zip(s).for_each(|(d, s)| *d = *s != 0);
+    if dst.len() < PAR_MIN {
+        f((dst, src));
+    } else {
+        dst.par_chunks_mut(PAR_PIECE)
+            .zip(src.par_chunks(PAR_PIECE))
+            .for_each(f);
+    }
 }
 
 fn copy_words(dst: &mut [u64], src: &[u8]) {
-    bytemuck::cast_slice_mut::<u64, u8>(dst).copy_from_slice(src);
+    let dst = bytemuck::cast_slice_mut::<u64, u8>(dst);
+    if dst.len() < PAR_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PAR_PIECE)
+            .zip(src.par_chunks(PAR_PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+/// Copies `src` into the mapped `buffer` at byte `offset`, on all cores when it is large
+/// (one mapped view per piece: views of disjoint ranges may be written concurrently).
+fn write_mapped(buffer: &wgpu::Buffer, offset: usize, src: &[u8]) -> Result<()> {
+    let view = |at: usize, len: usize| {
+        buffer
+            .get_mapped_range_mut(at as u64..(at + len) as u64)
+            .map_err(|e| device_error(format!("upload: {e}")))
+    };
+    if src.len() < PAR_MIN {
+        view(offset, src.len())?.copy_from_slice(src);
+        return Ok(());
+    }
+    let views = src
+        .chunks(PAR_PIECE)
+        .enumerate()
+        .map(|(i, s)| view(offset + i * PAR_PIECE, s.len()))
+        .collect::<Result<Vec<_>>>()?;
+    views
+        .into_par_iter()
+        .zip(src.par_chunks(PAR_PIECE))
+        .for_each(|(mut d, s)| d.copy_from_slice(s));
+    Ok(())
 }
 
 /// One segment of the table: `slots` keys and their value rows.
