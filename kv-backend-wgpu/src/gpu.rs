@@ -111,6 +111,17 @@ pub(crate) fn adapter_infos() -> Vec<AdapterInfo> {
         .collect()
 }
 
+/// An error with its chain of sources, one per line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!("\n  caused by: {c}"));
+        cur = c.source();
+    }
+    s
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -253,7 +264,7 @@ impl Gpu {
         let uncaptured = Arc::new(Mutex::new(None));
         let u = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            lock(&u).get_or_insert_with(|| e.to_string());
+            lock(&u).get_or_insert_with(|| error_chain(&e));
         }));
         let max_binding = limits
             .max_storage_buffer_binding_size
@@ -289,10 +300,10 @@ impl Gpu {
         Ok(())
     }
 
-    /// The most segments a table may have on this device: a batch binds 6 storage buffers
+    /// The most segments a table may have on this device: a batch binds 7 storage buffers
     /// plus the key and value segments; a rehash 3 plus the new table's segments.
     pub fn max_segments(&self) -> usize {
-        (self.max_storage.saturating_sub(6) / 2) as usize
+        (self.max_storage.saturating_sub(BATCH_FIXED - 1) / 2) as usize
     }
 
     /// Runs `f` inside out-of-memory and validation error scopes.

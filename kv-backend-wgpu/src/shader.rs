@@ -55,7 +55,7 @@ pub(crate) mod ctl {
 /// Which segments are declared atomic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Flavour {
-    /// Keys atomic (CAS), values plain: `put_place`, `delete`.
+    /// Keys atomic (CAS), values plain: `put_place`, `put_dup_args`, `delete`.
     AtomicKeys,
     /// Values atomic, keys plain: `put_zero`, `put_max`, `put_win`.
     AtomicValues,
@@ -67,7 +67,7 @@ impl Flavour {
     /// The flavour an entry point of the batch module needs.
     pub(crate) fn of(entry: &str) -> Flavour {
         match entry {
-            "kv_put_place" | "kv_delete" => Flavour::AtomicKeys,
+            "kv_put_place" | "kv_put_dup_args" | "kv_delete" => Flavour::AtomicKeys,
             "kv_put_zero" | "kv_put_max" | "kv_put_win" => Flavour::AtomicValues,
             _ => Flavour::Plain,
         }
@@ -75,7 +75,7 @@ impl Flavour {
 }
 
 /// First binding of the key segments in the batch layout (values follow the keys).
-pub(crate) const BATCH_FIXED: u32 = 7;
+pub(crate) const BATCH_FIXED: u32 = 8;
 
 const COMMON: &str = r#"
 const EMPTY: u64 = 0lu;
@@ -87,8 +87,8 @@ struct Params {
     mask: u32,
     seg_shift: u32,
     base: u32,
-    old_seg_shift: u32,
-    old_mask: u32,
+    gx: u32,
+    gy: u32,
     pad: u32,
 }
 
@@ -232,6 +232,7 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
 @group(0) @binding(4) var<storage, read_write> vals_io: array<u64>;
 @group(0) @binding(5) var<storage, read_write> slot_of: array<u32>;
 @group(0) @binding(6) var<storage, read_write> flags8: array<atomic<u32>>;
+@group(0) @binding(7) var<storage, read_write> dup_args: array<u32, 4>;
 "#,
     );
     s.push_str(COMMON);
@@ -350,6 +351,17 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
     }
     flush(lid, 3u, 4u, 0u, 8u);
+}
+
+// After the place pass (one thread): the workgroup counts of the last-wins passes, which
+// are dispatched indirectly: the whole grid if some key was found already placed, else none.
+@compute @workgroup_size(1)
+fn kv_put_dup_args() {
+    var on = 0u;
+    if atomicLoad(&ctl[0]) != 0lu { on = 1u; }
+    dup_args[0] = p.gx * on;
+    dup_args[1] = p.gy * on;
+    dup_args[2] = 1u;
 }
 
 // Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.

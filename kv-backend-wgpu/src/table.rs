@@ -46,8 +46,9 @@ pub(crate) struct Params {
     pub mask: u32,
     pub seg_shift: u32,
     pub base: u32,
-    pub old_seg_shift: u32,
-    pub old_mask: u32,
+    /// Workgroups of the chunk's grid (x, y), for the indirect last-wins passes.
+    pub gx: u32,
+    pub gy: u32,
     pub pad: u32,
 }
 
@@ -151,6 +152,11 @@ pub(crate) struct Lane {
     vals_io: wgpu::Buffer,
     slot_of: wgpu::Buffer,
     flags8: wgpu::Buffer,
+    /// Workgroup counts of the last-wins passes, as the place pass leaves them (storage)...
+    dup_src: wgpu::Buffer,
+    /// ... and copied here for the indirect dispatches (a buffer bound as storage cannot
+    /// also be the indirect argument of a dispatch).
+    dup_args: wgpu::Buffer,
     readback: wgpu::Buffer,
     rb_state: Arc<AtomicU8>,
     bind: Option<(u64, wgpu::BindGroup)>,
@@ -190,6 +196,8 @@ impl Lane {
                 U::STORAGE | U::COPY_DST | U::COPY_SRC,
                 false,
             )?,
+            dup_src: gpu.buffer("vramkv dup args", 16, U::STORAGE | U::COPY_SRC, false)?,
+            dup_args: gpu.buffer("vramkv dispatch args", 16, U::INDIRECT | U::COPY_DST, false)?,
             readback: gpu.buffer(
                 "vramkv readback",
                 RB_HDR + flags_bytes(cap) + c * w * 8,
@@ -210,6 +218,8 @@ impl Lane {
             + self.vals_io.size()
             + self.slot_of.size()
             + self.flags8.size()
+            + self.dup_src.size()
+            + self.dup_args.size()
             + self.readback.size()
     }
 
@@ -225,6 +235,7 @@ impl Lane {
                 &self.vals_io,
                 &self.slot_of,
                 &self.flags8,
+                &self.dup_src,
             ];
             bufs.extend(st.segs.iter().map(|s| &s.keys));
             bufs.extend(st.segs.iter().map(|s| &s.vals));
@@ -659,11 +670,12 @@ impl State {
     }
 }
 
-/// The kernels of an op, in order (`None` stands for the one-thread finishing pass).
+/// The kernels of an op, in order.
 fn entries(op: &Op<'_>) -> &'static [&'static str] {
     match op {
         Op::Put { .. } => &[
             "kv_put_place",
+            "kv_put_dup_args",
             "kv_put_zero",
             "kv_put_max",
             "kv_put_win",
@@ -704,7 +716,13 @@ pub(crate) fn run_host_batch(
             Op::Put { values } => Some(&values[start * w..(start + m) * w]),
             _ => None,
         };
-        lane.fill(gpu, &st.params(m), &keys[start..start + m], values)?;
+        let (x, y) = gpu.groups(m as u64);
+        let params = Params {
+            gx: x,
+            gy: y,
+            ..st.params(m)
+        };
+        lane.fill(gpu, &params, &keys[start..start + m], values)?;
         let bg = lane.bind_group(gpu, st)?.clone();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         if c == 0 && op.counts() {
@@ -724,16 +742,28 @@ pub(crate) fn run_host_batch(
         if !matches!(op, Op::Delete) {
             enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
         }
-        {
+        // Passes until the first indirect dispatch, the copy of its arguments, the rest.
+        let split = pipes
+            .iter()
+            .position(|(e, _)| *e == "kv_put_zero")
+            .unwrap_or(pipes.len());
+        for (k, part) in [&pipes[..split], &pipes[split..]].into_iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            if k == 1 {
+                enc.copy_buffer_to_buffer(&lane.dup_src, 0, &lane.dup_args, 0, 16);
+            }
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, &bg, &[]);
-            let (x, y) = gpu.groups(m as u64);
-            for (e, p) in &pipes {
+            for (e, p) in part {
                 pass.set_pipeline(p);
-                if *e == "kv_put_finish" {
-                    pass.dispatch_workgroups(1, 1, 1);
-                } else {
-                    pass.dispatch_workgroups(x, y, 1);
+                match *e {
+                    "kv_put_finish" | "kv_put_dup_args" => pass.dispatch_workgroups(1, 1, 1),
+                    "kv_put_zero" | "kv_put_max" | "kv_put_win" | "kv_put_write" => {
+                        pass.dispatch_workgroups_indirect(&lane.dup_args, 0)
+                    }
+                    _ => pass.dispatch_workgroups(x, y, 1),
                 }
             }
         }
