@@ -1,1 +1,358 @@
-//! placeholder
+//! vramkv's wgpu backend: the hash table lives in the memory of any GPU that wgpu reaches
+//! through Vulkan, Metal or DX12, and WGSL compute shaders run every operation on it.
+//!
+//! ```no_run
+//! use kv_backend_wgpu::WgpuBackend;
+//! use kv_core::{KvBackend, TableConfig};
+//!
+//! let table = WgpuBackend::open(TableConfig::new(1 << 20).width(2))?;
+//! table.put(&[1, 2, u64::MAX], &[10, 11, 20, 21, 30, 31])?;
+//! let (mut values, mut found) = (vec![0; 4], vec![false; 2]);
+//! table.get(&[2, 3], &mut values, &mut found)?;
+//! assert_eq!((values, found), (vec![20, 21, 0, 0], vec![true, false]));
+//! println!("{:?}", table.describe());
+//! # Ok::<(), kv_core::Error>(())
+//! ```
+//!
+//! # Adapters
+//!
+//! The shaders need u64 arithmetic and 64-bit atomics (compare-exchange, max):
+//! `wgpu::Features::SHADER_INT64 | SHADER_INT64_ATOMIC_ALL_OPS`. NVIDIA's, AMD's and
+//! Intel's Vulkan drivers offer them, and so does Mesa's lavapipe (Vulkan on the CPU, which
+//! the tests use on machines without a GPU). An adapter without them is refused with
+//! [`Error::BackendUnavailable`] naming the missing feature; there is no 32-bit fallback.
+//! [`adapters`] lists what wgpu sees. A table opens on adapter [`TableConfig::device`] if
+//! set, else on the first discrete GPU with the features, else on the first adapter with
+//! them. One device per adapter per process, shared by every table and thread; its limits
+//! are the adapter's own (largest buffers and bindings).
+//!
+//! # Table layout
+//!
+//! Structure of arrays in storage buffers: keys (`0` = EMPTY, `1` = TOMBSTONE, so that a
+//! zeroed buffer is an empty table), value rows of `width` words, a special area for the
+//! user keys `0` and `1`, and a block of control words (counters, per-chunk flags). Linear
+//! probing from a murmur3-`fmix64` home slot. One storage binding is limited (near 2 GiB
+//! on Vulkan drivers whatever they report, 128 MiB on lavapipe), so the key and value
+//! arrays are split into *segments* of a power-of-two number of slots, each its own
+//! buffer bound as its own binding; the shaders are generated for the number of segments.
+//!
+//! Growth follows [`plan_put`] like every backend and rehashes on the device into buffers
+//! allocated before the old ones are released (a failed allocation leaves the table as it
+//! was). Tombstones are purged by a rehash in place when live keys, tombstones and the batch
+//! would pass the max load factor.
+//!
+//! # Batches
+//!
+//! A batch is cut into chunks that go through a few pooled staging lanes (mapped upload
+//! and readback buffers plus the chunk's device buffers): one submission per chunk, the
+//! host filling the next chunk while the device works on the previous one, and waiting on
+//! a submission index (never busy-polling) only to reuse a lane or to finish the batch.
+//! A put places keys with compare-exchange; when a key of a chunk was already present (a
+//! repeat, or an overwrite), short passes make the last occurrence write its row. Counters
+//! read back at the end of each put and delete keep [`KvBackend::len`] exact. Every batch
+//! holds the table's lock for its whole run, so batches are atomic with respect to each
+//! other (lookups share the lock).
+//!
+//! Errors never panic: device loss, out-of-memory and validation errors come back as
+//! [`Error::Device`] or [`Error::OutOfDeviceMemory`].
+
+mod gpu;
+mod shader;
+mod table;
+
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use kv_core::{
+    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains,
+    check_get, check_put, plan_put,
+};
+
+pub use gpu::AdapterInfo;
+use gpu::{BACKEND, Gpu};
+use shader::ctl;
+use table::{Lane, Op, State};
+
+/// The environment variable that makes a missing wgpu adapter a test failure instead of a
+/// skip (CI sets it, with lavapipe installed).
+pub const REQUIRE_ENV: &str = "VRAMKV_REQUIRE_WGPU";
+
+/// Every adapter wgpu offers here (Vulkan, Metal, DX12), usable or not.
+///
+/// ```no_run
+/// for a in kv_backend_wgpu::adapters() {
+///     println!("{a}"); // "#0 NVIDIA H100 (vulkan, DiscreteGpu), 64-bit atomics: yes"
+/// }
+/// ```
+pub fn adapters() -> Vec<AdapterInfo> {
+    gpu::adapter_infos()
+}
+
+/// Why the wgpu backend cannot run here, or `None` if it can (some adapter offers 64-bit
+/// atomics and a device opens on it). Used by the tests to skip on machines without one.
+pub fn unavailable_reason() -> Option<String> {
+    match gpu::gpu(None) {
+        Ok(_) => None,
+        Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// A vramkv table in the memory of a GPU driven through wgpu.
+pub struct WgpuBackend {
+    gpu: Arc<Gpu>,
+    cfg: TableConfig,
+    max_seg_bytes: u64,
+    state: RwLock<State>,
+    /// Staging lanes between batches (taken out by a batch, put back after).
+    pool: Mutex<Vec<Lane>>,
+}
+
+impl std::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuBackend")
+            .field("adapter", &self.gpu.name)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl WgpuBackend {
+    /// Creates a table on adapter `cfg.device` (default: the first discrete GPU with 64-bit
+    /// atomics, else the first adapter with them).
+    ///
+    /// Fails with [`Error::InvalidConfig`] for a bad config, [`Error::BackendUnavailable`]
+    /// when no adapter (or not the chosen one) offers the needed features,
+    /// [`Error::OutOfDeviceMemory`] when the table does not fit.
+    pub fn open(cfg: TableConfig) -> Result<Self> {
+        Self::open_with_max_segment_bytes(cfg, u64::MAX)
+    }
+
+    /// [`open`](Self::open), with the key and value arrays split into segments (storage
+    /// bindings) of at most `bytes` bytes, below what the adapter allows. Tests use it to
+    /// exercise multi-segment tables at small sizes.
+    pub fn open_with_max_segment_bytes(cfg: TableConfig, bytes: u64) -> Result<Self> {
+        cfg.validate()?;
+        let gpu = gpu::gpu(cfg.device)?;
+        let max_seg_bytes = bytes.min(gpu.max_binding).max(8 * cfg.width as u64);
+        let state = State::new(&gpu, cfg.initial_slots(), cfg.width, max_seg_bytes)?;
+        gpu.check()?;
+        Ok(WgpuBackend {
+            gpu,
+            cfg,
+            max_seg_bytes,
+            state: RwLock::new(state),
+            pool: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether the table lives on a discrete GPU (vramkv's automatic choice uses only those).
+    pub fn is_discrete_gpu(&self) -> bool {
+        self.gpu.discrete
+    }
+
+    /// The adapter's name.
+    pub fn adapter_name(&self) -> &str {
+        &self.gpu.name
+    }
+
+    /// How many storage buffers (segments) the key array is split into.
+    pub fn segments(&self) -> usize {
+        self.read().segs.len()
+    }
+
+    /// The most segments a table may have on this adapter (its storage-binding limit).
+    pub fn max_segments(&self) -> usize {
+        self.gpu.max_segments()
+    }
+
+    /// Live keys and tombstones in the key array as the device counts them, plus the
+    /// host's bookkeeping `(len, tombstones)`, for checks: the two must agree.
+    pub fn audit(&self) -> Result<((u64, u64), (usize, usize))> {
+        let mut st = self.write();
+        let mut lanes = self.take_lanes(1, table::MIN_LANE)?;
+        let dev = st.count(&self.gpu, &mut lanes[0]);
+        self.return_lanes(lanes);
+        Ok((dev?, (st.table_len(), st.tombs)))
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
+    fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
+        let mut out = Vec::with_capacity(count);
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            // Too-small lanes are dropped: they would be replaced by bigger ones anyway.
+            pool.retain(|l| l.cap >= cap);
+            while out.len() < count {
+                match pool.pop() {
+                    Some(l) => out.push(l),
+                    None => break,
+                }
+            }
+        }
+        while out.len() < count {
+            out.push(Lane::new(&self.gpu, cap, self.cfg.width)?);
+        }
+        Ok(out)
+    }
+
+    fn return_lanes(&self, lanes: Vec<Lane>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.extend(lanes.into_iter().filter(Lane::reusable));
+        if pool.len() > table::POOL_MAX {
+            pool.sort_by_key(|l| std::cmp::Reverse(l.cap));
+            pool.truncate(table::POOL_MAX);
+        }
+    }
+
+    /// Runs a host batch on the current state with pooled lanes.
+    fn host_batch(
+        &self,
+        st: &State,
+        keys: &[u64],
+        mut op: Op<'_>,
+    ) -> Result<Option<[u64; ctl::LEN]>> {
+        self.gpu.check()?;
+        let cap = table::lane_cap(keys.len(), self.cfg.width, self.max_seg_bytes);
+        let count = keys.len().div_ceil(cap).min(table::LANES);
+        let mut lanes = self.take_lanes(count, cap)?;
+        let r = table::run_host_batch(&self.gpu, st, &mut lanes, cap, keys, &mut op);
+        if r.is_err() {
+            // Leave nothing in flight; the lanes are dropped, not pooled.
+            for l in &mut lanes {
+                l.drain(&self.gpu);
+            }
+        } else {
+            self.return_lanes(lanes);
+        }
+        r
+    }
+
+    /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
+    fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
+        let mlf = self.cfg.max_load_factor;
+        match plan_put(st.len, n, st.slots, mlf, self.cfg.growth)? {
+            PutPlan::Grow { slots } => st.rehash(&self.gpu, slots),
+            PutPlan::Fits => {
+                let used = st.table_len() + st.tombs;
+                if used + n <= capacity_of(st.slots, mlf) {
+                    return Ok(());
+                }
+                match st.rehash(&self.gpu, st.slots) {
+                    Ok(()) => Ok(()),
+                    // No memory for a purge: go on if the probes still end on an EMPTY slot.
+                    Err(Error::OutOfDeviceMemory { .. }) if used + n < st.slots => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+impl KvBackend for WgpuBackend {
+    fn width(&self) -> usize {
+        self.cfg.width
+    }
+
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
+        check_put(self.cfg.width, keys, values)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.write();
+        self.prepare_put(&mut st, keys.len())?;
+        let c = self
+            .host_batch(&st, keys, Op::Put { values })?
+            .unwrap_or_default();
+        let inserted = c[ctl::INSERTED] as usize;
+        let reused = inserted - (c[ctl::FROM_EMPTY] as usize).min(inserted);
+        let spec = c[ctl::SPEC_INSERTED] as usize;
+        st.len += inserted + spec;
+        st.spec_len += spec;
+        st.tombs -= reused.min(st.tombs);
+        if c[ctl::ERRORS] != 0 {
+            return Err(gpu::device_error(format!(
+                "{} keys found no slot (table invariant broken)",
+                c[ctl::ERRORS]
+            )));
+        }
+        Ok(())
+    }
+
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        check_get(self.cfg.width, keys, values_out, found_out)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let st = self.read();
+        self.host_batch(
+            &st,
+            keys,
+            Op::Get {
+                values: values_out,
+                found: found_out,
+            },
+        )
+        .map(|_| ())
+    }
+
+    fn delete(&self, keys: &[u64]) -> Result<usize> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut st = self.write();
+        let c = self.host_batch(&st, keys, Op::Delete)?.unwrap_or_default();
+        let (removed, spec) = (c[ctl::REMOVED] as usize, c[ctl::SPEC_REMOVED] as usize);
+        st.len -= (removed + spec).min(st.len);
+        st.spec_len -= spec.min(st.spec_len);
+        st.tombs += removed;
+        Ok(removed + spec)
+    }
+
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
+        check_contains(keys, found_out)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let st = self.read();
+        self.host_batch(&st, keys, Op::Contains { found: found_out })
+            .map(|_| ())
+    }
+
+    fn len(&self) -> usize {
+        self.read().len
+    }
+
+    fn capacity(&self) -> usize {
+        capacity_of(self.read().slots, self.cfg.max_load_factor)
+    }
+
+    fn clear(&self) -> Result<()> {
+        self.gpu.check()?;
+        self.write().clear(&self.gpu)
+    }
+
+    fn describe(&self) -> Description {
+        let st = self.read();
+        let lanes: u64 = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(Lane::bytes)
+            .sum();
+        Description {
+            backend: BACKEND,
+            device: self.gpu.name.clone(),
+            bytes_in_use: st.bytes() + lanes,
+            slots: st.slots,
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! WGSL sources of the table's compute shaders, generated for a number of table segments.
+//!
+//! The key and value arrays are split into `segs` storage buffers (segments) of
+//! `1 << seg_shift` slots each, bound as separate bindings, because one storage binding is
+//! limited in size (128 MiB on lavapipe, near 2 GiB on Vulkan drivers). WGSL cannot index
+//! an array of bindings without extra features, so each access goes through a generated
+//! helper that `switch`es on the segment. A module is generated per segment count (and per
+//! pair of counts for the rehash) and cached by the device.
+//!
+//! Every module is emitted in one of three *flavours* that differ only in whether the key
+//! and value segments are declared atomic: the place/delete passes need atomic keys (CAS),
+//! the last-wins passes atomic values (atomic max on word 0 of a row), and the read-only
+//! passes neither (plain loads are cheaper). The bind group layout is the same for all.
+//!
+//! # Key encoding
+//!
+//! A key slot holds `EMPTY = 0` (never used), `TOMBSTONE = 1` (deleted) or a user key.
+//! Zeroed memory is an empty table, so clearing is a buffer clear. The two user keys equal
+//! to the sentinels (`0` and `1`) live in the *special area*: `present[2]` then their two
+//! value rows.
+
+use std::fmt::Write as _;
+
+/// Threads per workgroup of every batch kernel.
+pub(crate) const WORKGROUP: u32 = 256;
+
+/// Indices of the u64 words of a table's control buffer (the shaders use the same numbers).
+///
+/// Word 0 counts the keys of the current put chunk that were found already placed (the
+/// last-wins passes run when it is non-zero) and words 1 and 2 hold 1 + the highest index
+/// in the chunk of the special keys 0 and 1; the chunk's finishing pass resets all three.
+pub(crate) mod ctl {
+    /// Keys newly placed in the key array (from EMPTY or a tombstone).
+    pub const INSERTED: usize = 3;
+    /// Of those, the ones that took an EMPTY slot.
+    pub const FROM_EMPTY: usize = 4;
+    /// Keys turned into tombstones.
+    pub const REMOVED: usize = 5;
+    /// Special keys that became present.
+    pub const SPEC_INSERTED: usize = 6;
+    /// Special keys removed.
+    pub const SPEC_REMOVED: usize = 7;
+    /// Probes that went round the whole table (a broken invariant).
+    pub const ERRORS: usize = 8;
+    /// Keys moved by a rehash.
+    pub const MOVED: usize = 9;
+    /// Live keys counted by `count`.
+    pub const LIVE: usize = 10;
+    /// Tombstones counted by `count`.
+    pub const TOMBS: usize = 11;
+    /// Words in the control buffer.
+    pub const LEN: usize = 16;
+}
+
+/// Which segments are declared atomic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Flavour {
+    /// Keys atomic (CAS), values plain: `put_place`, `put_dup_args`, `delete`.
+    AtomicKeys,
+    /// Values atomic, keys plain: `put_zero`, `put_max`, `put_win`.
+    AtomicValues,
+    /// Both plain: `get`, `contains`, `put_write`, `put_finish`, `count`.
+    Plain,
+}
+
+impl Flavour {
+    /// The flavour an entry point of the batch module needs.
+    pub(crate) fn of(entry: &str) -> Flavour {
+        match entry {
+            "kv_put_place" | "kv_put_dup_args" | "kv_delete" => Flavour::AtomicKeys,
+            "kv_put_zero" | "kv_put_max" | "kv_put_win" => Flavour::AtomicValues,
+            _ => Flavour::Plain,
+        }
+    }
+}
+
+/// First binding of the key segments in the batch layout (values follow the keys).
+pub(crate) const BATCH_FIXED: u32 = 8;
+
+const COMMON: &str = r#"
+const EMPTY: u64 = 0lu;
+const TOMB: u64 = 1lu;
+
+struct Params {
+    n: u32,
+    width: u32,
+    mask: u32,
+    seg_shift: u32,
+    base: u32,
+    gx: u32,
+    gy: u32,
+    pad: u32,
+}
+
+fn fmix(key: u64) -> u64 {
+    var h = key;
+    h ^= h >> 33u;
+    h *= 0xff51afd7ed558ccdlu;
+    h ^= h >> 33u;
+    h *= 0xc4ceb9fe1a85ec53lu;
+    h ^= h >> 33u;
+    return h;
+}
+
+fn home(key: u64) -> u32 {
+    return u32(fmix(key) & u64(p.mask));
+}
+
+fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 256u + lid;
+}
+
+fn seg_of(slot: u32) -> u32 {
+    return slot >> p.seg_shift;
+}
+
+fn row_of(slot: u32) -> u32 {
+    return (slot & ((1u << p.seg_shift) - 1u)) * p.width;
+}
+"#;
+
+/// Emits `fn {name}(seg: u32, off: u32{extra_params}) {ret} { switch seg { ... } }` where
+/// each case runs `body` with `{a}` replaced by the segment's array name.
+fn switch_fn(
+    out: &mut String,
+    name: &str,
+    array: &str,
+    segs: usize,
+    extra_params: &str,
+    ret: &str,
+    body: &str,
+) {
+    let ret_decl = if ret.is_empty() {
+        String::new()
+    } else {
+        format!(" -> {ret}")
+    };
+    let _ = writeln!(
+        out,
+        "fn {name}(seg: u32, off: u32{extra_params}){ret_decl} {{\n    switch seg {{"
+    );
+    for s in 0..segs {
+        let b = body.replace("{a}", &format!("{array}{s}[off]"));
+        let _ = writeln!(out, "        case {s}u: {{ {b} }}");
+    }
+    let _ = writeln!(out, "        default: {{}}\n    }}");
+    if !ret.is_empty() {
+        let _ = writeln!(out, "    return 0lu;");
+    }
+    let _ = writeln!(out, "}}");
+}
+
+/// Declares `segs` segment bindings named `{name}{s}` from `first`, and their accessors.
+fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool, prefix: &str) {
+    let ty = if atomic { "atomic<u64>" } else { "u64" };
+    for s in 0..segs {
+        let _ = writeln!(
+            out,
+            "@group(0) @binding({}) var<storage, read_write> {name}{s}: array<{ty}>;",
+            first + s as u32
+        );
+    }
+    if atomic {
+        switch_fn(
+            out,
+            &format!("{prefix}load"),
+            name,
+            segs,
+            "",
+            "u64",
+            "return atomicLoad(&{a});",
+        );
+        switch_fn(
+            out,
+            &format!("{prefix}store"),
+            name,
+            segs,
+            ", v: u64",
+            "",
+            "atomicStore(&{a}, v);",
+        );
+        // A strong CAS from the weak one: retry only on a spurious failure.
+        switch_fn(
+            out,
+            &format!("{prefix}cas"),
+            name,
+            segs,
+            ", cmp: u64, v: u64",
+            "u64",
+            "loop { let r = atomicCompareExchangeWeak(&{a}, cmp, v); if r.exchanged || r.old_value != cmp { return r.old_value; } }",
+        );
+        switch_fn(
+            out,
+            &format!("{prefix}max"),
+            name,
+            segs,
+            ", v: u64",
+            "",
+            "atomicMax(&{a}, v);",
+        );
+    } else {
+        switch_fn(
+            out,
+            &format!("{prefix}load"),
+            name,
+            segs,
+            "",
+            "u64",
+            "return {a};",
+        );
+        switch_fn(
+            out,
+            &format!("{prefix}store"),
+            name,
+            segs,
+            ", v: u64",
+            "",
+            "{a} = v;",
+        );
+    }
+}
+
+/// The batch module (put passes, get, contains, delete, count) for `segs` segments.
+pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
+    let mut s = String::new();
+    s.push_str(
+        r#"
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> ctl: array<atomic<u64>>;
+@group(0) @binding(2) var<storage, read_write> special: array<atomic<u64>>;
+@group(0) @binding(3) var<storage, read_write> keys_in: array<u64>;
+@group(0) @binding(4) var<storage, read_write> vals_io: array<u64>;
+@group(0) @binding(5) var<storage, read_write> slot_of: array<u32>;
+@group(0) @binding(6) var<storage, read_write> flags8: array<atomic<u32>>;
+@group(0) @binding(7) var<storage, read_write> dup_args: array<u32, 4>;
+"#,
+    );
+    s.push_str(COMMON);
+    segments(
+        &mut s,
+        "keys",
+        BATCH_FIXED,
+        segs,
+        flavour == Flavour::AtomicKeys,
+        "k",
+    );
+    segments(
+        &mut s,
+        "vals",
+        BATCH_FIXED + segs as u32,
+        segs,
+        flavour == Flavour::AtomicValues,
+        "v",
+    );
+    s.push_str(
+        r#"
+var<workgroup> wg_cnt: array<atomic<u32>, 4>;
+
+fn set_flag8(i: u32) {
+    atomicOr(&flags8[i >> 2u], 1u << ((i & 3u) * 8u));
+}
+
+fn get_flag8(i: u32) -> bool {
+    return ((atomicLoad(&flags8[i >> 2u]) >> ((i & 3u) * 8u)) & 0xffu) != 0u;
+}
+
+fn flush(lid: u32, c0: u32, c1: u32, c2: u32, c3: u32) {
+    workgroupBarrier();
+    if lid == 0u {
+        let a = atomicLoad(&wg_cnt[0]);
+        let b = atomicLoad(&wg_cnt[1]);
+        let c = atomicLoad(&wg_cnt[2]);
+        let d = atomicLoad(&wg_cnt[3]);
+        if a != 0u { atomicAdd(&ctl[c0], u64(a)); }
+        if b != 0u { atomicAdd(&ctl[c1], u64(b)); }
+        if c != 0u { atomicAdd(&ctl[c2], u64(c)); }
+        if d != 0u { atomicAdd(&ctl[c3], u64(d)); }
+    }
+}
+
+"#,
+    );
+    match flavour {
+        Flavour::AtomicKeys => s.push_str(ATOMIC_KEYS_PASSES),
+        Flavour::AtomicValues => s.push_str(ATOMIC_VALUES_PASSES),
+        Flavour::Plain => s.push_str(PLAIN_PASSES),
+    }
+    format!("{COMMON_HEADER}{s}")
+}
+
+const COMMON_HEADER: &str = "// vramkv wgpu table kernels (generated)\n";
+
+const ATOMIC_KEYS_PASSES: &str = r#"
+fn koff(pos: u32) -> u32 { return pos & ((1u << p.seg_shift) - 1u); }
+
+// Put pass 1: place key i (claim EMPTY, reuse the first tombstone met, or find it),
+// record its slot and write its row.
+@compute @workgroup_size(256)
+fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n {
+        let key = keys_in[i];
+        if key <= TOMB {
+            atomicMax(&ctl[1u + u32(key)], u64(i) + 1lu);
+        } else {
+            // 1: from empty, 2: from tombstone, 3: found, 4: overflow
+            var outcome = 0u;
+            var slot = 0u;
+            loop {
+                var pos = home(key);
+                var tomb = 0u;
+                var has_tomb = false;
+                var steps = 0u;
+                var restart = false;
+                loop {
+                    var cur = kload(seg_of(pos), koff(pos));
+                    if cur == EMPTY {
+                        if has_tomb {
+                            let old = kcas(seg_of(tomb), koff(tomb), TOMB, key);
+                            if old == TOMB { outcome = 2u; slot = tomb; break; }
+                            if old == key { outcome = 3u; slot = tomb; break; }
+                            restart = true;
+                            break;
+                        }
+                        let old = kcas(seg_of(pos), koff(pos), EMPTY, key);
+                        if old == EMPTY { outcome = 1u; slot = pos; break; }
+                        cur = old;
+                    }
+                    if cur == key { outcome = 3u; slot = pos; break; }
+                    if cur == TOMB && !has_tomb { has_tomb = true; tomb = pos; }
+                    if steps == p.mask { outcome = 4u; break; }
+                    steps += 1u;
+                    pos = (pos + 1u) & p.mask;
+                }
+                if !restart { break; }
+            }
+            slot_of[i] = slot;
+            if outcome == 4u {
+                atomicAdd(&wg_cnt[3], 1u);
+            } else {
+                if outcome == 1u { atomicAdd(&wg_cnt[1], 1u); }
+                if outcome <= 2u { atomicAdd(&wg_cnt[0], 1u); }
+                if outcome == 3u { atomicAdd(&wg_cnt[2], 1u); }
+                let w = p.width;
+                let seg = seg_of(slot);
+                let r = row_of(slot);
+                for (var j = 0u; j < w; j += 1u) {
+                    vstore(seg, r + j, vals_io[i * w + j]);
+                }
+            }
+        }
+    }
+    flush(lid, 3u, 4u, 0u, 8u);
+}
+
+// After the place pass (one thread): the workgroup counts of the last-wins passes, which
+// are dispatched indirectly: the whole grid if some key was found already placed, else none.
+@compute @workgroup_size(1)
+fn kv_put_dup_args() {
+    var on = 0u;
+    if atomicLoad(&ctl[0]) != 0lu { on = 1u; }
+    dup_args[0] = p.gx * on;
+    dup_args[1] = p.gy * on;
+    dup_args[2] = 1u;
+}
+
+// Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.
+@compute @workgroup_size(256)
+fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n {
+        let key = keys_in[i];
+        if key <= TOMB {
+            if atomicExchange(&special[u32(key)], 0lu) != 0lu { atomicAdd(&wg_cnt[1], 1u); }
+        } else {
+            var pos = home(key);
+            var steps = 0u;
+            loop {
+                let cur = kload(seg_of(pos), koff(pos));
+                if cur == key {
+                    if kcas(seg_of(pos), koff(pos), key, TOMB) == key { atomicAdd(&wg_cnt[0], 1u); }
+                    break;
+                }
+                if cur == EMPTY || steps == p.mask { break; }
+                steps += 1u;
+                pos = (pos + 1u) & p.mask;
+            }
+        }
+    }
+    flush(lid, 5u, 7u, 12u, 13u);
+}
+"#;
+
+const ATOMIC_VALUES_PASSES: &str = r#"
+fn dup_raised() -> bool { return atomicLoad(&ctl[0]) != 0lu; }
+
+// Last-wins pass 2: zero word 0 of every row the chunk touched.
+@compute @workgroup_size(256)
+fn kv_put_zero(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n && dup_raised() && keys_in[i] > TOMB {
+        let slot = slot_of[i];
+        vstore(seg_of(slot), row_of(slot), 0lu);
+    }
+}
+
+// Pass 3: atomic max of 1 + i into word 0.
+@compute @workgroup_size(256)
+fn kv_put_max(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n && dup_raised() && keys_in[i] > TOMB {
+        let slot = slot_of[i];
+        vmax(seg_of(slot), row_of(slot), u64(i) + 1lu);
+    }
+}
+
+// Pass 4: item i wins its row if 1 + i stayed.
+@compute @workgroup_size(256)
+fn kv_put_win(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n && dup_raised() && keys_in[i] > TOMB {
+        let slot = slot_of[i];
+        if vload(seg_of(slot), row_of(slot)) == u64(i) + 1lu { set_flag8(i); }
+    }
+}
+"#;
+
+const PLAIN_PASSES: &str = r#"
+// Pass 5: the winner of each touched row rewrites it.
+@compute @workgroup_size(256)
+fn kv_put_write(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n && atomicLoad(&ctl[0]) != 0lu && keys_in[i] > TOMB && get_flag8(i) {
+        let slot = slot_of[i];
+        let w = p.width;
+        let seg = seg_of(slot);
+        let r = row_of(slot);
+        for (var j = 0u; j < w; j += 1u) {
+            vstore(seg, r + j, vals_io[i * w + j]);
+        }
+    }
+}
+
+// Pass 6 (one thread): the last occurrence of each special key writes its row; the
+// chunk's flags are reset for the next chunk.
+@compute @workgroup_size(1)
+fn kv_put_finish() {
+    let w = p.width;
+    for (var k = 0u; k < 2u; k += 1u) {
+        let win = atomicLoad(&ctl[1u + k]);
+        if win != 0lu {
+            let i = u32(win - 1lu);
+            for (var j = 0u; j < w; j += 1u) {
+                atomicStore(&special[2u + k * w + j], vals_io[i * w + j]);
+            }
+            if atomicExchange(&special[k], 1lu) == 0lu { atomicAdd(&ctl[6], 1lu); }
+        }
+        atomicStore(&ctl[1u + k], 0lu);
+    }
+    atomicStore(&ctl[0], 0lu);
+}
+
+fn lookup(i: u32, with_values: bool) {
+    let key = keys_in[i];
+    let w = p.width;
+    if key <= TOMB {
+        let k = u32(key);
+        let present = atomicLoad(&special[k]) != 0lu;
+        if present { set_flag8(i); }
+        if with_values {
+            for (var j = 0u; j < w; j += 1u) {
+                var v = 0lu;
+                if present { v = atomicLoad(&special[2u + k * w + j]); }
+                vals_io[i * w + j] = v;
+            }
+        }
+        return;
+    }
+    var pos = home(key);
+    var steps = 0u;
+    var found = false;
+    loop {
+        let cur = kload(seg_of(pos), pos & ((1u << p.seg_shift) - 1u));
+        if cur == key { found = true; break; }
+        if cur == EMPTY || steps == p.mask { break; }
+        steps += 1u;
+        pos = (pos + 1u) & p.mask;
+    }
+    if found { set_flag8(i); }
+    if with_values {
+        if found {
+            let seg = seg_of(pos);
+            let r = row_of(pos);
+            for (var j = 0u; j < w; j += 1u) {
+                vals_io[i * w + j] = vload(seg, r + j);
+            }
+        } else {
+            for (var j = 0u; j < w; j += 1u) {
+                vals_io[i * w + j] = 0lu;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn kv_get(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n { lookup(i, true); }
+}
+
+@compute @workgroup_size(256)
+fn kv_contains(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n { lookup(i, false); }
+}
+
+// Live keys and tombstones of slots base .. base + n (checks).
+@compute @workgroup_size(256)
+fn kv_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n {
+        let s = p.base + i;
+        let k = kload(seg_of(s), s & ((1u << p.seg_shift) - 1u));
+        if k > TOMB { atomicAdd(&wg_cnt[0], 1u); }
+        if k == TOMB { atomicAdd(&wg_cnt[1], 1u); }
+    }
+    flush(lid, 10u, 11u, 12u, 13u);
+}
+"#;
+
+/// The rehash module: moves the live keys of one old segment into a table of `segs`
+/// segments (dispatched once per old segment).
+///
+/// Bindings: 0 params (`mask`/`seg_shift`/`width` of the new table, `n` slots of the old
+/// segment), 1 control, 2 the old key segment, 3 the old value segment, then the new key
+/// segments (atomic) and the new value segments.
+pub(crate) fn rehash_module(segs: usize) -> String {
+    let mut s = String::from(COMMON_HEADER);
+    s.push_str(
+        r#"
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> ctl: array<atomic<u64>>;
+@group(0) @binding(2) var<storage, read_write> okeys: array<u64>;
+@group(0) @binding(3) var<storage, read_write> ovals: array<u64>;
+"#,
+    );
+    s.push_str(COMMON);
+    segments(&mut s, "nkeys", 4, segs, true, "nk");
+    segments(&mut s, "nvals", 4 + segs as u32, segs, false, "nv");
+    s.push_str(
+        r#"
+var<workgroup> wg_cnt: array<atomic<u32>, 2>;
+
+@compute @workgroup_size(256)
+fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i < p.n {
+        let key = okeys[i];
+        if key > TOMB {
+            var pos = home(key);
+            var steps = 0u;
+            loop {
+                let off = pos & ((1u << p.seg_shift) - 1u);
+                let seg = seg_of(pos);
+                if nkload(seg, off) == EMPTY && nkcas(seg, off, EMPTY, key) == EMPTY {
+                    let w = p.width;
+                    let r = off * w;
+                    let orow = i * w;
+                    for (var j = 0u; j < w; j += 1u) {
+                        nvstore(seg, r + j, ovals[orow + j]);
+                    }
+                    atomicAdd(&wg_cnt[0], 1u);
+                    break;
+                }
+                if steps == p.mask { atomicAdd(&wg_cnt[1], 1u); break; }
+                steps += 1u;
+                pos = (pos + 1u) & p.mask;
+            }
+        }
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        let a = atomicLoad(&wg_cnt[0]);
+        let b = atomicLoad(&wg_cnt[1]);
+        if a != 0u { atomicAdd(&ctl[9], u64(a)); }
+        if b != 0u { atomicAdd(&ctl[8], u64(b)); }
+    }
+}
+"#,
+    );
+    s
+}

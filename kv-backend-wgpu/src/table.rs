@@ -1,0 +1,808 @@
+//! The table's device buffers and the host pipeline that feeds batches through them.
+//!
+//! # Pipeline
+//!
+//! A batch is cut into chunks; each chunk goes through one of a few staging *lanes*
+//! (round robin). A lane owns an upload buffer (host-visible, mapped for writing), the
+//! chunk's device buffers, a uniform with the chunk's parameters and a readback buffer
+//! (mapped for reading). One chunk is one submission: copy in, the kernels, copy out. After
+//! submitting, the lane asks for its upload buffer to be mapped again and, when the chunk
+//! has output, for its readback buffer; the host only waits (on that submission index) when
+//! it reuses the lane or at the end of the batch, so filling chunk `c + 1` overlaps the
+//! device work of chunk `c`. Submissions on the one queue run in order, so the chunks of a
+//! put apply in batch order.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use bytemuck::{Pod, Zeroable};
+use kv_core::Result;
+use rayon::prelude::*;
+
+use crate::gpu::{Gpu, device_error, oom};
+use crate::shader::ctl;
+
+/// Staging lanes used by one host batch.
+pub(crate) const LANES: usize = 3;
+/// Bytes of keys + values per chunk at most (the chunk size for large batches).
+const CHUNK_BYTES: usize = 64 << 20;
+/// Smallest lane (items); lanes are sized in powers of two so that they are reused.
+pub(crate) const MIN_LANE: usize = 4096;
+/// Lanes kept in a table's pool between batches.
+pub(crate) const POOL_MAX: usize = 2 * LANES;
+/// Bytes at the start of an upload buffer reserved for the chunk's parameters.
+const UP_HDR: u64 = 256;
+/// Bytes at the start of a readback buffer reserved for the control words.
+const RB_HDR: u64 = (ctl::LEN * 8) as u64;
+/// Slots rehashed or counted per dispatch at most (keeps thread indices in u32).
+const PIECE: usize = 1 << 30;
+
+/// Kernel parameters, as the WGSL `Params` struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct Params {
+    pub n: u32,
+    pub width: u32,
+    pub mask: u32,
+    pub seg_shift: u32,
+    pub base: u32,
+    /// Workgroups of the chunk's grid (x, y), for the indirect last-wins passes.
+    pub gx: u32,
+    pub gy: u32,
+    pub pad: u32,
+}
+
+const MAPPED: u8 = 1;
+const MAP_PENDING: u8 = 0;
+const MAP_FAILED: u8 = 2;
+
+fn map(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>) {
+    state.store(MAP_PENDING, Ordering::Release);
+    let s = state.clone();
+    buffer.map_async(mode, .., move |r| {
+        s.store(
+            if r.is_ok() { MAPPED } else { MAP_FAILED },
+            Ordering::Release,
+        )
+    });
+}
+
+/// Returns once a buffer whose mapping was requested before submission `idx`, which has
+/// completed, is mapped. The callback normally ran inside our wait; when another thread's
+/// poll collected it, that thread runs it in a moment, so we only yield until it has.
+fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match state.load(Ordering::Acquire) {
+            MAPPED => return Ok(()),
+            MAP_FAILED => return Err(device_error(format!("mapping the {what} buffer failed"))),
+            _ if t0.elapsed() > std::time::Duration::from_secs(30) => {
+                return Err(device_error(format!(
+                    "the {what} buffer was not mapped 30 s after its submission completed"
+                )));
+            }
+            _ => {
+                let _ = gpu.device.poll(wgpu::PollType::Poll);
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Items per chunk for a batch of `n` keys of `width` words, bindings of at most
+/// `max_binding` bytes.
+pub(crate) fn lane_cap(n: usize, width: usize, max_binding: u64) -> usize {
+    let by_bytes = CHUNK_BYTES / (8 * (width + 1));
+    let by_binding = (max_binding / (8 * width as u64)).min(u32::MAX as u64 / 2) as usize;
+    let max = by_bytes.min(by_binding).max(MIN_LANE);
+    let max = 1usize << (usize::BITS - 1 - max.leading_zeros());
+    n.div_ceil(LANES)
+        .max(1)
+        .next_power_of_two()
+        .clamp(MIN_LANE, max)
+}
+
+/// A process-unique number for each version of a table's buffers (lanes cache their bind
+/// group against it).
+fn next_gen() -> u64 {
+    static GEN: AtomicU64 = AtomicU64::new(1);
+    GEN.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What a host batch does, with its output slices.
+pub(crate) enum Op<'a> {
+    Put {
+        values: &'a [u64],
+    },
+    Get {
+        values: &'a mut [u64],
+        found: &'a mut [bool],
+    },
+    Contains {
+        found: &'a mut [bool],
+    },
+    Delete,
+}
+
+impl Op<'_> {
+    fn counts(&self) -> bool {
+        matches!(self, Op::Put { .. } | Op::Delete)
+    }
+}
+
+/// A submitted chunk whose lane has not been waited for.
+struct Pending {
+    sub: wgpu::SubmissionIndex,
+    start: usize,
+    m: usize,
+    /// The readback buffer was asked to map (output and/or counters).
+    readback: bool,
+    /// The control words were copied into the readback buffer.
+    counters: bool,
+}
+
+/// One staging lane: buffers for one chunk in flight.
+pub(crate) struct Lane {
+    pub cap: usize,
+    width: usize,
+    upload: wgpu::Buffer,
+    up_state: Arc<AtomicU8>,
+    params: wgpu::Buffer,
+    keys_in: wgpu::Buffer,
+    vals_io: wgpu::Buffer,
+    slot_of: wgpu::Buffer,
+    flags8: wgpu::Buffer,
+    /// Workgroup counts of the last-wins passes, as the place pass leaves them (storage)...
+    dup_src: wgpu::Buffer,
+    /// ... and copied here for the indirect dispatches (a buffer bound as storage cannot
+    /// also be the indirect argument of a dispatch).
+    dup_args: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    rb_state: Arc<AtomicU8>,
+    bind: Option<(u64, wgpu::BindGroup)>,
+    pending: Option<Pending>,
+}
+
+fn flags_bytes(cap: usize) -> u64 {
+    (cap as u64).next_multiple_of(8)
+}
+
+impl Lane {
+    pub fn new(gpu: &Gpu, cap: usize, width: usize) -> Result<Lane> {
+        use wgpu::BufferUsages as U;
+        let (c, w) = (cap as u64, width as u64);
+        Ok(Lane {
+            cap,
+            width,
+            upload: gpu.buffer(
+                "vramkv upload",
+                UP_HDR + c * 8 + c * w * 8,
+                U::MAP_WRITE | U::COPY_SRC,
+                true,
+            )?,
+            up_state: Arc::new(AtomicU8::new(MAPPED)),
+            params: gpu.buffer("vramkv params", 32, U::UNIFORM | U::COPY_DST, false)?,
+            keys_in: gpu.buffer("vramkv keys in", c * 8, U::STORAGE | U::COPY_DST, false)?,
+            vals_io: gpu.buffer(
+                "vramkv values",
+                c * w * 8,
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                false,
+            )?,
+            slot_of: gpu.buffer("vramkv slots", c * 4, U::STORAGE, false)?,
+            flags8: gpu.buffer(
+                "vramkv flags",
+                flags_bytes(cap),
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                false,
+            )?,
+            dup_src: gpu.buffer("vramkv dup args", 16, U::STORAGE | U::COPY_SRC, false)?,
+            dup_args: gpu.buffer("vramkv dispatch args", 16, U::INDIRECT | U::COPY_DST, false)?,
+            readback: gpu.buffer(
+                "vramkv readback",
+                RB_HDR + flags_bytes(cap) + c * w * 8,
+                U::MAP_READ | U::COPY_DST,
+                false,
+            )?,
+            rb_state: Arc::new(AtomicU8::new(MAP_PENDING)),
+            bind: None,
+            pending: None,
+        })
+    }
+
+    /// Device bytes of the lane (staging included).
+    pub fn bytes(&self) -> u64 {
+        self.upload.size()
+            + self.params.size()
+            + self.keys_in.size()
+            + self.vals_io.size()
+            + self.slot_of.size()
+            + self.flags8.size()
+            + self.dup_src.size()
+            + self.dup_args.size()
+            + self.readback.size()
+    }
+
+    /// The lane's bind group for the table's current buffers.
+    fn bind_group(&mut self, gpu: &Gpu, st: &State) -> Result<&wgpu::BindGroup> {
+        if self.bind.as_ref().is_none_or(|(g, _)| *g != st.version) {
+            let layout = gpu.batch_layout(st.segs.len())?;
+            let mut bufs: Vec<&wgpu::Buffer> = vec![
+                &self.params,
+                &st.ctl,
+                &st.special,
+                &self.keys_in,
+                &self.vals_io,
+                &self.slot_of,
+                &self.flags8,
+                &self.dup_src,
+            ];
+            bufs.extend(st.segs.iter().map(|s| &s.keys));
+            bufs.extend(st.segs.iter().map(|s| &s.vals));
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = bufs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: b.as_entire_binding(),
+                })
+                .collect();
+            let bg = gpu.scoped("bind group", 0, || {
+                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("vramkv batch"),
+                    layout: &layout.bgl,
+                    entries: &entries,
+                })
+            })?;
+            self.bind = Some((st.version, bg));
+        }
+        match &self.bind {
+            Some((_, bg)) => Ok(bg),
+            None => Err(device_error("bind group missing")),
+        }
+    }
+
+    /// Waits for the lane's submitted chunk, hands its output to `op` and its control words
+    /// to `counters`, and leaves the upload buffer mapped for the next chunk.
+    fn settle(
+        &mut self,
+        gpu: &Gpu,
+        op: &mut Op<'_>,
+        counters: &mut Option<[u64; ctl::LEN]>,
+    ) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        gpu.wait(p.sub)?;
+        expect_mapped(gpu, &self.up_state, "upload")?;
+        if !p.readback {
+            return Ok(());
+        }
+        expect_mapped(gpu, &self.rb_state, "readback")?;
+        {
+            let view = self
+                .readback
+                .get_mapped_range(..)
+                .map_err(|e| device_error(format!("readback: {e}")))?;
+            let bytes: &[u8] = &view;
+            let w = self.width;
+            let (start, m) = (p.start, p.m);
+            let flags = &bytes[RB_HDR as usize..RB_HDR as usize + m];
+            let vals_at = (RB_HDR + flags_bytes(self.cap)) as usize;
+            match op {
+                Op::Get { values, found } => {
+                    copy_bools(&mut found[start..start + m], flags);
+                    copy_words(
+                        &mut values[start * w..(start + m) * w],
+                        &bytes[vals_at..vals_at + m * w * 8],
+                    );
+                }
+                Op::Contains { found } => copy_bools(&mut found[start..start + m], flags),
+                Op::Put { .. } | Op::Delete => {}
+            }
+            if p.counters {
+                let mut c = [0u64; ctl::LEN];
+                copy_words(&mut c, &bytes[..RB_HDR as usize]);
+                *counters = Some(c);
+            }
+        }
+        self.readback.unmap();
+        self.rb_state.store(MAP_PENDING, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes a chunk's parameters, keys and (for a put) values into the upload buffer.
+    fn fill(
+        &mut self,
+        gpu: &Gpu,
+        params: &Params,
+        keys: &[u64],
+        values: Option<&[u64]>,
+    ) -> Result<()> {
+        expect_mapped(gpu, &self.up_state, "upload")?;
+        let p = bytemuck::bytes_of(params);
+        self.upload
+            .get_mapped_range_mut(..p.len() as u64)
+            .map_err(|e| device_error(format!("upload: {e}")))?
+            .copy_from_slice(p);
+        let k0 = UP_HDR as usize;
+        write_mapped(&self.upload, k0, bytemuck::cast_slice(keys))?;
+        if let Some(v) = values {
+            write_mapped(&self.upload, k0 + self.cap * 8, bytemuck::cast_slice(v))?;
+        }
+        self.upload.unmap();
+        self.up_state.store(MAP_PENDING, Ordering::Release);
+        Ok(())
+    }
+
+    /// Waits for whatever the lane has in flight, discarding its output (error paths).
+    pub fn drain(&mut self, gpu: &Gpu) {
+        if let Some(p) = self.pending.take() {
+            let _ = gpu.wait(p.sub);
+        }
+    }
+
+    /// Whether the lane is ready for reuse: nothing in flight and its upload buffer mapped.
+    pub fn reusable(&self) -> bool {
+        self.pending.is_none() && self.up_state.load(Ordering::Acquire) == MAPPED
+    }
+}
+
+/// Copies of at least this many bytes are split over the rayon pool.
+const PAR_MIN: usize = 1 << 20;
+/// Bytes per piece of a parallel copy.
+const PAR_PIECE: usize = 1 << 18;
+
+fn copy_bools(dst: &mut [bool], src: &[u8]) {
+    let f = |(d, s): (&mut [bool], &[u8])| d.iter_mut().zip(s).for_each(|(d, s)| *d = *s != 0);
+    if dst.len() < PAR_MIN {
+        f((dst, src));
+    } else {
+        dst.par_chunks_mut(PAR_PIECE)
+            .zip(src.par_chunks(PAR_PIECE))
+            .for_each(f);
+    }
+}
+
+fn copy_words(dst: &mut [u64], src: &[u8]) {
+    let dst = bytemuck::cast_slice_mut::<u64, u8>(dst);
+    if dst.len() < PAR_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PAR_PIECE)
+            .zip(src.par_chunks(PAR_PIECE))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+/// Copies `src` into the mapped `buffer` at byte `offset`, on all cores when it is large
+/// (one mapped view per piece: views of disjoint ranges may be written concurrently).
+fn write_mapped(buffer: &wgpu::Buffer, offset: usize, src: &[u8]) -> Result<()> {
+    let view = |at: usize, len: usize| {
+        buffer
+            .get_mapped_range_mut(at as u64..(at + len) as u64)
+            .map_err(|e| device_error(format!("upload: {e}")))
+    };
+    if src.len() < PAR_MIN {
+        view(offset, src.len())?.copy_from_slice(src);
+        return Ok(());
+    }
+    let views = src
+        .chunks(PAR_PIECE)
+        .enumerate()
+        .map(|(i, s)| view(offset + i * PAR_PIECE, s.len()))
+        .collect::<Result<Vec<_>>>()?;
+    views
+        .into_par_iter()
+        .zip(src.par_chunks(PAR_PIECE))
+        .for_each(|(mut d, s)| d.copy_from_slice(s));
+    Ok(())
+}
+
+/// One segment of the table: `slots` keys and their value rows.
+pub(crate) struct Seg {
+    pub keys: wgpu::Buffer,
+    pub vals: wgpu::Buffer,
+    pub slots: usize,
+}
+
+/// The table's device state (behind the backend's RwLock).
+pub(crate) struct State {
+    pub slots: usize,
+    pub width: usize,
+    /// Slots per segment is `1 << seg_shift` (the last or only one may hold fewer).
+    pub seg_shift: u32,
+    pub segs: Vec<Seg>,
+    /// `present[2]` then the value rows of the user keys 0 and 1.
+    pub special: wgpu::Buffer,
+    /// Control words (`shader::ctl`).
+    pub ctl: wgpu::Buffer,
+    /// Parameters of table-wide kernels (rehash).
+    params: wgpu::Buffer,
+    /// Readback of the control words for table-wide work.
+    readback: wgpu::Buffer,
+    rb_state: Arc<AtomicU8>,
+    /// Changes whenever the buffers do.
+    pub version: u64,
+    /// Entries, special keys included.
+    pub len: usize,
+    /// Tombstones in the key array.
+    pub tombs: usize,
+    /// Special keys present (0..=2).
+    pub spec_len: usize,
+}
+
+/// Segment shift for a table of `width`-word rows whose bindings hold `max_bytes`.
+pub(crate) fn seg_shift_for(width: usize, max_bytes: u64) -> u32 {
+    let slots = (max_bytes / (8 * width as u64)).max(1);
+    (63 - slots.leading_zeros()).min(31)
+}
+
+fn alloc_segs(gpu: &Gpu, slots: usize, width: usize, seg_shift: u32) -> Result<Vec<Seg>> {
+    use wgpu::BufferUsages as U;
+    let per = 1usize << seg_shift;
+    let n = slots.div_ceil(per);
+    let total = (slots as u64).saturating_mul(8 * (width as u64 + 1));
+    if n > gpu.max_segments() {
+        // More storage bindings than one shader may have on this device.
+        return Err(oom(total));
+    }
+    let mut segs = Vec::with_capacity(n);
+    for s in 0..n {
+        let sl = per.min(slots - s * per);
+        segs.push(Seg {
+            keys: gpu.buffer(
+                "vramkv keys",
+                sl as u64 * 8,
+                U::STORAGE | U::COPY_DST,
+                false,
+            )?,
+            vals: gpu.buffer(
+                "vramkv values",
+                sl as u64 * 8 * width as u64,
+                U::STORAGE | U::COPY_DST,
+                false,
+            )?,
+            slots: sl,
+        });
+    }
+    Ok(segs)
+}
+
+impl State {
+    pub fn new(gpu: &Gpu, slots: usize, width: usize, max_seg_bytes: u64) -> Result<State> {
+        use wgpu::BufferUsages as U;
+        let seg_shift = seg_shift_for(width, max_seg_bytes);
+        // Fresh wgpu buffers read as zeros: every key slot starts EMPTY.
+        let segs = alloc_segs(gpu, slots, width, seg_shift)?;
+        Ok(State {
+            slots,
+            width,
+            seg_shift,
+            segs,
+            special: gpu.buffer(
+                "vramkv special",
+                (2 + 2 * width as u64) * 8,
+                U::STORAGE | U::COPY_DST,
+                false,
+            )?,
+            ctl: gpu.buffer(
+                "vramkv control",
+                RB_HDR,
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                false,
+            )?,
+            params: gpu.buffer("vramkv params", 32, U::UNIFORM | U::COPY_DST, false)?,
+            readback: gpu.buffer("vramkv readback", RB_HDR, U::MAP_READ | U::COPY_DST, false)?,
+            rb_state: Arc::new(AtomicU8::new(MAP_PENDING)),
+            version: next_gen(),
+            len: 0,
+            tombs: 0,
+            spec_len: 0,
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.segs
+            .iter()
+            .map(|s| s.keys.size() + s.vals.size())
+            .sum::<u64>()
+            + self.special.size()
+            + self.ctl.size()
+            + self.params.size()
+            + self.readback.size()
+    }
+
+    /// Keys in the key array (entries less the special keys).
+    pub fn table_len(&self) -> usize {
+        self.len.saturating_sub(self.spec_len)
+    }
+
+    fn params(&self, n: usize) -> Params {
+        Params {
+            n: n as u32,
+            width: self.width as u32,
+            mask: (self.slots - 1) as u32,
+            seg_shift: self.seg_shift,
+            ..Params::default()
+        }
+    }
+
+    /// Submits `enc` (which ends by copying the control words into the readback buffer)
+    /// and returns the control words.
+    fn submit_for_counters(
+        &mut self,
+        gpu: &Gpu,
+        mut enc: wgpu::CommandEncoder,
+    ) -> Result<[u64; ctl::LEN]> {
+        enc.copy_buffer_to_buffer(&self.ctl, 0, &self.readback, 0, RB_HDR);
+        let idx = gpu.queue.submit([enc.finish()]);
+        map(&self.readback, wgpu::MapMode::Read, &self.rb_state);
+        gpu.wait(idx)?;
+        expect_mapped(gpu, &self.rb_state, "readback")?;
+        let mut c = [0u64; ctl::LEN];
+        {
+            let view = self
+                .readback
+                .get_mapped_range(..)
+                .map_err(|e| device_error(format!("readback: {e}")))?;
+            copy_words(&mut c, &view);
+        }
+        self.readback.unmap();
+        Ok(c)
+    }
+
+    /// Empties the table: keys EMPTY, special keys absent. Waits for the device.
+    pub fn clear(&mut self, gpu: &Gpu) -> Result<()> {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for s in &self.segs {
+            enc.clear_buffer(&s.keys, 0, None);
+        }
+        enc.clear_buffer(&self.special, 0, None);
+        enc.clear_buffer(&self.ctl, 0, None);
+        self.submit_for_counters(gpu, enc)?;
+        self.len = 0;
+        self.tombs = 0;
+        self.spec_len = 0;
+        Ok(())
+    }
+
+    /// Moves every entry into fresh segments of `slots` slots (growth, or a tombstone purge
+    /// when `slots` is unchanged). The new buffers are allocated first and swapped in only
+    /// once every key has moved: on any error the table is left as it was.
+    pub fn rehash(&mut self, gpu: &Gpu, slots: usize) -> Result<()> {
+        let segs = alloc_segs(gpu, slots, self.width, self.seg_shift)?;
+        let layout = gpu.rehash_layout(segs.len())?;
+        let pipeline = gpu.rehash_pipeline(segs.len())?;
+        let per_old = 1usize << self.seg_shift;
+        let params = Params {
+            n: per_old.min(self.slots) as u32,
+            width: self.width as u32,
+            mask: (slots - 1) as u32,
+            seg_shift: self.seg_shift,
+            ..Params::default()
+        };
+        gpu.queue
+            .write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
+        let groups: Vec<wgpu::BindGroup> = self
+            .segs
+            .iter()
+            .map(|old| {
+                let mut bufs: Vec<&wgpu::Buffer> =
+                    vec![&self.params, &self.ctl, &old.keys, &old.vals];
+                bufs.extend(segs.iter().map(|s| &s.keys));
+                bufs.extend(segs.iter().map(|s| &s.vals));
+                let entries: Vec<wgpu::BindGroupEntry<'_>> = bufs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32,
+                        resource: b.as_entire_binding(),
+                    })
+                    .collect();
+                gpu.scoped("bind group", 0, || {
+                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("vramkv rehash"),
+                        layout: &layout.bgl,
+                        entries: &entries,
+                    })
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.ctl, 0, None);
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            for (old, bg) in self.segs.iter().zip(&groups) {
+                // Every old segment but a lone small one has exactly `per_old` slots.
+                debug_assert_eq!(old.slots, params.n as usize);
+                pass.set_bind_group(0, bg, &[]);
+                let (x, y) = gpu.groups(old.slots as u64);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        let c = self.submit_for_counters(gpu, enc)?;
+        let want = self.table_len() as u64;
+        if c[ctl::ERRORS] != 0 || c[ctl::MOVED] != want {
+            return Err(device_error(format!(
+                "rehash into {slots} slots moved {} of {want} keys ({} probe overflows); table left as it was",
+                c[ctl::MOVED],
+                c[ctl::ERRORS]
+            )));
+        }
+        self.segs = segs;
+        self.slots = slots;
+        self.tombs = 0;
+        self.version = next_gen();
+        Ok(())
+    }
+
+    /// Live keys and tombstones in the key array as the device counts them.
+    pub fn count(&mut self, gpu: &Gpu, lane: &mut Lane) -> Result<(u64, u64)> {
+        let pipeline = gpu.batch_pipeline(self.segs.len(), "kv_count")?;
+        let (mut live, mut tombs) = (0, 0);
+        let mut base = 0;
+        while base < self.slots {
+            let n = PIECE.min(self.slots - base);
+            let params = Params {
+                base: base as u32,
+                ..self.params(n)
+            };
+            gpu.queue
+                .write_buffer(&lane.params, 0, bytemuck::bytes_of(&params));
+            let bg = lane.bind_group(gpu, self)?.clone();
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            enc.clear_buffer(&self.ctl, 0, None);
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bg, &[]);
+                let (x, y) = gpu.groups(n as u64);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+            let c = self.submit_for_counters(gpu, enc)?;
+            live += c[ctl::LIVE];
+            tombs += c[ctl::TOMBS];
+            base += n;
+        }
+        Ok((live, tombs))
+    }
+}
+
+/// The kernels of an op, in order.
+fn entries(op: &Op<'_>) -> &'static [&'static str] {
+    match op {
+        Op::Put { .. } => &[
+            "kv_put_place",
+            "kv_put_dup_args",
+            "kv_put_zero",
+            "kv_put_max",
+            "kv_put_win",
+            "kv_put_write",
+            "kv_put_finish",
+        ],
+        Op::Get { .. } => &["kv_get"],
+        Op::Contains { .. } => &["kv_contains"],
+        Op::Delete => &["kv_delete"],
+    }
+}
+
+/// Runs a host batch through `lanes` (all of capacity `cap`); see the module docs. Returns
+/// the control words after the batch for a put or delete.
+pub(crate) fn run_host_batch(
+    gpu: &Gpu,
+    st: &State,
+    lanes: &mut [Lane],
+    cap: usize,
+    keys: &[u64],
+    op: &mut Op<'_>,
+) -> Result<Option<[u64; ctl::LEN]>> {
+    let n = keys.len();
+    let w = st.width;
+    let chunks = n.div_ceil(cap);
+    let nl = lanes.len();
+    let pipes = entries(op)
+        .iter()
+        .map(|e| Ok((*e, gpu.batch_pipeline(st.segs.len(), e)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut counters = None;
+    for c in 0..chunks {
+        let start = c * cap;
+        let m = cap.min(n - start);
+        let lane = &mut lanes[c % nl];
+        lane.settle(gpu, op, &mut counters)?;
+        let values = match op {
+            Op::Put { values } => Some(&values[start * w..(start + m) * w]),
+            _ => None,
+        };
+        let (x, y) = gpu.groups(m as u64);
+        let params = Params {
+            gx: x,
+            gy: y,
+            ..st.params(m)
+        };
+        lane.fill(gpu, &params, &keys[start..start + m], values)?;
+        let bg = lane.bind_group(gpu, st)?.clone();
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        if c == 0 && op.counts() {
+            enc.clear_buffer(&st.ctl, 0, None);
+        }
+        enc.copy_buffer_to_buffer(&lane.upload, 0, &lane.params, 0, 32);
+        enc.copy_buffer_to_buffer(&lane.upload, UP_HDR, &lane.keys_in, 0, m as u64 * 8);
+        if values.is_some() {
+            enc.copy_buffer_to_buffer(
+                &lane.upload,
+                UP_HDR + lane.cap as u64 * 8,
+                &lane.vals_io,
+                0,
+                (m * w * 8) as u64,
+            );
+        }
+        if !matches!(op, Op::Delete) {
+            enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
+        }
+        // Passes until the first indirect dispatch, the copy of its arguments, the rest.
+        let split = pipes
+            .iter()
+            .position(|(e, _)| *e == "kv_put_zero")
+            .unwrap_or(pipes.len());
+        for (k, part) in [&pipes[..split], &pipes[split..]].into_iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            if k == 1 {
+                enc.copy_buffer_to_buffer(&lane.dup_src, 0, &lane.dup_args, 0, 16);
+            }
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_bind_group(0, &bg, &[]);
+            for (e, p) in part {
+                pass.set_pipeline(p);
+                match *e {
+                    "kv_put_finish" | "kv_put_dup_args" => pass.dispatch_workgroups(1, 1, 1),
+                    "kv_put_zero" | "kv_put_max" | "kv_put_win" | "kv_put_write" => {
+                        pass.dispatch_workgroups_indirect(&lane.dup_args, 0)
+                    }
+                    _ => pass.dispatch_workgroups(x, y, 1),
+                }
+            }
+        }
+        let output = matches!(op, Op::Get { .. } | Op::Contains { .. });
+        if output {
+            enc.copy_buffer_to_buffer(&lane.flags8, 0, &lane.readback, RB_HDR, flags_bytes(m));
+        }
+        if let Op::Get { .. } = op {
+            enc.copy_buffer_to_buffer(
+                &lane.vals_io,
+                0,
+                &lane.readback,
+                RB_HDR + flags_bytes(lane.cap),
+                (m * w * 8) as u64,
+            );
+        }
+        let last = c + 1 == chunks;
+        let counts = last && op.counts();
+        if counts {
+            enc.copy_buffer_to_buffer(&st.ctl, 0, &lane.readback, 0, RB_HDR);
+        }
+        let sub = gpu.queue.submit([enc.finish()]);
+        map(&lane.upload, wgpu::MapMode::Write, &lane.up_state);
+        if output || counts {
+            map(&lane.readback, wgpu::MapMode::Read, &lane.rb_state);
+        }
+        lane.pending = Some(Pending {
+            sub,
+            start,
+            m,
+            readback: output || counts,
+            counters: counts,
+        });
+    }
+    for lane in lanes.iter_mut() {
+        lane.settle(gpu, op, &mut counters)?;
+    }
+    if op.counts() && counters.is_none() {
+        return Err(device_error("the batch's counters were not read back"));
+    }
+    Ok(counters)
+}
