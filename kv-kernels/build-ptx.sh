@@ -65,8 +65,8 @@ built="$target_dir/nvptx64-nvidia-cuda/release/kv_kernels.ptx"
 [ -f "$built" ] || die "the build produced no $built"
 
 # Sanity checks on the generated PTX: every kernel present, no system-scope atomics.
-for k in kv_put_place kv_put_zero kv_put_max kv_put_win kv_put_finish kv_get kv_contains \
-         kv_delete kv_rehash kv_fill_u64 kv_count; do
+for k in kv_put_dedup kv_put_place kv_get kv_contains kv_delete kv_rehash kv_fill_u64 \
+         kv_count; do
   grep -q "^.visible .entry $k(" "$built" || die "kernel $k is missing from the PTX"
 done
 if grep -nE '\b(atom|red|ld|st)\.[a-z.]*sys\b' "$built"; then

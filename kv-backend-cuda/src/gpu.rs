@@ -275,11 +275,8 @@ unsafe impl<A> Sync for Kernel<A> {}
 
 /// The kernels of kv-kernels' PTX, loaded in one context.
 pub(crate) struct Kernels {
+    pub put_dedup: Kernel<BatchArgs>,
     pub put_place: Kernel<BatchArgs>,
-    pub put_zero: Kernel<BatchArgs>,
-    pub put_max: Kernel<BatchArgs>,
-    pub put_win: Kernel<BatchArgs>,
-    pub put_finish: Kernel<BatchArgs>,
     pub get: Kernel<BatchArgs>,
     pub contains: Kernel<BatchArgs>,
     pub delete: Kernel<BatchArgs>,
@@ -433,11 +430,8 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         }
     }
     let kernels = Kernels {
+        put_dedup: k(f(n::PUT_DEDUP)?),
         put_place: k(f(n::PUT_PLACE)?),
-        put_zero: k(f(n::PUT_ZERO)?),
-        put_max: k(f(n::PUT_MAX)?),
-        put_win: k(f(n::PUT_WIN)?),
-        put_finish: k(f(n::PUT_FINISH)?),
         get: k(f(n::GET)?),
         contains: k(f(n::CONTAINS)?),
         delete: k(f(n::DELETE)?),

@@ -72,9 +72,11 @@
 //! the device. On the H100 this reaches the PCIe link for lookups (5.1 G lookups/s of
 //! u64→u64 at 100M keys per batch, against 2.4 from a `Vec`).
 //!
-//! A put resolves duplicates on the device: keys are placed with CAS; if any key of a chunk
-//! was already present (a repeat in the chunk or an overwrite), four short passes make the
-//! last occurrence of every key write its row (see `kv_kernels::ops`).
+//! A put resolves duplicates on the device, per chunk: a first pass records the last
+//! occurrence of every key in a small chunk-local table (lane scratch, 4 bytes a slot, mostly
+//! L2-resident), then only that occurrence places its key in the table (CAS) and writes its
+//! row, once. A chunk without repeats (new keys or overwrites alike) skips the local lookup
+//! in the second pass (see `kv_kernels::ops`).
 //!
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.

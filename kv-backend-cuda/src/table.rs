@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
 use kv_kernels::layout::{
-    BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, special_words,
+    BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, local_slots, special_words,
 };
 use rayon::prelude::*;
 
@@ -192,10 +192,13 @@ pub(crate) struct Lane {
     h_found: Option<Pinned<u8>>,
     d_keys: DevBuf,
     d_vals: DevBuf,
-    /// Found flags (get/contains) or winner flags (put): u8[cap].
+    /// Found flags (get/contains): u8[cap].
     d_found: DevBuf,
-    /// u32[cap] slot of each key (put).
+    /// u32[cap] slot of each key in the chunk-local table (put).
     d_slot: DevBuf,
+    /// u32[local_slots(cap)] chunk-local dedup table (put; zeroed per chunk, the part the
+    /// chunk uses only).
+    d_local: DevBuf,
     /// u32[flag::LEN] per-chunk put flags.
     d_flags: DevBuf,
     /// Recorded after the chunk's last operation on this lane.
@@ -240,6 +243,7 @@ impl Lane {
             d_vals: DevBuf::new(gpu, cap * width * 8)?,
             d_found: DevBuf::new(gpu, cap)?,
             d_slot: DevBuf::new(gpu, cap * 4)?,
+            d_local: DevBuf::new(gpu, local_slots(cap as u64) as usize * 4)?,
             d_flags: DevBuf::new(gpu, flag::LEN * 4)?,
             done: event(gpu)?,
             kdone: event(gpu)?,
@@ -271,6 +275,7 @@ impl Lane {
             + self.d_vals.bytes()
             + self.d_found.bytes()
             + self.d_slot.bytes()
+            + self.d_local.bytes()
             + self.d_flags.bytes()
     }
 
@@ -290,21 +295,23 @@ impl Lane {
             values,
             found_out: found,
             slot_of: self.d_slot.ptr(),
-            win: self.d_found.ptr(),
+            local: self.d_local.ptr(),
+            local_mask: local_slots(n as u64) - 1,
             flags: self.d_flags.ptr(),
             n: n as u64,
         }
     }
 
-    /// Enqueues the five put passes for `a` (flags reset first).
+    /// Enqueues a put chunk (`a` from [`Lane::args`]): flags and the chunk's part of the local
+    /// table zeroed, then the dedup pass and the place pass (see `kv_kernels::ops`).
     pub fn enqueue_put(&self, gpu: &Gpu, a: &BatchArgs) -> Result<()> {
+        debug_assert!(a.n as usize <= self.cap && a.local_mask < local_slots(self.cap as u64));
         self.d_flags.memset(0, flag::LEN * 4, &self.stream)?;
+        self.d_local
+            .memset(0, (a.local_mask as usize + 1) * 4, &self.stream)?;
         let n = a.n;
-        gpu.launch(&gpu.k.put_place, a, n, &self.stream)?;
-        gpu.launch(&gpu.k.put_zero, a, n, &self.stream)?;
-        gpu.launch(&gpu.k.put_max, a, n, &self.stream)?;
-        gpu.launch(&gpu.k.put_win, a, n, &self.stream)?;
-        gpu.launch(&gpu.k.put_finish, a, n, &self.stream)
+        gpu.launch(&gpu.k.put_dedup, a, n, &self.stream)?;
+        gpu.launch(&gpu.k.put_place, a, n, &self.stream)
     }
 }
 

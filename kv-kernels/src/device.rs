@@ -49,6 +49,19 @@ unsafe impl Mem for Ptx {
         unsafe { core::ptr::read(addr as *const u32) }
     }
     #[inline(always)]
+    unsafe fn load_sync_u32(addr: u64) -> u32 {
+        let v: u32;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.relaxed.gpu.global.u32 {v}, [ga]; }}",
+                a = in(reg64) addr, v = out(reg32) v,
+                options(nostack, readonly)
+            )
+        };
+        v
+    }
+    #[inline(always)]
     unsafe fn store_u32(addr: u64, v: u32) {
         // SAFETY: the caller guarantees a valid, aligned address.
         unsafe { core::ptr::write(addr as *mut u32, v) }
@@ -71,6 +84,19 @@ unsafe impl Mem for Ptx {
             asm!(
                 "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.cas.b64 {o}, [ga], {c}, {n}; }}",
                 a = in(reg64) addr, c = in(reg64) current, n = in(reg64) new, o = out(reg64) old,
+                options(nostack)
+            )
+        };
+        old
+    }
+    #[inline(always)]
+    unsafe fn cas_u32(addr: u64, current: u32, new: u32) -> u32 {
+        let old: u32;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.cas.b32 {o}, [ga], {c}, {n}; }}",
+                a = in(reg64) addr, c = in(reg32) current, n = in(reg32) new, o = out(reg32) old,
                 options(nostack)
             )
         };
@@ -176,91 +202,49 @@ fn count(t: &TableArgs, index: usize, v: u32) {
     }
 }
 
-/// Put pass 1: place every key, write its row; raise DUP if any key was found.
+/// Put pass 1: every key into the chunk-local table (last occurrence per key); raise DUP if
+/// the chunk repeats a key.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_dedup(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    let (mut repeats, mut overflow) = (0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items and a zeroed local table.
+        let d = unsafe { ops::put_dedup::<Ptx>(&a, i) };
+        repeats += d.repeat as u32;
+        overflow += d.overflow as u32;
+        i += stride;
+    }
+    if warp_sum(repeats) != 0 && lane() == 0 {
+        // SAFETY: the flag buffer holds flag::LEN words.
+        unsafe { ops::raise_dup::<Ptx>(&a) };
+    }
+    count(&a.table, counter::ERRORS, overflow);
+}
+
+/// Put pass 2: the last occurrence of every key places it and writes its row; thread 0
+/// applies the sentinel keys.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_put_place(a: BatchArgs) {
     let (mut i, stride) = grid();
-    let (mut inserted, mut from_empty, mut found, mut overflow) = (0u32, 0u32, 0u32, 0u32);
+    if i == 0 {
+        // SAFETY: the host passes valid buffers for n items; pass 1 ran.
+        unsafe { ops::put_specials::<Ptx>(&a) };
+    }
+    // SAFETY: as above.
+    let dup = unsafe { ops::dup_raised::<Ptx>(&a) };
+    let (mut inserted, mut from_empty, mut overflow) = (0u32, 0u32, 0u32);
     while i < a.n {
-        // SAFETY: the host passes valid buffers for n items.
-        let p = unsafe { ops::put_place::<Ptx>(&a, i) };
+        // SAFETY: as above.
+        let p = unsafe { ops::put_place::<Ptx>(&a, i, dup) };
         inserted += p.inserted as u32;
         from_empty += p.from_empty as u32;
-        found += p.found as u32;
         overflow += p.overflow as u32;
         i += stride;
-    }
-    if warp_sum(found) != 0 && lane() == 0 {
-        // SAFETY: the flag buffer holds flag::LEN words.
-        unsafe { ops::raise_dup::<Ptx>(&a) };
     }
     count(&a.table, counter::INSERTED, inserted);
     count(&a.table, counter::FROM_EMPTY, from_empty);
     count(&a.table, counter::ERRORS, overflow);
-}
-
-/// Put pass 2 (runs only if DUP): zero word 0 of every touched row.
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_put_zero(a: BatchArgs) {
-    // SAFETY: the host passes valid buffers for n items.
-    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
-        return;
-    }
-    let (mut i, stride) = grid();
-    while i < a.n {
-        // SAFETY: as above.
-        unsafe { ops::put_zero::<Ptx>(&a, i) };
-        i += stride;
-    }
-}
-
-/// Put pass 3 (runs only if DUP): atomic max of 1 + index into word 0 of every touched row.
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_put_max(a: BatchArgs) {
-    // SAFETY: the host passes valid buffers for n items.
-    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
-        return;
-    }
-    let (mut i, stride) = grid();
-    while i < a.n {
-        // SAFETY: as above.
-        unsafe { ops::put_max::<Ptx>(&a, i) };
-        i += stride;
-    }
-}
-
-/// Put pass 4 (runs only if DUP): mark the last occurrence of every touched row.
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_put_win(a: BatchArgs) {
-    // SAFETY: the host passes valid buffers for n items.
-    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
-        return;
-    }
-    let (mut i, stride) = grid();
-    while i < a.n {
-        // SAFETY: as above.
-        unsafe { ops::put_win::<Ptx>(&a, i) };
-        i += stride;
-    }
-}
-
-/// Put pass 5: thread 0 applies the sentinel keys; if DUP, winners rewrite their rows.
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_put_finish(a: BatchArgs) {
-    let (mut i, stride) = grid();
-    if i == 0 {
-        // SAFETY: the host passes valid buffers for n items.
-        unsafe { ops::put_specials::<Ptx>(&a) };
-    }
-    // SAFETY: as above.
-    if !unsafe { ops::dup_raised::<Ptx>(&a) } {
-        return;
-    }
-    while i < a.n {
-        // SAFETY: as above.
-        unsafe { ops::put_write_winner::<Ptx>(&a, i) };
-        i += stride;
-    }
 }
 
 /// Get: value rows (zeros when missing) and found flags.

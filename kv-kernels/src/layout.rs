@@ -45,6 +45,14 @@ pub const fn next_slot(slot: u64, mask: u64) -> u64 {
     slot.wrapping_add(1) & mask
 }
 
+/// Slots of the chunk-local dedup table of a put chunk of `n` items: a power of two of at
+/// least `2n` (load factor at most one half) and at least 64.
+#[inline(always)]
+pub const fn local_slots(n: u64) -> u64 {
+    let s = (2 * n).next_power_of_two();
+    if s < 64 { 64 } else { s }
+}
+
 /// Offset in u64 words of the value row of `slot` in a table of `width`-word values.
 #[inline(always)]
 pub const fn row(slot: u64, width: u32) -> u64 {
@@ -91,8 +99,9 @@ pub mod counter {
 
 /// Indices of the u32 per-chunk flags of a put (one flag buffer per staging lane).
 pub mod flag {
-    /// Set when some key of the chunk was found already in the table: value rows may have
-    /// raced, and the last-wins passes must run.
+    /// Set by the dedup pass when some key occurs more than once in the chunk: the place pass
+    /// then looks up each item's last occurrence in the chunk-local table (otherwise every
+    /// item is its key's only occurrence and places it directly).
     pub const DUP: usize = 0;
     /// `SPEC_WIN + i` holds 1 + the highest batch index of special key `i` in the chunk (0: none).
     pub const SPEC_WIN: usize = 1;
@@ -133,10 +142,13 @@ pub struct BatchArgs {
     pub values: u64,
     /// `u8[n]` found flags written by get/contains (0/1); unused elsewhere.
     pub found_out: u64,
-    /// `u32[n]` slot of each key, written by the place pass of a put.
+    /// `u32[n]` slot of each key in the chunk-local table, written by the dedup pass of a put.
     pub slot_of: u64,
-    /// `u8[n]` winner flags of the last-wins passes of a put.
-    pub win: u64,
+    /// `u32[local_mask + 1]` chunk-local table of a put (zeroed before the chunk): a slot holds
+    /// 0 (free) or `1 + i` of the last occurrence in the chunk of item `i`'s key.
+    pub local: u64,
+    /// Slots of the chunk-local table minus one (a power of two minus one, at least `2n - 1`).
+    pub local_mask: u64,
     /// `u32[flag::LEN]` per-chunk flags of a put.
     pub flags: u64,
     /// Keys in the chunk.
@@ -170,6 +182,6 @@ pub struct FillArgs {
 }
 
 const _: () = assert!(core::mem::size_of::<TableArgs>() == 48);
-const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 7 * 8);
+const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 8 * 8);
 const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);
 const _: () = assert!(core::mem::size_of::<FillArgs>() == 24);

@@ -66,16 +66,10 @@ pub const PTX: &str = include_str!("../ptx/kv_kernels.ptx");
 
 /// The kernels' entry-point names in [`PTX`].
 pub mod names {
-    /// Put pass 1 (`BatchArgs`): place keys, write rows, raise DUP.
+    /// Put pass 1 (`BatchArgs`): keys into the chunk-local table, raise DUP on repeats.
+    pub const PUT_DEDUP: &str = "kv_put_dedup";
+    /// Put pass 2 (`BatchArgs`): last occurrences place keys and write rows; sentinel keys.
     pub const PUT_PLACE: &str = "kv_put_place";
-    /// Put pass 2 (`BatchArgs`, DUP only): zero word 0 of touched rows.
-    pub const PUT_ZERO: &str = "kv_put_zero";
-    /// Put pass 3 (`BatchArgs`, DUP only): max of 1 + index into word 0.
-    pub const PUT_MAX: &str = "kv_put_max";
-    /// Put pass 4 (`BatchArgs`, DUP only): mark winners.
-    pub const PUT_WIN: &str = "kv_put_win";
-    /// Put pass 5 (`BatchArgs`): sentinel keys; winners rewrite rows.
-    pub const PUT_FINISH: &str = "kv_put_finish";
     /// Get (`BatchArgs`).
     pub const GET: &str = "kv_get";
     /// Contains (`BatchArgs`).
@@ -89,9 +83,8 @@ pub mod names {
     /// Count live keys and tombstones (`TableArgs`).
     pub const COUNT: &str = "kv_count";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 11] = [
-        PUT_PLACE, PUT_ZERO, PUT_MAX, PUT_WIN, PUT_FINISH, GET, CONTAINS, DELETE, REHASH, FILL_U64,
-        COUNT,
+    pub const ALL: [&str; 8] = [
+        PUT_DEDUP, PUT_PLACE, GET, CONTAINS, DELETE, REHASH, FILL_U64, COUNT,
     ];
 }
 

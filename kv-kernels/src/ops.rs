@@ -7,22 +7,28 @@
 //!
 //! # The put protocol (per chunk; chunks of a batch run one after the other)
 //!
-//! 1. [`put_place`] (every key): a sentinel key records `1 + i` with an atomic max in its
-//!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
-//!    is taken as is ("found"); on EMPTY, the key is claimed with a CAS, at the first
-//!    tombstone met on the way if there was one, else at the EMPTY slot. A failed CAS on a
-//!    tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key (if it is
-//!    ours: found; else probing goes on). During a put, slots only go from EMPTY or TOMBSTONE
-//!    to a key, never back, so a key is never placed twice. The slot is stored in
-//!    `slot_of[i]`, the value row written. If any key was found (a duplicate in the chunk, or
-//!    a key already in the table), the chunk's DUP flag is raised.
-//! 2. Only when DUP is raised (each pass reads the flag first and exits at once otherwise):
-//!    [`put_zero`] zeroes word 0 of every touched row; [`put_max`] atomically maxes `1 + i`
-//!    into it; [`put_win`] marks as winner the `i` whose `1 + i` stayed (the last occurrence);
-//!    [`put_write_winner`] rewrites the winners' rows. Every touched row has exactly one
-//!    winner, so every row ends as the last occurrence wrote it.
-//! 3. [`put_specials`] (one thread): the winner of each special key writes its row and sets
-//!    its presence word.
+//! A chunk's keys are first resolved among themselves in a small chunk-local table (lane
+//! scratch, `u32[local_slots(n)]`, zeroed before the chunk: 4 bytes a slot, at most 16 MiB
+//! for the largest chunks, so it mostly stays in L2), then only the last occurrence of each
+//! key touches the table in DRAM.
+//!
+//! 1. [`put_dedup`] (every key): a sentinel key records `1 + i` with an atomic max in its
+//!    chunk flag. Any other key probes the local table linearly from its home slot: a free
+//!    slot (0) is claimed with a CAS of `1 + i`; a slot holding `1 + j` belongs to the key
+//!    `keys_in[j]` (slots never change owner), so when that is our key, `1 + i` is maxed into
+//!    it and the chunk's DUP flag is raised (the key repeats in the chunk). The local slot is
+//!    stored in `slot_of[i]`. When the pass ends, the slot of every key holds `1 + ` the index
+//!    of its last occurrence in the chunk.
+//! 2. [`put_place`] (every key): when DUP is raised, an item whose local slot does not hold
+//!    its own `1 + i` is not the last occurrence of its key and does nothing. Otherwise (the
+//!    winner, or every item of a chunk without repeats) the key is placed in the table: it
+//!    probes linearly from its home slot: a slot holding the key is taken as is ("found",
+//!    an overwrite of an earlier chunk or batch); on EMPTY, the key is claimed with a CAS, at
+//!    the first tombstone met on the way if there was one, else at the EMPTY slot. A failed
+//!    CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key.
+//!    Only one item per key places it, so no two items of the chunk race on a row, and the
+//!    row is written once, directly. The same kernel's thread 0 runs [`put_specials`]: the
+//!    winner of each special key writes its row and sets its presence word.
 
 use crate::layout::{
     BatchArgs, EMPTY, FillArgs, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
@@ -46,6 +52,8 @@ pub unsafe trait Mem {
     unsafe fn store(addr: u64, v: u64);
     /// A plain u32 load.
     unsafe fn load_u32(addr: u64) -> u32;
+    /// A u32 load that observes the latest value at device scope.
+    unsafe fn load_sync_u32(addr: u64) -> u32;
     /// A plain u32 store.
     unsafe fn store_u32(addr: u64, v: u32);
     /// A plain u8 load.
@@ -54,6 +62,8 @@ pub unsafe trait Mem {
     unsafe fn store_u8(addr: u64, v: u8);
     /// Atomic compare-and-swap; returns the old value.
     unsafe fn cas(addr: u64, current: u64, new: u64) -> u64;
+    /// Atomic compare-and-swap (u32); returns the old value.
+    unsafe fn cas_u32(addr: u64, current: u32, new: u32) -> u32;
     /// Atomic exchange; returns the old value.
     unsafe fn exch(addr: u64, v: u64) -> u64;
     /// Atomic unsigned max (u64).
@@ -96,38 +106,109 @@ unsafe fn zero_row<M: Mem>(dst: u64, width: u32) {
     }
 }
 
+/// What [`put_dedup`] found for one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Deduped {
+    /// The key occurred earlier in the chunk's local table (the chunk repeats it).
+    pub repeat: bool,
+    /// The local table had no room (broken invariant: it has at least twice the chunk's slots).
+    pub overflow: bool,
+}
+
+/// Put pass 1 for item `i`: record key `i` in the chunk-local table (see the module docs).
+///
+/// # Safety
+/// `a` describes valid device buffers (the local table zeroed, of `local_mask + 1` slots)
+/// and `i < a.n`.
+#[inline(always)]
+pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
+    // SAFETY: i < n, keys_in holds n words.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    let mut out = Deduped::default();
+    // i + 1 fits u32: the host keeps n < u32::MAX.
+    let me = (i + 1) as u32;
+    if is_sentinel(key) {
+        // SAFETY: flags holds flag::LEN words.
+        unsafe { M::max_u32(w32(a.flags, flag::SPEC_WIN as u64 + special_index(key)), me) };
+        return out;
+    }
+    let mask = a.local_mask;
+    let mut pos = home_slot(key, mask);
+    let mut steps = 0u64;
+    loop {
+        let at = w32(a.local, pos);
+        // SAFETY: pos <= local_mask: inside the local table.
+        let mut cur = unsafe { M::load_sync_u32(at) };
+        if cur == 0 {
+            // SAFETY: as above.
+            let old = unsafe { M::cas_u32(at, 0, me) };
+            if old == 0 {
+                break;
+            }
+            cur = old;
+        }
+        // SAFETY: cur = 1 + j with j < n (only such values are stored).
+        if unsafe { M::load(w64(a.keys_in, cur as u64 - 1)) } == key {
+            // SAFETY: as above.
+            unsafe { M::max_u32(at, me) };
+            out.repeat = true;
+            break;
+        }
+        pos = next_slot(pos, mask);
+        steps += 1;
+        if steps > mask {
+            out.overflow = true;
+            break;
+        }
+    }
+    // SAFETY: slot_of holds n u32 words; pos <= local_mask < 2^32 (the host keeps it so).
+    unsafe { M::store_u32(w32(a.slot_of, i), pos as u32) };
+    out
+}
+
+/// Whether item `i` (not a sentinel) is the last occurrence of its key in the chunk, after
+/// [`put_dedup`] ran for the whole chunk. `dup`: the chunk's DUP flag (without repeats every
+/// item is the last occurrence of its key).
+#[inline(always)]
+unsafe fn last_occurrence<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> bool {
+    if !dup {
+        return true;
+    }
+    // SAFETY: i < n; slot_of[i] <= local_mask.
+    unsafe { M::load_u32(w32(a.local, M::load_u32(w32(a.slot_of, i)) as u64)) as u64 == i + 1 }
+}
+
 /// What [`put_place`] did with one key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Placed {
+    /// The item was not the last occurrence of its key in the chunk (or is a sentinel key):
+    /// it did nothing.
+    pub skipped: bool,
     /// The key took a free slot (EMPTY or TOMBSTONE).
     pub inserted: bool,
     /// ... and that slot was EMPTY.
     pub from_empty: bool,
-    /// The key was already in the table (placed earlier, or by another key of the chunk).
+    /// The key was already in the table (from an earlier chunk or batch): an overwrite.
     pub found: bool,
     /// The probe went round the whole table without finding room (broken invariant).
     pub overflow: bool,
 }
 
-/// Put pass 1 for item `i`: place key `i`, record its slot, write its value row.
+/// Put pass 2 for item `i`: if it is the last occurrence of its key in the chunk, place the
+/// key and write its value row. `dup` is the chunk's DUP flag ([`dup_raised`]).
 ///
 /// # Safety
-/// `a` describes valid device buffers and `i < a.n`.
+/// `a` describes valid device buffers, `i < a.n`, and [`put_dedup`] ran for the whole chunk.
 #[inline(always)]
-pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
+pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
     let t = &a.table;
     let w = t.width;
     // SAFETY: i < n, keys_in holds n words.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Placed::default();
-    if is_sentinel(key) {
-        // SAFETY: flags holds flag::LEN words; i + 1 fits u32 (the host keeps n < u32::MAX).
-        unsafe {
-            M::max_u32(
-                w32(a.flags, flag::SPEC_WIN as u64 + special_index(key)),
-                (i + 1) as u32,
-            )
-        };
+    // SAFETY: forwarded.
+    if is_sentinel(key) || !unsafe { last_occurrence::<M>(a, i, dup) } {
+        out.skipped = true;
         return out;
     }
     let start = home_slot(key, t.mask);
@@ -149,6 +230,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
                         break 'restart;
                     }
                     if old == key {
+                        // Only one item of a chunk places a key; kept for robustness.
                         out.found = true;
                         slot = first_tomb;
                         break 'restart;
@@ -179,21 +261,16 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
             steps += 1;
             if steps > t.mask {
                 out.overflow = true;
-                // SAFETY: slot_of holds n u32 words. Slot 0 exists; the batch reports an error.
-                unsafe { M::store_u32(w32(a.slot_of, i), 0) };
                 return out;
             }
         }
     }
-    // SAFETY: slot < slots <= 2^32, so it fits u32; rows are in bounds.
-    unsafe {
-        M::store_u32(w32(a.slot_of, i), slot as u32);
-        copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w);
-    }
+    // SAFETY: rows are in bounds (slot < slots, i < n).
+    unsafe { copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w) };
     out
 }
 
-/// Reads the chunk's DUP flag (the last-wins passes run only when it is set).
+/// Reads the chunk's DUP flag (raised by [`put_dedup`] when the chunk repeats a key).
 ///
 /// # Safety
 /// `a.flags` is a valid flag buffer.
@@ -213,87 +290,11 @@ pub unsafe fn raise_dup<M: Mem>(a: &BatchArgs) {
     unsafe { M::store_u32(w32(a.flags, flag::DUP as u64), 1) }
 }
 
-/// The slot item `i` was placed in, or `None` for a sentinel key.
-#[inline(always)]
-unsafe fn placed_slot<M: Mem>(a: &BatchArgs, i: u64) -> Option<u64> {
-    // SAFETY: i < n.
-    let key = unsafe { M::load(w64(a.keys_in, i)) };
-    if is_sentinel(key) {
-        return None;
-    }
-    // SAFETY: i < n.
-    Some(unsafe { M::load_u32(w32(a.slot_of, i)) } as u64)
-}
-
-/// Put pass 2 (DUP only): zero word 0 of item `i`'s row.
-///
-/// # Safety
-/// As [`put_place`], after it ran for the whole chunk.
-#[inline(always)]
-pub unsafe fn put_zero<M: Mem>(a: &BatchArgs, i: u64) {
-    // SAFETY: forwarded.
-    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
-        // SAFETY: slot < slots.
-        unsafe { M::store(w64(a.table.values, row(slot, a.table.width)), 0) };
-    }
-}
-
-/// Put pass 3 (DUP only): atomic max of `1 + i` into word 0 of item `i`'s row.
-///
-/// # Safety
-/// As [`put_place`], after [`put_zero`] ran for the whole chunk.
-#[inline(always)]
-pub unsafe fn put_max<M: Mem>(a: &BatchArgs, i: u64) {
-    // SAFETY: forwarded.
-    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
-        // SAFETY: slot < slots.
-        unsafe { M::max_u64(w64(a.table.values, row(slot, a.table.width)), i + 1) };
-    }
-}
-
-/// Put pass 4 (DUP only): item `i` wins its row if `1 + i` stayed in word 0.
-///
-/// # Safety
-/// As [`put_place`], after [`put_max`] ran for the whole chunk.
-#[inline(always)]
-pub unsafe fn put_win<M: Mem>(a: &BatchArgs, i: u64) {
-    // SAFETY: forwarded.
-    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
-        // SAFETY: slot < slots; win holds n bytes.
-        unsafe {
-            let v = M::load(w64(a.table.values, row(slot, a.table.width)));
-            M::store_u8(a.win + i, (v == i + 1) as u8);
-        }
-    }
-}
-
-/// Put pass 5 (DUP only): the winner of each row rewrites it.
-///
-/// # Safety
-/// As [`put_place`], after [`put_win`] ran for the whole chunk.
-#[inline(always)]
-pub unsafe fn put_write_winner<M: Mem>(a: &BatchArgs, i: u64) {
-    // SAFETY: forwarded.
-    if let Some(slot) = unsafe { placed_slot::<M>(a, i) } {
-        // SAFETY: win holds n bytes; rows are in bounds.
-        unsafe {
-            if M::load_u8(a.win + i) != 0 {
-                let w = a.table.width;
-                copy_row::<M>(
-                    w64(a.table.values, row(slot, w)),
-                    w64(a.values, i * w as u64),
-                    w,
-                );
-            }
-        }
-    }
-}
-
-/// Put pass 3 for the two sentinel keys (run by one thread): the last occurrence of each
+/// The sentinel keys of a put (run by one thread of pass 2): the last occurrence of each
 /// writes its row and makes it present. Counts newly present ones.
 ///
 /// # Safety
-/// As [`put_place`], after it ran for the whole chunk.
+/// As [`put_place`] (after [`put_dedup`] ran for the whole chunk).
 #[inline(always)]
 pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
     let t = &a.table;

@@ -38,6 +38,9 @@ unsafe impl Mem for Host {
     unsafe fn load_u32(addr: u64) -> u32 {
         a32(addr).load(Relaxed)
     }
+    unsafe fn load_sync_u32(addr: u64) -> u32 {
+        a32(addr).load(Relaxed)
+    }
     unsafe fn store_u32(addr: u64, v: u32) {
         a32(addr).store(v, Relaxed)
     }
@@ -49,6 +52,11 @@ unsafe impl Mem for Host {
     }
     unsafe fn cas(addr: u64, current: u64, new: u64) -> u64 {
         match a64(addr).compare_exchange(current, new, Relaxed, Relaxed) {
+            Ok(v) | Err(v) => v,
+        }
+    }
+    unsafe fn cas_u32(addr: u64, current: u32, new: u32) -> u32 {
+        match a32(addr).compare_exchange(current, new, Relaxed, Relaxed) {
             Ok(v) | Err(v) => v,
         }
     }
@@ -84,6 +92,21 @@ fn par(n: u64, threads: u64, f: impl Fn(u64) + Sync) {
             });
         }
     });
+}
+
+/// What one put chunk did (for the tests of the dedup protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkStats {
+    /// The chunk's DUP flag.
+    dup: bool,
+    /// Items that found their key earlier in the local table.
+    repeats: u64,
+    /// Keys newly placed in the key array.
+    inserted: u64,
+    /// Keys found in the key array (overwrites of earlier chunks).
+    found: u64,
+    /// Items that placed their key (one per distinct non-sentinel key).
+    placed: u64,
 }
 
 /// A table in host memory driven exactly as the backend drives the device.
@@ -144,10 +167,12 @@ impl Sim {
         new.len = self.len;
         *self = new;
     }
-    fn put_chunk(&mut self, keys: &[u64], vals: &[u64]) {
+    /// Puts one chunk as the backend's two put kernels do; returns what it saw.
+    fn put_chunk(&mut self, keys: &[u64], vals: &[u64]) -> ChunkStats {
         let n = keys.len() as u64;
-        let mut slot_of = vec![0u32; keys.len()];
-        let mut win = vec![0u8; keys.len()];
+        let lslots = local_slots(n);
+        let mut slot_of = vec![u32::MAX; keys.len()];
+        let mut local = vec![0u32; lslots as usize];
         let mut flags = [0u32; flag::LEN];
         self.counters.fill(0);
         let a = BatchArgs {
@@ -156,42 +181,49 @@ impl Sim {
             values: vals.as_ptr() as u64,
             found_out: 0,
             slot_of: slot_of.as_mut_ptr() as u64,
-            win: win.as_mut_ptr() as u64,
+            local: local.as_mut_ptr() as u64,
+            local_mask: lslots - 1,
             flags: flags.as_mut_ptr() as u64,
             n,
         };
-        let found = AtomicU64::new(0);
-        let (ins, fe) = (AtomicU64::new(0), AtomicU64::new(0));
+        let repeats = AtomicU64::new(0);
         par(n, self.threads, |i| {
-            // SAFETY: the buffers are live and sized as the args say.
-            let p = unsafe { ops::put_place::<Host>(&a, i) };
-            assert!(!p.overflow);
-            found.fetch_add(p.found as u64, Relaxed);
-            ins.fetch_add(p.inserted as u64, Relaxed);
-            fe.fetch_add(p.from_empty as u64, Relaxed);
+            // SAFETY: the buffers are live and sized as the args say; local is zeroed.
+            let d = unsafe { ops::put_dedup::<Host>(&a, i) };
+            assert!(!d.overflow);
+            repeats.fetch_add(d.repeat as u64, Relaxed);
         });
-        if found.load(Relaxed) != 0 {
+        if repeats.load(Relaxed) != 0 {
             // SAFETY: the buffers are live and sized as the args say.
             unsafe { ops::raise_dup::<Host>(&a) };
         }
         // SAFETY: the buffers are live and sized as the args say.
-        if unsafe { ops::dup_raised::<Host>(&a) } {
-            // SAFETY: the buffers are live and sized as the args say.
-            par(n, self.threads, |i| unsafe { ops::put_zero::<Host>(&a, i) });
-            // SAFETY: the buffers are live and sized as the args say.
-            par(n, self.threads, |i| unsafe { ops::put_max::<Host>(&a, i) });
-            // SAFETY: the buffers are live and sized as the args say.
-            par(n, self.threads, |i| unsafe { ops::put_win::<Host>(&a, i) });
-            // SAFETY: the buffers are live and sized as the args say.
-            par(n, self.threads, |i| unsafe {
-                ops::put_write_winner::<Host>(&a, i)
-            });
-        }
-        // SAFETY: the buffers are live and sized as the args say.
-        unsafe { ops::put_specials::<Host>(&a) };
+        let dup = unsafe { ops::dup_raised::<Host>(&a) };
+        let (ins, fe) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (found, placed) = (AtomicU64::new(0), AtomicU64::new(0));
+        par(n, self.threads, |i| {
+            if i == 0 {
+                // SAFETY: the buffers are live and sized as the args say.
+                unsafe { ops::put_specials::<Host>(&a) };
+            }
+            // SAFETY: the buffers are live and sized as the args say; pass 1 ran.
+            let p = unsafe { ops::put_place::<Host>(&a, i, dup) };
+            assert!(!p.overflow);
+            ins.fetch_add(p.inserted as u64, Relaxed);
+            fe.fetch_add(p.from_empty as u64, Relaxed);
+            found.fetch_add(p.found as u64, Relaxed);
+            placed.fetch_add(!p.skipped as u64, Relaxed);
+        });
         let (ins, fe) = (ins.load(Relaxed), fe.load(Relaxed));
         self.len += ins + self.counters[counter::SPEC_INSERTED];
         self.tombs -= ins - fe;
+        ChunkStats {
+            dup,
+            repeats: repeats.load(Relaxed),
+            inserted: ins,
+            found: found.load(Relaxed),
+            placed: placed.load(Relaxed),
+        }
     }
     fn put(&mut self, keys: &[u64], vals: &[u64], chunk: usize) {
         let w = self.width as usize;
@@ -208,7 +240,23 @@ impl Sim {
             self.rehash(self.slots);
         }
         for (k, v) in keys.chunks(chunk).zip(vals.chunks(chunk * w)) {
-            self.put_chunk(k, v);
+            // What the chunk must report: one placement per distinct key, an overwrite for
+            // each one already present, DUP exactly when a key repeats.
+            let mut distinct: Vec<u64> = k.iter().copied().filter(|k| !is_sentinel(*k)).collect();
+            let plain = distinct.len() as u64;
+            distinct.sort_unstable();
+            distinct.dedup();
+            let present = self.get(&distinct).1.iter().filter(|f| **f).count() as u64;
+            let d = distinct.len() as u64;
+            let st = self.put_chunk(k, v);
+            let expect = ChunkStats {
+                dup: plain > d,
+                repeats: plain - d,
+                inserted: d - present,
+                found: present,
+                placed: d,
+            };
+            assert_eq!(st, expect);
         }
     }
     fn get(&mut self, keys: &[u64]) -> (Vec<u64>, Vec<bool>) {
@@ -416,4 +464,116 @@ fn differential_threaded_races() {
 #[test]
 fn differential_threaded_growth() {
     differential(1, 4, 40, 5000, 1 << 20, 1000, 21);
+}
+
+#[test]
+fn overwrite_only_chunks_raise_no_dup() {
+    for threads in [1, 4] {
+        let mut sim = Sim::new(4096, 2, threads);
+        let keys: Vec<u64> = (0..1000).map(|k| k * 7 + 1).collect();
+        let vals: Vec<u64> = (0..2000).collect();
+        let st = sim.put_chunk(&keys, &vals);
+        assert_eq!(
+            (st.dup, st.inserted, st.found, st.placed),
+            (false, 1000, 0, 1000)
+        );
+        // The same keys again, in another order, with new values: overwrites only.
+        let mut again = keys.clone();
+        again.reverse();
+        let vals2: Vec<u64> = (0..2000).map(|v| v + 10_000).collect();
+        let st = sim.put_chunk(&again, &vals2);
+        assert_eq!(
+            (st.dup, st.inserted, st.found, st.placed),
+            (false, 0, 1000, 1000)
+        );
+        assert_eq!(sim.len, 1000);
+        let (v, f) = sim.get(&again);
+        assert!(f.iter().all(|f| *f));
+        assert_eq!(v, vals2);
+    }
+}
+
+#[test]
+fn heavy_repeats_last_wins_and_count_once() {
+    for threads in [1, 8] {
+        let mut sim = Sim::new(64, 1, threads);
+        // One key 5000 times, another every 7th item, a sentinel every 11th.
+        let keys: Vec<u64> = (0..5000u64)
+            .map(|i| match i {
+                _ if i % 11 == 3 => u64::MAX,
+                _ if i % 7 == 0 => 42,
+                _ => 9,
+            })
+            .collect();
+        let vals: Vec<u64> = (1..=5000).collect();
+        let st = sim.put_chunk(&keys, &vals);
+        assert!(st.dup);
+        assert_eq!((st.inserted, st.found, st.placed), (2, 0, 2));
+        assert_eq!(sim.len, 3);
+        let last = |k: u64| keys.iter().rposition(|x| *x == k).expect("in the chunk") as u64 + 1;
+        let (v, f) = sim.get(&[9, 42, u64::MAX]);
+        assert_eq!(f, [true, true, true]);
+        assert_eq!(v, [last(9), last(42), last(u64::MAX)]);
+        // Again: every key is an overwrite and repeats.
+        let st = sim.put_chunk(&keys, &vals.iter().map(|v| v + 1).collect::<Vec<_>>());
+        assert_eq!((st.dup, st.inserted, st.found, st.placed), (true, 0, 2, 2));
+        assert_eq!(sim.len, 3);
+        assert_eq!(sim.get(&[9]).0, [last(9) + 1]);
+    }
+}
+
+#[test]
+fn local_table_collisions_wrap_around() {
+    // Keys whose local home is the last slot of the local table of a 16-item chunk, so that
+    // their probes collide and wrap to slot 0.
+    let n = 16u64;
+    let lmask = local_slots(n) - 1;
+    let hot: Vec<u64> = (0..)
+        .filter(|k| home_slot(*k, lmask) == lmask)
+        .take(5)
+        .collect();
+    for threads in [1, 4] {
+        let mut sim = Sim::new(256, 1, threads);
+        let keys: Vec<u64> = (0..n).map(|i| hot[(i * 3 % 5) as usize]).collect();
+        let vals: Vec<u64> = (100..100 + n).collect();
+        let st = sim.put_chunk(&keys, &vals);
+        assert_eq!((st.dup, st.repeats, st.placed), (true, n - 5, 5));
+        let (v, f) = sim.get(&hot);
+        assert!(f.iter().all(|f| *f));
+        for (j, k) in hot.iter().enumerate() {
+            let last = keys.iter().rposition(|x| x == k).expect("in the chunk");
+            assert_eq!(v[j], vals[last]);
+        }
+    }
+}
+
+#[test]
+fn repeats_reuse_tombstones_once() {
+    for threads in [1, 4] {
+        let mut sim = Sim::new(64, 1, threads);
+        sim.put(&[1, 2, 3, 4], &[10, 20, 30, 40], 16);
+        assert_eq!(sim.delete(&[1, 2, 3]), 3);
+        assert_eq!(sim.tombs, 3);
+        // 2 and 3 come back (twice each), 5 is new and repeated, 4 is overwritten.
+        let st = sim.put_chunk(&[2, 5, 3, 2, 4, 5, 3], &[21, 51, 31, 22, 41, 52, 32]);
+        assert_eq!((st.dup, st.inserted, st.found, st.placed), (true, 3, 1, 4));
+        assert_eq!(sim.len, 4);
+        let tombs = sim.keys.iter().filter(|k| **k == TOMBSTONE).count() as u64;
+        assert_eq!(tombs, sim.tombs);
+        let (v, f) = sim.get(&[1, 2, 3, 4, 5]);
+        assert_eq!(f, [false, true, true, true, true]);
+        assert_eq!(v, [0, 22, 32, 41, 52]);
+    }
+}
+
+#[test]
+fn local_slots_is_a_power_of_two_of_at_least_twice_the_chunk() {
+    assert_eq!(local_slots(1), 64);
+    assert_eq!(local_slots(32), 64);
+    assert_eq!(local_slots(33), 128);
+    assert_eq!(local_slots(1 << 20), 1 << 21);
+    for n in [1u64, 5, 4096, 100_000, (1 << 21) + 1] {
+        let s = local_slots(n);
+        assert!(s.is_power_of_two() && s >= 2 * n);
+    }
 }
