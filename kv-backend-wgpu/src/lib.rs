@@ -97,6 +97,9 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// Environment variable capping the size of a table segment in MiB (see [`WgpuBackend::open`]).
+pub const SEGMENT_MIB_ENV: &str = "VRAMKV_WGPU_SEGMENT_MIB";
+
 /// A vramkv table in the memory of a GPU driven through wgpu.
 pub struct WgpuBackend {
     gpu: Arc<Gpu>,
@@ -123,8 +126,16 @@ impl WgpuBackend {
     /// Fails with [`Error::InvalidConfig`] for a bad config, [`Error::BackendUnavailable`]
     /// when no adapter (or not the chosen one) offers the needed features,
     /// [`Error::OutOfDeviceMemory`] when the table does not fit.
+    ///
+    /// The environment variable `VRAMKV_WGPU_SEGMENT_MIB=<n>` caps segments at `n` MiB (a
+    /// development knob for measuring the cost of multi-segment tables on a real GPU).
     pub fn open(cfg: TableConfig) -> Result<Self> {
-        Self::open_with_max_segment_bytes(cfg, u64::MAX)
+        let bytes = std::env::var(SEGMENT_MIB_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&m| m > 0)
+            .map_or(u64::MAX, |m| m.saturating_mul(1 << 20));
+        Self::open_with_max_segment_bytes(cfg, bytes)
     }
 
     /// [`open`](Self::open), with the key and value arrays split into segments (storage
