@@ -416,7 +416,10 @@ fn sentinels_and_layout() {
     assert_eq!(special_words(16), 34);
     assert_eq!(crate::grid_size(0, 132), 1);
     assert_eq!(crate::grid_size(1000, 132), 4);
-    assert_eq!(crate::grid_size(u64::MAX / 2, 132), 132 * 32);
+    assert_eq!(
+        crate::grid_size(u64::MAX / 2, 132),
+        132 * crate::BLOCKS_PER_SM
+    );
 }
 
 #[test]
