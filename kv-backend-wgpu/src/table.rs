@@ -26,6 +26,20 @@ use crate::shader::ctl;
 pub(crate) const LANES: usize = 3;
 /// Bytes of keys + values per chunk at most (the chunk size for large batches).
 const CHUNK_BYTES: usize = 64 << 20;
+/// Environment variable overriding [`CHUNK_BYTES`] in MiB (a development knob for tuning
+/// the staging pipeline on a real GPU).
+pub const CHUNK_MIB_ENV: &str = "VRAMKV_WGPU_CHUNK_MIB";
+
+fn chunk_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var(CHUNK_MIB_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&m| (1..=4096).contains(&m))
+            .map_or(CHUNK_BYTES, |m| m << 20)
+    })
+}
 /// Smallest lane (items); lanes are sized in powers of two so that they are reused.
 pub(crate) const MIN_LANE: usize = 4096;
 /// Lanes kept in a table's pool between batches.
@@ -92,7 +106,7 @@ fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<()> {
 /// Items per chunk for a batch of `n` keys of `width` words, bindings of at most
 /// `max_binding` bytes.
 pub(crate) fn lane_cap(n: usize, width: usize, max_binding: u64) -> usize {
-    let by_bytes = CHUNK_BYTES / (8 * (width + 1));
+    let by_bytes = chunk_bytes() / (8 * (width + 1));
     let by_binding = (max_binding / (8 * width as u64)).min(u32::MAX as u64 / 2) as usize;
     let max = by_bytes.min(by_binding).max(MIN_LANE);
     let max = 1usize << (usize::BITS - 1 - max.leading_zeros());
