@@ -7,10 +7,26 @@
 //! helper that `switch`es on the segment. A module is generated per segment count (and per
 //! pair of counts for the rehash) and cached by the device.
 //!
-//! Every module is emitted in one of three *flavours* that differ only in whether the key
-//! and value segments are declared atomic: the place/delete passes need atomic keys (CAS),
-//! the last-wins passes atomic values (atomic max on word 0 of a row), and the read-only
-//! passes neither (plain loads are cheaper). The bind group layout is the same for all.
+//! Every module is emitted in one of two *flavours* that differ only in whether the key
+//! segments are declared atomic: the place/delete passes need atomic keys (CAS), the other
+//! passes do not (plain loads are cheaper). The bind group layout is the same for both.
+//!
+//! # Put protocol (per chunk; the chunks of a batch run in order)
+//!
+//! As the CUDA kernels (`kv-kernels/src/ops.rs`): a chunk is first resolved against itself
+//! in the lane's *local table* (`ltab`, `u32[L]` with `L` the power of two >= 2n, zeroed
+//! before the chunk, followed by the chunk's flags), then only the last occurrence of each
+//! key touches the table.
+//!
+//! 1. `kv_put_dedup`: a key equal to a sentinel records `1 + i` with an atomic max in its
+//!    flag word. Any other key probes the local table from its home slot: a free slot (0)
+//!    is claimed with a CAS of `1 + i`; a slot holding `1 + j` belongs to the key
+//!    `keys_in[j]` (slots never change owner), so when that is our key `1 + i` is maxed into
+//!    it and the DUP flag is raised. The local slot goes to `slot_of[i]`.
+//! 2. `kv_put_place`: when DUP is raised, an item whose local slot does not hold `1 + i`
+//!    is not the last occurrence of its key and does nothing; otherwise (every item of a
+//!    chunk without repeats) it places its key and writes its row, once. Thread 0 applies
+//!    the sentinel keys, whose winners pass 1 recorded.
 //!
 //! # Key encoding
 //!
@@ -26,9 +42,8 @@ pub(crate) const WORKGROUP: u32 = 256;
 
 /// Indices of the u64 words of a table's control buffer (the shaders use the same numbers).
 ///
-/// Word 0 counts the keys of the current put chunk that were found already placed (the
-/// last-wins passes run when it is non-zero) and words 1 and 2 hold 1 + the highest index
-/// in the chunk of the special keys 0 and 1; the chunk's finishing pass resets all three.
+/// Words 0 to 2 are unused (the per-chunk flags of a put live in the lane's local table);
+/// 12 and 13 take the counts a pass does not keep.
 pub(crate) mod ctl {
     /// Keys newly placed in the key array (from EMPTY or a tombstone).
     pub const INSERTED: usize = 3;
@@ -55,11 +70,9 @@ pub(crate) mod ctl {
 /// Which segments are declared atomic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Flavour {
-    /// Keys atomic (CAS), values plain: `put_place`, `put_dup_args`, `delete`.
+    /// Keys atomic (CAS), values plain: `put_place`, `delete`.
     AtomicKeys,
-    /// Values atomic, keys plain: `put_zero`, `put_max`, `put_win`.
-    AtomicValues,
-    /// Both plain: `get`, `contains`, `put_write`, `put_finish`, `count`.
+    /// Both plain: `put_dedup`, `get`, `contains`, `count`.
     Plain,
 }
 
@@ -67,8 +80,7 @@ impl Flavour {
     /// The flavour an entry point of the batch module needs.
     pub(crate) fn of(entry: &str) -> Flavour {
         match entry {
-            "kv_put_place" | "kv_put_dup_args" | "kv_delete" => Flavour::AtomicKeys,
-            "kv_put_zero" | "kv_put_max" | "kv_put_win" => Flavour::AtomicValues,
+            "kv_put_place" | "kv_delete" => Flavour::AtomicKeys,
             _ => Flavour::Plain,
         }
     }
@@ -87,9 +99,9 @@ struct Params {
     mask: u32,
     seg_shift: u32,
     base: u32,
-    gx: u32,
-    gy: u32,
-    pad: u32,
+    lmask: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 fn fmix(key: u64) -> u64 {
@@ -113,6 +125,11 @@ fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 fn seg_of(slot: u32) -> u32 {
     return slot >> p.seg_shift;
 }
+
+// The chunk's flags after its local table: DUP (a key repeats in the chunk), then 1 + the
+// last index of each special key (0 when absent).
+fn dup_flag() -> u32 { return p.lmask + 1u; }
+fn spec_flag(k: u32) -> u32 { return p.lmask + 2u + k; }
 
 fn row_of(slot: u32) -> u32 {
     return (slot & ((1u << p.seg_shift) - 1u)) * p.width;
@@ -232,7 +249,7 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
 @group(0) @binding(4) var<storage, read_write> vals_io: array<u64>;
 @group(0) @binding(5) var<storage, read_write> slot_of: array<u32>;
 @group(0) @binding(6) var<storage, read_write> flags8: array<atomic<u32>>;
-@group(0) @binding(7) var<storage, read_write> dup_args: array<u32, 4>;
+@group(0) @binding(7) var<storage, read_write> ltab: array<atomic<u32>>;
 "#,
     );
     s.push_str(COMMON);
@@ -244,14 +261,7 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
         flavour == Flavour::AtomicKeys,
         "k",
     );
-    segments(
-        &mut s,
-        "vals",
-        BATCH_FIXED + segs as u32,
-        segs,
-        flavour == Flavour::AtomicValues,
-        "v",
-    );
+    segments(&mut s, "vals", BATCH_FIXED + segs as u32, segs, false, "v");
     s.push_str(
         r#"
 var<workgroup> wg_cnt: array<atomic<u32>, 4>;
@@ -282,7 +292,6 @@ fn flush(lid: u32, c0: u32, c1: u32, c2: u32, c3: u32) {
     );
     match flavour {
         Flavour::AtomicKeys => s.push_str(ATOMIC_KEYS_PASSES),
-        Flavour::AtomicValues => s.push_str(ATOMIC_VALUES_PASSES),
         Flavour::Plain => s.push_str(PLAIN_PASSES),
     }
     format!("{COMMON_HEADER}{s}")
@@ -293,75 +302,80 @@ const COMMON_HEADER: &str = "// vramkv wgpu table kernels (generated)\n";
 const ATOMIC_KEYS_PASSES: &str = r#"
 fn koff(pos: u32) -> u32 { return pos & ((1u << p.seg_shift) - 1u); }
 
-// Put pass 1: place key i (claim EMPTY, reuse the first tombstone met, or find it),
-// record its slot and write its row.
+// The last occurrence of each special key in the chunk writes its row (thread 0 of the
+// place pass; pass 1 recorded the winners).
+fn put_specials() {
+    let w = p.width;
+    for (var k = 0u; k < 2u; k += 1u) {
+        let win = atomicLoad(&ltab[spec_flag(k)]);
+        if win != 0u {
+            let i = win - 1u;
+            for (var j = 0u; j < w; j += 1u) {
+                atomicStore(&special[2u + k * w + j], vals_io[i * w + j]);
+            }
+            if atomicExchange(&special[k], 1lu) == 0lu { atomicAdd(&ctl[6], 1lu); }
+        }
+    }
+}
+
+// Put pass 2: if item i is the last occurrence of its key in the chunk, place the key
+// (claim EMPTY, reuse the first tombstone met, or find it) and write its row.
 @compute @workgroup_size(256)
 fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = item(wid, nwg, lid);
-    if i < p.n {
-        let key = keys_in[i];
-        if key <= TOMB {
-            atomicMax(&ctl[1u + u32(key)], u64(i) + 1lu);
-        } else {
-            // 1: from empty, 2: from tombstone, 3: found, 4: overflow
-            var outcome = 0u;
-            var slot = 0u;
+    if i == 0u { put_specials(); }
+    var key = 0lu;
+    if i < p.n { key = keys_in[i]; }
+    var last = key > TOMB;
+    if last && atomicLoad(&ltab[dup_flag()]) != 0u {
+        last = atomicLoad(&ltab[slot_of[i]]) == i + 1u;
+    }
+    if last {
+        // 1: from empty, 2: from tombstone, 3: found, 4: overflow
+        var outcome = 0u;
+        var slot = 0u;
+        loop {
+            var pos = home(key);
+            var tomb = 0u;
+            var has_tomb = false;
+            var steps = 0u;
+            var restart = false;
             loop {
-                var pos = home(key);
-                var tomb = 0u;
-                var has_tomb = false;
-                var steps = 0u;
-                var restart = false;
-                loop {
-                    var cur = kload(seg_of(pos), koff(pos));
-                    if cur == EMPTY {
-                        if has_tomb {
-                            let old = kcas(seg_of(tomb), koff(tomb), TOMB, key);
-                            if old == TOMB { outcome = 2u; slot = tomb; break; }
-                            if old == key { outcome = 3u; slot = tomb; break; }
-                            restart = true;
-                            break;
-                        }
-                        let old = kcas(seg_of(pos), koff(pos), EMPTY, key);
-                        if old == EMPTY { outcome = 1u; slot = pos; break; }
-                        cur = old;
+                var cur = kload(seg_of(pos), koff(pos));
+                if cur == EMPTY {
+                    if has_tomb {
+                        let old = kcas(seg_of(tomb), koff(tomb), TOMB, key);
+                        if old == TOMB { outcome = 2u; slot = tomb; break; }
+                        if old == key { outcome = 3u; slot = tomb; break; }
+                        restart = true;
+                        break;
                     }
-                    if cur == key { outcome = 3u; slot = pos; break; }
-                    if cur == TOMB && !has_tomb { has_tomb = true; tomb = pos; }
-                    if steps == p.mask { outcome = 4u; break; }
-                    steps += 1u;
-                    pos = (pos + 1u) & p.mask;
+                    let old = kcas(seg_of(pos), koff(pos), EMPTY, key);
+                    if old == EMPTY { outcome = 1u; slot = pos; break; }
+                    cur = old;
                 }
-                if !restart { break; }
+                if cur == key { outcome = 3u; slot = pos; break; }
+                if cur == TOMB && !has_tomb { has_tomb = true; tomb = pos; }
+                if steps == p.mask { outcome = 4u; break; }
+                steps += 1u;
+                pos = (pos + 1u) & p.mask;
             }
-            slot_of[i] = slot;
-            if outcome == 4u {
-                atomicAdd(&wg_cnt[3], 1u);
-            } else {
-                if outcome == 1u { atomicAdd(&wg_cnt[1], 1u); }
-                if outcome <= 2u { atomicAdd(&wg_cnt[0], 1u); }
-                if outcome == 3u { atomicAdd(&wg_cnt[2], 1u); }
-                let w = p.width;
-                let seg = seg_of(slot);
-                let r = row_of(slot);
-                for (var j = 0u; j < w; j += 1u) {
-                    vstore(seg, r + j, vals_io[i * w + j]);
-                }
+            if !restart { break; }
+        }
+        if outcome == 4u {
+            atomicAdd(&wg_cnt[3], 1u);
+        } else {
+            if outcome == 1u { atomicAdd(&wg_cnt[1], 1u); }
+            if outcome <= 2u { atomicAdd(&wg_cnt[0], 1u); }
+            let w = p.width;
+            let seg = seg_of(slot);
+            let r = row_of(slot);
+            for (var j = 0u; j < w; j += 1u) {
+                vstore(seg, r + j, vals_io[i * w + j]);
             }
         }
     }
-    flush(lid, 3u, 4u, 0u, 8u);
-}
-
-// After the place pass (one thread): the workgroup counts of the last-wins passes, which
-// are dispatched indirectly: the whole grid if some key was found already placed, else none.
-@compute @workgroup_size(1)
-fn kv_put_dup_args() {
-    var on = 0u;
-    if atomicLoad(&ctl[0]) != 0lu { on = 1u; }
-    dup_args[0] = p.gx * on;
-    dup_args[1] = p.gy * on;
-    dup_args[2] = 1u;
+    flush(lid, 3u, 4u, 12u, 8u);
 }
 
 // Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.
@@ -391,73 +405,40 @@ fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 }
 "#;
 
-const ATOMIC_VALUES_PASSES: &str = r#"
-fn dup_raised() -> bool { return atomicLoad(&ctl[0]) != 0lu; }
-
-// Last-wins pass 2: zero word 0 of every row the chunk touched.
-@compute @workgroup_size(256)
-fn kv_put_zero(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n && dup_raised() && keys_in[i] > TOMB {
-        let slot = slot_of[i];
-        vstore(seg_of(slot), row_of(slot), 0lu);
-    }
-}
-
-// Pass 3: atomic max of 1 + i into word 0.
-@compute @workgroup_size(256)
-fn kv_put_max(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n && dup_raised() && keys_in[i] > TOMB {
-        let slot = slot_of[i];
-        vmax(seg_of(slot), row_of(slot), u64(i) + 1lu);
-    }
-}
-
-// Pass 4: item i wins its row if 1 + i stayed.
-@compute @workgroup_size(256)
-fn kv_put_win(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n && dup_raised() && keys_in[i] > TOMB {
-        let slot = slot_of[i];
-        if vload(seg_of(slot), row_of(slot)) == u64(i) + 1lu { set_flag8(i); }
-    }
-}
-"#;
-
 const PLAIN_PASSES: &str = r#"
-// Pass 5: the winner of each touched row rewrites it.
+// Put pass 1: record key i in the chunk's local table (see the module docs).
 @compute @workgroup_size(256)
-fn kv_put_write(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = item(wid, nwg, lid);
-    if i < p.n && atomicLoad(&ctl[0]) != 0lu && keys_in[i] > TOMB && get_flag8(i) {
-        let slot = slot_of[i];
-        let w = p.width;
-        let seg = seg_of(slot);
-        let r = row_of(slot);
-        for (var j = 0u; j < w; j += 1u) {
-            vstore(seg, r + j, vals_io[i * w + j]);
-        }
-    }
-}
-
-// Pass 6 (one thread): the last occurrence of each special key writes its row; the
-// chunk's flags are reset for the next chunk.
-@compute @workgroup_size(1)
-fn kv_put_finish() {
-    let w = p.width;
-    for (var k = 0u; k < 2u; k += 1u) {
-        let win = atomicLoad(&ctl[1u + k]);
-        if win != 0lu {
-            let i = u32(win - 1lu);
-            for (var j = 0u; j < w; j += 1u) {
-                atomicStore(&special[2u + k * w + j], vals_io[i * w + j]);
+    if i < p.n {
+        let key = keys_in[i];
+        let me = i + 1u;
+        if key <= TOMB {
+            atomicMax(&ltab[spec_flag(u32(key))], me);
+        } else {
+            var pos = u32(fmix(key) & u64(p.lmask));
+            var steps = 0u;
+            loop {
+                var cur = atomicLoad(&ltab[pos]);
+                if cur == 0u {
+                    let r = atomicCompareExchangeWeak(&ltab[pos], 0u, me);
+                    if r.exchanged { break; }
+                    // A spurious failure: try the slot again.
+                    if r.old_value == 0u { continue; }
+                    cur = r.old_value;
+                }
+                if keys_in[cur - 1u] == key {
+                    atomicMax(&ltab[pos], me);
+                    atomicStore(&ltab[dup_flag()], 1u);
+                    break;
+                }
+                if steps == p.lmask { atomicAdd(&ctl[8], 1lu); break; }
+                steps += 1u;
+                pos = (pos + 1u) & p.lmask;
             }
-            if atomicExchange(&special[k], 1lu) == 0lu { atomicAdd(&ctl[6], 1lu); }
+            slot_of[i] = pos;
         }
-        atomicStore(&ctl[1u + k], 0lu);
     }
-    atomicStore(&ctl[0], 0lu);
 }
 
 fn lookup(i: u32, with_values: bool) {

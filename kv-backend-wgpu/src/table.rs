@@ -60,10 +60,22 @@ pub(crate) struct Params {
     pub mask: u32,
     pub seg_shift: u32,
     pub base: u32,
-    /// Workgroups of the chunk's grid (x, y), for the indirect last-wins passes.
-    pub gx: u32,
-    pub gy: u32,
-    pub pad: u32,
+    /// Slots of the chunk's local table less one (put).
+    pub lmask: u32,
+    pub pad0: u32,
+    pub pad1: u32,
+}
+
+/// Slots of the local table of a put chunk of `n` items: the power of two >= 2n (load at
+/// most 1/2), as the CUDA kernels' `local_slots`.
+pub(crate) fn local_slots(n: usize) -> usize {
+    (2 * n).next_power_of_two().max(64)
+}
+
+/// Bytes of the local table of a chunk of `n` items and the chunk's flags after it (DUP,
+/// the last index of each special key, one spare word).
+fn local_bytes(n: usize) -> u64 {
+    (local_slots(n) as u64 + 4) * 4
 }
 
 const MAPPED: u8 = 1;
@@ -107,7 +119,11 @@ fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<()> {
 /// `max_binding` bytes.
 pub(crate) fn lane_cap(n: usize, width: usize, max_binding: u64) -> usize {
     let by_bytes = chunk_bytes() / (8 * (width + 1));
-    let by_binding = (max_binding / (8 * width as u64)).min(u32::MAX as u64 / 2) as usize;
+    // The values of a chunk and its local table (8 bytes an item, plus the flags) each fit
+    // one binding.
+    let by_binding = (max_binding / (8 * width as u64))
+        .min(max_binding.saturating_sub(64) / 8)
+        .min(u32::MAX as u64 / 2) as usize;
     let max = by_bytes.min(by_binding).max(MIN_LANE);
     let max = 1usize << (usize::BITS - 1 - max.leading_zeros());
     n.div_ceil(LANES)
@@ -166,11 +182,8 @@ pub(crate) struct Lane {
     vals_io: wgpu::Buffer,
     slot_of: wgpu::Buffer,
     flags8: wgpu::Buffer,
-    /// Workgroup counts of the last-wins passes, as the place pass leaves them (storage)...
-    dup_src: wgpu::Buffer,
-    /// ... and copied here for the indirect dispatches (a buffer bound as storage cannot
-    /// also be the indirect argument of a dispatch).
-    dup_args: wgpu::Buffer,
+    /// The put chunk's local table and flags (`shader` module docs), cleared per chunk.
+    local: wgpu::Buffer,
     readback: wgpu::Buffer,
     rb_state: Arc<AtomicU8>,
     bind: Option<(u64, wgpu::BindGroup)>,
@@ -210,8 +223,12 @@ impl Lane {
                 U::STORAGE | U::COPY_DST | U::COPY_SRC,
                 false,
             )?,
-            dup_src: gpu.buffer("vramkv dup args", 16, U::STORAGE | U::COPY_SRC, false)?,
-            dup_args: gpu.buffer("vramkv dispatch args", 16, U::INDIRECT | U::COPY_DST, false)?,
+            local: gpu.buffer(
+                "vramkv local table",
+                local_bytes(cap),
+                U::STORAGE | U::COPY_DST,
+                false,
+            )?,
             readback: gpu.buffer(
                 "vramkv readback",
                 RB_HDR + flags_bytes(cap) + c * w * 8,
@@ -232,8 +249,7 @@ impl Lane {
             + self.vals_io.size()
             + self.slot_of.size()
             + self.flags8.size()
-            + self.dup_src.size()
-            + self.dup_args.size()
+            + self.local.size()
             + self.readback.size()
     }
 
@@ -249,7 +265,7 @@ impl Lane {
                 &self.vals_io,
                 &self.slot_of,
                 &self.flags8,
-                &self.dup_src,
+                &self.local,
             ];
             bufs.extend(st.segs.iter().map(|s| &s.keys));
             bufs.extend(st.segs.iter().map(|s| &s.vals));
@@ -687,15 +703,7 @@ impl State {
 /// The kernels of an op, in order.
 fn entries(op: &Op<'_>) -> &'static [&'static str] {
     match op {
-        Op::Put { .. } => &[
-            "kv_put_place",
-            "kv_put_dup_args",
-            "kv_put_zero",
-            "kv_put_max",
-            "kv_put_win",
-            "kv_put_write",
-            "kv_put_finish",
-        ],
+        Op::Put { .. } => &["kv_put_dedup", "kv_put_place"],
         Op::Get { .. } => &["kv_get"],
         Op::Contains { .. } => &["kv_contains"],
         Op::Delete => &["kv_delete"],
@@ -731,9 +739,9 @@ pub(crate) fn run_host_batch(
             _ => None,
         };
         let (x, y) = gpu.groups(m as u64);
+        let put = matches!(op, Op::Put { .. });
         let params = Params {
-            gx: x,
-            gy: y,
+            lmask: if put { (local_slots(m) - 1) as u32 } else { 0 },
             ..st.params(m)
         };
         lane.fill(gpu, &params, &keys[start..start + m], values)?;
@@ -753,35 +761,21 @@ pub(crate) fn run_host_batch(
                 (m * w * 8) as u64,
             );
         }
-        if !matches!(op, Op::Delete) {
-            enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
-        }
-        // Passes until the first indirect dispatch, the copy of its arguments, the rest.
-        let split = pipes
-            .iter()
-            .position(|(e, _)| *e == "kv_put_zero")
-            .unwrap_or(pipes.len());
-        for (k, part) in [&pipes[..split], &pipes[split..]].into_iter().enumerate() {
-            if part.is_empty() {
-                continue;
-            }
-            if k == 1 {
-                enc.copy_buffer_to_buffer(&lane.dup_src, 0, &lane.dup_args, 0, 16);
-            }
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_bind_group(0, &bg, &[]);
-            for (e, p) in part {
-                pass.set_pipeline(p);
-                match *e {
-                    "kv_put_finish" | "kv_put_dup_args" => pass.dispatch_workgroups(1, 1, 1),
-                    "kv_put_zero" | "kv_put_max" | "kv_put_win" | "kv_put_write" => {
-                        pass.dispatch_workgroups_indirect(&lane.dup_args, 0)
-                    }
-                    _ => pass.dispatch_workgroups(x, y, 1),
-                }
-            }
+        if put {
+            enc.clear_buffer(&lane.local, 0, Some(local_bytes(m)));
         }
         let output = matches!(op, Op::Get { .. } | Op::Contains { .. });
+        if output {
+            enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
+        }
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_bind_group(0, &bg, &[]);
+            for (_, p) in &pipes {
+                pass.set_pipeline(p);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
         if output {
             enc.copy_buffer_to_buffer(&lane.flags8, 0, &lane.readback, RB_HDR, flags_bytes(m));
         }

@@ -167,6 +167,141 @@ fn last_wins_across_chunks() -> R {
     check(&t, &m, &probe, "1.5M put over 300k keys")
 }
 
+/// Puts `keys` (rows from `val`) into the table and the model.
+fn put_both(
+    t: &WgpuBackend,
+    m: &mut HashMap<u64, Vec<u64>>,
+    keys: &[u64],
+    val: impl Fn(usize, usize) -> u64,
+) -> R {
+    let w = t.width();
+    let vals: Vec<u64> = (0..keys.len() * w).map(|x| val(x / w, x % w)).collect();
+    t.put(keys, &vals).map_err(|x| e("put", x))?;
+    for (i, k) in keys.iter().enumerate() {
+        m.insert(*k, vals[i * w..(i + 1) * w].to_vec());
+    }
+    Ok(())
+}
+
+fn overwrite_only_chunks() -> R {
+    // Batches of several chunks whose keys are all distinct and all already present: no
+    // chunk repeats a key, every item overwrites an earlier batch.
+    let n = 600_000usize;
+    let t = open(TableConfig::new(n).width(2))?;
+    let mut m = HashMap::new();
+    let keys: Vec<u64> = (0..n as u64).map(|i| i * 7 + 2).collect();
+    put_both(&t, &mut m, &keys, |i, j| (i * 2 + j) as u64)?;
+    for round in 1..4u64 {
+        // A different order each round (a stride coprime to n, a shift).
+        let perm: Vec<u64> = (0..n)
+            .map(|i| keys[(i * 7919 + round as usize * 1000) % n])
+            .collect();
+        put_both(&t, &mut m, &perm, |i, j| round << 40 | (i * 2 + j) as u64)?;
+        if t.len() != n {
+            return Err(format!(
+                "round {round}: len {} after overwrites of {n} keys",
+                t.len()
+            )
+            .into());
+        }
+    }
+    // Half overwrites, half new keys.
+    let mixed: Vec<u64> = (0..n as u64)
+        .map(|i| if i % 2 == 0 { i * 7 + 2 } else { i * 7 + 3 })
+        .collect();
+    put_both(&t, &mut m, &mixed, |i, j| (i * 3 + j) as u64)?;
+    let probe: Vec<u64> = (0..n as u64 * 7 + 4).step_by(3).collect();
+    check(&t, &m, &probe, "overwrite-only chunks")
+}
+
+fn heavy_in_chunk_repeats() -> R {
+    // One key repeated thousands of times, the sentinel-valued keys and the keys at the top
+    // of the u64 range repeated, amid a small key range: the last occurrence wins, each
+    // key counts once.
+    for w in [1usize, 3] {
+        let t = open(TableConfig::new(64).width(w))?;
+        let mut m = HashMap::new();
+        let mut rng = Rng(900 + w as u64);
+        for round in 0..4 {
+            let n = [5_000usize, 50_000, 200_000, 9_000][round];
+            let keys: Vec<u64> = (0..n)
+                .map(|i| match i % 11 {
+                    0 | 5 => 7,
+                    1 => rng.next() % 3,
+                    2 => u64::MAX - rng.next() % 2,
+                    _ => rng.key(2_000),
+                })
+                .collect();
+            put_both(&t, &mut m, &keys, |i, j| {
+                (round as u64) << 48 | (i * w + j) as u64
+            })?;
+            let probe: Vec<u64> = (0..2_010u64).chain([u64::MAX, u64::MAX - 1]).collect();
+            check(&t, &m, &probe, &format!("w{w} repeats round {round}"))?;
+        }
+        // A batch of one key only.
+        let keys = vec![123_456u64; 70_000];
+        put_both(&t, &mut m, &keys, |i, j| (i * w + j) as u64)?;
+        let keys = vec![1u64; 70_000];
+        put_both(&t, &mut m, &keys, |i, j| (i * w + j) as u64 + 5)?;
+        check(
+            &t,
+            &m,
+            &[123_456, 1, 0, 7],
+            &format!("w{w} single-key batches"),
+        )?;
+    }
+    Ok(())
+}
+
+fn repeats_across_chunk_boundaries() -> R {
+    // Keys repeated within chunks and across them (and batches), sentinels included.
+    let n = 700_000usize;
+    let t = open(TableConfig::new(1 << 10))?;
+    let mut m = HashMap::new();
+    for round in 0..3u64 {
+        let keys: Vec<u64> = (0..n as u64)
+            .map(|i| match i % 97 {
+                0 => i % 2,
+                _ => (i * 31 + round) % 70_001 + 2,
+            })
+            .collect();
+        put_both(&t, &mut m, &keys, |i, _| round << 40 | i as u64)?;
+        let probe: Vec<u64> = (0..70_010u64).collect();
+        check(&t, &m, &probe, &format!("round {round}"))?;
+    }
+    Ok(())
+}
+
+fn tombstone_reuse_with_repeats() -> R {
+    // Keys deleted (tombstones on their probe paths), then put again several times within
+    // one batch: each is placed once (a tombstone reused, no ghost copy further on).
+    for w in [1usize, 2] {
+        let t = open(TableConfig::new(50_000).width(w).growth(false))?;
+        let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
+        let keys: Vec<u64> = (2..30_002u64).collect();
+        put_both(&t, &mut m, &keys, |i, j| (i + j) as u64)?;
+        for round in 0..4u64 {
+            let del: Vec<u64> = keys
+                .iter()
+                .copied()
+                .filter(|k| k % 3 != round % 3)
+                .collect();
+            let got = t.delete(&del).map_err(|x| e("delete", x))?;
+            let want = del.iter().filter(|k| m.remove(k).is_some()).count();
+            if got != want {
+                return Err(format!("w{w} round {round}: removed {got}, expected {want}").into());
+            }
+            // Every deleted key three times, in an order that spreads the repeats.
+            let again: Vec<u64> = (0..del.len() * 3)
+                .map(|i| del[(i * 7 + i / del.len()) % del.len()])
+                .collect();
+            put_both(&t, &mut m, &again, |i, j| round << 40 | (i * w + j) as u64)?;
+            check(&t, &m, &keys, &format!("w{w} reuse round {round}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn growth_across_rehashes() -> R {
     for w in [1usize, 4] {
         let t = open(TableConfig::new(16).width(w))?;
@@ -378,6 +513,13 @@ fn main() {
         ("widths_1_to_16", widths_1_to_16),
         ("many_segments", many_segments),
         ("last_wins_across_chunks", last_wins_across_chunks),
+        ("overwrite_only_chunks", overwrite_only_chunks),
+        ("heavy_in_chunk_repeats", heavy_in_chunk_repeats),
+        (
+            "repeats_across_chunk_boundaries",
+            repeats_across_chunk_boundaries,
+        ),
+        ("tombstone_reuse_with_repeats", tombstone_reuse_with_repeats),
         ("growth_across_rehashes", growth_across_rehashes),
         ("tombstone_churn", tombstone_churn),
         ("larger_than_one_binding", larger_than_one_binding),
