@@ -47,8 +47,9 @@
 //! and readback buffers plus the chunk's device buffers): one submission per chunk, the
 //! host filling the next chunk while the device works on the previous one, and waiting on
 //! a submission index (never busy-polling) only to reuse a lane or to finish the batch.
-//! A put places keys with compare-exchange; when a key of a chunk was already present (a
-//! repeat, or an overwrite), short passes make the last occurrence write its row. Counters
+//! A put resolves repeats per chunk in a small lane-local table first (the last occurrence
+//! of each key wins there), then only those winners place their keys with compare-exchange
+//! and write their rows; overwrites of keys from earlier chunks cost nothing extra. Counters
 //! read back at the end of each put and delete keep [`KvBackend::len`] exact. Every batch
 //! holds the table's lock for its whole run, so batches are atomic with respect to each
 //! other (lookups share the lock).
