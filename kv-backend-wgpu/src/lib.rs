@@ -71,7 +71,7 @@ use kv_core::{
 pub use gpu::AdapterInfo;
 use gpu::{BACKEND, Gpu};
 use shader::ctl;
-pub use table::CHUNK_MIB_ENV;
+pub use table::{CHUNK_MIB_ENV, TRACE_ENV};
 use table::{Lane, Op, State};
 
 /// The environment variable that makes a missing wgpu adapter a test failure instead of a

@@ -29,6 +29,31 @@ const CHUNK_BYTES: usize = 64 << 20;
 /// Environment variable overriding [`CHUNK_BYTES`] in MiB (a development knob for tuning
 /// the staging pipeline on a real GPU).
 pub const CHUNK_MIB_ENV: &str = "VRAMKV_WGPU_CHUNK_MIB";
+/// Environment variable that makes every host batch print, on stderr, where its time went
+/// (waiting for the GPU, host copies in and out, encoding and submitting), per phase.
+pub const TRACE_ENV: &str = "VRAMKV_WGPU_TRACE";
+
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some_and(|v| v != "0"))
+}
+
+/// Seconds spent per phase of a host batch (see [`TRACE_ENV`]).
+#[derive(Default)]
+struct Trace {
+    wait: f64,
+    copy_out: f64,
+    copy_in: f64,
+    submit: f64,
+}
+
+impl Trace {
+    fn settle(&mut self, lane: &Lane, total: std::time::Duration) {
+        let w = lane.waited.as_secs_f64();
+        self.wait += w;
+        self.copy_out += total.as_secs_f64() - w;
+    }
+}
 
 fn chunk_bytes() -> usize {
     static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -188,6 +213,8 @@ pub(crate) struct Lane {
     rb_state: Arc<AtomicU8>,
     bind: Option<(u64, wgpu::BindGroup)>,
     pending: Option<Pending>,
+    /// Time the last `settle` spent waiting for the GPU (for [`TRACE_ENV`]).
+    waited: std::time::Duration,
 }
 
 fn flags_bytes(cap: usize) -> u64 {
@@ -238,6 +265,7 @@ impl Lane {
             rb_state: Arc::new(AtomicU8::new(MAP_PENDING)),
             bind: None,
             pending: None,
+            waited: std::time::Duration::ZERO,
         })
     }
 
@@ -300,11 +328,14 @@ impl Lane {
         op: &mut Op<'_>,
         counters: &mut Option<[u64; ctl::LEN]>,
     ) -> Result<()> {
+        self.waited = std::time::Duration::ZERO;
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
+        let t0 = std::time::Instant::now();
         gpu.wait(p.sub)?;
         expect_mapped(gpu, &self.up_state, "upload")?;
+        self.waited = t0.elapsed();
         if !p.readback {
             return Ok(());
         }
@@ -729,11 +760,14 @@ pub(crate) fn run_host_batch(
         .map(|e| Ok((*e, gpu.batch_pipeline(st.segs.len(), e)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut counters = None;
+    let mut trace = Trace::default();
     for c in 0..chunks {
         let start = c * cap;
         let m = cap.min(n - start);
         let lane = &mut lanes[c % nl];
+        let t0 = std::time::Instant::now();
         lane.settle(gpu, op, &mut counters)?;
+        trace.settle(lane, t0.elapsed());
         let values = match op {
             Op::Put { values } => Some(&values[start * w..(start + m) * w]),
             _ => None,
@@ -744,7 +778,10 @@ pub(crate) fn run_host_batch(
             lmask: if put { (local_slots(m) - 1) as u32 } else { 0 },
             ..st.params(m)
         };
+        let t0 = std::time::Instant::now();
         lane.fill(gpu, &params, &keys[start..start + m], values)?;
+        trace.copy_in += t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
         let bg = lane.bind_group(gpu, st)?.clone();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         if c == 0 && op.counts() {
@@ -798,6 +835,7 @@ pub(crate) fn run_host_batch(
         if output || counts {
             map(&lane.readback, wgpu::MapMode::Read, &lane.rb_state);
         }
+        trace.submit += t0.elapsed().as_secs_f64();
         lane.pending = Some(Pending {
             sub,
             start,
@@ -807,7 +845,20 @@ pub(crate) fn run_host_batch(
         });
     }
     for lane in lanes.iter_mut() {
+        let t0 = std::time::Instant::now();
         lane.settle(gpu, op, &mut counters)?;
+        trace.settle(lane, t0.elapsed());
+    }
+    if tracing() {
+        let ms = |s: f64| s * 1e3;
+        eprintln!(
+            "vramkv wgpu trace: {} of {n} keys in {chunks} chunks of {cap}: wait for GPU {:.1} ms, copy in {:.1} ms, copy out {:.1} ms, encode+submit {:.1} ms",
+            entries(op).first().copied().unwrap_or("batch"),
+            ms(trace.wait),
+            ms(trace.copy_in),
+            ms(trace.copy_out),
+            ms(trace.submit)
+        );
     }
     if op.counts() && counters.is_none() {
         return Err(device_error("the batch's counters were not read back"));
