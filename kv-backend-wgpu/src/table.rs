@@ -26,8 +26,8 @@ use crate::shader::ctl;
 pub(crate) const LANES: usize = 3;
 /// Bytes of keys + values per chunk at most (the chunk size for large batches).
 const CHUNK_BYTES: usize = 64 << 20;
-/// Environment variable overriding [`CHUNK_BYTES`] in MiB (a development knob for tuning
-/// the staging pipeline on a real GPU).
+/// Environment variable overriding the staging chunk size (default 64 MiB), in MiB: a
+/// development knob for tuning the staging pipeline on a real GPU.
 pub const CHUNK_MIB_ENV: &str = "VRAMKV_WGPU_CHUNK_MIB";
 /// Environment variable that makes every host batch print, on stderr, where its time went
 /// (waiting for the GPU, host copies in and out, encoding and submitting), per phase.
