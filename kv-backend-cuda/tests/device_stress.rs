@@ -74,10 +74,11 @@ fn check(t: &CudaBackend, m: &HashMap<u64, Vec<u64>>, probe: &[u64], ctx: &str) 
     if t.len() != m.len() {
         return Err(format!("{ctx}: len {} expected {}", t.len(), m.len()).into());
     }
-    let ((live, tombs), (host_live, host_tombs)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != host_live as u64 || tombs != host_tombs as u64 {
+    let a = t.audit().map_err(|x| e("audit", x))?;
+    if !a.agrees() {
         return Err(format!(
-            "{ctx}: device counts {live} keys {tombs} tombstones, host {host_live} / {host_tombs}"
+            "{ctx}: device counts {} keys {} tombstones, host {} / {}",
+            a.device_live, a.device_tombstones, a.host_live, a.host_tombstones
         )
         .into());
     }

@@ -76,10 +76,11 @@ fn check(t: &WgpuBackend, m: &HashMap<u64, Vec<u64>>, probe: &[u64], ctx: &str) 
     if t.len() != m.len() {
         return Err(format!("{ctx}: len {} expected {}", t.len(), m.len()).into());
     }
-    let ((live, tombs), (host_live, host_tombs)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != host_live as u64 || tombs != host_tombs as u64 {
+    let a = t.audit().map_err(|x| e("audit", x))?;
+    if !a.agrees() {
         return Err(format!(
-            "{ctx}: device counts {live} keys {tombs} tombstones, host {host_live} / {host_tombs}"
+            "{ctx}: device counts {} keys {} tombstones, host {} / {}",
+            a.device_live, a.device_tombstones, a.host_live, a.host_tombstones
         )
         .into());
     }
@@ -402,9 +403,9 @@ fn larger_than_one_binding() -> R {
             }
         }
     }
-    let ((live, tombs), (hl, ht)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != hl as u64 || tombs != ht as u64 {
-        return Err(format!("device {live}/{tombs}, host {hl}/{ht}").into());
+    let a = t.audit().map_err(|x| e("audit", x))?;
+    if !a.agrees() {
+        return Err(format!("device {a:?}").into());
     }
     println!(
         "  {} slots of {w} words in {} segments, {:.0} MiB on {}",
@@ -454,9 +455,9 @@ fn concurrent_readers_and_writers() -> R {
     if t.len() != 20_000 {
         return Err(format!("len {}", t.len()).into());
     }
-    let ((live, _), (host, _)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != host as u64 {
-        return Err(format!("device {live} host {host}").into());
+    let a = t.audit().map_err(|x| e("audit", x))?;
+    if a.device_live != a.host_live as u64 {
+        return Err(format!("device {a:?}").into());
     }
     Ok(())
 }
