@@ -265,23 +265,7 @@ fn throughput_report() -> R {
         let keys: Vec<u64> = (0..n as u64)
             .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             .collect();
-        let mut vals = vec![0u64; n];
-        let mut found = vec![false; n];
-        // Warm-up (lanes, JIT, page faults of the output buffers).
-        t.put(&keys[..n / 10], &keys[..n / 10])
-            .map_err(|x| e("put", x))?;
-        t.get(&keys[..n / 10], &mut vals[..n / 10], &mut found[..n / 10])
-            .map_err(|x| e("get", x))?;
-        let s = Instant::now();
-        t.put(&keys, &keys).map_err(|x| e("put", x))?;
-        let put = s.elapsed().as_secs_f64();
-        let s = Instant::now();
-        t.get(&keys, &mut vals, &mut found)
-            .map_err(|x| e("get", x))?;
-        let get = s.elapsed().as_secs_f64();
-        if vals != keys || !found.iter().all(|f| *f) {
-            return Err(format!("{n}: wrong values in the throughput run").into());
-        }
+        let (put, get) = stress::timed_put_get(&t, &keys)?;
         // Device-resident, same keys (updates) and lookups.
         let stream = t.new_stream().map_err(|x| e("stream", x))?;
         let d_keys = stream.clone_htod(&keys).map_err(|x| format!("htod {x}"))?;

@@ -8,8 +8,6 @@
 //! reported as ignored (after `skipped: no wgpu adapter ...`), unless
 //! `VRAMKV_REQUIRE_WGPU=1`.
 
-use std::time::Instant;
-
 use kv_backend_wgpu::WgpuBackend;
 use kv_conformance::stress::{
     self, Map, R, RandomOps, Rng, StressSizes, check, check_audit, e, put_both,
@@ -264,20 +262,7 @@ fn throughput_report() -> R {
     let keys: Vec<u64> = (0..n as u64)
         .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .collect();
-    let mut vals = vec![0u64; n];
-    let mut found = vec![false; n];
-    t.put(&keys[..n / 10], &keys[..n / 10])
-        .map_err(|x| e("put", x))?;
-    let s = Instant::now();
-    t.put(&keys, &keys).map_err(|x| e("put", x))?;
-    let put = s.elapsed().as_secs_f64();
-    let s = Instant::now();
-    t.get(&keys, &mut vals, &mut found)
-        .map_err(|x| e("get", x))?;
-    let get = s.elapsed().as_secs_f64();
-    if vals != keys || !found.iter().all(|f| *f) {
-        return Err("wrong values in the throughput run".into());
-    }
+    let (put, get) = stress::timed_put_get(&t, &keys)?;
     println!(
         "  {}: u64->u64 n={n}: put {:.1} M/s, get {:.1} M/s",
         t.adapter_name(),

@@ -382,6 +382,31 @@ pub fn huge_table_is_out_of_memory(open: &Open) -> R {
     }
 }
 
+/// Times one host put of `keys` (each key its own value) and one get of them, after a
+/// warm-up put and get of the first tenth; checks what the get read. Returns the seconds
+/// of the put and of the get, for a backend's throughput report.
+pub fn timed_put_get(t: &dyn KvBackend, keys: &[u64]) -> Result<(f64, f64), Failed> {
+    let n = keys.len();
+    let mut vals = vec![0u64; n];
+    let mut found = vec![false; n];
+    // Warm-up (lanes, pipelines, page faults of the output buffers).
+    t.put(&keys[..n / 10], &keys[..n / 10])
+        .map_err(|x| e("put", x))?;
+    t.get(&keys[..n / 10], &mut vals[..n / 10], &mut found[..n / 10])
+        .map_err(|x| e("get", x))?;
+    let s = std::time::Instant::now();
+    t.put(keys, keys).map_err(|x| e("put", x))?;
+    let put = s.elapsed().as_secs_f64();
+    let s = std::time::Instant::now();
+    t.get(keys, &mut vals, &mut found)
+        .map_err(|x| e("get", x))?;
+    let get = s.elapsed().as_secs_f64();
+    if vals != keys || !found.iter().all(|f| *f) {
+        return Err(format!("{n}: wrong values in the throughput run").into());
+    }
+    Ok((put, get))
+}
+
 /// Builds the stress trials of a backend: the shared ones at `sizes`, then `extra`, each
 /// named `<backend>::<trial>`; what [`stress_main!`](crate::stress_main) calls.
 ///
