@@ -85,8 +85,8 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
-    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains,
-    check_get, check_put, plan_put,
+    Audit, Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of,
+    check_contains, check_get, check_put, plan_put,
 };
 use kv_kernels::layout::counter;
 
@@ -460,15 +460,6 @@ impl CudaBackend {
             Ok(())
         }
     }
-
-    /// Live keys and tombstones in the key array as the device counts them, plus the
-    /// host's bookkeeping `(len, tombstones)`, for checks: the two must agree.
-    pub fn audit(&self) -> Result<((u64, u64), (usize, usize))> {
-        self.gpu.bind()?;
-        let mut st = self.write();
-        let dev = st.count(&self.gpu, self.cfg.width)?;
-        Ok((dev, (st.table_len(), st.tombs)))
-    }
 }
 
 impl KvBackend for CudaBackend {
@@ -567,6 +558,20 @@ impl KvBackend for CudaBackend {
         st.tombs = 0;
         st.spec_len = 0;
         Ok(())
+    }
+
+    /// Counts live keys and tombstones in the key array with a kernel and returns them
+    /// next to the host's `(len, tombstones)`.
+    fn audit(&self) -> Result<Audit> {
+        self.gpu.bind()?;
+        let mut st = self.write();
+        let (device_live, device_tombstones) = st.count(&self.gpu, self.cfg.width)?;
+        Ok(Audit {
+            device_live,
+            device_tombstones,
+            host_live: st.table_len(),
+            host_tombstones: st.tombs,
+        })
     }
 
     fn describe(&self) -> Description {

@@ -64,8 +64,8 @@ mod table;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
-    Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of, check_contains,
-    check_get, check_put, plan_put,
+    Audit, Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of,
+    check_contains, check_get, check_put, plan_put,
 };
 
 pub use gpu::AdapterInfo;
@@ -176,16 +176,6 @@ impl WgpuBackend {
     /// The most segments a table may have on this adapter (its storage-binding limit).
     pub fn max_segments(&self) -> usize {
         self.gpu.max_segments()
-    }
-
-    /// Live keys and tombstones in the key array as the device counts them, plus the
-    /// host's bookkeeping `(len, tombstones)`, for checks: the two must agree.
-    pub fn audit(&self) -> Result<((u64, u64), (usize, usize))> {
-        let mut st = self.write();
-        let mut lanes = self.take_lanes(1, table::MIN_LANE)?;
-        let dev = st.count(&self.gpu, &mut lanes[0]);
-        self.return_lanes(lanes);
-        Ok((dev?, (st.table_len(), st.tombs)))
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -350,6 +340,22 @@ impl KvBackend for WgpuBackend {
     fn clear(&self) -> Result<()> {
         self.gpu.check()?;
         self.write().clear(&self.gpu)
+    }
+
+    /// Counts live keys and tombstones in the key array with a compute pass and returns
+    /// them next to the host's `(len, tombstones)`.
+    fn audit(&self) -> Result<Audit> {
+        let mut st = self.write();
+        let mut lanes = self.take_lanes(1, table::MIN_LANE)?;
+        let dev = st.count(&self.gpu, &mut lanes[0]);
+        self.return_lanes(lanes);
+        let (device_live, device_tombstones) = dev?;
+        Ok(Audit {
+            device_live,
+            device_tombstones,
+            host_live: st.table_len(),
+            host_tombstones: st.tombs,
+        })
     }
 
     fn describe(&self) -> Description {

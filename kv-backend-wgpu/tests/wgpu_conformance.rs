@@ -3,11 +3,9 @@
 kv_conformance::conformance_main! {
     backend: "wgpu",
     open: |cfg| Ok(Box::new(kv_backend_wgpu::WgpuBackend::open(cfg)?) as Box<dyn kv_core::KvBackend>),
-    availability: || match kv_backend_wgpu::unavailable_reason() {
-        None => kv_conformance::Availability::Available,
-        Some(r) if std::env::var_os(kv_backend_wgpu::REQUIRE_ENV).is_some_and(|v| v != "0") => {
-            kv_conformance::Availability::Fail(format!("no wgpu adapter: {r}"))
-        }
-        Some(r) => kv_conformance::Availability::Skip(format!("no wgpu adapter: {r}")),
-    },
+    availability: || kv_conformance::Availability::unless_missing(
+        kv_backend_wgpu::unavailable_reason(),
+        kv_backend_wgpu::REQUIRE_ENV,
+        "no wgpu adapter",
+    ),
 }

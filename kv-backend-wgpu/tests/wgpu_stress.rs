@@ -1,140 +1,25 @@
-//! Stress tests of the wgpu backend against a `std::collections::HashMap`: duplicates,
-//! keys around the sentinels, widths 1 to 16, growth across several rehashes, tombstone
-//! purges, tables split over many segments (storage bindings), a table larger than one
-//! real binding, batches over several chunks, and several threads at once, plus a short
-//! throughput report. Sizes are kept for lavapipe on two cores. Without an adapter every
-//! trial is reported as ignored (after `skipped: no wgpu adapter ...`), unless
+//! Stress tests of the wgpu backend against a `std::collections::HashMap`: the shared
+//! stress suite (`kv_conformance::stress`: random operations at widths 1 to 16, last-wins
+//! across chunks, tombstone churn, several threads at once) plus the wgpu-only trials
+//! below: growth across several rehashes, tables split over many segments (storage
+//! bindings), a table larger than one real binding, overwrite-only and repeat-heavy
+//! batches over several chunks, tombstone reuse, out-of-memory and a short throughput
+//! report. Sizes are kept for lavapipe on two cores. Without an adapter every trial is
+//! reported as ignored (after `skipped: no wgpu adapter ...`), unless
 //! `VRAMKV_REQUIRE_WGPU=1`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Instant;
-
 use kv_backend_wgpu::WgpuBackend;
-use kv_conformance::libtest_mimic::{Arguments, Failed, Trial};
-use kv_core::{Error, KvBackend, TableConfig};
+use kv_conformance::stress::{
+    self, Map, R, RandomOps, Rng, StressSizes, check, check_audit, e, put_both,
+};
+use kv_core::{KvBackend, TableConfig};
 
-type R = Result<(), Failed>;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// A key from `0..range`, with the keys around both ends of the u64 range mixed in.
-    fn key(&mut self, range: u64) -> u64 {
-        match self.next() % 32 {
-            0 => u64::MAX - self.next() % 3,
-            1 => self.next() % 3,
-            _ => self.next() % range,
-        }
-    }
+fn open(cfg: TableConfig) -> Result<WgpuBackend, kv_conformance::libtest_mimic::Failed> {
+    WgpuBackend::open(cfg).map_err(|x| e("open", x))
 }
 
-fn open(cfg: TableConfig) -> Result<WgpuBackend, Failed> {
-    WgpuBackend::open(cfg).map_err(|e| format!("open: {e}").into())
-}
-
-fn e(what: &str, err: Error) -> Failed {
-    format!("{what}: {err}").into()
-}
-
-/// The table agrees with the model on `probe` (values, found flags, contains) and on len,
-/// and the device's count of live keys and tombstones agrees with the host's books.
-fn check(t: &WgpuBackend, m: &HashMap<u64, Vec<u64>>, probe: &[u64], ctx: &str) -> R {
-    let w = t.width();
-    let mut vals = vec![u64::MAX; probe.len() * w];
-    let mut found = vec![false; probe.len()];
-    t.get(probe, &mut vals, &mut found)
-        .map_err(|x| e("get", x))?;
-    let mut cont = vec![false; probe.len()];
-    t.contains(probe, &mut cont).map_err(|x| e("contains", x))?;
-    for (i, k) in probe.iter().enumerate() {
-        let row = &vals[i * w..(i + 1) * w];
-        match m.get(k) {
-            Some(v) if !found[i] || row != &v[..] || !cont[i] => {
-                return Err(format!(
-                    "{ctx}: key {k:#x}: found {} {row:?} contains {}, expected {v:?}",
-                    found[i], cont[i]
-                )
-                .into());
-            }
-            None if found[i] || cont[i] || row.iter().any(|x| *x != 0) => {
-                return Err(format!(
-                    "{ctx}: missing key {k:#x} reads found {} {row:?} contains {}",
-                    found[i], cont[i]
-                )
-                .into());
-            }
-            _ => {}
-        }
-    }
-    if t.len() != m.len() {
-        return Err(format!("{ctx}: len {} expected {}", t.len(), m.len()).into());
-    }
-    let ((live, tombs), (host_live, host_tombs)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != host_live as u64 || tombs != host_tombs as u64 {
-        return Err(format!(
-            "{ctx}: device counts {live} keys {tombs} tombstones, host {host_live} / {host_tombs}"
-        )
-        .into());
-    }
-    Ok(())
-}
-
-/// Random puts (two thirds) and deletes against the model; `seg_bytes` caps the segments.
-fn random_ops(
-    width: usize,
-    rounds: usize,
-    max_batch: usize,
-    range: u64,
-    seed: u64,
-    seg_bytes: u64,
-) -> R {
-    let t = WgpuBackend::open_with_max_segment_bytes(TableConfig::new(64).width(width), seg_bytes)
-        .map_err(|x| e("open", x))?;
-    let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
-    let mut rng = Rng(seed);
-    for round in 0..rounds {
-        let n = (rng.next() as usize % max_batch) + 1;
-        let keys: Vec<u64> = (0..n).map(|_| rng.key(range)).collect();
-        if rng.next() % 3 < 2 {
-            let vals: Vec<u64> = (0..n * width).map(|_| rng.next()).collect();
-            t.put(&keys, &vals).map_err(|x| e("put", x))?;
-            for (i, k) in keys.iter().enumerate() {
-                m.insert(*k, vals[i * width..(i + 1) * width].to_vec());
-            }
-        } else {
-            let got = t.delete(&keys).map_err(|x| e("delete", x))?;
-            let want = keys.iter().filter(|k| m.remove(k).is_some()).count();
-            if got != want {
-                return Err(format!("round {round}: delete removed {got}, expected {want}").into());
-            }
-        }
-        let probe: Vec<u64> = (0..256).map(|_| rng.key(range)).collect();
-        check(&t, &m, &probe, &format!("w{width} round {round}"))?;
-    }
-    let all: Vec<u64> = m.keys().copied().collect();
-    check(&t, &m, &all, &format!("w{width} final"))?;
-    println!(
-        "  w{width}: {} entries, {} slots in {} segments",
-        t.len(),
-        t.describe().slots,
-        t.segments()
-    );
-    Ok(())
-}
-
-fn widths_1_to_16() -> R {
-    for w in 1..=16usize {
-        // Small key range: heavy duplication and overwrites, growth from 64 entries.
-        random_ops(w, 12, 3000, 4000, w as u64, u64::MAX)?;
-    }
-    Ok(())
+fn open_boxed(cfg: TableConfig) -> kv_core::Result<Box<dyn KvBackend>> {
+    Ok(Box::new(WgpuBackend::open(cfg)?))
 }
 
 fn many_segments() -> R {
@@ -146,39 +31,15 @@ fn many_segments() -> R {
     for (w, seed) in [(1usize, 11u64), (3, 12), (16, 13)] {
         // The largest table reached must stay within the adapter's binding limit.
         let seg_bytes = 4096u64.max((w as u64 * 8 * 16_384).div_ceil(max as u64));
-        random_ops(w, 25, 2000, 6000, seed, seg_bytes)?;
-    }
-    Ok(())
-}
-
-fn last_wins_across_chunks() -> R {
-    // Several chunks (and lanes), every key repeated across chunk boundaries: the batch's
-    // last occurrence must win.
-    let n = 1_500_000usize;
-    let t = open(TableConfig::new(1 << 12))?; // grows on the way
-    let keys: Vec<u64> = (0..n as u64).map(|i| i % 300_007).collect();
-    let vals: Vec<u64> = (0..n as u64).collect();
-    t.put(&keys, &vals).map_err(|x| e("put", x))?;
-    let mut m = HashMap::new();
-    for (k, v) in keys.iter().zip(&vals) {
-        m.insert(*k, vec![*v]);
-    }
-    let probe: Vec<u64> = (0..300_010u64).collect();
-    check(&t, &m, &probe, "1.5M put over 300k keys")
-}
-
-/// Puts `keys` (rows from `val`) into the table and the model.
-fn put_both(
-    t: &WgpuBackend,
-    m: &mut HashMap<u64, Vec<u64>>,
-    keys: &[u64],
-    val: impl Fn(usize, usize) -> u64,
-) -> R {
-    let w = t.width();
-    let vals: Vec<u64> = (0..keys.len() * w).map(|x| val(x / w, x % w)).collect();
-    t.put(keys, &vals).map_err(|x| e("put", x))?;
-    for (i, k) in keys.iter().enumerate() {
-        m.insert(*k, vals[i * w..(i + 1) * w].to_vec());
+        let t = WgpuBackend::open_with_max_segment_bytes(TableConfig::new(64).width(w), seg_bytes)
+            .map_err(|x| e("open", x))?;
+        let phase = RandomOps {
+            rounds: 25,
+            max_batch: 2000,
+            range: 6000,
+        };
+        stress::random_ops(&t, phase, seed)?;
+        println!("  w{w}: {} segments", t.segments());
     }
     Ok(())
 }
@@ -188,7 +49,7 @@ fn overwrite_only_chunks() -> R {
     // chunk repeats a key, every item overwrites an earlier batch.
     let n = 600_000usize;
     let t = open(TableConfig::new(n).width(2))?;
-    let mut m = HashMap::new();
+    let mut m = Map::new();
     let keys: Vec<u64> = (0..n as u64).map(|i| i * 7 + 2).collect();
     put_both(&t, &mut m, &keys, |i, j| (i * 2 + j) as u64)?;
     for round in 1..4u64 {
@@ -220,15 +81,15 @@ fn heavy_in_chunk_repeats() -> R {
     // key counts once.
     for w in [1usize, 3] {
         let t = open(TableConfig::new(64).width(w))?;
-        let mut m = HashMap::new();
-        let mut rng = Rng(900 + w as u64);
+        let mut m = Map::new();
+        let mut rng = Rng::new(900 + w as u64);
         for round in 0..4 {
             let n = [5_000usize, 50_000, 200_000, 9_000][round];
             let keys: Vec<u64> = (0..n)
                 .map(|i| match i % 11 {
                     0 | 5 => 7,
-                    1 => rng.next() % 3,
-                    2 => u64::MAX - rng.next() % 2,
+                    1 => rng.next_u64() % 3,
+                    2 => u64::MAX - rng.next_u64() % 2,
                     _ => rng.key(2_000),
                 })
                 .collect();
@@ -257,7 +118,7 @@ fn repeats_across_chunk_boundaries() -> R {
     // Keys repeated within chunks and across them (and batches), sentinels included.
     let n = 700_000usize;
     let t = open(TableConfig::new(1 << 10))?;
-    let mut m = HashMap::new();
+    let mut m = Map::new();
     for round in 0..3u64 {
         let keys: Vec<u64> = (0..n as u64)
             .map(|i| match i % 97 {
@@ -277,7 +138,7 @@ fn tombstone_reuse_with_repeats() -> R {
     // one batch: each is placed once (a tombstone reused, no ghost copy further on).
     for w in [1usize, 2] {
         let t = open(TableConfig::new(50_000).width(w).growth(false))?;
-        let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
+        let mut m: Map = Map::new();
         let keys: Vec<u64> = (2..30_002u64).collect();
         put_both(&t, &mut m, &keys, |i, j| (i + j) as u64)?;
         for round in 0..4u64 {
@@ -305,14 +166,14 @@ fn tombstone_reuse_with_repeats() -> R {
 fn growth_across_rehashes() -> R {
     for w in [1usize, 4] {
         let t = open(TableConfig::new(16).width(w))?;
-        let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
-        let mut rng = Rng(50 + w as u64);
+        let mut m: Map = Map::new();
+        let mut rng = Rng::new(50 + w as u64);
         let mut grown = 0;
         let mut slots = t.describe().slots;
         for round in 0..6 {
             let n = 20_000 << round;
             let keys: Vec<u64> = (0..n).map(|_| rng.key(1 << 40)).collect();
-            let vals: Vec<u64> = (0..n * w).map(|_| rng.next()).collect();
+            let vals: Vec<u64> = (0..n * w).map(|_| rng.next_u64()).collect();
             t.put(&keys, &vals).map_err(|x| e("put", x))?;
             for (i, k) in keys.iter().enumerate() {
                 m.insert(*k, vals[i * w..(i + 1) * w].to_vec());
@@ -337,28 +198,6 @@ fn growth_across_rehashes() -> R {
         check(&t, &m, &all, &format!("w{w} growth final"))?;
     }
     Ok(())
-}
-
-fn tombstone_churn() -> R {
-    // Insert/delete cycles at a fixed capacity without growth: only purges keep it going.
-    let t = open(TableConfig::new(20_000).growth(false))?;
-    let mut m: HashMap<u64, Vec<u64>> = HashMap::new();
-    let mut next = 2u64;
-    for round in 0..30 {
-        let keys: Vec<u64> = (next..next + 12_000).collect();
-        next += 12_000;
-        t.put(&keys, &keys).map_err(|x| e("put", x))?;
-        let got = t.delete(&keys).map_err(|x| e("delete", x))?;
-        if got != keys.len() {
-            return Err(format!("round {round}: removed {got}").into());
-        }
-    }
-    t.put(&[5, u64::MAX, 0, 1], &[6, 7, 8, 9])
-        .map_err(|x| e("put", x))?;
-    for (k, v) in [(5, 6), (u64::MAX, 7), (0, 8), (1, 9)] {
-        m.insert(k, vec![v]);
-    }
-    check(&t, &m, &[5, u64::MAX, u64::MAX - 1, 0, 1, 2], "after churn")
 }
 
 fn larger_than_one_binding() -> R {
@@ -402,10 +241,7 @@ fn larger_than_one_binding() -> R {
             }
         }
     }
-    let ((live, tombs), (hl, ht)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != hl as u64 || tombs != ht as u64 {
-        return Err(format!("device {live}/{tombs}, host {hl}/{ht}").into());
-    }
+    check_audit(&t, "after the deletes")?;
     println!(
         "  {} slots of {w} words in {} segments, {:.0} MiB on {}",
         t.describe().slots,
@@ -416,58 +252,8 @@ fn larger_than_one_binding() -> R {
     Ok(())
 }
 
-fn concurrent_readers_and_writers() -> R {
-    let t = Arc::new(open(TableConfig::new(1 << 12))?);
-    let writers: Vec<_> = (0..4u64)
-        .map(|th| {
-            let t = t.clone();
-            std::thread::spawn(move || -> Result<(), String> {
-                for round in 0..10u64 {
-                    let keys: Vec<u64> = (0..5_000).map(|i| (i << 8) | th).collect();
-                    let vals = vec![round * 10 + th; keys.len()];
-                    t.put(&keys, &vals).map_err(|x| x.to_string())?;
-                    let mut v = vec![0; keys.len()];
-                    let mut f = vec![false; keys.len()];
-                    t.get(&keys, &mut v, &mut f).map_err(|x| x.to_string())?;
-                    // Batches are atomic: a reader sees a whole put, never a mix.
-                    if !f.iter().all(|x| *x)
-                        || v.iter().any(|x| *x % 10 != th || *x > round * 10 + th)
-                    {
-                        return Err(format!("thread {th} round {round}: torn read"));
-                    }
-                    if round % 3 == 2 {
-                        let gone = t.delete(&keys[..100]).map_err(|x| x.to_string())?;
-                        if gone != 100 {
-                            return Err(format!("thread {th}: deleted {gone}"));
-                        }
-                    }
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    for w in writers {
-        w.join()
-            .map_err(|_| "thread panicked")?
-            .map_err(Failed::from)?;
-    }
-    if t.len() != 20_000 {
-        return Err(format!("len {}", t.len()).into());
-    }
-    let ((live, _), (host, _)) = t.audit().map_err(|x| e("audit", x))?;
-    if live != host as u64 {
-        return Err(format!("device {live} host {host}").into());
-    }
-    Ok(())
-}
-
 fn out_of_memory_is_an_error() -> R {
-    // 2^32 slots of 16-word values: past any adapter. Must be an error, not a panic.
-    match WgpuBackend::open(TableConfig::new(3 << 30).width(16).max_load_factor(0.95)) {
-        Err(Error::OutOfDeviceMemory { .. }) => Ok(()),
-        Err(other) => Err(format!("expected OutOfDeviceMemory, got {other}").into()),
-        Ok(_) => Err("a 600 GB table opened".into()),
-    }
+    stress::huge_table_is_out_of_memory(&open_boxed)
 }
 
 fn throughput_report() -> R {
@@ -476,20 +262,7 @@ fn throughput_report() -> R {
     let keys: Vec<u64> = (0..n as u64)
         .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .collect();
-    let mut vals = vec![0u64; n];
-    let mut found = vec![false; n];
-    t.put(&keys[..n / 10], &keys[..n / 10])
-        .map_err(|x| e("put", x))?;
-    let s = Instant::now();
-    t.put(&keys, &keys).map_err(|x| e("put", x))?;
-    let put = s.elapsed().as_secs_f64();
-    let s = Instant::now();
-    t.get(&keys, &mut vals, &mut found)
-        .map_err(|x| e("get", x))?;
-    let get = s.elapsed().as_secs_f64();
-    if vals != keys || !found.iter().all(|f| *f) {
-        return Err("wrong values in the throughput run".into());
-    }
+    let (put, get) = stress::timed_put_get(&t, &keys)?;
     println!(
         "  {}: u64->u64 n={n}: put {:.1} M/s, get {:.1} M/s",
         t.adapter_name(),
@@ -499,47 +272,24 @@ fn throughput_report() -> R {
     Ok(())
 }
 
-fn main() {
-    let mut args = Arguments::from_args();
-    // One trial at a time: lavapipe already uses every core for each dispatch.
-    args.test_threads.get_or_insert(1);
-    let reason = kv_backend_wgpu::unavailable_reason();
-    let required = std::env::var_os(kv_backend_wgpu::REQUIRE_ENV).is_some_and(|v| v != "0");
-    if let Some(r) = &reason {
-        println!("skipped: no wgpu adapter: {r}");
-    }
-    type Test = (&'static str, fn() -> R);
-    let tests: Vec<Test> = vec![
-        ("widths_1_to_16", widths_1_to_16),
+kv_conformance::stress_main! {
+    backend: "wgpu",
+    open: open_boxed,
+    availability: || kv_conformance::Availability::unless_missing(
+        kv_backend_wgpu::unavailable_reason(),
+        kv_backend_wgpu::REQUIRE_ENV,
+        "no wgpu adapter",
+    ),
+    sizes: StressSizes::SMALL,
+    extra: [
+        ("growth_across_rehashes", growth_across_rehashes),
         ("many_segments", many_segments),
-        ("last_wins_across_chunks", last_wins_across_chunks),
+        ("larger_than_one_binding", larger_than_one_binding),
         ("overwrite_only_chunks", overwrite_only_chunks),
         ("heavy_in_chunk_repeats", heavy_in_chunk_repeats),
-        (
-            "repeats_across_chunk_boundaries",
-            repeats_across_chunk_boundaries,
-        ),
+        ("repeats_across_chunk_boundaries", repeats_across_chunk_boundaries),
         ("tombstone_reuse_with_repeats", tombstone_reuse_with_repeats),
-        ("growth_across_rehashes", growth_across_rehashes),
-        ("tombstone_churn", tombstone_churn),
-        ("larger_than_one_binding", larger_than_one_binding),
-        (
-            "concurrent_readers_and_writers",
-            concurrent_readers_and_writers,
-        ),
         ("out_of_memory_is_an_error", out_of_memory_is_an_error),
         ("throughput_report", throughput_report),
-    ];
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| match (&reason, required) {
-            (None, _) => Trial::test(name, f),
-            (Some(r), true) => {
-                let r = r.clone();
-                Trial::test(name, move || Err(format!("no wgpu adapter: {r}").into()))
-            }
-            (Some(_), false) => Trial::test(name, || Ok(())).with_ignored_flag(true),
-        })
-        .collect();
-    kv_conformance::libtest_mimic::run(&args, trials).exit();
+    ],
 }

@@ -18,11 +18,15 @@
 //! as *ignored* (never as passed); [`Availability::Fail`] makes every case fail, for
 //! machines where the backend is required.
 //!
+//! The [`stress`] module is the second suite, long random sequences and big batches
+//! against a `HashMap`, with its own macro, [`stress_main!`].
+//!
 //! [`Model`] is the sequential reference the cases (and the differential property tests)
 //! compare a backend with.
 
 pub mod cases;
 mod model;
+pub mod stress;
 
 pub use libtest_mimic;
 pub use model::{Model, SplitMix64};
@@ -36,6 +40,22 @@ pub enum Availability {
     Skip(String),
     /// Fail every case with this reason (the backend is required here but absent).
     Fail(String),
+}
+
+impl Availability {
+    /// The usual answer for optional hardware: [`Available`](Self::Available) when
+    /// `unavailable` is `None`; otherwise [`Fail`](Self::Fail) if the environment variable
+    /// `require_env` is set to anything but `0`, else [`Skip`](Self::Skip). The reason
+    /// reads `<missing>: <unavailable>`, e.g. `no CUDA device: no driver`.
+    pub fn unless_missing(unavailable: Option<String>, require_env: &str, missing: &str) -> Self {
+        match unavailable {
+            None => Self::Available,
+            Some(r) if std::env::var_os(require_env).is_some_and(|v| v != "0") => {
+                Self::Fail(format!("{missing}: {r}"))
+            }
+            Some(r) => Self::Skip(format!("{missing}: {r}")),
+        }
+    }
 }
 
 /// Builds the suite's trials for a backend; what [`conformance_main!`] calls.

@@ -15,6 +15,29 @@ pub struct Description {
     pub slots: usize,
 }
 
+/// A backend's self-check of its table: what the device counts in the key array next to
+/// what the host's books say. See [`KvBackend::audit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Audit {
+    /// Live keys in the key array, as the device counts them.
+    pub device_live: u64,
+    /// Tombstones (deleted slots not yet reused or purged) in the key array, as the device
+    /// counts them.
+    pub device_tombstones: u64,
+    /// Live keys by the host's bookkeeping (what `len()` answers).
+    pub host_live: usize,
+    /// Tombstones by the host's bookkeeping (what decides the next purge or rehash).
+    pub host_tombstones: usize,
+}
+
+impl Audit {
+    /// Whether the device's counts agree with the host's books.
+    pub fn agrees(&self) -> bool {
+        self.device_live == self.host_live as u64
+            && self.device_tombstones == self.host_tombstones as u64
+    }
+}
+
 /// A batched u64 → `[u64; width]` table.
 ///
 /// Keys and values are passed as structure-of-arrays slices: `keys[i]` goes with
@@ -115,6 +138,21 @@ pub trait KvBackend: Send + Sync {
 
     /// Backend, device and memory use.
     fn describe(&self) -> Description;
+
+    /// Optional: counts the live keys and tombstones in the table's key array (on the
+    /// device, for a GPU backend) and returns them next to the host's bookkeeping of the
+    /// same two numbers. A consistent table has [`Audit::agrees`]; a mismatch means the
+    /// host's `len()` or its purge/growth decisions no longer describe the real table.
+    ///
+    /// It is a check for tests (the stress suite calls it after every step), not a fast
+    /// path: it takes the table's write lock and reads the whole key array. The default
+    /// answers [`Error::Unsupported`], for backends without such books.
+    fn audit(&self) -> Result<Audit> {
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "audit",
+        })
+    }
 }
 
 /// Checks the argument lengths of a put; every backend calls it first.

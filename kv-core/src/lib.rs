@@ -12,7 +12,7 @@ mod backend;
 mod config;
 mod error;
 
-pub use backend::{Description, KvBackend, check_contains, check_get, check_put};
+pub use backend::{Audit, Description, KvBackend, check_contains, check_get, check_put};
 pub use config::{
     MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,
     slots_for,
