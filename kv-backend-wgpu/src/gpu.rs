@@ -322,6 +322,30 @@ impl Gpu {
         Ok(r)
     }
 
+    /// A bind group of `layout` whose binding `i` is the whole of `buffers[i]`.
+    pub fn bind_buffers(
+        &self,
+        label: &str,
+        layout: &wgpu::BindGroupLayout,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<wgpu::BindGroup> {
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.scoped("bind group", 0, || {
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout,
+                entries: &entries,
+            })
+        })
+    }
+
     /// A buffer of `size` bytes (rounded up to 4), or `OutOfDeviceMemory`.
     pub fn buffer(
         &self,

@@ -178,6 +178,8 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
         );
     }
     if atomic {
+        // Atomic segments (keys, in the place and delete passes) are only loaded and
+        // compare-exchanged.
         switch_fn(
             out,
             &format!("{prefix}load"),
@@ -186,15 +188,6 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
             "",
             "u64",
             "return atomicLoad(&{a});",
-        );
-        switch_fn(
-            out,
-            &format!("{prefix}store"),
-            name,
-            segs,
-            ", v: u64",
-            "",
-            "atomicStore(&{a}, v);",
         );
         // A strong CAS from the weak one: retry only on a spurious failure.
         switch_fn(
@@ -205,15 +198,6 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
             ", cmp: u64, v: u64",
             "u64",
             "loop { let r = atomicCompareExchangeWeak(&{a}, cmp, v); if r.exchanged || r.old_value != cmp { return r.old_value; } }",
-        );
-        switch_fn(
-            out,
-            &format!("{prefix}max"),
-            name,
-            segs,
-            ", v: u64",
-            "",
-            "atomicMax(&{a}, v);",
         );
     } else {
         switch_fn(

@@ -297,21 +297,7 @@ impl Lane {
             ];
             bufs.extend(st.segs.iter().map(|s| &s.keys));
             bufs.extend(st.segs.iter().map(|s| &s.vals));
-            let entries: Vec<wgpu::BindGroupEntry<'_>> = bufs
-                .iter()
-                .enumerate()
-                .map(|(i, b)| wgpu::BindGroupEntry {
-                    binding: i as u32,
-                    resource: b.as_entire_binding(),
-                })
-                .collect();
-            let bg = gpu.scoped("bind group", 0, || {
-                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("vramkv batch"),
-                    layout: &layout.bgl,
-                    entries: &entries,
-                })
-            })?;
+            let bg = gpu.bind_buffers("vramkv batch", &layout.bgl, &bufs)?;
             self.bind = Some((st.version, bg));
         }
         match &self.bind {
@@ -653,21 +639,7 @@ impl State {
                     vec![&self.params, &self.ctl, &old.keys, &old.vals];
                 bufs.extend(segs.iter().map(|s| &s.keys));
                 bufs.extend(segs.iter().map(|s| &s.vals));
-                let entries: Vec<wgpu::BindGroupEntry<'_>> = bufs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource: b.as_entire_binding(),
-                    })
-                    .collect();
-                gpu.scoped("bind group", 0, || {
-                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("vramkv rehash"),
-                        layout: &layout.bgl,
-                        entries: &entries,
-                    })
-                })
+                gpu.bind_buffers("vramkv rehash", &layout.bgl, &bufs)
             })
             .collect::<Result<_>>()?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
