@@ -417,21 +417,7 @@ impl CudaBackend {
     /// on error, not at all). The batch is only read.
     pub fn put_pinned(&self, batch: &PinnedBatch) -> Result<()> {
         self.check_batch(batch)?;
-        let (keys, values) = (batch.keys(), batch.values());
-        if keys.is_empty() {
-            return Ok(());
-        }
-        self.gpu.bind()?;
-        let mut st = self.write();
-        self.prepare_put(&mut st, keys.len())?;
-        st.reset_counters()?;
-        let hb = HostBatch {
-            keys,
-            op: Op::Put { values },
-            pinned: true,
-        };
-        self.host_batch(&st, hb, true)?;
-        Self::finish_put(&mut st)
+        self.put_host(batch.keys(), batch.values(), true)
     }
 
     /// Looks up the batch's `len()` keys: writes each key's value row (zeros when missing)
@@ -453,6 +439,24 @@ impl CudaBackend {
         self.host_batch(&st, hb, false)
     }
 
+    /// A put of checked host slices (page-locked ones when `pinned`), under the write lock.
+    fn put_host(&self, keys: &[u64], values: &[u64], pinned: bool) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        let mut st = self.write();
+        self.prepare_put(&mut st, keys.len())?;
+        st.reset_counters()?;
+        let batch = HostBatch {
+            keys,
+            op: Op::Put { values },
+            pinned,
+        };
+        self.host_batch(&st, batch, true)?;
+        Self::finish_put(&mut st)
+    }
+
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
         if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
             Err(device_mismatch())
@@ -469,20 +473,7 @@ impl KvBackend for CudaBackend {
 
     fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
         check_put(self.cfg.width, keys, values)?;
-        if keys.is_empty() {
-            return Ok(());
-        }
-        self.gpu.bind()?;
-        let mut st = self.write();
-        self.prepare_put(&mut st, keys.len())?;
-        st.reset_counters()?;
-        let batch = HostBatch {
-            keys,
-            op: Op::Put { values },
-            pinned: false,
-        };
-        self.host_batch(&st, batch, true)?;
-        Self::finish_put(&mut st)
+        self.put_host(keys, values, false)
     }
 
     fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
