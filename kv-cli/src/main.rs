@@ -103,6 +103,29 @@ struct BatchResult {
     warmup: bool,
 }
 
+impl BatchResult {
+    /// Batch `b` (0-based) of `items` items whose put and get took `put` and `get` seconds;
+    /// the first batch is the warm-up.
+    fn new(
+        backend: &'static str,
+        b: usize,
+        items: usize,
+        put: f64,
+        get: f64,
+        valid: usize,
+    ) -> Self {
+        BatchResult {
+            backend,
+            batch: b + 1,
+            items,
+            put_mops: round1(items as f64 / put / 1e6),
+            get_mops: round1(items as f64 / get / 1e6),
+            valid,
+            warmup: b == 0,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -211,15 +234,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
             let get = t0.elapsed().as_secs_f64();
             let valid = batch.count_valid(&out, &found);
             all_ok &= valid == a.items;
-            let r = BatchResult {
-                backend: d.backend,
-                batch: b + 1,
-                items: a.items,
-                put_mops: round1(a.items as f64 / put / 1e6),
-                get_mops: round1(a.items as f64 / get / 1e6),
-                valid,
-                warmup: b == 0,
-            };
+            let r = BatchResult::new(d.backend, b, a.items, put, get, valid);
             bar.suspend(|| print_batch(&r, a.json));
             results.push(r);
             bar.inc(1);

@@ -4,7 +4,7 @@
 //! would), so the timings show the link and the device, not the host's copies.
 
 use crate::workload::Batch;
-use crate::{BatchResult, BenchArgs, print_batch, round1};
+use crate::{BatchResult, BenchArgs, print_batch};
 use rayon::prelude::*;
 use std::time::Instant;
 use vramkv::cuda::CudaBackend;
@@ -42,15 +42,7 @@ pub fn run(a: &BenchArgs, cfg: TableConfig) -> Result<(String, Vec<BatchResult>)
         let get = t0.elapsed().as_secs_f64();
         let found: Vec<bool> = pb.found().par_iter().map(|f| *f != 0).collect();
         let valid = batch.count_valid(pb.values(), &found);
-        let r = BatchResult {
-            backend: "cuda-pinned",
-            batch: b + 1,
-            items: a.items,
-            put_mops: round1(a.items as f64 / put / 1e6),
-            get_mops: round1(a.items as f64 / get / 1e6),
-            valid,
-            warmup: b == 0,
-        };
+        let r = BatchResult::new("cuda-pinned", b, a.items, put, get, valid);
         print_batch(&r, a.json);
         results.push(r);
     }
