@@ -93,12 +93,15 @@ use kv_kernels::layout::counter;
 mod gpu;
 mod pinned;
 mod table;
+mod trace;
 
 use gpu::{BACKEND, Drv, Gpu};
 pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
 pub use pinned::PinnedBatch;
 pub use table::{CHUNK_ENV, LANES_ENV};
 use table::{HostBatch, Lane, Op, State};
+use trace::Marks;
+pub use trace::TRACE_ENV;
 
 /// A vramkv table in the memory of one NVIDIA GPU.
 pub struct CudaBackend {
@@ -312,6 +315,7 @@ impl CudaBackend {
             let (kp, _kg) = keys.device_ptr(&lane.stream);
             let (vp, _vg) = values.device_ptr(&lane.stream);
             let table = st.table_args(w);
+            let mut marks = Marks::start(&self.gpu, &lane.stream)?;
             let mut start = 0;
             while start < n {
                 let m = cap.min(n - start);
@@ -322,13 +326,15 @@ impl CudaBackend {
                     0,
                     m,
                 );
-                lane.enqueue_put(&self.gpu, &a)?;
+                lane.enqueue_put(&self.gpu, &a, marks.as_mut())?;
                 start += m;
             }
-            Ok(())
+            Ok(marks)
         })();
         let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
-        r.and(synced)?;
+        if let Some(m) = r.and_then(|m| synced.map(|()| m))? {
+            m.report("put_device", n);
+        }
         self.return_lanes(std::mem::take(&mut lanes));
         Self::finish_put(&mut st)
     }
@@ -373,10 +379,19 @@ impl CudaBackend {
             let (vp, _vg) = values_out.device_ptr_mut(&lane.stream);
             let (fp, _fg) = found_out.device_ptr_mut(&lane.stream);
             let a = lane.args(st.table_args(w), kp, vp, fp, n);
-            self.gpu.launch(&self.gpu.k.get, &a, n as u64, &lane.stream)
+            Marks::start(&self.gpu, &lane.stream).and_then(|mut marks| {
+                self.gpu
+                    .launch(&self.gpu.k.get, &a, n as u64, &lane.stream)?;
+                if let Some(m) = marks.as_mut() {
+                    m.mark(&self.gpu, "get", &lane.stream)?;
+                }
+                Ok(marks)
+            })
         };
         let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
-        r.and(synced)?;
+        if let Some(m) = r.and_then(|m| synced.map(|()| m))? {
+            m.report("get_device", n);
+        }
         self.return_lanes(lanes);
         Ok(())
     }

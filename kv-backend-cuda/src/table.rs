@@ -30,6 +30,7 @@ use kv_kernels::layout::{
 use rayon::prelude::*;
 
 use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
+use crate::trace::{HostTrace, Marks};
 
 /// Staging lanes of a batch copied through the lanes' pinned buffers (default;
 /// `VRAMKV_CUDA_LANES` overrides).
@@ -304,14 +305,30 @@ impl Lane {
 
     /// Enqueues a put chunk (`a` from [`Lane::args`]): flags and the chunk's part of the local
     /// table zeroed, then the dedup pass and the place pass (see `kv_kernels::ops`).
-    pub fn enqueue_put(&self, gpu: &Gpu, a: &BatchArgs) -> Result<()> {
+    /// With `marks` (the trace), the end of each step is marked on the lane's stream.
+    pub fn enqueue_put(
+        &self,
+        gpu: &Gpu,
+        a: &BatchArgs,
+        mut marks: Option<&mut Marks>,
+    ) -> Result<()> {
         debug_assert!(a.n as usize <= self.cap && a.local_mask < local_slots(self.cap as u64));
         self.d_flags.memset(0, flag::LEN * 4, &self.stream)?;
         self.d_local
             .memset(0, (a.local_mask as usize + 1) * 4, &self.stream)?;
+        if let Some(m) = marks.as_deref_mut() {
+            m.mark(gpu, "clear", &self.stream)?;
+        }
         let n = a.n;
         gpu.launch(&gpu.k.put_dedup, a, n, &self.stream)?;
-        gpu.launch(&gpu.k.put_place, a, n, &self.stream)
+        if let Some(m) = marks.as_deref_mut() {
+            m.mark(gpu, "dedup", &self.stream)?;
+        }
+        gpu.launch(&gpu.k.put_place, a, n, &self.stream)?;
+        if let Some(m) = marks {
+            m.mark(gpu, "place", &self.stream)?;
+        }
+        Ok(())
     }
 }
 
@@ -334,6 +351,19 @@ pub(crate) enum Op<'a> {
         found: &'a mut [bool],
     },
     Delete,
+}
+
+impl Op<'_> {
+    /// The operation's name, for the trace.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Put { .. } => "put",
+            Op::Get { .. } => "get",
+            Op::GetPinned { .. } => "get (lent)",
+            Op::Contains { .. } => "contains",
+            Op::Delete => "delete",
+        }
+    }
 }
 
 /// A host batch: its keys, what to do with them, and whether the keys (and a put's
@@ -541,13 +571,15 @@ pub(crate) fn run_host_batch(
     let w = lanes[0].width;
     let is_put = matches!(op, Op::Put { .. });
     let mut prev: Option<usize> = None;
+    let mut tr = HostTrace::new();
     for c in 0..chunks {
         let start = c * cap;
         let m = cap.min(n - start);
         let li = c % nl;
         // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
-        lanes[li].done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(&mut lanes[li], op)?;
+        tr.time(|t| &mut t.wait, || lanes[li].done.synchronize())
+            .drv("cuEventSynchronize")?;
+        tr.time(|t| &mut t.copy_out, || drain_output(&mut lanes[li], op))?;
         {
             let lane = &mut lanes[li];
             let rows = start * w..(start + m) * w;
@@ -558,11 +590,17 @@ pub(crate) fn run_host_batch(
                 }
             } else {
                 let hk = staged(&mut lane.h_keys)?;
-                par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]);
+                tr.time(
+                    |t| &mut t.copy_in,
+                    || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
+                );
                 hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
                 if let Op::Put { values } = op {
                     let hv = staged(&mut lane.h_vals_in)?;
-                    par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]);
+                    tr.time(
+                        |t| &mut t.copy_in,
+                        || par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]),
+                    );
                     hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
                 }
             }
@@ -584,7 +622,7 @@ pub(crate) fn run_host_batch(
         );
         match op {
             Op::Put { .. } => {
-                lane.enqueue_put(gpu, &a)?;
+                lane.enqueue_put(gpu, &a, None)?;
                 lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
             }
             Op::Get { .. } => {
@@ -615,9 +653,11 @@ pub(crate) fn run_host_batch(
         prev = Some(li);
     }
     for lane in lanes.iter_mut() {
-        lane.done.synchronize().drv("cuEventSynchronize")?;
-        drain_output(lane, op)?;
+        tr.time(|t| &mut t.wait, || lane.done.synchronize())
+            .drv("cuEventSynchronize")?;
+        tr.time(|t| &mut t.copy_out, || drain_output(lane, op))?;
     }
+    tr.report(op.name(), n, chunks, cap, nl);
     Ok(())
 }
 

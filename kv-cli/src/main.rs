@@ -81,6 +81,12 @@ struct BenchArgs {
     /// plain bench. CUDA only.
     #[arg(long)]
     pinned: bool,
+    /// Key order of --resident: `random`, or grouped by table region as a partitioned
+    /// batch would be (`regions=N`, N a power of two; `slot`: sorted by home slot), to
+    /// measure what probing with locality is worth.
+    #[cfg(feature = "cuda")]
+    #[arg(long, default_value = "random")]
+    key_order: resident::KeyOrder,
     /// Occupancies for --resident.
     #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.74, 0.9])]
     occupancy: Vec<f64>,
@@ -306,7 +312,14 @@ fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
         "device-resident on cuda: {slots} slots, width {}, median of {} after a warm-up",
         a.width, a.reps
     );
-    let rows = resident::run(slots, &a.occupancy, a.width, a.reps.max(1), a.device)?;
+    let rows = resident::run(
+        slots,
+        &a.occupancy,
+        a.width,
+        a.reps.max(1),
+        a.device,
+        a.key_order,
+    )?;
     println!(
         "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
         "occupancy", "keys", "insert G/s", "find G/s", "B/entry", "found"

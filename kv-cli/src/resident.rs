@@ -39,6 +39,48 @@ pub fn slots_for_items(items: usize) -> usize {
     s
 }
 
+/// The order of the keys handed to one insert and one find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyOrder {
+    /// As generated: every probe lands on a random line of the table.
+    Random,
+    /// Stably grouped by the region (of `slots / regions` slots) of the key's home slot:
+    /// what a batch partitioned by table region looks like to the kernels, so that each part
+    /// of the table is probed while it sits in L2. The partitioning itself is not timed.
+    Regions(usize),
+}
+
+impl std::str::FromStr for KeyOrder {
+    type Err = String;
+
+    /// `random`, `regions=N` (N a power of two) or `slot` (sorted by home slot).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "random" => Ok(KeyOrder::Random),
+            "slot" => Ok(KeyOrder::Regions(usize::MAX)),
+            _ => s
+                .strip_prefix("regions=")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|n| n.is_power_of_two())
+                .map(KeyOrder::Regions)
+                .ok_or_else(|| {
+                    format!("expected random, slot or regions=N (N a power of two), got {s:?}")
+                }),
+        }
+    }
+}
+
+/// Stably sorts `keys` by the region of their home slot in a table of `slots` slots.
+fn order_keys(keys: &mut [u64], slots: usize, order: KeyOrder) {
+    use rayon::slice::ParallelSliceMut;
+    let KeyOrder::Regions(regions) = order else {
+        return;
+    };
+    let mask = slots as u64 - 1;
+    let shift = (slots / regions.min(slots)).trailing_zeros();
+    keys.par_sort_by_key(|&k| kv_kernels::layout::home_slot(k, mask) >> shift);
+}
+
 /// Runs the resident benchmark at each occupancy of a table of `slots` slots.
 pub fn run(
     slots: usize,
@@ -46,6 +88,7 @@ pub fn run(
     width: usize,
     reps: usize,
     device: Option<usize>,
+    order: KeyOrder,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &occ in occupancies {
@@ -60,7 +103,8 @@ pub fn run(
         // Two key sets, used in turn, so that no repetition finds the last one's lines in L2.
         let sets: Vec<_> = (0..2u64)
             .map(|s| {
-                let keys: Vec<u64> = (0..n as u64).map(|i| mix(i ^ (s << 62))).collect();
+                let mut keys: Vec<u64> = (0..n as u64).map(|i| mix(i ^ (s << 62))).collect();
+                order_keys(&mut keys, slots, order);
                 stream.clone_htod(&keys).map_err(drv)
             })
             .collect::<Result<_>>()?;
