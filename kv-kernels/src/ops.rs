@@ -13,8 +13,9 @@
 //! key touches the table in DRAM.
 //!
 //! 1. [`put_dedup`] (every key): a sentinel key records `1 + i` with an atomic max in its
-//!    chunk flag. Any other key probes the local table linearly from its home slot: a free
-//!    slot (0) is claimed with a CAS of `1 + i`; a slot holding `1 + j` belongs to the key
+//!    chunk flag. Any other key probes the local table linearly from its home slot, with a
+//!    CAS of `1 + i` on each slot (which claims a free slot, 0, and otherwise returns what
+//!    the slot holds, as a load would): a slot holding `1 + j` belongs to the key
 //!    `keys_in[j]` (slots never change owner), so when that is our key, `1 + i` is maxed into
 //!    it and the chunk's DUP flag is raised (the key repeats in the chunk). The local slot is
 //!    stored in `slot_of[i]`. When the pass ends, the slot of every key holds `1 + ` the index
@@ -24,8 +25,10 @@
 //!    winner, or every item of a chunk without repeats) the key is placed in the table: it
 //!    probes linearly from its home slot: a slot holding the key is taken as is ("found",
 //!    an overwrite of an earlier chunk or batch); on EMPTY, the key is claimed with a CAS, at
-//!    the first tombstone met on the way if there was one, else at the EMPTY slot. A failed
-//!    CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key.
+//!    the first tombstone met on the way if there was one, else at the EMPTY slot. Until a
+//!    tombstone is met, each slot is read by that CAS itself (EMPTY → key: it claims an empty
+//!    slot in one atomic, and a failed one returns the slot's key, as a load would); past a
+//!    tombstone, slots are loaded. A failed CAS on a tombstone restarts the probe.
 //!    Only one item per key places it, so no two items of the chunk race on a row, and the
 //!    row is written once, directly. The same kernel's thread 0 runs [`put_specials`]: the
 //!    winner of each special key writes its row and sets its presence word.
@@ -137,15 +140,12 @@ pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
     let mut steps = 0u64;
     loop {
         let at = w32(a.local, pos);
+        // Claim outright (one atomic rather than a load and then an atomic): a CAS that
+        // fails returns what the slot holds, which is all a load would have said.
         // SAFETY: pos <= local_mask: inside the local table.
-        let mut cur = unsafe { M::load_sync_u32(at) };
+        let cur = unsafe { M::cas_u32(at, 0, me) };
         if cur == 0 {
-            // SAFETY: as above.
-            let old = unsafe { M::cas_u32(at, 0, me) };
-            if old == 0 {
-                break;
-            }
-            cur = old;
+            break;
         }
         // SAFETY: cur = 1 + j with j < n (only such values are stored).
         if unsafe { M::load(w64(a.keys_in, cur as u64 - 1)) } == key {
@@ -218,27 +218,11 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
         let mut first_tomb = u64::MAX;
         let mut steps = 0u64;
         loop {
-            // SAFETY: pos <= mask < slots.
-            let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
-            if cur == EMPTY {
-                if first_tomb != u64::MAX {
-                    // SAFETY: first_tomb < slots.
-                    let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
-                    if old == TOMBSTONE {
-                        out.inserted = true;
-                        slot = first_tomb;
-                        break 'restart;
-                    }
-                    if old == key {
-                        // Only one item of a chunk places a key; kept for robustness.
-                        out.found = true;
-                        slot = first_tomb;
-                        break 'restart;
-                    }
-                    // Another key took the tombstone: probe again from the start.
-                    continue 'restart;
-                }
-                // SAFETY: pos < slots.
+            let cur = if first_tomb == u64::MAX {
+                // No tombstone on the way yet, so an EMPTY slot here is where the key goes:
+                // claim it outright (one atomic rather than a load and then an atomic). A CAS
+                // that fails returns what the slot holds, which is all a load would have said.
+                // SAFETY: pos <= mask < slots.
                 let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
                 if old == EMPTY {
                     out.inserted = true;
@@ -246,8 +230,28 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
                     slot = pos;
                     break 'restart;
                 }
-                // Someone claimed this slot first: look at what they put there.
-                cur = old;
+                old
+            } else {
+                // SAFETY: pos <= mask < slots.
+                unsafe { M::load_sync(w64(t.keys, pos)) }
+            };
+            if cur == EMPTY {
+                // Only reached past a tombstone (first_tomb is set): the key goes there.
+                // SAFETY: first_tomb < slots.
+                let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
+                if old == TOMBSTONE {
+                    out.inserted = true;
+                    slot = first_tomb;
+                    break 'restart;
+                }
+                if old == key {
+                    // Only one item of a chunk places a key; kept for robustness.
+                    out.found = true;
+                    slot = first_tomb;
+                    break 'restart;
+                }
+                // Another key took the tombstone: probe again from the start.
+                continue 'restart;
             }
             if cur == key {
                 out.found = true;
