@@ -62,9 +62,28 @@ pub(crate) struct Shape {
     pub max_chunk_bytes: usize,
 }
 
-/// The environment's overrides `(lanes, max chunk bytes)`, read once per process.
-fn overrides() -> (Option<usize>, Option<usize>) {
-    static T: OnceLock<(Option<usize>, Option<usize>)> = OnceLock::new();
+/// Environment variable: `0` makes the pinned staging buffers the host writes (keys and
+/// put values) ordinary cached page-locked memory instead of write-combined, for measurements.
+pub const STAGING_WC_ENV: &str = "VRAMKV_CUDA_STAGING_WC";
+/// Environment variable: `0` turns off the streamed copy of small puts (see
+/// [`run_streamed_put`]), for measurements.
+pub const STREAMED_PUT_ENV: &str = "VRAMKV_CUDA_STREAMED_PUT";
+/// Environment variable: the piece, in KiB (4..=65536), that one thread copies at a time in
+/// the host's parallel copies into and out of staging buffers, for measurements.
+pub const COPY_PIECE_ENV: &str = "VRAMKV_CUDA_COPY_PIECE_KIB";
+
+/// The environment's overrides of the host pipeline, read once per process.
+#[derive(Clone, Copy, Debug)]
+struct Overrides {
+    lanes: Option<usize>,
+    chunk_bytes: Option<usize>,
+    staging_wc: bool,
+    streamed_put: bool,
+    copy_piece_bytes: usize,
+}
+
+fn overrides() -> Overrides {
+    static T: OnceLock<Overrides> = OnceLock::new();
     *T.get_or_init(|| {
         let var = |name: &str, lo: usize, hi: usize| {
             std::env::var(name)
@@ -72,17 +91,21 @@ fn overrides() -> (Option<usize>, Option<usize>) {
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .map(|v| v.clamp(lo, hi))
         };
-        (
-            var(LANES_ENV, 1, 16),
-            var(CHUNK_ENV, 1, 256).map(|m| m << 20),
-        )
+        Overrides {
+            lanes: var(LANES_ENV, 1, 16),
+            chunk_bytes: var(CHUNK_ENV, 1, 256).map(|m| m << 20),
+            staging_wc: var(STAGING_WC_ENV, 0, 1) != Some(0),
+            streamed_put: var(STREAMED_PUT_ENV, 0, 1) != Some(0),
+            copy_piece_bytes: var(COPY_PIECE_ENV, 4, 65536).map_or(COPY_PIECE_BYTES, |k| k << 10),
+        }
     })
 }
 
 /// The shape of a batch copied through the lanes (`pinned == false`) or of a lent
 /// page-locked batch.
 pub(crate) fn shape(pinned: bool) -> Shape {
-    let (lanes, chunk) = overrides();
+    let o = overrides();
+    let (lanes, chunk) = (o.lanes, o.chunk_bytes);
     let (l, c) = if pinned {
         (PINNED_LANES, PINNED_CHUNK_BYTES)
     } else {
@@ -144,15 +167,18 @@ pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usiz
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
 }
 
+/// Bytes one thread copies at a time in [`par_copy`] (default; `VRAMKV_CUDA_COPY_PIECE_KIB`).
+const COPY_PIECE_BYTES: usize = 256 << 10;
+
 /// Copies `src` into `dst` (same length), on all cores when it is large.
 pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     const PAR_MIN: usize = 1 << 17;
-    const PIECE: usize = 1 << 15;
+    let piece = (overrides().copy_piece_bytes / std::mem::size_of::<T>().max(1)).max(1);
     if dst.len() < PAR_MIN {
         dst.copy_from_slice(src);
     } else {
-        dst.par_chunks_mut(PIECE)
-            .zip(src.par_chunks(PIECE))
+        dst.par_chunks_mut(piece)
+            .zip(src.par_chunks(piece))
             .for_each(|(d, s)| d.copy_from_slice(s));
     }
 }
@@ -183,9 +209,9 @@ pub(crate) struct Lane {
     pub stream: Arc<CudaStream>,
     pub cap: usize,
     width: usize,
-    /// Keys in (host writes only: write-combined).
+    /// Keys in (host writes only: write-combined unless `VRAMKV_CUDA_STAGING_WC=0`).
     h_keys: Option<Pinned<u64>>,
-    /// Put values in (host writes only: write-combined).
+    /// Put values in (host writes only: as the keys).
     h_vals_in: Option<Pinned<u64>>,
     /// Get values out: read on the host, so not write-combined.
     h_vals_out: Option<Pinned<u64>>,
@@ -256,11 +282,12 @@ impl Lane {
     /// starts, so that a failed allocation leaves the table untouched).
     pub fn ensure_host(&mut self, gpu: &Gpu, needs: HostNeeds) -> Result<()> {
         let (cap, w) = (self.cap, self.width);
+        let wc = overrides().staging_wc;
         if needs.keys {
-            host_buf(&mut self.h_keys, gpu, cap, true)?;
+            host_buf(&mut self.h_keys, gpu, cap, wc)?;
         }
         if needs.vals_in {
-            host_buf(&mut self.h_vals_in, gpu, cap * w, true)?;
+            host_buf(&mut self.h_vals_in, gpu, cap * w, wc)?;
         }
         if needs.vals_out {
             host_buf(&mut self.h_vals_out, gpu, cap * w, false)?;
@@ -572,6 +599,7 @@ pub(crate) fn run_host_batch(
     if let Op::Put { values } = op
         && !pinned
         && chunks <= nl
+        && overrides().streamed_put
     {
         return run_streamed_put(gpu, table, lanes, cap, keys, values);
     }
@@ -744,24 +772,26 @@ fn run_streamed_put(
         let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).next();
         let abort = std::sync::atomic::AtomicBool::new(false);
         let (tx, rx) = std::sync::mpsc::channel();
-        rayon::scope(|sc| {
-            for _ in 1..rayon::current_num_threads().min(count) {
-                let tx = tx.clone();
-                let (pop, abort) = (&pop, &abort);
-                sc.spawn(move |_| {
-                    while !abort.load(std::sync::atomic::Ordering::Relaxed)
-                        && let Some(piece) = pop()
-                    {
-                        if tx.send(piece.copy()).is_err() {
-                            break;
-                        }
+        // The issuer's state, taken by the one thread that issues.
+        let issuer = std::sync::Mutex::new(Some((rx, &mut tr)));
+        let issued = std::sync::Mutex::new(None);
+        // Every thread of the pool joins in (a broadcast wakes them all at once, where spawned
+        // tasks would wait to be stolen): thread 0 issues, the others copy.
+        rayon::broadcast(|ctx| {
+            if ctx.index() != 0 {
+                while !abort.load(std::sync::atomic::Ordering::Relaxed)
+                    && let Some(piece) = pop()
+                {
+                    if tx.send(piece.copy()).is_err() {
+                        break;
                     }
-                });
+                }
+                return;
             }
-            drop(tx);
-            // Owned by this closure (the receiver may not be shared across threads).
-            let rx = rx;
-            let issued = (|| {
+            let Some((rx, tr)) = issuer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+                return;
+            };
+            let r = (|| {
                 gpu.bind()?;
                 let mut ready: Vec<Option<(&[u64], &[u64])>> = vec![None; count];
                 let mut prev: Option<usize> = None;
@@ -771,7 +801,8 @@ fn run_streamed_put(
                         ready[i] = Some((k, v));
                     }
                     let Some((k, v)) = ready[next].take() else {
-                        // Nothing to send yet: copy a piece here, or wait for one.
+                        // Nothing to send yet: copy a piece here, or wait for one (every
+                        // piece is taken, so the one awaited is being copied).
                         let (i, k, v) = match pop() {
                             Some(piece) => tr.time(|t| &mut t.copy_in, || piece.copy()),
                             None => tr.time(|t| &mut t.wait, || rx.recv()).map_err(|_| {
@@ -804,11 +835,20 @@ fn run_streamed_put(
                 }
                 Ok(())
             })();
-            if issued.is_err() {
+            if r.is_err() {
                 abort.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            issued
-        })?;
+            *issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        });
+        issued
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(|| {
+                Err(Error::Device {
+                    backend: BACKEND,
+                    message: "internal: no thread issued the streamed put".into(),
+                })
+            })?;
         for lane in lanes.iter() {
             lane.done.record(&lane.stream).drv("cuEventRecord")?;
         }
