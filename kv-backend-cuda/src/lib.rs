@@ -98,7 +98,7 @@ mod trace;
 use gpu::{BACKEND, Drv, Gpu};
 pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
 pub use pinned::PinnedBatch;
-pub use table::{CHUNK_ENV, COPY_PIECE_ENV, LANES_ENV, STAGING_WC_ENV, STREAMED_PUT_ENV};
+pub use table::{CHUNK_ENV, COPY_PIECE_ENV, LANES_ENV};
 use table::{HostBatch, Lane, Op, State};
 use trace::Marks;
 pub use trace::TRACE_ENV;

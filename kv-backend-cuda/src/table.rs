@@ -62,12 +62,6 @@ pub(crate) struct Shape {
     pub max_chunk_bytes: usize,
 }
 
-/// Environment variable: `0` makes the pinned staging buffers the host writes (keys and
-/// put values) ordinary cached page-locked memory instead of write-combined, for measurements.
-pub const STAGING_WC_ENV: &str = "VRAMKV_CUDA_STAGING_WC";
-/// Environment variable: `0` turns off the streamed copy of small puts (see
-/// [`run_streamed_put`]), for measurements.
-pub const STREAMED_PUT_ENV: &str = "VRAMKV_CUDA_STREAMED_PUT";
 /// Environment variable: the piece, in KiB (4..=65536), that one thread copies at a time in
 /// the host's parallel copies into and out of staging buffers, for measurements.
 pub const COPY_PIECE_ENV: &str = "VRAMKV_CUDA_COPY_PIECE_KIB";
@@ -77,8 +71,6 @@ pub const COPY_PIECE_ENV: &str = "VRAMKV_CUDA_COPY_PIECE_KIB";
 struct Overrides {
     lanes: Option<usize>,
     chunk_bytes: Option<usize>,
-    staging_wc: bool,
-    streamed_put: bool,
     copy_piece_bytes: usize,
 }
 
@@ -94,8 +86,6 @@ fn overrides() -> Overrides {
         Overrides {
             lanes: var(LANES_ENV, 1, 16),
             chunk_bytes: var(CHUNK_ENV, 1, 256).map(|m| m << 20),
-            staging_wc: var(STAGING_WC_ENV, 0, 1) != Some(0),
-            streamed_put: var(STREAMED_PUT_ENV, 0, 1) != Some(0),
             copy_piece_bytes: var(COPY_PIECE_ENV, 4, 65536).map_or(COPY_PIECE_BYTES, |k| k << 10),
         }
     })
@@ -209,9 +199,9 @@ pub(crate) struct Lane {
     pub stream: Arc<CudaStream>,
     pub cap: usize,
     width: usize,
-    /// Keys in (host writes only: write-combined unless `VRAMKV_CUDA_STAGING_WC=0`).
+    /// Keys in (host writes only: write-combined).
     h_keys: Option<Pinned<u64>>,
-    /// Put values in (host writes only: as the keys).
+    /// Put values in (host writes only: write-combined).
     h_vals_in: Option<Pinned<u64>>,
     /// Get values out: read on the host, so not write-combined.
     h_vals_out: Option<Pinned<u64>>,
@@ -282,12 +272,11 @@ impl Lane {
     /// starts, so that a failed allocation leaves the table untouched).
     pub fn ensure_host(&mut self, gpu: &Gpu, needs: HostNeeds) -> Result<()> {
         let (cap, w) = (self.cap, self.width);
-        let wc = overrides().staging_wc;
         if needs.keys {
-            host_buf(&mut self.h_keys, gpu, cap, wc)?;
+            host_buf(&mut self.h_keys, gpu, cap, true)?;
         }
         if needs.vals_in {
-            host_buf(&mut self.h_vals_in, gpu, cap * w, wc)?;
+            host_buf(&mut self.h_vals_in, gpu, cap * w, true)?;
         }
         if needs.vals_out {
             host_buf(&mut self.h_vals_out, gpu, cap * w, false)?;
@@ -596,13 +585,6 @@ pub(crate) fn run_host_batch(
         }
     }
     let w = lanes[0].width;
-    if let Op::Put { values } = op
-        && !pinned
-        && chunks <= nl
-        && overrides().streamed_put
-    {
-        return run_streamed_put(gpu, table, lanes, cap, keys, values);
-    }
     let is_put = matches!(op, Op::Put { .. });
     let mut prev: Option<usize> = None;
     let mut tr = HostTrace::new();
@@ -693,177 +675,6 @@ pub(crate) fn run_host_batch(
     }
     tr.report(op.name(), n, chunks, cap, nl);
     Ok(())
-}
-
-/// Keys + values bytes of a piece of a streamed put ([`run_streamed_put`]).
-const STREAM_PIECE_BYTES: usize = 2 << 20;
-
-/// One piece of a streamed put: where its keys and values go in the staging buffers, and
-/// where they come from.
-struct Piece<'a> {
-    index: usize,
-    keys_to: &'a mut [u64],
-    vals_to: &'a mut [u64],
-    keys_from: &'a [u64],
-    vals_from: &'a [u64],
-}
-
-impl<'a> Piece<'a> {
-    fn copy(self) -> (usize, &'a [u64], &'a [u64]) {
-        self.keys_to.copy_from_slice(self.keys_from);
-        self.vals_to.copy_from_slice(self.vals_from);
-        (self.index, self.keys_to, self.vals_to)
-    }
-}
-
-/// A put from host memory whose chunks all fit in `lanes` at once (a small batch: at most
-/// one chunk per lane). Rather than one fork-join of host copies per chunk, followed by that
-/// chunk's copy to the device and kernels, the whole batch is copied into the staging
-/// buffers in one parallel pass, in pieces of [`STREAM_PIECE_BYTES`] taken in batch order,
-/// while this thread sends each piece to the device and enqueues its put kernels as soon
-/// as it is copied (and copies pieces itself when none is ready). The device work then
-/// trails the host copy by about one piece instead of one chunk. Pieces apply in batch
-/// order: on one lane they share the stream; across lanes the first kernel on a lane waits
-/// for the previous lane's last one.
-fn run_streamed_put(
-    gpu: &Gpu,
-    table: TableArgs,
-    lanes: &mut [Lane],
-    cap: usize,
-    keys: &[u64],
-    values: &[u64],
-) -> Result<()> {
-    let n = keys.len();
-    let w = lanes[0].width;
-    debug_assert!(cap.is_power_of_two() && n <= cap * lanes.len());
-    // A power of two no larger than the (power-of-two) chunk, so pieces never straddle lanes.
-    let sub = pow2_floor((STREAM_PIECE_BYTES / (8 * (w + 1))).max(1)).min(cap);
-    let mut tr = HostTrace::new();
-    // The staging buffers leave the lanes for the batch, so that the pieces can borrow them
-    // while the lanes' streams are in use; they go back whatever happens.
-    let mut hk: Vec<Option<Pinned<u64>>> = lanes.iter_mut().map(|l| l.h_keys.take()).collect();
-    let mut hv: Vec<Option<Pinned<u64>>> = lanes.iter_mut().map(|l| l.h_vals_in.take()).collect();
-    let r = (|| {
-        let mut queue = Vec::with_capacity(n.div_ceil(sub));
-        for (li, (k, v)) in hk.iter_mut().zip(hv.iter_mut()).enumerate() {
-            let start = li * cap;
-            if start >= n {
-                break;
-            }
-            let m = cap.min(n - start);
-            let (k, v) = (staged(k)?.as_mut_slice(), staged(v)?.as_mut_slice());
-            let pieces = k[..m]
-                .chunks_mut(sub)
-                .zip(v[..m * w].chunks_mut(sub * w))
-                .zip(keys[start..start + m].chunks(sub))
-                .zip(values[start * w..(start + m) * w].chunks(sub * w));
-            for (((keys_to, vals_to), keys_from), vals_from) in pieces {
-                queue.push(Piece {
-                    index: queue.len(),
-                    keys_to,
-                    vals_to,
-                    keys_from,
-                    vals_from,
-                });
-            }
-        }
-        let count = queue.len();
-        let queue = std::sync::Mutex::new(queue.into_iter());
-        let pop = || queue.lock().unwrap_or_else(|p| p.into_inner()).next();
-        let abort = std::sync::atomic::AtomicBool::new(false);
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The issuer's state, taken by the one thread that issues.
-        let issuer = std::sync::Mutex::new(Some((rx, &mut tr)));
-        let issued = std::sync::Mutex::new(None);
-        // Every thread of the pool joins in (a broadcast wakes them all at once, where spawned
-        // tasks would wait to be stolen): thread 0 issues, the others copy.
-        rayon::broadcast(|ctx| {
-            if ctx.index() != 0 {
-                while !abort.load(std::sync::atomic::Ordering::Relaxed)
-                    && let Some(piece) = pop()
-                {
-                    if tx.send(piece.copy()).is_err() {
-                        break;
-                    }
-                }
-                return;
-            }
-            let Some((rx, tr)) = issuer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-                return;
-            };
-            let r = (|| {
-                gpu.bind()?;
-                let mut ready: Vec<Option<(&[u64], &[u64])>> = vec![None; count];
-                let mut prev: Option<usize> = None;
-                let mut next = 0;
-                while next < count {
-                    while let Ok((i, k, v)) = rx.try_recv() {
-                        ready[i] = Some((k, v));
-                    }
-                    let Some((k, v)) = ready[next].take() else {
-                        // Nothing to send yet: copy a piece here, or wait for one (every
-                        // piece is taken, so the one awaited is being copied).
-                        let (i, k, v) = match pop() {
-                            Some(piece) => tr.time(|t| &mut t.copy_in, || piece.copy()),
-                            None => tr.time(|t| &mut t.wait, || rx.recv()).map_err(|_| {
-                                Error::Device {
-                                    backend: BACKEND,
-                                    message: "internal: a staging copy stopped".into(),
-                                }
-                            })?,
-                        };
-                        ready[i] = Some((k, v));
-                        continue;
-                    };
-                    let (li, off) = ((next * sub) / cap, (next * sub) % cap);
-                    let lane = &lanes[li];
-                    let (dk, dv) = (
-                        lane.d_keys.ptr() + 8 * off as u64,
-                        lane.d_vals.ptr() + 8 * (off * w) as u64,
-                    );
-                    htod_slice(dk, k, &lane.stream)?;
-                    htod_slice(dv, v, &lane.stream)?;
-                    if let Some(p) = prev
-                        && p != li
-                    {
-                        lane.stream.wait(&lanes[p].kdone).drv("cuStreamWaitEvent")?;
-                    }
-                    lane.enqueue_put(gpu, &lane.args(table, dk, dv, 0, k.len()), None)?;
-                    lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
-                    prev = Some(li);
-                    next += 1;
-                }
-                Ok(())
-            })();
-            if r.is_err() {
-                abort.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            *issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        });
-        issued
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .unwrap_or_else(|| {
-                Err(Error::Device {
-                    backend: BACKEND,
-                    message: "internal: no thread issued the streamed put".into(),
-                })
-            })?;
-        for lane in lanes.iter() {
-            lane.done.record(&lane.stream).drv("cuEventRecord")?;
-        }
-        for lane in lanes.iter() {
-            tr.time(|t| &mut t.wait, || lane.done.synchronize())
-                .drv("cuEventSynchronize")?;
-        }
-        tr.report("put (streamed)", n, count, sub, lanes.len());
-        Ok(())
-    })();
-    for ((lane, k), v) in lanes.iter_mut().zip(hk).zip(hv) {
-        lane.h_keys = k;
-        lane.h_vals_in = v;
-    }
-    r
 }
 
 /// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.

@@ -25,10 +25,11 @@
 //!    winner, or every item of a chunk without repeats) the key is placed in the table: it
 //!    probes linearly from its home slot: a slot holding the key is taken as is ("found",
 //!    an overwrite of an earlier chunk or batch); on EMPTY, the key is claimed with a CAS, at
-//!    the first tombstone met on the way if there was one, else at the EMPTY slot. Until a
-//!    tombstone is met, each slot is read by that CAS itself (EMPTY → key: it claims an empty
-//!    slot in one atomic, and a failed one returns the slot's key, as a load would); past a
-//!    tombstone, slots are loaded. A failed CAS on a tombstone restarts the probe.
+//!    the first tombstone met on the way if there was one, else at the EMPTY slot. A failed
+//!    CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key.
+//!    Here, unlike pass 1, a slot is loaded before the CAS: probing with the CAS itself made
+//!    this pass 0.9x as fast on the H100 (a failed atomic on an occupied slot costs more than
+//!    a load; PERF.md, "Host copies and CAS-first probes").
 //!    Only one item per key places it, so no two items of the chunk race on a row, and the
 //!    row is written once, directly. The same kernel's thread 0 runs [`put_specials`]: the
 //!    winner of each special key writes its row and sets its presence word.
@@ -218,11 +219,27 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
         let mut first_tomb = u64::MAX;
         let mut steps = 0u64;
         loop {
-            let cur = if first_tomb == u64::MAX {
-                // No tombstone on the way yet, so an EMPTY slot here is where the key goes:
-                // claim it outright (one atomic rather than a load and then an atomic). A CAS
-                // that fails returns what the slot holds, which is all a load would have said.
-                // SAFETY: pos <= mask < slots.
+            // SAFETY: pos <= mask < slots.
+            let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+            if cur == EMPTY {
+                if first_tomb != u64::MAX {
+                    // SAFETY: first_tomb < slots.
+                    let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
+                    if old == TOMBSTONE {
+                        out.inserted = true;
+                        slot = first_tomb;
+                        break 'restart;
+                    }
+                    if old == key {
+                        // Only one item of a chunk places a key; kept for robustness.
+                        out.found = true;
+                        slot = first_tomb;
+                        break 'restart;
+                    }
+                    // Another key took the tombstone: probe again from the start.
+                    continue 'restart;
+                }
+                // SAFETY: pos < slots.
                 let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
                 if old == EMPTY {
                     out.inserted = true;
@@ -230,28 +247,8 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
                     slot = pos;
                     break 'restart;
                 }
-                old
-            } else {
-                // SAFETY: pos <= mask < slots.
-                unsafe { M::load_sync(w64(t.keys, pos)) }
-            };
-            if cur == EMPTY {
-                // Only reached past a tombstone (first_tomb is set): the key goes there.
-                // SAFETY: first_tomb < slots.
-                let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
-                if old == TOMBSTONE {
-                    out.inserted = true;
-                    slot = first_tomb;
-                    break 'restart;
-                }
-                if old == key {
-                    // Only one item of a chunk places a key; kept for robustness.
-                    out.found = true;
-                    slot = first_tomb;
-                    break 'restart;
-                }
-                // Another key took the tombstone: probe again from the start.
-                continue 'restart;
+                // Someone claimed this slot first: look at what they put there.
+                cur = old;
             }
             if cur == key {
                 out.found = true;
