@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use kv_core::{Error, Result};
 
+use crate::gpu_trace;
 use crate::shader::{self, BATCH_FIXED, Flavour};
 
 /// The backend's name in errors and descriptions.
@@ -227,6 +228,9 @@ pub(crate) struct Gpu {
     pub max_groups: u32,
     /// The most storage buffers one shader may bind.
     pub max_storage: u32,
+    /// Whether the device was created with timestamp queries (only when tracing; see
+    /// `gpu_trace`).
+    pub timestamps: bool,
     /// Set when the device is lost (with the driver's message).
     lost: Arc<Mutex<Option<String>>>,
     /// The first error that no error scope caught.
@@ -243,7 +247,8 @@ impl Gpu {
         let limits = adapter.limits();
         let features = REQUIRED
             .iter()
-            .fold(wgpu::Features::empty(), |a, f| a | f.0);
+            .fold(wgpu::Features::empty(), |a, f| a | f.0)
+            | gpu_trace::features(crate::table::tracing(), adapter);
         let desc = wgpu::DeviceDescriptor {
             label: Some("vramkv"),
             required_features: features,
@@ -266,6 +271,7 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             lock(&u).get_or_insert_with(|| error_chain(&e));
         }));
+        let timestamps = device.features().contains(gpu_trace::FEATURES);
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size)
@@ -280,6 +286,7 @@ impl Gpu {
             max_storage: limits
                 .max_storage_buffers_per_shader_stage
                 .min(limits.max_bindings_per_bind_group.saturating_sub(1)),
+            timestamps,
             lost,
             uncaptured,
             batch_layouts: Mutex::new(HashMap::new()),

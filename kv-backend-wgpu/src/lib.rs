@@ -58,6 +58,7 @@
 //! [`Error::Device`] or [`Error::OutOfDeviceMemory`].
 
 mod gpu;
+mod gpu_trace;
 mod shader;
 mod table;
 

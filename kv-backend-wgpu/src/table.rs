@@ -20,6 +20,7 @@ use kv_core::Result;
 use rayon::prelude::*;
 
 use crate::gpu::{Gpu, device_error, oom};
+use crate::gpu_trace::{self, BatchTimes, LaneTimer};
 use crate::shader::ctl;
 
 /// Staging lanes used by one host batch.
@@ -30,10 +31,13 @@ const CHUNK_BYTES: usize = 64 << 20;
 /// development knob for tuning the staging pipeline on a real GPU.
 pub const CHUNK_MIB_ENV: &str = "VRAMKV_WGPU_CHUNK_MIB";
 /// Environment variable that makes every host batch print, on stderr, where its time went
-/// (waiting for the GPU, host copies in and out, encoding and submitting), per phase.
+/// (waiting for the GPU, host copies in and out, encoding and submitting), per phase; and,
+/// where the adapter offers timestamp queries, a second line with the device time of each
+/// step of the batch's chunks (`gpu_trace` module).
 pub const TRACE_ENV: &str = "VRAMKV_WGPU_TRACE";
 
-fn tracing() -> bool {
+/// Whether [`TRACE_ENV`] is set (to anything but `0`), read once per process.
+pub(crate) fn tracing() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some_and(|v| v != "0"))
 }
@@ -104,10 +108,11 @@ fn local_bytes(n: usize) -> u64 {
 }
 
 const MAPPED: u8 = 1;
-const MAP_PENDING: u8 = 0;
+pub(crate) const MAP_PENDING: u8 = 0;
 const MAP_FAILED: u8 = 2;
 
-fn map(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>) {
+/// Asks for `buffer` to be mapped; `state` becomes `MAPPED` or `MAP_FAILED` when it is done.
+pub(crate) fn map(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>) {
     state.store(MAP_PENDING, Ordering::Release);
     let s = state.clone();
     buffer.map_async(mode, .., move |r| {
@@ -121,7 +126,7 @@ fn map(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>) {
 /// Returns once a buffer whose mapping was requested before submission `idx`, which has
 /// completed, is mapped. The callback normally ran inside our wait; when another thread's
 /// poll collected it, that thread runs it in a moment, so we only yield until it has.
-fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<()> {
+pub(crate) fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
         match state.load(Ordering::Acquire) {
@@ -188,6 +193,8 @@ impl Op<'_> {
 /// A submitted chunk whose lane has not been waited for.
 struct Pending {
     sub: wgpu::SubmissionIndex,
+    /// The chunk's index in the batch.
+    chunk: usize,
     start: usize,
     m: usize,
     /// The readback buffer was asked to map (output and/or counters).
@@ -215,6 +222,8 @@ pub(crate) struct Lane {
     pending: Option<Pending>,
     /// Time the last `settle` spent waiting for the GPU (for [`TRACE_ENV`]).
     waited: std::time::Duration,
+    /// Timestamp queries of the chunk in flight (tracing on an adapter that has them).
+    timer: Option<LaneTimer>,
 }
 
 fn flags_bytes(cap: usize) -> u64 {
@@ -266,6 +275,7 @@ impl Lane {
             bind: None,
             pending: None,
             waited: std::time::Duration::ZERO,
+            timer: LaneTimer::new(gpu),
         })
     }
 
@@ -306,13 +316,15 @@ impl Lane {
         }
     }
 
-    /// Waits for the lane's submitted chunk, hands its output to `op` and its control words
-    /// to `counters`, and leaves the upload buffer mapped for the next chunk.
+    /// Waits for the lane's submitted chunk, hands its output to `op`, its control words
+    /// to `counters` and its timestamps (if timed) to `times`, and leaves the upload buffer
+    /// mapped for the next chunk.
     fn settle(
         &mut self,
         gpu: &Gpu,
         op: &mut Op<'_>,
         counters: &mut Option<[u64; ctl::LEN]>,
+        times: &mut BatchTimes,
     ) -> Result<()> {
         self.waited = std::time::Duration::ZERO;
         let Some(p) = self.pending.take() else {
@@ -322,6 +334,15 @@ impl Lane {
         gpu.wait(p.sub)?;
         expect_mapped(gpu, &self.up_state, "upload")?;
         self.waited = t0.elapsed();
+        if let Some(timer) = self.timer.as_mut() {
+            match timer.read(gpu) {
+                Ok(t) => times.add(p.chunk, t),
+                Err(e) => {
+                    gpu_trace::note_once(&e.to_string());
+                    self.timer = None;
+                }
+            }
+        }
         if !p.readback {
             return Ok(());
         }
@@ -380,6 +401,13 @@ impl Lane {
         self.upload.unmap();
         self.up_state.store(MAP_PENDING, Ordering::Release);
         Ok(())
+    }
+
+    /// Writes the timestamp that ends `step` of the chunk being encoded, if the lane is timed.
+    fn mark(&mut self, enc: &mut wgpu::CommandEncoder, step: &'static str) {
+        if let Some(t) = self.timer.as_mut() {
+            t.end(enc, step);
+        }
     }
 
     /// Waits for whatever the lane has in flight, discarding its output (error paths).
@@ -713,6 +741,11 @@ fn entries(op: &Op<'_>) -> &'static [&'static str] {
     }
 }
 
+/// A kernel's step name in the GPU trace: `kv_put_dedup` is `dedup`, `kv_get` is `get`.
+fn step_name(entry: &'static str) -> &'static str {
+    entry.rsplit('_').next().unwrap_or(entry)
+}
+
 /// Runs a host batch through `lanes` (all of capacity `cap`); see the module docs. Returns
 /// the control words after the batch for a put or delete.
 pub(crate) fn run_host_batch(
@@ -733,12 +766,13 @@ pub(crate) fn run_host_batch(
         .collect::<Result<Vec<_>>>()?;
     let mut counters = None;
     let mut trace = Trace::default();
+    let mut times = BatchTimes::default();
     for c in 0..chunks {
         let start = c * cap;
         let m = cap.min(n - start);
         let lane = &mut lanes[c % nl];
         let t0 = std::time::Instant::now();
-        lane.settle(gpu, op, &mut counters)?;
+        lane.settle(gpu, op, &mut counters, &mut times)?;
         trace.settle(lane, t0.elapsed());
         let values = match op {
             Op::Put { values } => Some(&values[start * w..(start + m) * w]),
@@ -756,8 +790,8 @@ pub(crate) fn run_host_batch(
         let t0 = std::time::Instant::now();
         let bg = lane.bind_group(gpu, st)?.clone();
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        if c == 0 && op.counts() {
-            enc.clear_buffer(&st.ctl, 0, None);
+        if let Some(t) = lane.timer.as_mut() {
+            t.start(&mut enc);
         }
         enc.copy_buffer_to_buffer(&lane.upload, 0, &lane.params, 0, 32);
         enc.copy_buffer_to_buffer(&lane.upload, UP_HDR, &lane.keys_in, 0, m as u64 * 8);
@@ -770,6 +804,10 @@ pub(crate) fn run_host_batch(
                 (m * w * 8) as u64,
             );
         }
+        lane.mark(&mut enc, "upload copy");
+        if c == 0 && op.counts() {
+            enc.clear_buffer(&st.ctl, 0, None);
+        }
         if put {
             enc.clear_buffer(&lane.local, 0, Some(local_bytes(m)));
         }
@@ -777,7 +815,19 @@ pub(crate) fn run_host_batch(
         if output {
             enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
         }
-        {
+        lane.mark(&mut enc, "clear");
+        if let Some(t) = lane.timer.as_mut() {
+            // Timed: one pass per kernel, a timestamp after each.
+            for (e, p) in &pipes {
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_bind_group(0, &bg, &[]);
+                    pass.set_pipeline(p);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+                t.end(&mut enc, step_name(e));
+            }
+        } else {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, &bg, &[]);
             for (_, p) in &pipes {
@@ -802,14 +852,22 @@ pub(crate) fn run_host_batch(
         if counts {
             enc.copy_buffer_to_buffer(&st.ctl, 0, &lane.readback, 0, RB_HDR);
         }
+        lane.mark(&mut enc, "readback copy");
+        if let Some(t) = lane.timer.as_mut() {
+            t.finish(&mut enc);
+        }
         let sub = gpu.queue.submit([enc.finish()]);
         map(&lane.upload, wgpu::MapMode::Write, &lane.up_state);
         if output || counts {
             map(&lane.readback, wgpu::MapMode::Read, &lane.rb_state);
         }
+        if let Some(t) = lane.timer.as_mut() {
+            t.submitted();
+        }
         trace.submit += t0.elapsed().as_secs_f64();
         lane.pending = Some(Pending {
             sub,
+            chunk: c,
             start,
             m,
             readback: output || counts,
@@ -818,7 +876,7 @@ pub(crate) fn run_host_batch(
     }
     for lane in lanes.iter_mut() {
         let t0 = std::time::Instant::now();
-        lane.settle(gpu, op, &mut counters)?;
+        lane.settle(gpu, op, &mut counters, &mut times)?;
         trace.settle(lane, t0.elapsed());
     }
     if tracing() {
@@ -831,6 +889,9 @@ pub(crate) fn run_host_batch(
             ms(trace.copy_out),
             ms(trace.submit)
         );
+        if let Some(line) = times.line(chunks, gpu.queue.get_timestamp_period()) {
+            eprintln!("{line}");
+        }
     }
     if op.counts() && counters.is_none() {
         return Err(device_error("the batch's counters were not read back"));

@@ -1,0 +1,127 @@
+//! `VRAMKV_WGPU_TRACE=1`: a put and a get over several chunks with tracing on must work and
+//! print the host trace line, plus either the GPU line (adapters with timestamp queries) or
+//! the note saying why the GPU step times are left out.
+//!
+//! The trace knob is read once per process and decides the device's features, so the test
+//! runs the batches in a child process of this binary with the variable set, and checks its
+//! stderr. Without an adapter the test is reported as ignored (after `skipped: ...`),
+//! unless `VRAMKV_REQUIRE_WGPU=1`.
+
+use std::process::Command;
+
+use kv_backend_wgpu::{CHUNK_MIB_ENV, REQUIRE_ENV, TRACE_ENV, WgpuBackend, unavailable_reason};
+use kv_conformance::Availability;
+use kv_conformance::libtest_mimic::{Arguments, Failed, Trial, run};
+use kv_core::{KvBackend, TableConfig};
+
+/// Set in the child process: run the batches instead of the test harness.
+const CHILD_ENV: &str = "VRAMKV_WGPU_TRACE_TEST_CHILD";
+
+/// Keys per put: with [`W`]-word rows and 1 MiB chunks, 4 chunks of 16,384 keys (the last
+/// one partly full), so that a lane is reused within the batch; the get of twice as many
+/// keys takes 7 chunks.
+const N: usize = 50_000;
+/// Words per value row.
+const W: usize = 4;
+
+/// The child's work: a put of `N` keys, then a get of them and of as many absent keys.
+fn batches() -> Result<(), String> {
+    let t = WgpuBackend::open(TableConfig::new(N).width(W)).map_err(|e| format!("open: {e}"))?;
+    let keys: Vec<u64> = (0..N as u64).map(|i| i * 3 + 5).collect();
+    let values: Vec<u64> = (0..(W * N) as u64).map(|i| i ^ 0x5555).collect();
+    t.put(&keys, &values).map_err(|e| format!("put: {e}"))?;
+    let probe: Vec<u64> = keys.iter().flat_map(|&k| [k, k + 1]).collect();
+    let mut out = vec![0u64; W * probe.len()];
+    let mut found = vec![false; probe.len()];
+    t.get(&probe, &mut out, &mut found)
+        .map_err(|e| format!("get: {e}"))?;
+    for (i, &k) in probe.iter().enumerate() {
+        let j = i / 2;
+        let want = (i % 2 == 0).then(|| &values[j * W..(j + 1) * W]);
+        let got = found[i].then(|| &out[i * W..(i + 1) * W]);
+        if got != want {
+            return Err(format!("key {k}: got {got:?}, want {want:?}"));
+        }
+    }
+    if t.len() != N {
+        return Err(format!("len {} after the put, want {N}", t.len()));
+    }
+    Ok(())
+}
+
+fn trace_put_get() -> Result<(), Failed> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .env(TRACE_ENV, "1")
+        .env(CHUNK_MIB_ENV, "1")
+        .env(CHILD_ENV, "1")
+        .output()
+        .map_err(|e| format!("running the child: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    if !out.status.success() {
+        return Err(format!("the traced child failed ({}): {stderr}", out.status).into());
+    }
+    let host = stderr
+        .lines()
+        .filter(|l| l.starts_with("vramkv wgpu trace: kv_"))
+        .count();
+    if host != 2 {
+        return Err(format!("{host} host trace lines, want 2 (put, get)").into());
+    }
+    let gpu: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vramkv wgpu gpu: "))
+        .collect();
+    let note = stderr.contains("GPU step times left out");
+    match (gpu.len(), note) {
+        (0, true) => println!("no GPU timestamps on this adapter"),
+        (2, false) => {
+            let (put, get) = (gpu[0], gpu[1]);
+            for (line, steps) in [
+                (
+                    put,
+                    &["upload copy", "clear", "dedup", "place", "readback copy"][..],
+                ),
+                (get, &["upload copy", "clear", "get", "readback copy"][..]),
+            ] {
+                for s in steps.iter().chain(&["chunk span", "idle between chunks"]) {
+                    if !line.contains(&format!("{s} ")) {
+                        return Err(format!("`{s}` missing from: {line}").into());
+                    }
+                }
+                if line.contains("chunks timed") {
+                    return Err(format!("a chunk was not timed: {line}").into());
+                }
+            }
+        }
+        (g, n) => {
+            return Err(
+                format!("{g} GPU trace lines and note {n}: want 2 lines or the note").into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        if let Err(e) = batches() {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let args = Arguments::from_args();
+    let name = "wgpu::trace_put_get";
+    let trial =
+        match Availability::unless_missing(unavailable_reason(), REQUIRE_ENV, "no wgpu adapter") {
+            Availability::Available => Trial::test(name, trace_put_get),
+            Availability::Skip(reason) => {
+                println!("skipped: {reason} (wgpu trace test not run)");
+                Trial::test(name, || Ok(())).with_ignored_flag(true)
+            }
+            Availability::Fail(reason) => Trial::test(name, move || Err(reason.into())),
+        };
+    run(&args, vec![trial]).exit();
+}
