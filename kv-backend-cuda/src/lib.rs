@@ -81,7 +81,7 @@
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.
 
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
@@ -89,6 +89,7 @@ use kv_core::{
     check_contains, check_get, check_put, plan_put,
 };
 use kv_kernels::layout::counter;
+use kv_staging::LanePool;
 
 mod gpu;
 mod pinned;
@@ -109,7 +110,7 @@ pub struct CudaBackend {
     cfg: TableConfig,
     state: RwLock<State>,
     /// Staging lanes between batches (taken out by a batch, put back after).
-    pool: Mutex<Vec<Lane>>,
+    pool: LanePool<Lane>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -143,7 +144,7 @@ impl CudaBackend {
             gpu,
             cfg,
             state: RwLock::new(state),
-            pool: Mutex::new(Vec::new()),
+            pool: LanePool::new(table::pool_max()),
         })
     }
 
@@ -173,31 +174,8 @@ impl CudaBackend {
 
     /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
     fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
-        let mut out = Vec::with_capacity(count);
-        {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            // Too-small lanes are dropped: they would be replaced by bigger ones anyway.
-            pool.retain(|l| l.cap >= cap);
-            while out.len() < count {
-                match pool.pop() {
-                    Some(l) => out.push(l),
-                    None => break,
-                }
-            }
-        }
-        while out.len() < count {
-            out.push(Lane::new(&self.gpu, cap, self.cfg.width)?);
-        }
-        Ok(out)
-    }
-
-    fn return_lanes(&self, lanes: Vec<Lane>) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.extend(lanes);
-        if pool.len() > table::pool_max() {
-            pool.sort_by_key(|l| std::cmp::Reverse(l.cap));
-            pool.truncate(table::pool_max());
-        }
+        self.pool
+            .take(count, cap, || Lane::new(&self.gpu, cap, self.cfg.width))
     }
 
     /// Runs a host batch on the current state, with pooled lanes.
@@ -212,7 +190,7 @@ impl CudaBackend {
             .iter_mut()
             .try_for_each(|l| l.ensure_host(&self.gpu, needs))
         {
-            self.return_lanes(lanes);
+            self.pool.give_back(lanes);
             return Err(e);
         }
         let after = if after_main {
@@ -230,7 +208,7 @@ impl CudaBackend {
             after,
         );
         match r {
-            Ok(()) => self.return_lanes(lanes),
+            Ok(()) => self.pool.give_back(lanes),
             Err(_) => {
                 // Leave nothing in flight before the pinned buffers are freed.
                 for l in &lanes {
@@ -335,7 +313,7 @@ impl CudaBackend {
         if let Some(m) = r.and_then(|m| synced.map(|()| m))? {
             m.report("put_device", n);
         }
-        self.return_lanes(std::mem::take(&mut lanes));
+        self.pool.give_back(std::mem::take(&mut lanes));
         Self::finish_put(&mut st)
     }
 
@@ -392,7 +370,7 @@ impl CudaBackend {
         if let Some(m) = r.and_then(|m| synced.map(|()| m))? {
             m.report("get_device", n);
         }
-        self.return_lanes(lanes);
+        self.pool.give_back(lanes);
         Ok(())
     }
 
@@ -584,11 +562,7 @@ impl KvBackend for CudaBackend {
         let st = self.read();
         let lanes: usize = self
             .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|l| l.device_bytes())
-            .sum();
+            .with_idle(|l| l.iter().map(Lane::device_bytes).sum());
         Description {
             backend: BACKEND,
             device: self.gpu.name.clone(),

@@ -238,6 +238,12 @@ fn host_buf<T: Copy>(
     Ok(())
 }
 
+impl kv_staging::Staged for Lane {
+    fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
 /// A lane's staging buffer (allocated by [`Lane::ensure_host`] before the batch).
 fn staged<T: Copy>(b: &mut Option<Pinned<T>>) -> Result<&mut Pinned<T>> {
     b.as_mut().ok_or_else(|| Error::Device {

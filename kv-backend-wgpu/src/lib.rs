@@ -62,12 +62,13 @@ mod gpu_trace;
 mod shader;
 mod table;
 
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
     Audit, Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of,
     check_contains, check_get, check_put, plan_put,
 };
+use kv_staging::LanePool;
 
 pub use gpu::AdapterInfo;
 use gpu::{BACKEND, Gpu};
@@ -110,7 +111,7 @@ pub struct WgpuBackend {
     max_seg_bytes: u64,
     state: RwLock<State>,
     /// Staging lanes between batches (taken out by a batch, put back after).
-    pool: Mutex<Vec<Lane>>,
+    pool: LanePool<Lane>,
 }
 
 impl std::fmt::Debug for WgpuBackend {
@@ -155,7 +156,7 @@ impl WgpuBackend {
             cfg,
             max_seg_bytes,
             state: RwLock::new(state),
-            pool: Mutex::new(Vec::new()),
+            pool: LanePool::new(table::POOL_MAX),
         })
     }
 
@@ -189,31 +190,8 @@ impl WgpuBackend {
 
     /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
     fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
-        let mut out = Vec::with_capacity(count);
-        {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            // Too-small lanes are dropped: they would be replaced by bigger ones anyway.
-            pool.retain(|l| l.cap >= cap);
-            while out.len() < count {
-                match pool.pop() {
-                    Some(l) => out.push(l),
-                    None => break,
-                }
-            }
-        }
-        while out.len() < count {
-            out.push(Lane::new(&self.gpu, cap, self.cfg.width)?);
-        }
-        Ok(out)
-    }
-
-    fn return_lanes(&self, lanes: Vec<Lane>) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.extend(lanes.into_iter().filter(Lane::reusable));
-        if pool.len() > table::POOL_MAX {
-            pool.sort_by_key(|l| std::cmp::Reverse(l.cap));
-            pool.truncate(table::POOL_MAX);
-        }
+        self.pool
+            .take(count, cap, || Lane::new(&self.gpu, cap, self.cfg.width))
     }
 
     /// Runs a host batch on the current state with pooled lanes.
@@ -234,7 +212,7 @@ impl WgpuBackend {
                 l.drain(&self.gpu);
             }
         } else {
-            self.return_lanes(lanes);
+            self.pool.give_back(lanes);
         }
         r
     }
@@ -349,7 +327,7 @@ impl KvBackend for WgpuBackend {
         let mut st = self.write();
         let mut lanes = self.take_lanes(1, table::MIN_LANE)?;
         let dev = st.count(&self.gpu, &mut lanes[0]);
-        self.return_lanes(lanes);
+        self.pool.give_back(lanes);
         let (device_live, device_tombstones) = dev?;
         Ok(Audit {
             device_live,
@@ -361,13 +339,7 @@ impl KvBackend for WgpuBackend {
 
     fn describe(&self) -> Description {
         let st = self.read();
-        let lanes: u64 = self
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(Lane::bytes)
-            .sum();
+        let lanes: u64 = self.pool.with_idle(|l| l.iter().map(Lane::bytes).sum());
         Description {
             backend: BACKEND,
             device: self.gpu.name.clone(),

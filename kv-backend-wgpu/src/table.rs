@@ -416,9 +416,15 @@ impl Lane {
             let _ = gpu.wait(p.sub);
         }
     }
+}
 
-    /// Whether the lane is ready for reuse: nothing in flight and its upload buffer mapped.
-    pub fn reusable(&self) -> bool {
+impl kv_staging::Staged for Lane {
+    fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Ready for reuse: nothing in flight and its upload buffer mapped.
+    fn reusable(&self) -> bool {
         self.pending.is_none() && self.up_state.load(Ordering::Acquire) == MAPPED
     }
 }
