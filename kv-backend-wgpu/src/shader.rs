@@ -136,81 +136,35 @@ fn row_of(slot: u32) -> u32 {
 }
 "#;
 
-/// Emits `fn {name}(seg: u32, off: u32{extra_params}) { switch seg { ... } }` where each
-/// case runs `body` with `{a}` replaced by the segment's element (for stores, which need no
-/// result).
+/// Emits `fn {name}(seg: u32, off: u32{extra_params}) {ret} { switch seg { ... } }` where
+/// each case runs `body` with `{a}` replaced by the segment's array name.
 fn switch_fn(
     out: &mut String,
     name: &str,
     array: &str,
     segs: usize,
     extra_params: &str,
+    ret: &str,
     body: &str,
 ) {
+    let ret_decl = if ret.is_empty() {
+        String::new()
+    } else {
+        format!(" -> {ret}")
+    };
     let _ = writeln!(
         out,
-        "fn {name}(seg: u32, off: u32{extra_params}) {{\n    switch seg {{"
+        "fn {name}(seg: u32, off: u32{extra_params}){ret_decl} {{\n    switch seg {{"
     );
     for s in 0..segs {
         let b = body.replace("{a}", &format!("{array}{s}[off]"));
         let _ = writeln!(out, "        case {s}u: {{ {b} }}");
     }
-    let _ = writeln!(out, "        default: {{}}\n    }}\n}}");
-}
-
-/// Emits a load accessor `fn {name}(seg: u32, off: u32) -> u64` over the segments
-/// `{array}0..` that reads `load` (with `{a}` replaced by the segment's element).
-///
-/// The lanes of a warp probe random slots, so they usually fall in several segments and the
-/// `switch` runs one case after another. If every case returned (or assigned) the loaded word
-/// through one variable, the loads would share a destination register and each case would
-/// wait for the previous case's load: one memory round trip per segment touched by the warp
-/// (measured on the H100: a put 6.5x and a get 5x slower with 8 segments than with 4). Each
-/// case therefore loads into its own variable, all zero except the one written, and the
-/// word is their OR after the `switch`: the cases' loads are in flight together.
-fn load_fn(out: &mut String, name: &str, array: &str, segs: usize, load: &str) {
-    let _ = writeln!(out, "fn {name}(seg: u32, off: u32) -> u64 {{");
-    for s in 0..segs {
-        let _ = writeln!(out, "    var r{s} = 0lu;");
-    }
-    let _ = writeln!(out, "    switch seg {{");
-    for s in 0..segs {
-        let l = load.replace("{a}", &format!("{array}{s}[off]"));
-        let _ = writeln!(out, "        case {s}u: {{ r{s} = {l}; }}");
-    }
     let _ = writeln!(out, "        default: {{}}\n    }}");
-    let or: Vec<String> = (0..segs).map(|s| format!("r{s}")).collect();
-    let _ = writeln!(out, "    return {};\n}}", or.join(" | "));
-}
-
-/// Emits a strong compare-exchange `fn {name}(seg: u32, off: u32, cmp: u64, v: u64) -> u64`
-/// (returns the old word) over the atomic segments `{array}0..`, with the cases' results in
-/// separate variables for the reason given at [`load_fn`]. A weak exchange that failed
-/// spuriously (the old word equals `cmp` but nothing was written) is retried.
-fn cas_fn(out: &mut String, name: &str, array: &str, segs: usize) {
-    let _ = writeln!(
-        out,
-        "fn {name}(seg: u32, off: u32, cmp: u64, v: u64) -> u64 {{\n    var old = 0lu;\n    loop {{"
-    );
-    for s in 0..segs {
-        let _ = writeln!(out, "        var o{s} = 0lu;\n        var x{s} = false;");
+    if !ret.is_empty() {
+        let _ = writeln!(out, "    return 0lu;");
     }
-    let _ = writeln!(out, "        switch seg {{");
-    for s in 0..segs {
-        let _ = writeln!(
-            out,
-            "            case {s}u: {{ let r = atomicCompareExchangeWeak(&{array}{s}[off], cmp, v); o{s} = r.old_value; x{s} = r.exchanged; }}"
-        );
-    }
-    let _ = writeln!(out, "            default: {{}}\n        }}");
-    let o: Vec<String> = (0..segs).map(|s| format!("o{s}")).collect();
-    let x: Vec<String> = (0..segs).map(|s| format!("x{s}")).collect();
-    let _ = writeln!(
-        out,
-        "        old = {};\n        if {} || old != cmp {{ break; }}\n    }}\n    return old;\n}}",
-        o.join(" | "),
-        x.join(" || ")
-    );
+    let _ = writeln!(out, "}}");
 }
 
 /// Declares `segs` segment bindings named `{name}{s}` from `first`, and their accessors.
@@ -226,22 +180,42 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
     if atomic {
         // Atomic segments (keys, in the place and delete passes) are only loaded and
         // compare-exchanged.
-        load_fn(
+        switch_fn(
             out,
             &format!("{prefix}load"),
             name,
             segs,
-            "atomicLoad(&{a})",
+            "",
+            "u64",
+            "return atomicLoad(&{a});",
         );
-        cas_fn(out, &format!("{prefix}cas"), name, segs);
+        // A strong CAS from the weak one: retry only on a spurious failure.
+        switch_fn(
+            out,
+            &format!("{prefix}cas"),
+            name,
+            segs,
+            ", cmp: u64, v: u64",
+            "u64",
+            "loop { let r = atomicCompareExchangeWeak(&{a}, cmp, v); if r.exchanged || r.old_value != cmp { return r.old_value; } }",
+        );
     } else {
-        load_fn(out, &format!("{prefix}load"), name, segs, "{a}");
+        switch_fn(
+            out,
+            &format!("{prefix}load"),
+            name,
+            segs,
+            "",
+            "u64",
+            "return {a};",
+        );
         switch_fn(
             out,
             &format!("{prefix}store"),
             name,
             segs,
             ", v: u64",
+            "",
             "{a} = v;",
         );
     }
@@ -609,11 +583,10 @@ mod tests {
     }
 
     #[test]
-    fn segment_loads_land_in_separate_variables() {
+    fn every_segment_has_a_case() {
         let src = batch_module(3, Flavour::AtomicKeys);
         for s in 0..3 {
-            assert!(src.contains(&format!("case {s}u: {{ r{s} = atomicLoad(&keys{s}[off]); }}")));
+            assert!(src.contains(&format!("case {s}u: {{ return atomicLoad(&keys{s}[off]); }}")));
         }
-        assert!(src.contains("return r0 | r1 | r2;"));
     }
 }
