@@ -610,6 +610,22 @@ pub(crate) fn run_host_batch(
                 if let Op::Put { values } = op {
                     htod_slice(lane.d_vals.ptr(), &values[rows], &lane.stream)?;
                 }
+            } else if let Op::Put { values } = op {
+                // Keys and values in one fork-join: twice the work per wake-up of the pool,
+                // which at a few MiB per chunk costs as much as the copy.
+                let hk = staged(&mut lane.h_keys)?;
+                let hv = staged(&mut lane.h_vals_in)?;
+                tr.time(
+                    |t| &mut t.copy_in,
+                    || {
+                        rayon::join(
+                            || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
+                            || par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]),
+                        )
+                    },
+                );
+                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+                hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
             } else {
                 let hk = staged(&mut lane.h_keys)?;
                 tr.time(
@@ -617,14 +633,6 @@ pub(crate) fn run_host_batch(
                     || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
                 );
                 hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-                if let Op::Put { values } = op {
-                    let hv = staged(&mut lane.h_vals_in)?;
-                    tr.time(
-                        |t| &mut t.copy_in,
-                        || par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]),
-                    );
-                    hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
-                }
             }
         }
         if is_put && let Some(p) = prev {
@@ -691,13 +699,14 @@ fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
     let w = lane.width;
     match op {
         Op::Get { values, found } => {
-            par_copy(
-                &mut values[start * w..(start + m) * w],
+            // One fork-join for both outputs, as for a put's inputs.
+            let (hv, hf) = (
                 &staged(&mut lane.h_vals_out)?.as_slice()[..m * w],
-            );
-            par_bools(
-                &mut found[start..start + m],
                 &staged(&mut lane.h_found)?.as_slice()[..m],
+            );
+            rayon::join(
+                || par_copy(&mut values[start * w..(start + m) * w], hv),
+                || par_bools(&mut found[start..start + m], hf),
             );
         }
         Op::Contains { found } => par_bools(

@@ -586,7 +586,9 @@ mod tests {
     fn every_segment_has_a_case() {
         let src = batch_module(3, Flavour::AtomicKeys);
         for s in 0..3 {
-            assert!(src.contains(&format!("case {s}u: {{ return atomicLoad(&keys{s}[off]); }}")));
+            assert!(src.contains(&format!(
+                "case {s}u: {{ return atomicLoad(&keys{s}[off]); }}"
+            )));
         }
     }
 }
