@@ -72,8 +72,13 @@ struct Registry {
 fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| {
+        // Without indirect-call validation (the backend makes no indirect calls), which
+        // would cap every buffer below 4 GiB: the table's arrays are allocated as single
+        // buffers as large as the adapter allows.
         let desc = wgpu::InstanceDescriptor {
             backends: wgpu::Backends::PRIMARY,
+            flags: wgpu::InstanceFlags::default()
+                .difference(wgpu::InstanceFlags::VALIDATION_INDIRECT_CALL),
             ..wgpu::InstanceDescriptor::new_without_display_handle()
         };
         let instance = wgpu::Instance::new(desc);
@@ -222,8 +227,15 @@ pub(crate) struct Gpu {
     pub discrete: bool,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
-    /// The largest storage binding (and buffer) the table uses, in bytes.
+    /// The largest storage binding the table uses (and buffer the lanes use), in bytes.
     pub max_binding: u64,
+    /// The largest buffer the device allows (its `max_buffer_size`), in bytes: the table's
+    /// key and value arrays are allocated in buffers of up to this size, each segment a
+    /// range of one.
+    pub max_buffer: u64,
+    /// The alignment of a storage binding's offset in its buffer
+    /// (`min_storage_buffer_offset_alignment`), in bytes.
+    pub storage_align: u64,
     /// The most workgroups per dispatch dimension.
     pub max_groups: u32,
     /// The most storage buffers one shader may bind.
@@ -244,6 +256,7 @@ pub(crate) struct Gpu {
 impl Gpu {
     fn new(index: usize, adapter: &wgpu::Adapter) -> Result<Gpu> {
         let info = adapter.get_info();
+        // The adapter's own limits, requested as they are: `limits` is what the device has.
         let limits = adapter.limits();
         let features = REQUIRED
             .iter()
@@ -282,6 +295,8 @@ impl Gpu {
             device,
             queue,
             max_binding,
+            max_buffer: limits.max_buffer_size,
+            storage_align: u64::from(limits.min_storage_buffer_offset_alignment).max(1),
             max_groups: limits.max_compute_workgroups_per_dimension.max(1),
             max_storage: limits
                 .max_storage_buffers_per_shader_stage
@@ -329,19 +344,20 @@ impl Gpu {
         Ok(r)
     }
 
-    /// A bind group of `layout` whose binding `i` is the whole of `buffers[i]`.
-    pub fn bind_buffers(
+    /// A bind group of `layout` whose binding `i` is `resources[i]` (a whole buffer or a
+    /// range of one).
+    pub fn bind_buffers<'a>(
         &self,
         label: &str,
         layout: &wgpu::BindGroupLayout,
-        buffers: &[&wgpu::Buffer],
+        resources: impl IntoIterator<Item = wgpu::BindingResource<'a>>,
     ) -> Result<wgpu::BindGroup> {
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
-            .iter()
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = resources
+            .into_iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
+            .map(|(i, resource)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.as_entire_binding(),
+                resource,
             })
             .collect();
         self.scoped("bind group", 0, || {
@@ -353,7 +369,8 @@ impl Gpu {
         })
     }
 
-    /// A buffer of `size` bytes (rounded up to 4), or `OutOfDeviceMemory`.
+    /// A buffer of `size` bytes (rounded up to 4), or `OutOfDeviceMemory`. A storage
+    /// buffer is bound whole, so it may not be larger than a binding.
     pub fn buffer(
         &self,
         label: &str,
@@ -365,6 +382,28 @@ impl Gpu {
         if size > self.max_binding.max(1 << 16) && usage.contains(wgpu::BufferUsages::STORAGE) {
             return Err(oom(size));
         }
+        self.create_buffer(label, size, usage, mapped)
+    }
+
+    /// A storage buffer of `size` bytes (a multiple of 4) for the table's key or value
+    /// segments, bound as ranges: up to [`max_buffer`](Self::max_buffer) bytes, zeroed, or
+    /// `OutOfDeviceMemory`.
+    pub fn table_buffer(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
+        use wgpu::BufferUsages as U;
+        let size = size.max(4).next_multiple_of(4);
+        if size > self.max_buffer {
+            return Err(oom(size));
+        }
+        self.create_buffer(label, size, U::STORAGE | U::COPY_DST, false)
+    }
+
+    fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+        mapped: bool,
+    ) -> Result<wgpu::Buffer> {
         self.scoped(label, size, || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),

@@ -33,8 +33,11 @@
 //! user keys `0` and `1`, and a block of control words (counters, per-chunk flags). Linear
 //! probing from a murmur3-`fmix64` home slot. One storage binding is limited (near 2 GiB
 //! on Vulkan drivers whatever they report, 128 MiB on lavapipe), so the key and value
-//! arrays are split into *segments* of a power-of-two number of slots, each its own
-//! buffer bound as its own binding; the shaders are generated for the number of segments.
+//! arrays are split into *segments* of a power-of-two number of slots, each bound as its
+//! own binding; the shaders are generated for the number of segments. The segments are
+//! ranges of as few buffers as the adapter's largest buffer allows (each array one buffer
+//! where it fits): GPU drivers map a large allocation with large pages, and random probes
+//! into a table made of many separate allocations miss the TLB far more often.
 //!
 //! Growth follows [`plan_put`] like every backend and rehashes on the device into buffers
 //! allocated before the old ones are released (a failed allocation leaves the table as it
@@ -104,6 +107,19 @@ pub fn unavailable_reason() -> Option<String> {
 /// Environment variable capping the size of a table segment in MiB (see [`WgpuBackend::open`]).
 pub const SEGMENT_MIB_ENV: &str = "VRAMKV_WGPU_SEGMENT_MIB";
 
+/// Environment variable capping the bytes of each buffer holding table segments, in MiB
+/// (see [`WgpuBackend::open`]).
+pub const TABLE_BUFFER_MIB_ENV: &str = "VRAMKV_WGPU_TABLE_BUFFER_MIB";
+
+/// The positive number of MiB in the environment variable `name`, in bytes; else `u64::MAX`.
+fn env_mib(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&m| m > 0)
+        .map_or(u64::MAX, |m| m.saturating_mul(1 << 20))
+}
+
 /// A vramkv table in the memory of a GPU driven through wgpu.
 pub struct WgpuBackend {
     gpu: Arc<Gpu>,
@@ -133,23 +149,46 @@ impl WgpuBackend {
     ///
     /// The environment variable `VRAMKV_WGPU_SEGMENT_MIB=<n>` caps segments at `n` MiB (a
     /// development knob for measuring the cost of multi-segment tables on a real GPU).
+    ///
+    /// The environment variable `VRAMKV_WGPU_TABLE_BUFFER_MIB=<n>` caps each buffer
+    /// holding segments at `n` MiB, rounded down to a whole number of segments and at least
+    /// one (default: the adapter's largest buffer). A development knob for measuring the
+    /// cost of many allocations against one. Set to the segment size, every value segment
+    /// is its own buffer; key segments are `width` times smaller and share buffers unless
+    /// `n` is at most their size (`1` gives every segment of 1 MiB or more its own buffer,
+    /// the layout of one allocation per segment).
     pub fn open(cfg: TableConfig) -> Result<Self> {
-        let bytes = std::env::var(SEGMENT_MIB_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|&m| m > 0)
-            .map_or(u64::MAX, |m| m.saturating_mul(1 << 20));
-        Self::open_with_max_segment_bytes(cfg, bytes)
+        Self::open_with_max_segment_bytes(cfg, env_mib(SEGMENT_MIB_ENV))
     }
 
     /// [`open`](Self::open), with the key and value arrays split into segments (storage
     /// bindings) of at most `bytes` bytes, below what the adapter allows. Tests use it to
-    /// exercise multi-segment tables at small sizes.
+    /// exercise multi-segment tables at small sizes. The buffers holding the segments are
+    /// capped as [`open`](Self::open) says.
     pub fn open_with_max_segment_bytes(cfg: TableConfig, bytes: u64) -> Result<Self> {
+        Self::open_with_limits(cfg, bytes, env_mib(TABLE_BUFFER_MIB_ENV))
+    }
+
+    /// [`open`](Self::open), with the key and value arrays split into segments of at most
+    /// `segment_bytes` bytes, held in buffers of at most `buffer_bytes` bytes (a whole
+    /// number of segments each, at least one), both below what the adapter allows; the
+    /// environment is not read. Tests use it to exercise several segments per buffer and
+    /// several buffers per array at small sizes.
+    pub fn open_with_limits(
+        cfg: TableConfig,
+        segment_bytes: u64,
+        buffer_bytes: u64,
+    ) -> Result<Self> {
         cfg.validate()?;
         let gpu = gpu::gpu(cfg.device)?;
-        let max_seg_bytes = bytes.min(gpu.max_binding).max(8 * cfg.width as u64);
-        let state = State::new(&gpu, cfg.initial_slots(), cfg.width, max_seg_bytes)?;
+        let max_seg_bytes = segment_bytes.min(gpu.max_binding).max(8 * cfg.width as u64);
+        let state = State::new(
+            &gpu,
+            cfg.initial_slots(),
+            cfg.width,
+            max_seg_bytes,
+            buffer_bytes,
+        )?;
         gpu.check()?;
         Ok(WgpuBackend {
             gpu,
@@ -170,9 +209,15 @@ impl WgpuBackend {
         &self.gpu.name
     }
 
-    /// How many storage buffers (segments) the key array is split into.
+    /// How many segments (storage bindings) the key array is split into.
     pub fn segments(&self) -> usize {
         self.read().segs.len()
+    }
+
+    /// How many buffers hold the key and value arrays' segments, together (2 when each
+    /// array is one buffer).
+    pub fn table_buffers(&self) -> usize {
+        self.read().buffers.len()
     }
 
     /// The most segments a table may have on this adapter (its storage-binding limit).

@@ -1,6 +1,6 @@
 //! WGSL sources of the table's compute shaders, generated for a number of table segments.
 //!
-//! The key and value arrays are split into `segs` storage buffers (segments) of
+//! The key and value arrays are split into `segs` storage bindings (segments) of
 //! `1 << seg_shift` slots each, bound as separate bindings, because one storage binding is
 //! limited in size (128 MiB on lavapipe, near 2 GiB on Vulkan drivers). WGSL cannot index
 //! an array of bindings without extra features, so each access goes through a generated

@@ -295,7 +295,7 @@ impl Lane {
     fn bind_group(&mut self, gpu: &Gpu, st: &State) -> Result<&wgpu::BindGroup> {
         if self.bind.as_ref().is_none_or(|(g, _)| *g != st.version) {
             let layout = gpu.batch_layout(st.segs.len())?;
-            let mut bufs: Vec<&wgpu::Buffer> = vec![
+            let whole = [
                 &self.params,
                 &st.ctl,
                 &st.special,
@@ -304,10 +304,13 @@ impl Lane {
                 &self.slot_of,
                 &self.flags8,
                 &self.local,
-            ];
-            bufs.extend(st.segs.iter().map(|s| &s.keys));
-            bufs.extend(st.segs.iter().map(|s| &s.vals));
-            let bg = gpu.bind_buffers("vramkv batch", &layout.bgl, &bufs)?;
+            ]
+            .map(|b| b.as_entire_binding());
+            let bindings = whole
+                .into_iter()
+                .chain(st.segs.iter().map(|s| s.keys.binding()))
+                .chain(st.segs.iter().map(|s| s.vals.binding()));
+            let bg = gpu.bind_buffers("vramkv batch", &layout.bgl, bindings)?;
             self.bind = Some((st.version, bg));
         }
         match &self.bind {
@@ -480,20 +483,120 @@ fn write_mapped(buffer: &wgpu::Buffer, offset: usize, src: &[u8]) -> Result<()> 
     Ok(())
 }
 
+/// A range of one of the table's buffers: one segment of the key or the value array.
+pub(crate) struct Part {
+    /// The buffer (shared with the other segments it holds).
+    pub buffer: wgpu::Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Part {
+    /// The segment as a storage binding.
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.size),
+        })
+    }
+
+    /// Zeroes the segment.
+    fn clear(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.clear_buffer(&self.buffer, self.offset, Some(self.size));
+    }
+}
+
 /// One segment of the table: `slots` keys and their value rows.
 pub(crate) struct Seg {
-    pub keys: wgpu::Buffer,
-    pub vals: wgpu::Buffer,
+    pub keys: Part,
+    pub vals: Part,
     pub slots: usize,
+}
+
+/// How the segments of one array (keys or values) lie in buffers: `count` segments of
+/// `seg_bytes` each, `per_buffer` of them one after another in each buffer (the last buffer
+/// may hold fewer). Segment `s` is at byte `(s % per_buffer) * seg_bytes` of buffer
+/// `s / per_buffer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Packing {
+    pub seg_bytes: u64,
+    pub count: usize,
+    pub per_buffer: usize,
+}
+
+impl Packing {
+    /// `count` segments of `seg_bytes` in as few buffers of at most `max_buffer` bytes as
+    /// possible, a whole number of segments per buffer, each segment's offset a multiple of
+    /// `align` (when `seg_bytes` is not one, every segment gets its own buffer; a segment
+    /// larger than `max_buffer` too).
+    pub fn new(seg_bytes: u64, count: usize, max_buffer: u64, align: u64) -> Packing {
+        let aligned = align <= 1 || seg_bytes.is_multiple_of(align);
+        let fit = if aligned && seg_bytes > 0 {
+            (max_buffer / seg_bytes).clamp(1, count.max(1) as u64) as usize
+        } else {
+            1
+        };
+        Packing {
+            seg_bytes,
+            count,
+            per_buffer: fit,
+        }
+    }
+
+    /// How many buffers the array takes.
+    pub fn buffers(&self) -> usize {
+        self.count.div_ceil(self.per_buffer)
+    }
+
+    /// The bytes of buffer `b`.
+    pub fn buffer_bytes(&self, b: usize) -> u64 {
+        let first = b * self.per_buffer;
+        self.per_buffer.min(self.count.saturating_sub(first)) as u64 * self.seg_bytes
+    }
+
+    /// The buffer of segment `s` and the segment's offset in it.
+    pub fn place(&self, s: usize) -> (usize, u64) {
+        (
+            s / self.per_buffer,
+            (s % self.per_buffer) as u64 * self.seg_bytes,
+        )
+    }
+
+    /// The segments of the array in order, as ranges of `buffers` (one per
+    /// [`buffers`](Self::buffers)).
+    fn parts(&self, buffers: &[wgpu::Buffer]) -> Vec<Part> {
+        (0..self.count)
+            .map(|s| {
+                let (b, offset) = self.place(s);
+                Part {
+                    buffer: buffers[b].clone(),
+                    offset,
+                    size: self.seg_bytes,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The table's key and value arrays: their segments and the buffers that hold them.
+pub(crate) struct Arrays {
+    pub segs: Vec<Seg>,
+    /// The key array's buffers, then the value array's (each buffer once).
+    pub buffers: Vec<wgpu::Buffer>,
 }
 
 /// The table's device state (behind the backend's RwLock).
 pub(crate) struct State {
     pub slots: usize,
     pub width: usize,
-    /// Slots per segment is `1 << seg_shift` (the last or only one may hold fewer).
+    /// Slots per segment is `1 << seg_shift` (a lone segment may hold fewer).
     pub seg_shift: u32,
     pub segs: Vec<Seg>,
+    /// The buffers holding the segments: the key array's, then the value array's.
+    pub buffers: Vec<wgpu::Buffer>,
+    /// The most bytes per table buffer (besides the device's limit).
+    max_buffer: u64,
     /// `present[2]` then the value rows of the user keys 0 and 1.
     pub special: wgpu::Buffer,
     /// Control words (`shader::ctl`).
@@ -519,48 +622,67 @@ pub(crate) fn seg_shift_for(width: usize, max_bytes: u64) -> u32 {
     (63 - slots.leading_zeros()).min(31)
 }
 
-fn alloc_segs(gpu: &Gpu, slots: usize, width: usize, seg_shift: u32) -> Result<Vec<Seg>> {
-    use wgpu::BufferUsages as U;
-    let per = 1usize << seg_shift;
+/// The key and value arrays of a table of `slots` slots (a power of two) of `width`-word
+/// rows in segments of `1 << seg_shift` slots, each array in as few zeroed buffers of at
+/// most `max_buffer` bytes (and the device's limit) as possible. Fails with
+/// `OutOfDeviceMemory` (dropping whatever it allocated) when a buffer cannot be allocated
+/// or the device cannot bind that many segments.
+fn alloc_arrays(
+    gpu: &Gpu,
+    slots: usize,
+    width: usize,
+    seg_shift: u32,
+    max_buffer: u64,
+) -> Result<Arrays> {
+    let per = (1usize << seg_shift).min(slots);
     let n = slots.div_ceil(per);
     let total = (slots as u64).saturating_mul(8 * (width as u64 + 1));
     if n > gpu.max_segments() {
         // More storage bindings than one shader may have on this device.
         return Err(oom(total));
     }
-    let mut segs = Vec::with_capacity(n);
-    for s in 0..n {
-        let sl = per.min(slots - s * per);
-        segs.push(Seg {
-            keys: gpu.buffer(
-                "vramkv keys",
-                sl as u64 * 8,
-                U::STORAGE | U::COPY_DST,
-                false,
-            )?,
-            vals: gpu.buffer(
-                "vramkv values",
-                sl as u64 * 8 * width as u64,
-                U::STORAGE | U::COPY_DST,
-                false,
-            )?,
-            slots: sl,
-        });
+    let max_buffer = max_buffer.min(gpu.max_buffer);
+    let pack = |row: u64| Packing::new(per as u64 * row, n, max_buffer, gpu.storage_align);
+    let (keys, vals) = (pack(8), pack(8 * width as u64));
+    let mut buffers = Vec::with_capacity(keys.buffers() + vals.buffers());
+    for (p, label) in [(keys, "vramkv keys"), (vals, "vramkv values")] {
+        for b in 0..p.buffers() {
+            buffers.push(gpu.table_buffer(label, p.buffer_bytes(b))?);
+        }
     }
-    Ok(segs)
+    let key_buffers = keys.buffers();
+    let segs = keys
+        .parts(&buffers[..key_buffers])
+        .into_iter()
+        .zip(vals.parts(&buffers[key_buffers..]))
+        .map(|(keys, vals)| Seg {
+            keys,
+            vals,
+            slots: per,
+        })
+        .collect();
+    Ok(Arrays { segs, buffers })
 }
 
 impl State {
-    pub fn new(gpu: &Gpu, slots: usize, width: usize, max_seg_bytes: u64) -> Result<State> {
+    pub fn new(
+        gpu: &Gpu,
+        slots: usize,
+        width: usize,
+        max_seg_bytes: u64,
+        max_buffer: u64,
+    ) -> Result<State> {
         use wgpu::BufferUsages as U;
         let seg_shift = seg_shift_for(width, max_seg_bytes);
         // Fresh wgpu buffers read as zeros: every key slot starts EMPTY.
-        let segs = alloc_segs(gpu, slots, width, seg_shift)?;
+        let a = alloc_arrays(gpu, slots, width, seg_shift, max_buffer)?;
         Ok(State {
             slots,
             width,
             seg_shift,
-            segs,
+            segs: a.segs,
+            buffers: a.buffers,
+            max_buffer,
             special: gpu.buffer(
                 "vramkv special",
                 (2 + 2 * width as u64) * 8,
@@ -584,10 +706,7 @@ impl State {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.segs
-            .iter()
-            .map(|s| s.keys.size() + s.vals.size())
-            .sum::<u64>()
+        self.buffers.iter().map(wgpu::Buffer::size).sum::<u64>()
             + self.special.size()
             + self.ctl.size()
             + self.params.size()
@@ -637,7 +756,7 @@ impl State {
     pub fn clear(&mut self, gpu: &Gpu) -> Result<()> {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         for s in &self.segs {
-            enc.clear_buffer(&s.keys, 0, None);
+            s.keys.clear(&mut enc);
         }
         enc.clear_buffer(&self.special, 0, None);
         enc.clear_buffer(&self.ctl, 0, None);
@@ -652,7 +771,8 @@ impl State {
     /// when `slots` is unchanged). The new buffers are allocated first and swapped in only
     /// once every key has moved: on any error the table is left as it was.
     pub fn rehash(&mut self, gpu: &Gpu, slots: usize) -> Result<()> {
-        let segs = alloc_segs(gpu, slots, self.width, self.seg_shift)?;
+        let new = alloc_arrays(gpu, slots, self.width, self.seg_shift, self.max_buffer)?;
+        let segs = &new.segs;
         let layout = gpu.rehash_layout(segs.len())?;
         let pipeline = gpu.rehash_pipeline(segs.len())?;
         let per_old = 1usize << self.seg_shift;
@@ -669,11 +789,16 @@ impl State {
             .segs
             .iter()
             .map(|old| {
-                let mut bufs: Vec<&wgpu::Buffer> =
-                    vec![&self.params, &self.ctl, &old.keys, &old.vals];
-                bufs.extend(segs.iter().map(|s| &s.keys));
-                bufs.extend(segs.iter().map(|s| &s.vals));
-                gpu.bind_buffers("vramkv rehash", &layout.bgl, &bufs)
+                let bindings = [
+                    self.params.as_entire_binding(),
+                    self.ctl.as_entire_binding(),
+                    old.keys.binding(),
+                    old.vals.binding(),
+                ]
+                .into_iter()
+                .chain(segs.iter().map(|s| s.keys.binding()))
+                .chain(segs.iter().map(|s| s.vals.binding()));
+                gpu.bind_buffers("vramkv rehash", &layout.bgl, bindings)
             })
             .collect::<Result<_>>()?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
@@ -698,7 +823,8 @@ impl State {
                 c[ctl::ERRORS]
             )));
         }
-        self.segs = segs;
+        self.segs = new.segs;
+        self.buffers = new.buffers;
         self.slots = slots;
         self.tombs = 0;
         self.version = next_gen();
@@ -903,4 +1029,81 @@ pub(crate) fn run_host_batch(
         return Err(device_error("the batch's counters were not read back"));
     }
     Ok(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Packing;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// Every segment's buffer and offset, and every buffer's size, checked against each
+    /// other: the segments tile their buffers in order, each offset aligned.
+    fn layout(p: &Packing, align: u64) -> (Vec<(usize, u64)>, Vec<u64>) {
+        let places: Vec<(usize, u64)> = (0..p.count).map(|s| p.place(s)).collect();
+        let sizes: Vec<u64> = (0..p.buffers()).map(|b| p.buffer_bytes(b)).collect();
+        for (b, &size) in sizes.iter().enumerate() {
+            let offsets: Vec<u64> = places
+                .iter()
+                .filter(|(pb, _)| *pb == b)
+                .map(|(_, o)| *o)
+                .collect();
+            let want: Vec<u64> = (0..offsets.len() as u64).map(|i| i * p.seg_bytes).collect();
+            assert_eq!(offsets, want, "buffer {b} of {p:?}");
+            assert_eq!(size, offsets.len() as u64 * p.seg_bytes, "{p:?}");
+        }
+        assert!(places.iter().all(|&(b, _)| b < sizes.len()), "{p:?}");
+        assert!(places.iter().all(|(_, o)| o % align == 0), "{p:?}");
+        (places, sizes)
+    }
+
+    #[test]
+    fn one_buffer_per_array_when_it_fits() {
+        // NVIDIA: 4 GiB of keys in 1 GiB segments, buffers of up to 2^52 bytes.
+        let p = Packing::new(GIB, 4, 1 << 52, 64);
+        assert_eq!((p.per_buffer, p.buffers()), (4, 1));
+        let (places, sizes) = layout(&p, 64);
+        assert_eq!(places, [(0, 0), (0, GIB), (0, 2 * GIB), (0, 3 * GIB)]);
+        assert_eq!(sizes, [4 * GIB]);
+        // A lone segment smaller than a full one.
+        let p = Packing::new(512, 1, 1 << 52, 256);
+        assert_eq!(
+            (p.buffers(), p.buffer_bytes(0), p.place(0)),
+            (1, 512, (0, 0))
+        );
+    }
+
+    #[test]
+    fn several_buffers_of_whole_segments() {
+        // lavapipe: 128 MiB segments, buffers below 2 GiB (i32::MAX) hold 15 of them.
+        let p = Packing::new(128 * MIB, 32, i32::MAX as u64, 16);
+        assert_eq!((p.per_buffer, p.buffers()), (15, 3));
+        let (places, sizes) = layout(&p, 16);
+        assert_eq!(sizes, [15 * 128 * MIB, 15 * 128 * MIB, 2 * 128 * MIB]);
+        assert_eq!(places[14], (0, 14 * 128 * MIB));
+        assert_eq!(places[15], (1, 0));
+        assert_eq!(places[31], (2, 128 * MIB));
+        // The test knob: 4 MiB segments in 16 MiB buffers.
+        let p = Packing::new(4 * MIB, 10, 16 * MIB, 256);
+        let (places, sizes) = layout(&p, 256);
+        assert_eq!(sizes, [16 * MIB, 16 * MIB, 8 * MIB]);
+        assert_eq!(places[5], (1, 4 * MIB));
+        // A cap below one segment still gives each segment a buffer of its own.
+        let p = Packing::new(GIB, 3, 16 * MIB, 256);
+        assert_eq!((p.per_buffer, p.buffers()), (1, 3));
+        assert_eq!(layout(&p, 256).1, [GIB; 3]);
+    }
+
+    #[test]
+    fn unaligned_segments_get_a_buffer_each() {
+        // 3 slots of 8 bytes: 24 B segments cannot start at multiples of 256.
+        let p = Packing::new(24, 4, 1 << 20, 256);
+        assert_eq!((p.per_buffer, p.buffers()), (1, 4));
+        assert_eq!(layout(&p, 256).0, [(0, 0), (1, 0), (2, 0), (3, 0)]);
+        // Width 3 at 64 slots: 1536 B segments are multiples of 256.
+        let p = Packing::new(64 * 24, 4, 1 << 20, 256);
+        assert_eq!((p.per_buffer, p.buffers()), (4, 1));
+        layout(&p, 256);
+    }
 }

@@ -24,22 +24,37 @@ fn open_boxed(cfg: TableConfig) -> kv_core::Result<Box<dyn KvBackend>> {
 
 fn many_segments() -> R {
     // Segments of 4 KiB: a few thousand slots already span many bindings, so growth moves
-    // keys across segments and lookups cross segment boundaries.
+    // keys across segments and lookups cross segment boundaries. The segments are ranges of
+    // one buffer per array (w1), of buffers of up to 3 value segments (w3, up to 9 key
+    // segments), or each its own buffer (w16, buffers capped below any segment).
     let t = WgpuBackend::open(TableConfig::new(16)).map_err(|x| e("open", x))?;
     let max = t.max_segments();
     drop(t);
-    for (w, seed) in [(1usize, 11u64), (3, 12), (16, 13)] {
+    for (w, seed, segs_per_buffer) in [(1usize, 11u64, u64::MAX), (3, 12, 3), (16, 13, 0)] {
         // The largest table reached must stay within the adapter's binding limit.
         let seg_bytes = 4096u64.max((w as u64 * 8 * 16_384).div_ceil(max as u64));
-        let t = WgpuBackend::open_with_max_segment_bytes(TableConfig::new(64).width(w), seg_bytes)
-            .map_err(|x| e("open", x))?;
+        let t = WgpuBackend::open_with_limits(
+            TableConfig::new(64).width(w),
+            seg_bytes,
+            seg_bytes.saturating_mul(segs_per_buffer).max(1),
+        )
+        .map_err(|x| e("open", x))?;
         let phase = RandomOps {
             rounds: 25,
             max_batch: 2000,
             range: 6000,
         };
         stress::random_ops(&t, phase, seed)?;
-        println!("  w{w}: {} segments", t.segments());
+        let (segs, bufs) = (t.segments(), t.table_buffers());
+        let layout_ok = match segs_per_buffer {
+            u64::MAX => bufs == 2,
+            0 => bufs == 2 * segs,
+            _ => 2 < bufs && bufs < 2 * segs,
+        };
+        if segs < 4 || !layout_ok {
+            return Err(format!("w{w}: {segs} segments in {bufs} buffers").into());
+        }
+        println!("  w{w}: {segs} segments in {bufs} buffers");
     }
     Ok(())
 }
@@ -243,9 +258,10 @@ fn larger_than_one_binding() -> R {
     }
     check_audit(&t, "after the deletes")?;
     println!(
-        "  {} slots of {w} words in {} segments, {:.0} MiB on {}",
+        "  {} slots of {w} words in {} segments of {} buffers, {:.0} MiB on {}",
         t.describe().slots,
         t.segments(),
+        t.table_buffers(),
         t.describe().bytes_in_use as f64 / (1 << 20) as f64,
         t.adapter_name()
     );
