@@ -111,13 +111,19 @@ pub const SEGMENT_MIB_ENV: &str = "VRAMKV_WGPU_SEGMENT_MIB";
 /// (see [`WgpuBackend::open`]).
 pub const TABLE_BUFFER_MIB_ENV: &str = "VRAMKV_WGPU_TABLE_BUFFER_MIB";
 
-/// The positive number of MiB in the environment variable `name`, in bytes; else `u64::MAX`.
-fn env_mib(name: &str) -> u64 {
+/// Bytes of each buffer holding table segments at most, by default. Measured on an H100
+/// through Vulkan (docs/PERF.md, "The wgpu slow mode"): random probes into a table whose
+/// arrays are one 2 GiB buffer each run at full speed, into 256 MiB buffers (eight per 2 GiB
+/// array) 5x slower, and into one 4 GiB buffer per array 2.5x slower than into 1 GiB ones.
+pub const DEFAULT_TABLE_BUFFER_BYTES: u64 = 2 << 30;
+
+/// The positive number of MiB in the environment variable `name`, in bytes; else `default`.
+fn env_mib(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .filter(|&m| m > 0)
-        .map_or(u64::MAX, |m| m.saturating_mul(1 << 20))
+        .map_or(default, |m| m.saturating_mul(1 << 20))
 }
 
 /// A vramkv table in the memory of a GPU driven through wgpu.
@@ -152,13 +158,13 @@ impl WgpuBackend {
     ///
     /// The environment variable `VRAMKV_WGPU_TABLE_BUFFER_MIB=<n>` caps each buffer
     /// holding segments at `n` MiB, rounded down to a whole number of segments and at least
-    /// one (default: the adapter's largest buffer). A development knob for measuring the
-    /// cost of many allocations against one. Set to the segment size, every value segment
+    /// one (default: [`DEFAULT_TABLE_BUFFER_BYTES`], or the adapter's largest buffer if
+    /// smaller). A development knob for measuring the cost of many allocations against few. Set to the segment size, every value segment
     /// is its own buffer; key segments are `width` times smaller and share buffers unless
     /// `n` is at most their size (`1` gives every segment of 1 MiB or more its own buffer,
     /// the layout of one allocation per segment).
     pub fn open(cfg: TableConfig) -> Result<Self> {
-        Self::open_with_max_segment_bytes(cfg, env_mib(SEGMENT_MIB_ENV))
+        Self::open_with_max_segment_bytes(cfg, env_mib(SEGMENT_MIB_ENV, u64::MAX))
     }
 
     /// [`open`](Self::open), with the key and value arrays split into segments (storage
@@ -166,7 +172,11 @@ impl WgpuBackend {
     /// exercise multi-segment tables at small sizes. The buffers holding the segments are
     /// capped as [`open`](Self::open) says.
     pub fn open_with_max_segment_bytes(cfg: TableConfig, bytes: u64) -> Result<Self> {
-        Self::open_with_limits(cfg, bytes, env_mib(TABLE_BUFFER_MIB_ENV))
+        Self::open_with_limits(
+            cfg,
+            bytes,
+            env_mib(TABLE_BUFFER_MIB_ENV, DEFAULT_TABLE_BUFFER_BYTES),
+        )
     }
 
     /// [`open`](Self::open), with the key and value arrays split into segments of at most
