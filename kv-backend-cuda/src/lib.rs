@@ -63,7 +63,8 @@
 //! waits only to reuse a lane and once at the end of the batch (to read the counters that
 //! keep `len()` exact). `VRAMKV_CUDA_LANES` (1..=16) and `VRAMKV_CUDA_CHUNK_MIB` (the
 //! largest chunk) change the pipeline's shape, for measurements; they are read once per
-//! process.
+//! process. `VRAMKV_CUDA_TRACE=1` prints, per batch, where the time went: for a host batch
+//! the host's waits and copies, for a device-resident one the device time of each step.
 //!
 //! To skip the host's copies altogether, borrow a [`PinnedBatch`] from the table
 //! ([`CudaBackend::pinned_batch`]), write keys and values into it, and call
@@ -99,7 +100,7 @@ mod trace;
 use gpu::{BACKEND, Drv, Gpu};
 pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
 pub use pinned::PinnedBatch;
-pub use table::{CHUNK_ENV, COPY_PIECE_ENV, LANES_ENV};
+pub use table::{CHUNK_ENV, LANES_ENV};
 use table::{HostBatch, Lane, Op, State};
 use trace::Marks;
 pub use trace::TRACE_ENV;

@@ -62,16 +62,11 @@ pub(crate) struct Shape {
     pub max_chunk_bytes: usize,
 }
 
-/// Environment variable: the piece, in KiB (4..=65536), that one thread copies at a time in
-/// the host's parallel copies into and out of staging buffers, for measurements.
-pub const COPY_PIECE_ENV: &str = "VRAMKV_CUDA_COPY_PIECE_KIB";
-
 /// The environment's overrides of the host pipeline, read once per process.
 #[derive(Clone, Copy, Debug)]
 struct Overrides {
     lanes: Option<usize>,
     chunk_bytes: Option<usize>,
-    copy_piece_bytes: usize,
 }
 
 fn overrides() -> Overrides {
@@ -86,7 +81,6 @@ fn overrides() -> Overrides {
         Overrides {
             lanes: var(LANES_ENV, 1, 16),
             chunk_bytes: var(CHUNK_ENV, 1, 256).map(|m| m << 20),
-            copy_piece_bytes: var(COPY_PIECE_ENV, 4, 65536).map_or(COPY_PIECE_BYTES, |k| k << 10),
         }
     })
 }
@@ -157,13 +151,14 @@ pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usiz
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
 }
 
-/// Bytes one thread copies at a time in [`par_copy`] (default; `VRAMKV_CUDA_COPY_PIECE_KIB`).
+/// Bytes one thread copies at a time in [`par_copy`] (64 KiB measured the same as 256 KiB
+/// within the H100 host's run-to-run spread; PERF.md).
 const COPY_PIECE_BYTES: usize = 256 << 10;
 
 /// Copies `src` into `dst` (same length), on all cores when it is large.
 pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     const PAR_MIN: usize = 1 << 17;
-    let piece = (overrides().copy_piece_bytes / std::mem::size_of::<T>().max(1)).max(1);
+    let piece = (COPY_PIECE_BYTES / std::mem::size_of::<T>().max(1)).max(1);
     if dst.len() < PAR_MIN {
         dst.copy_from_slice(src);
     } else {
