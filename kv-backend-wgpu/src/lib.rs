@@ -35,9 +35,15 @@
 //! on Vulkan drivers whatever they report, 128 MiB on lavapipe), so the key and value
 //! arrays are split into *segments* of a power-of-two number of slots, each bound as its
 //! own binding; the shaders are generated for the number of segments. The segments are
-//! ranges of as few buffers as the adapter's largest buffer allows (each array one buffer
-//! where it fits): GPU drivers map a large allocation with large pages, and random probes
-//! into a table made of many separate allocations miss the TLB far more often.
+//! ranges of buffers of at most [`DEFAULT_TABLE_BUFFER_BYTES`] (2 GiB): on NVIDIA's Vulkan
+//! driver, random probes into an array made of many small allocations miss the address
+//! translation caches far more often (a 2 GiB array in 256 MiB buffers probes 5× slower
+//! than in one buffer), while one buffer beyond 2 GiB is slower again.
+//!
+//! Large tables: on the H100 through Vulkan, a table whose arrays pass 2 GiB each (2^28
+//! slots of u64 keys and values) probes about 5× slower than a smaller one, in any buffer
+//! layout, where CUDA on the same card is not affected (docs/PERF.md, "The wgpu slow
+//! mode"). Use the CUDA backend for such tables on NVIDIA GPUs.
 //!
 //! Growth follows [`plan_put`] like every backend and rehashes on the device into buffers
 //! allocated before the old ones are released (a failed allocation leaves the table as it
