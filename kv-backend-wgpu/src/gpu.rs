@@ -322,7 +322,7 @@ impl Gpu {
         Ok(())
     }
 
-    /// The most segments a table may have on this device: a batch binds 7 storage buffers
+    /// The most segments a table may have on this device: a batch binds 9 storage buffers
     /// plus the key and value segments; a rehash 3 plus the new table's segments.
     pub fn max_segments(&self) -> usize {
         (self.max_storage.saturating_sub(BATCH_FIXED - 1) / 2) as usize

@@ -5,8 +5,9 @@
 //! buffer they are resolved into and a small buffer they are copied to for reading. A
 //! chunk's encoder writes a timestamp before its first command and one after each step:
 //! the copy of the upload buffer into the chunk's device buffers, the clears (the put's
-//! chunk-local table, the lookups' flags, the batch's control words), each kernel, and the
-//! copies into the readback buffer. The timestamps are resolved and copied out at the end of
+//! chunk-local table, the lookups' flags, the batch's control words), the three kernels
+//! that sort the chunk's items by table region as one step, `order` (only where the table
+//! probes in region order), each other kernel, and the copies into the readback buffer. The timestamps are resolved and copied out at the end of
 //! the same submission, and read when the host waits on that submission anyway (to reuse
 //! the lane or to finish the batch); the host's only extra work is mapping one 64-byte
 //! buffer per chunk. Without tracing no timer exists and nothing of this is encoded.
@@ -37,7 +38,7 @@ pub(crate) const FEATURES: wgpu::Features =
     wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
 /// Timestamps per chunk at most: the start, then the ends of the upload copy, the clears,
-/// at most two kernels and the readback copy (two spare).
+/// the region order (when on), at most two kernels and the readback copy (one spare).
 pub(crate) const MARKS: u32 = 8;
 
 /// Bytes of the resolved timestamps of one chunk.

@@ -43,7 +43,13 @@
 //! Large tables: on the H100 through Vulkan, a table whose arrays pass 2 GiB each (2^28
 //! slots of u64 keys and values) probes about 5× slower than a smaller one, in any buffer
 //! layout, where CUDA on the same card is not affected (docs/PERF.md, "The wgpu slow
-//! mode"). Use the CUDA backend for such tables on NVIDIA GPUs.
+//! mode"). Use the CUDA backend for such tables on NVIDIA GPUs. Such tables (more than
+//! [`REGION_ORDER_MIN_SLOTS`] slots) probe in *region order*: each chunk first sorts its
+//! items by table region (256 regions, counting sort on the device) and the probing
+//! kernels take them in that order, so that the threads running at once touch a few
+//! regions of the table rather than pages all over it. The environment variable
+//! `VRAMKV_WGPU_REGION_ORDER=0|1` ([`REGION_ORDER_ENV`], read once per process) forces it
+//! off or on for every table, to compare both with one binary.
 //!
 //! Growth follows [`plan_put`] like every backend and rehashes on the device into buffers
 //! allocated before the old ones are released (a failed allocation leaves the table as it
@@ -82,7 +88,7 @@ use kv_staging::LanePool;
 pub use gpu::AdapterInfo;
 use gpu::{BACKEND, Gpu};
 use shader::ctl;
-pub use table::{CHUNK_MIB_ENV, TRACE_ENV};
+pub use table::{CHUNK_MIB_ENV, REGION_ORDER_ENV, REGION_ORDER_MIN_SLOTS, TRACE_ENV};
 use table::{Lane, Op, State};
 
 /// The environment variable that makes a missing wgpu adapter a test failure instead of a

@@ -28,6 +28,15 @@
 //!    chunk without repeats) it places its key and writes its row, once. Thread 0 applies
 //!    the sentinel keys, whose winners pass 1 recorded.
 //!
+//! # Region order
+//!
+//! On large tables (`table::region_order`) the probing kernels (place, get, contains,
+//! delete) take the chunk's items grouped by table region: thread `j` handles item
+//! `perm[j]`, a permutation that the `kv_region_*` kernels build per chunk before them (a
+//! counting sort of the item indices by `home(key) >> rshift`). Every output stays indexed
+//! by item, so nothing moves back; the order within a region is arbitrary, which is fine as
+//! the place pass's winners are decided by the dedup pass and lookups are independent.
+//!
 //! # Key encoding
 //!
 //! A key slot holds `EMPTY = 0` (never used), `TOMBSTONE = 1` (deleted) or a user key.
@@ -72,7 +81,7 @@ pub(crate) mod ctl {
 pub(crate) enum Flavour {
     /// Keys atomic (CAS), values plain: `put_place`, `delete`.
     AtomicKeys,
-    /// Both plain: `put_dedup`, `get`, `contains`, `count`.
+    /// Both plain: `put_dedup`, `get`, `contains`, `count`, the `region_*` kernels.
     Plain,
 }
 
@@ -87,7 +96,15 @@ impl Flavour {
 }
 
 /// First binding of the key segments in the batch layout (values follow the keys).
-pub(crate) const BATCH_FIXED: u32 = 8;
+pub(crate) const BATCH_FIXED: u32 = 10;
+
+/// Table regions a chunk's items are grouped by when probing in region order (fewer when
+/// the table has fewer slots): one per thread of a workgroup, which the ordering kernels
+/// rely on.
+pub(crate) const REGIONS: u32 = WORKGROUP;
+
+/// Items each thread of the region histogram and scatter kernels handles.
+pub(crate) const ORDER_ITEMS: u32 = 16;
 
 const COMMON: &str = r#"
 const EMPTY: u64 = 0lu;
@@ -100,8 +117,8 @@ struct Params {
     seg_shift: u32,
     base: u32,
     lmask: u32,
-    pad0: u32,
-    pad1: u32,
+    rshift: u32,
+    nreg: u32,
 }
 
 fn fmix(key: u64) -> u64 {
@@ -234,9 +251,15 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
 @group(0) @binding(5) var<storage, read_write> slot_of: array<u32>;
 @group(0) @binding(6) var<storage, read_write> flags8: array<atomic<u32>>;
 @group(0) @binding(7) var<storage, read_write> ltab: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read_write> perm: array<u32>;
+@group(0) @binding(9) var<storage, read_write> rcnt: array<atomic<u32>>;
 "#,
     );
     s.push_str(COMMON);
+    let _ = writeln!(
+        s,
+        "const REGIONS: u32 = {REGIONS}u;\nconst ORDER_ITEMS: u32 = {ORDER_ITEMS}u;"
+    );
     segments(
         &mut s,
         "keys",
@@ -249,6 +272,13 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
     s.push_str(
         r#"
 var<workgroup> wg_cnt: array<atomic<u32>, 4>;
+
+// The chunk item probed by thread j: in region order (`perm`, built by the `kv_region_*`
+// kernels) when p.nreg != 0, else item j itself. j < p.n.
+fn at(j: u32) -> u32 {
+    if p.nreg == 0u { return j; }
+    return perm[j];
+}
 
 fn set_flag8(i: u32) {
     atomicOr(&flags8[i >> 2u], 1u << ((i & 3u) * 8u));
@@ -306,10 +336,11 @@ fn put_specials() {
 // (claim EMPTY, reuse the first tombstone met, or find it) and write its row.
 @compute @workgroup_size(256)
 fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i == 0u { put_specials(); }
+    let j = item(wid, nwg, lid);
+    if j == 0u { put_specials(); }
+    var i = j;
     var key = 0lu;
-    if i < p.n { key = keys_in[i]; }
+    if j < p.n { i = at(j); key = keys_in[i]; }
     var last = key > TOMB;
     if last && atomicLoad(&ltab[dup_flag()]) != 0u {
         last = atomicLoad(&ltab[slot_of[i]]) == i + 1u;
@@ -365,9 +396,9 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.
 @compute @workgroup_size(256)
 fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n {
-        let key = keys_in[i];
+    let j = item(wid, nwg, lid);
+    if j < p.n {
+        let key = keys_in[at(j)];
         if key <= TOMB {
             if atomicExchange(&special[u32(key)], 0lu) != 0lu { atomicAdd(&wg_cnt[1], 1u); }
         } else {
@@ -469,14 +500,89 @@ fn lookup(i: u32, with_values: bool) {
 
 @compute @workgroup_size(256)
 fn kv_get(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n { lookup(i, true); }
+    let j = item(wid, nwg, lid);
+    if j < p.n { lookup(at(j), true); }
 }
 
 @compute @workgroup_size(256)
 fn kv_contains(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n { lookup(i, false); }
+    let j = item(wid, nwg, lid);
+    if j < p.n { lookup(at(j), false); }
+}
+
+// Region order (see `region_order` in table.rs): the probing kernels visit the chunk's
+// items grouped by table region, `perm[j]` being the item thread j probes. `perm` is a
+// counting sort by region: `kv_region_hist` counts the items of each region into
+// rcnt[0 .. REGIONS), `kv_region_scan` (one workgroup) writes the exclusive prefix sums into
+// rcnt[REGIONS .. 2 * REGIONS) and `kv_region_scatter` hands out the positions. The table
+// has p.nreg regions (a power of two, at most REGIONS) of 1 << p.rshift slots; the special
+// keys count as region 0. Workgroup w of the histogram and scatter kernels takes the
+// REGIONS * ORDER_ITEMS items from w * REGIONS * ORDER_ITEMS, ORDER_ITEMS per thread, and
+// adds its counts to the global ones once per region (thread r owns region r).
+
+fn region_of(key: u64) -> u32 {
+    if key <= TOMB { return 0u; }
+    return home(key) >> p.rshift;
+}
+
+var<workgroup> wg_reg: array<atomic<u32>, REGIONS>;
+var<workgroup> wg_base: array<u32, REGIONS>;
+
+fn order_item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, k: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * (REGIONS * ORDER_ITEMS) + k * REGIONS + lid;
+}
+
+@compute @workgroup_size(256)
+fn kv_region_hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    atomicStore(&wg_reg[lid], 0u);
+    workgroupBarrier();
+    for (var k = 0u; k < ORDER_ITEMS; k += 1u) {
+        let i = order_item(wid, nwg, lid, k);
+        if i < p.n { atomicAdd(&wg_reg[region_of(keys_in[i])], 1u); }
+    }
+    workgroupBarrier();
+    let c = atomicLoad(&wg_reg[lid]);
+    if c != 0u { atomicAdd(&rcnt[lid], c); }
+}
+
+@compute @workgroup_size(256)
+fn kv_region_scan(@builtin(local_invocation_index) lid: u32) {
+    let c = atomicLoad(&rcnt[lid]);
+    wg_base[lid] = c;
+    workgroupBarrier();
+    // Inclusive scan (Hillis-Steele).
+    for (var d = 1u; d < REGIONS; d <<= 1u) {
+        var v = wg_base[lid];
+        if lid >= d { v += wg_base[lid - d]; }
+        workgroupBarrier();
+        wg_base[lid] = v;
+        workgroupBarrier();
+    }
+    atomicStore(&rcnt[REGIONS + lid], wg_base[lid] - c);
+}
+
+@compute @workgroup_size(256)
+fn kv_region_scatter(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    atomicStore(&wg_reg[lid], 0u);
+    workgroupBarrier();
+    var reg: array<u32, ORDER_ITEMS>;
+    var rank: array<u32, ORDER_ITEMS>;
+    for (var k = 0u; k < ORDER_ITEMS; k += 1u) {
+        let i = order_item(wid, nwg, lid, k);
+        if i < p.n {
+            let r = region_of(keys_in[i]);
+            reg[k] = r;
+            rank[k] = atomicAdd(&wg_reg[r], 1u);
+        }
+    }
+    workgroupBarrier();
+    let c = atomicLoad(&wg_reg[lid]);
+    if c != 0u { wg_base[lid] = atomicAdd(&rcnt[REGIONS + lid], c); }
+    workgroupBarrier();
+    for (var k = 0u; k < ORDER_ITEMS; k += 1u) {
+        let i = order_item(wid, nwg, lid, k);
+        if i < p.n { perm[wg_base[reg[k]] + rank[k]] = i; }
+    }
 }
 
 // Live keys and tombstones of slots base .. base + n (checks).

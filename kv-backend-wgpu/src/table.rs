@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::gpu::{Gpu, device_error, oom};
 use crate::gpu_trace::{self, BatchTimes, LaneTimer};
-use crate::shader::ctl;
+use crate::shader::{ORDER_ITEMS, REGIONS, ctl};
 
 /// Staging lanes used by one host batch.
 pub(crate) const LANES: usize = 3;
@@ -35,6 +35,49 @@ pub const CHUNK_MIB_ENV: &str = "VRAMKV_WGPU_CHUNK_MIB";
 /// where the adapter offers timestamp queries, a second line with the device time of each
 /// step of the batch's chunks (`gpu_trace` module).
 pub const TRACE_ENV: &str = "VRAMKV_WGPU_TRACE";
+
+/// Environment variable forcing region-order probing off (`0`) or on (`1`) for every
+/// table, read once per process; unset (or anything else), it is on for tables whose key
+/// array passes 2 GiB ([`REGION_ORDER_MIN_SLOTS`]). In region order each chunk's items are
+/// first grouped by table region (256 regions, or one per slot below 256 slots) and the
+/// probing kernels take them in that order (crate docs, "Table layout").
+pub const REGION_ORDER_ENV: &str = "VRAMKV_WGPU_REGION_ORDER";
+
+/// Tables of more slots than this (key arrays beyond 2 GiB) probe in region order by
+/// default: on the H100 through Vulkan, random probes into larger tables run about 5x
+/// slower (docs/PERF.md, "The wgpu slow mode").
+pub const REGION_ORDER_MIN_SLOTS: usize = 1 << 28;
+
+/// [`REGION_ORDER_ENV`] as read once per process: `Some(false)` for `0`, `Some(true)` for
+/// `1`, else `None` (the default by table size).
+fn region_order_forced() -> Option<bool> {
+    static ON: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var(REGION_ORDER_ENV).ok()?.trim() {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    })
+}
+
+/// Whether chunks probe a table of `slots` slots in region order, and if so its regions
+/// as `(rshift, nreg)`: `nreg` regions (`REGIONS`, 256, or one per slot for a smaller
+/// table) of `1 << rshift` slots each, the region of a key being its home slot shifted
+/// right by `rshift`. Where it is on by default (more than 2^28 slots) a region holds at
+/// least 2^21 slots, 16 MiB of keys.
+///
+/// In region order, each chunk first sorts its item indices by region (counting sort:
+/// histogram, scan, scatter; the `kv_region_*` kernels) and the probing kernels then take
+/// the items in that order, so that the threads running at any moment probe a few regions
+/// of the table instead of pages all over it.
+pub(crate) fn region_order(slots: usize) -> Option<(u32, u32)> {
+    let on = region_order_forced().unwrap_or(slots > REGION_ORDER_MIN_SLOTS);
+    if !on || slots < 2 {
+        return None;
+    }
+    let nreg = slots.min(REGIONS as usize);
+    let rshift = slots.trailing_zeros() - nreg.trailing_zeros();
+    Some((rshift, nreg as u32))
+}
 
 /// Whether [`TRACE_ENV`] is set (to anything but `0`), read once per process.
 pub(crate) fn tracing() -> bool {
@@ -91,8 +134,10 @@ pub(crate) struct Params {
     pub base: u32,
     /// Slots of the chunk's local table less one (put).
     pub lmask: u32,
-    pub pad0: u32,
-    pub pad1: u32,
+    /// Region order: a key's region is its home slot shifted right by `rshift`.
+    pub rshift: u32,
+    /// Region order: the table's regions, or 0 for probing in item order.
+    pub nreg: u32,
 }
 
 /// Slots of the local table of a put chunk of `n` items: the power of two >= 2n (load at
@@ -216,6 +261,11 @@ pub(crate) struct Lane {
     flags8: wgpu::Buffer,
     /// The put chunk's local table and flags (`shader` module docs), cleared per chunk.
     local: wgpu::Buffer,
+    /// Region order: the chunk's item indices grouped by table region (`u32[cap]`).
+    perm: wgpu::Buffer,
+    /// Region order: items per region, then each region's next position in `perm`
+    /// (`u32[2 * REGIONS]`), cleared per chunk.
+    regions: wgpu::Buffer,
     readback: wgpu::Buffer,
     rb_state: Arc<AtomicU8>,
     bind: Option<(u64, wgpu::BindGroup)>,
@@ -265,6 +315,13 @@ impl Lane {
                 U::STORAGE | U::COPY_DST,
                 false,
             )?,
+            perm: gpu.buffer("vramkv region order", c * 4, U::STORAGE, false)?,
+            regions: gpu.buffer(
+                "vramkv region counts",
+                2 * u64::from(REGIONS) * 4,
+                U::STORAGE | U::COPY_DST,
+                false,
+            )?,
             readback: gpu.buffer(
                 "vramkv readback",
                 RB_HDR + flags_bytes(cap) + c * w * 8,
@@ -288,6 +345,8 @@ impl Lane {
             + self.slot_of.size()
             + self.flags8.size()
             + self.local.size()
+            + self.perm.size()
+            + self.regions.size()
             + self.readback.size()
     }
 
@@ -304,6 +363,8 @@ impl Lane {
                 &self.slot_of,
                 &self.flags8,
                 &self.local,
+                &self.perm,
+                &self.regions,
             ]
             .map(|b| b.as_entire_binding());
             let bindings = whole
@@ -873,6 +934,9 @@ fn entries(op: &Op<'_>) -> &'static [&'static str] {
     }
 }
 
+/// The region-order kernels (see [`region_order`]), one step ("order") in the GPU trace.
+const ORDER_ENTRIES: [&str; 3] = ["kv_region_hist", "kv_region_scan", "kv_region_scatter"];
+
 /// A kernel's step name in the GPU trace: `kv_put_dedup` is `dedup`, `kv_get` is `get`.
 fn step_name(entry: &'static str) -> &'static str {
     entry.rsplit('_').next().unwrap_or(entry)
@@ -896,6 +960,15 @@ pub(crate) fn run_host_batch(
         .iter()
         .map(|e| Ok((*e, gpu.batch_pipeline(st.segs.len(), e)?)))
         .collect::<Result<Vec<_>>>()?;
+    let order = region_order(st.slots);
+    let order_pipes = match order {
+        Some(_) => ORDER_ENTRIES
+            .iter()
+            .map(|e| gpu.batch_pipeline(st.segs.len(), e))
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    let (rshift, nreg) = order.unwrap_or((0, 0));
     let mut counters = None;
     let mut trace = Trace::default();
     let mut times = BatchTimes::default();
@@ -914,6 +987,8 @@ pub(crate) fn run_host_batch(
         let put = matches!(op, Op::Put { .. });
         let params = Params {
             lmask: if put { (local_slots(m) - 1) as u32 } else { 0 },
+            rshift,
+            nreg,
             ..st.params(m)
         };
         let t0 = std::time::Instant::now();
@@ -947,7 +1022,23 @@ pub(crate) fn run_host_batch(
         if output {
             enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
         }
+        if order.is_some() {
+            enc.clear_buffer(&lane.regions, 0, None);
+        }
         lane.mark(&mut enc, "clear");
+        if !order_pipes.is_empty() {
+            // The chunk's items grouped by region: histogram, scan (one workgroup), scatter.
+            let (ox, oy) = gpu.groups((m as u64).div_ceil(u64::from(ORDER_ITEMS)));
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_bind_group(0, &bg, &[]);
+                for (p, (x, y)) in order_pipes.iter().zip([(ox, oy), (1, 1), (ox, oy)]) {
+                    pass.set_pipeline(p);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+            }
+            lane.mark(&mut enc, "order");
+        }
         if let Some(t) = lane.timer.as_mut() {
             // Timed: one pass per kernel, a timestamp after each.
             for (e, p) in &pipes {

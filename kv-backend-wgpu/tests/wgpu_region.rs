@@ -1,0 +1,145 @@
+//! `VRAMKV_WGPU_REGION_ORDER=1`: with region-order probing forced on (it is on by default
+//! only for tables beyond 2^28 slots, which the tests cannot allocate), puts with repeats
+//! within and across chunks, the special keys, gets, contains and deletes must match a
+//! `HashMap`, and the GPU trace (where the adapter has timestamp queries) must show the
+//! `order` step.
+//!
+//! The knob is read once per process, so the batches run in a child process of this binary
+//! with the variable set (as in `wgpu_trace.rs`). Without an adapter the test is reported as
+//! ignored (after `skipped: ...`), unless `VRAMKV_REQUIRE_WGPU=1`.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use kv_backend_wgpu::{
+    CHUNK_MIB_ENV, REGION_ORDER_ENV, REQUIRE_ENV, TRACE_ENV, WgpuBackend, unavailable_reason,
+};
+use kv_conformance::Availability;
+use kv_conformance::libtest_mimic::{Arguments, Failed, Trial, run};
+use kv_core::{KvBackend, TableConfig};
+
+/// Set in the child process: run the batches instead of the test harness.
+const CHILD_ENV: &str = "VRAMKV_WGPU_REGION_TEST_CHILD";
+
+/// Words per value row.
+const W: usize = 2;
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Checks every key of `probe` against the model with a get and a contains.
+fn check(t: &WgpuBackend, m: &HashMap<u64, [u64; W]>, probe: &[u64]) -> Result<(), String> {
+    let mut out = vec![0u64; W * probe.len()];
+    let mut found = vec![false; probe.len()];
+    t.get(probe, &mut out, &mut found)
+        .map_err(|e| format!("get: {e}"))?;
+    let mut has = vec![false; probe.len()];
+    t.contains(probe, &mut has)
+        .map_err(|e| format!("contains: {e}"))?;
+    for (i, k) in probe.iter().enumerate() {
+        let want = m.get(k).map(|v| &v[..]);
+        let got = found[i].then(|| &out[i * W..(i + 1) * W]);
+        if got != want || has[i] != want.is_some() {
+            return Err(format!(
+                "key {k}: get {got:?}, contains {}, want {want:?}",
+                has[i]
+            ));
+        }
+    }
+    if t.len() != m.len() {
+        return Err(format!("len {}, want {}", t.len(), m.len()));
+    }
+    Ok(())
+}
+
+/// The child's work: batches of several chunks against a `HashMap`.
+fn batches() -> Result<(), String> {
+    let t =
+        WgpuBackend::open(TableConfig::new(1 << 16).width(W)).map_err(|e| format!("open: {e}"))?;
+    let mut m: HashMap<u64, [u64; W]> = HashMap::new();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let range = 150_000u64;
+    for round in 0..4u64 {
+        // Repeats within and across chunks, the special keys 0 and 1 among them.
+        let n = 120_000usize;
+        let mut keys: Vec<u64> = (0..n).map(|_| rng.next() % range).collect();
+        keys[7] = 0;
+        keys[n / 2] = 1;
+        keys[n - 3] = 0;
+        let values: Vec<u64> = (0..n * W).map(|i| round << 32 | i as u64).collect();
+        t.put(&keys, &values).map_err(|e| format!("put: {e}"))?;
+        for (i, &k) in keys.iter().enumerate() {
+            m.insert(k, [values[i * W], values[i * W + 1]]);
+        }
+        let probe: Vec<u64> = (0..range + 10).collect();
+        check(&t, &m, &probe).map_err(|e| format!("round {round} after put: {e}"))?;
+        let del: Vec<u64> = (0..30_000).map(|_| rng.next() % range).chain([1]).collect();
+        t.delete(&del).map_err(|e| format!("delete: {e}"))?;
+        for k in &del {
+            m.remove(k);
+        }
+        check(&t, &m, &probe).map_err(|e| format!("round {round} after delete: {e}"))?;
+    }
+    Ok(())
+}
+
+fn region_order_matches_model() -> Result<(), Failed> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .env(REGION_ORDER_ENV, "1")
+        .env(TRACE_ENV, "1")
+        .env(CHUNK_MIB_ENV, "1")
+        .env(CHILD_ENV, "1")
+        .output()
+        .map_err(|e| format!("running the child: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!("the child failed ({}): {stderr}", out.status).into());
+    }
+    let gpu: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("vramkv wgpu gpu: "))
+        .collect();
+    if gpu.is_empty() {
+        if !stderr.contains("GPU step times left out") {
+            return Err(format!("no GPU trace lines and no note: {stderr}").into());
+        }
+        println!("no GPU timestamps on this adapter");
+    } else if let Some(l) = gpu.iter().find(|l| !l.contains(", order ")) {
+        return Err(format!("`order` missing from: {l}").into());
+    } else {
+        println!("{}", gpu[0]);
+    }
+    Ok(())
+}
+
+fn main() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        if let Err(e) = batches() {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let args = Arguments::from_args();
+    let name = "wgpu::region_order_matches_model";
+    let trial =
+        match Availability::unless_missing(unavailable_reason(), REQUIRE_ENV, "no wgpu adapter") {
+            Availability::Available => Trial::test(name, region_order_matches_model),
+            Availability::Skip(reason) => {
+                println!("skipped: {reason} (wgpu region-order test not run)");
+                Trial::test(name, || Ok(())).with_ignored_flag(true)
+            }
+            Availability::Fail(reason) => Trial::test(name, move || Err(reason.into())),
+        };
+    run(&args, vec![trial]).exit();
+}
