@@ -86,8 +86,8 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
-    Audit, Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of,
-    check_contains, check_get, check_put, plan_put,
+    Audit, Description, Error, KvBackend, Result, TableConfig, capacity_of, check_contains,
+    check_get, check_put, prepare_put,
 };
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
@@ -222,23 +222,12 @@ impl CudaBackend {
 
     /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
     fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
-        let w = self.cfg.width;
-        let mlf = self.cfg.max_load_factor;
-        match plan_put(st.len, n, st.slots, mlf, self.cfg.growth)? {
-            PutPlan::Grow { slots } => st.rehash(&self.gpu, slots, w),
-            PutPlan::Fits => {
-                let used = st.table_len() + st.tombs;
-                if used + n <= capacity_of(st.slots, mlf) {
-                    return Ok(());
-                }
-                match st.rehash(&self.gpu, st.slots, w) {
-                    Ok(()) => Ok(()),
-                    // No memory for a purge: go on if the probes still end on an EMPTY slot.
-                    Err(Error::OutOfDeviceMemory { .. }) if used + n < st.slots => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-        }
+        let used = st.table_len() + st.tombs;
+        let (len, slots) = (st.len, st.slots);
+        let c = &self.cfg;
+        prepare_put(len, used, n, slots, c.max_load_factor, c.growth, |s| {
+            st.rehash(&self.gpu, s, c.width)
+        })
     }
 
     /// Applies a finished put's counters to the host-side lengths.

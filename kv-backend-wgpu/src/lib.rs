@@ -53,7 +53,7 @@
 //! read once per process) forces it off or on for every table, to compare both with one
 //! binary.
 //!
-//! Growth follows [`plan_put`] like every backend and rehashes on the device into buffers
+//! Growth follows [`prepare_put`] like every backend and rehashes on the device into buffers
 //! allocated before the old ones are released (a failed allocation leaves the table as it
 //! was). Tombstones are purged by a rehash in place when live keys, tombstones and the batch
 //! would pass the max load factor.
@@ -82,8 +82,8 @@ mod table;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
-    Audit, Description, Error, KvBackend, PutPlan, Result, TableConfig, capacity_of,
-    check_contains, check_get, check_put, plan_put,
+    Audit, Description, Error, KvBackend, Result, TableConfig, capacity_of, check_contains,
+    check_get, check_put, prepare_put,
 };
 use kv_staging::LanePool;
 
@@ -288,22 +288,12 @@ impl WgpuBackend {
 
     /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
     fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
-        let mlf = self.cfg.max_load_factor;
-        match plan_put(st.len, n, st.slots, mlf, self.cfg.growth)? {
-            PutPlan::Grow { slots } => st.rehash(&self.gpu, slots),
-            PutPlan::Fits => {
-                let used = st.table_len() + st.tombs;
-                if used + n <= capacity_of(st.slots, mlf) {
-                    return Ok(());
-                }
-                match st.rehash(&self.gpu, st.slots) {
-                    Ok(()) => Ok(()),
-                    // No memory for a purge: go on if the probes still end on an EMPTY slot.
-                    Err(Error::OutOfDeviceMemory { .. }) if used + n < st.slots => Ok(()),
-                    Err(e) => Err(e),
-                }
-            }
-        }
+        let used = st.table_len() + st.tombs;
+        let (len, slots) = (st.len, st.slots);
+        let c = &self.cfg;
+        prepare_put(len, used, n, slots, c.max_load_factor, c.growth, |s| {
+            st.rehash(&self.gpu, s)
+        })
     }
 }
 

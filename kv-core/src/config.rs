@@ -180,3 +180,52 @@ pub fn plan_put(
         None => Err(refuse),
     }
 }
+
+/// Readies an open-addressing table with tombstones for a put of `batch` keys, calling
+/// `rehash(slots)` (move every live entry into fresh arrays of `slots` slots, leaving the
+/// table as it was on error) where needed:
+///
+/// - grows as [`plan_put`] decides, from `len` entries in `slots` slots;
+/// - otherwise, when the `used` slots (live keys in the probed arrays plus tombstones) and
+///   the batch would pass the capacity, purges the tombstones with a rehash at the same
+///   size; a purge that finds no memory is skipped while the probes still end on an EMPTY
+///   slot (`used + batch < slots`).
+///
+/// The GPU backends share it, so that they grow and purge at the same points.
+///
+/// ```
+/// use kv_core::{prepare_put, Error};
+/// let mut rehashed = Vec::new();
+/// let mut record = |s| {
+///     rehashed.push(s);
+///     Ok(())
+/// };
+/// // Grows: 10 + 10 entries pass 0.75 of 16 slots.
+/// prepare_put(10, 10, 10, 16, 0.75, true, &mut record).unwrap();
+/// // Purges: 2 live entries and 9 tombstones plus 2 new keys pass 12.
+/// prepare_put(2, 11, 2, 16, 0.75, true, &mut record).unwrap();
+/// // A purge without memory is skipped while an EMPTY slot remains.
+/// let oom = |_| Err(Error::OutOfDeviceMemory { backend: "doc", requested_bytes: 1 });
+/// prepare_put(2, 11, 2, 16, 0.75, true, oom).unwrap();
+/// assert_eq!(rehashed, [32, 16]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn prepare_put(
+    len: usize,
+    used: usize,
+    batch: usize,
+    slots: usize,
+    max_load_factor: f64,
+    growth: bool,
+    mut rehash: impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    match plan_put(len, batch, slots, max_load_factor, growth)? {
+        PutPlan::Grow { slots } => rehash(slots),
+        PutPlan::Fits if used + batch <= capacity_of(slots, max_load_factor) => Ok(()),
+        PutPlan::Fits => match rehash(slots) {
+            // No memory for a purge: go on if the probes still end on an EMPTY slot.
+            Err(Error::OutOfDeviceMemory { .. }) if used + batch < slots => Ok(()),
+            r => r,
+        },
+    }
+}

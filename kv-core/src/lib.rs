@@ -15,6 +15,6 @@ mod error;
 pub use backend::{Audit, Description, KvBackend, check_contains, check_get, check_put};
 pub use config::{
     MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,
-    slots_for,
+    prepare_put, slots_for,
 };
 pub use error::{Error, Result};
