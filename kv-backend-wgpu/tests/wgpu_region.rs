@@ -8,18 +8,13 @@
 //! with the variable set (as in `wgpu_trace.rs`). Without an adapter the test is reported as
 //! ignored (after `skipped: ...`), unless `VRAMKV_REQUIRE_WGPU=1`.
 
+mod common;
+
 use std::collections::HashMap;
-use std::process::Command;
 
-use kv_backend_wgpu::{
-    CHUNK_MIB_ENV, REGION_ORDER_ENV, REQUIRE_ENV, TRACE_ENV, WgpuBackend, unavailable_reason,
-};
-use kv_conformance::Availability;
-use kv_conformance::libtest_mimic::{Arguments, Failed, Trial, run};
+use kv_backend_wgpu::{CHUNK_MIB_ENV, REGION_ORDER_ENV, TRACE_ENV, WgpuBackend};
+use kv_conformance::libtest_mimic::Failed;
 use kv_core::{KvBackend, TableConfig};
-
-/// Set in the child process: run the batches instead of the test harness.
-const CHILD_ENV: &str = "VRAMKV_WGPU_REGION_TEST_CHILD";
 
 /// Words per value row.
 const W: usize = 2;
@@ -93,18 +88,11 @@ fn batches() -> Result<(), String> {
 }
 
 fn region_order_matches_model() -> Result<(), Failed> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = Command::new(exe)
-        .env(REGION_ORDER_ENV, "1")
-        .env(TRACE_ENV, "1")
-        .env(CHUNK_MIB_ENV, "1")
-        .env(CHILD_ENV, "1")
-        .output()
-        .map_err(|e| format!("running the child: {e}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        return Err(format!("the child failed ({}): {stderr}", out.status).into());
-    }
+    let stderr = common::run_child(&[
+        (REGION_ORDER_ENV, "1"),
+        (TRACE_ENV, "1"),
+        (CHUNK_MIB_ENV, "1"),
+    ])?;
     let gpu: Vec<&str> = stderr
         .lines()
         .filter(|l| l.starts_with("vramkv wgpu gpu: "))
@@ -123,23 +111,10 @@ fn region_order_matches_model() -> Result<(), Failed> {
 }
 
 fn main() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        if let Err(e) = batches() {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    let args = Arguments::from_args();
-    let name = "wgpu::region_order_matches_model";
-    let trial =
-        match Availability::unless_missing(unavailable_reason(), REQUIRE_ENV, "no wgpu adapter") {
-            Availability::Available => Trial::test(name, region_order_matches_model),
-            Availability::Skip(reason) => {
-                println!("skipped: {reason} (wgpu region-order test not run)");
-                Trial::test(name, || Ok(())).with_ignored_flag(true)
-            }
-            Availability::Fail(reason) => Trial::test(name, move || Err(reason.into())),
-        };
-    run(&args, vec![trial]).exit();
+    common::main(
+        "wgpu::region_order_matches_model",
+        "wgpu region-order test",
+        batches,
+        region_order_matches_model,
+    );
 }

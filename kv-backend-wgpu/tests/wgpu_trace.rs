@@ -7,15 +7,11 @@
 //! stderr. Without an adapter the test is reported as ignored (after `skipped: ...`),
 //! unless `VRAMKV_REQUIRE_WGPU=1`.
 
-use std::process::Command;
+mod common;
 
-use kv_backend_wgpu::{CHUNK_MIB_ENV, REQUIRE_ENV, TRACE_ENV, WgpuBackend, unavailable_reason};
-use kv_conformance::Availability;
-use kv_conformance::libtest_mimic::{Arguments, Failed, Trial, run};
+use kv_backend_wgpu::{CHUNK_MIB_ENV, TRACE_ENV, WgpuBackend};
+use kv_conformance::libtest_mimic::Failed;
 use kv_core::{KvBackend, TableConfig};
-
-/// Set in the child process: run the batches instead of the test harness.
-const CHILD_ENV: &str = "VRAMKV_WGPU_TRACE_TEST_CHILD";
 
 /// Keys per put: with [`W`]-word rows and 1 MiB chunks, 4 chunks of 16,384 keys (the last
 /// one partly full), so that a lane is reused within the batch; the get of twice as many
@@ -50,18 +46,8 @@ fn batches() -> Result<(), String> {
 }
 
 fn trace_put_get() -> Result<(), Failed> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = Command::new(exe)
-        .env(TRACE_ENV, "1")
-        .env(CHUNK_MIB_ENV, "1")
-        .env(CHILD_ENV, "1")
-        .output()
-        .map_err(|e| format!("running the child: {e}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = common::run_child(&[(TRACE_ENV, "1"), (CHUNK_MIB_ENV, "1")])?;
     println!("{stderr}");
-    if !out.status.success() {
-        return Err(format!("the traced child failed ({}): {stderr}", out.status).into());
-    }
     let host = stderr
         .lines()
         .filter(|l| l.starts_with("vramkv wgpu trace: kv_"))
@@ -105,23 +91,10 @@ fn trace_put_get() -> Result<(), Failed> {
 }
 
 fn main() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        if let Err(e) = batches() {
-            eprintln!("{e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    let args = Arguments::from_args();
-    let name = "wgpu::trace_put_get";
-    let trial =
-        match Availability::unless_missing(unavailable_reason(), REQUIRE_ENV, "no wgpu adapter") {
-            Availability::Available => Trial::test(name, trace_put_get),
-            Availability::Skip(reason) => {
-                println!("skipped: {reason} (wgpu trace test not run)");
-                Trial::test(name, || Ok(())).with_ignored_flag(true)
-            }
-            Availability::Fail(reason) => Trial::test(name, move || Err(reason.into())),
-        };
-    run(&args, vec![trial]).exit();
+    common::main(
+        "wgpu::trace_put_get",
+        "wgpu trace test",
+        batches,
+        trace_put_get,
+    );
 }

@@ -56,6 +56,31 @@ impl Availability {
             Some(r) => Self::Skip(format!("{missing}: {r}")),
         }
     }
+
+    /// Prints `skipped: <reason> (<what> not run)` when skipping; nothing otherwise.
+    pub fn announce(&self, what: &str) {
+        if let Self::Skip(reason) = self {
+            println!("skipped: {reason} ({what} not run)");
+        }
+    }
+
+    /// The trial `name`: runs `body` when available, is reported as ignored when skipped,
+    /// and fails with the reason when the backend is required but missing.
+    pub fn trial(
+        &self,
+        name: impl Into<String>,
+        body: impl FnOnce() -> Result<(), libtest_mimic::Failed> + Send + 'static,
+    ) -> libtest_mimic::Trial {
+        use libtest_mimic::Trial;
+        match self {
+            Self::Available => Trial::test(name, body),
+            Self::Skip(_) => Trial::test(name, || Ok(())).with_ignored_flag(true),
+            Self::Fail(reason) => {
+                let reason = reason.clone();
+                Trial::test(name, move || Err(reason.into()))
+            }
+        }
+    }
 }
 
 /// Builds the suite's trials for a backend; what [`conformance_main!`] calls.
@@ -64,29 +89,15 @@ pub fn trials(
     open: std::sync::Arc<cases::Open>,
     availability: Availability,
 ) -> Vec<libtest_mimic::Trial> {
-    if let Availability::Skip(reason) = &availability {
-        println!("skipped: {reason} ({backend} conformance suite not run)");
-    }
+    availability.announce(&format!("{backend} conformance suite"));
     cases::all()
         .into_iter()
         .map(|case| {
-            let name = format!("{backend}::{}", case.name);
-            match &availability {
-                Availability::Available => {
-                    let open = open.clone();
-                    libtest_mimic::Trial::test(name, move || {
-                        (case.run)(&*open);
-                        Ok(())
-                    })
-                }
-                Availability::Skip(_) => {
-                    libtest_mimic::Trial::test(name, || Ok(())).with_ignored_flag(true)
-                }
-                Availability::Fail(reason) => {
-                    let reason = reason.clone();
-                    libtest_mimic::Trial::test(name, move || Err(reason.into()))
-                }
-            }
+            let open = open.clone();
+            availability.trial(format!("{backend}::{}", case.name), move || {
+                (case.run)(&*open);
+                Ok(())
+            })
         })
         .collect()
 }

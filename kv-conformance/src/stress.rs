@@ -419,9 +419,7 @@ pub fn trials(
     availability: Availability,
     extra: Vec<Extra>,
 ) -> Vec<Trial> {
-    if let Availability::Skip(reason) = &availability {
-        println!("skipped: {reason} ({backend} stress suite not run)");
-    }
+    availability.announce(&format!("{backend} stress suite"));
     type Body = Box<dyn FnOnce() -> R + Send>;
     let mut bodies: Vec<(String, Body)> = Vec::new();
     for &w in sizes.widths {
@@ -451,17 +449,7 @@ pub fn trials(
     }
     bodies
         .into_iter()
-        .map(|(name, body)| {
-            let name = format!("{backend}::{name}");
-            match &availability {
-                Availability::Available => Trial::test(name, body),
-                Availability::Skip(_) => Trial::test(name, || Ok(())).with_ignored_flag(true),
-                Availability::Fail(reason) => {
-                    let reason = reason.clone();
-                    Trial::test(name, move || Err(reason.into()))
-                }
-            }
-        })
+        .map(|(name, body)| availability.trial(format!("{backend}::{name}"), body))
         .collect()
 }
 
