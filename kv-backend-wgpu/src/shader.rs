@@ -194,19 +194,16 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
             first + s as u32
         );
     }
+    let load = if atomic {
+        "return atomicLoad(&{a});"
+    } else {
+        "return {a};"
+    };
+    switch_fn(out, &format!("{prefix}load"), name, segs, "", "u64", load);
     if atomic {
         // Atomic segments (keys, in the place and delete passes) are only loaded and
-        // compare-exchanged.
-        switch_fn(
-            out,
-            &format!("{prefix}load"),
-            name,
-            segs,
-            "",
-            "u64",
-            "return atomicLoad(&{a});",
-        );
-        // A strong CAS from the weak one: retry only on a spurious failure.
+        // compare-exchanged. A strong CAS from the weak one: retry only on a spurious
+        // failure.
         switch_fn(
             out,
             &format!("{prefix}cas"),
@@ -217,15 +214,6 @@ fn segments(out: &mut String, name: &str, first: u32, segs: usize, atomic: bool,
             "loop { let r = atomicCompareExchangeWeak(&{a}, cmp, v); if r.exchanged || r.old_value != cmp { return r.old_value; } }",
         );
     } else {
-        switch_fn(
-            out,
-            &format!("{prefix}load"),
-            name,
-            segs,
-            "",
-            "u64",
-            "return {a};",
-        );
         switch_fn(
             out,
             &format!("{prefix}store"),
