@@ -49,19 +49,6 @@ unsafe impl Mem for Ptx {
         unsafe { core::ptr::read(addr as *const u32) }
     }
     #[inline(always)]
-    unsafe fn load_sync_u32(addr: u64) -> u32 {
-        let v: u32;
-        // SAFETY: the caller guarantees a valid, aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.relaxed.gpu.global.u32 {v}, [ga]; }}",
-                a = in(reg64) addr, v = out(reg32) v,
-                options(nostack, readonly)
-            )
-        };
-        v
-    }
-    #[inline(always)]
     unsafe fn store_u32(addr: u64, v: u32) {
         // SAFETY: the caller guarantees a valid, aligned address.
         unsafe { core::ptr::write(addr as *mut u32, v) }

@@ -56,8 +56,6 @@ pub unsafe trait Mem {
     unsafe fn store(addr: u64, v: u64);
     /// A plain u32 load.
     unsafe fn load_u32(addr: u64) -> u32;
-    /// A u32 load that observes the latest value at device scope.
-    unsafe fn load_sync_u32(addr: u64) -> u32;
     /// A plain u32 store.
     unsafe fn store_u32(addr: u64, v: u32);
     /// A plain u8 load.

@@ -38,9 +38,6 @@ unsafe impl Mem for Host {
     unsafe fn load_u32(addr: u64) -> u32 {
         a32(addr).load(Relaxed)
     }
-    unsafe fn load_sync_u32(addr: u64) -> u32 {
-        a32(addr).load(Relaxed)
-    }
     unsafe fn store_u32(addr: u64, v: u32) {
         a32(addr).store(v, Relaxed)
     }
