@@ -275,8 +275,10 @@ unsafe impl<A> Sync for Kernel<A> {}
 
 /// The kernels of kv-kernels' PTX, loaded in one context.
 pub(crate) struct Kernels {
-    pub put_dedup: Kernel<BatchArgs>,
     pub put_place: Kernel<BatchArgs>,
+    pub put_settle: Kernel<BatchArgs>,
+    pub put_dedup: Kernel<BatchArgs>,
+    pub put_rewrite: Kernel<BatchArgs>,
     pub get: Kernel<BatchArgs>,
     pub contains: Kernel<BatchArgs>,
     pub delete: Kernel<BatchArgs>,
@@ -430,8 +432,10 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         }
     }
     let kernels = Kernels {
-        put_dedup: k(f(n::PUT_DEDUP)?),
         put_place: k(f(n::PUT_PLACE)?),
+        put_settle: k(f(n::PUT_SETTLE)?),
+        put_dedup: k(f(n::PUT_DEDUP)?),
+        put_rewrite: k(f(n::PUT_REWRITE)?),
         get: k(f(n::GET)?),
         contains: k(f(n::CONTAINS)?),
         delete: k(f(n::DELETE)?),

@@ -320,8 +320,8 @@ impl Lane {
         }
     }
 
-    /// Enqueues a put chunk (`a` from [`Lane::args`]): flags and the chunk's part of the local
-    /// table zeroed, then the dedup pass and the place pass (see `kv_kernels::ops`).
+    /// Enqueues a put chunk (`a` from [`Lane::args`]): flags zeroed, then the place, settle,
+    /// dedup and rewrite passes (see `kv_kernels::ops`).
     /// With `marks` (the trace), the end of each step is marked on the lane's stream.
     pub fn enqueue_put(
         &self,
@@ -331,19 +331,20 @@ impl Lane {
     ) -> Result<()> {
         debug_assert!(a.n as usize <= self.cap && a.local_mask < local_slots(self.cap as u64));
         self.d_flags.memset(0, flag::LEN * 4, &self.stream)?;
-        self.d_local
-            .memset(0, (a.local_mask as usize + 1) * 4, &self.stream)?;
-        if let Some(m) = marks.as_deref_mut() {
-            m.mark(gpu, "clear", &self.stream)?;
-        }
         let n = a.n;
-        gpu.launch(&gpu.k.put_dedup, a, n, &self.stream)?;
-        if let Some(m) = marks.as_deref_mut() {
-            m.mark(gpu, "dedup", &self.stream)?;
-        }
-        gpu.launch(&gpu.k.put_place, a, n, &self.stream)?;
-        if let Some(m) = marks {
-            m.mark(gpu, "place", &self.stream)?;
+        // Fresh keys need only the first pass; the other three read a flag and exit unless
+        // the chunk found keys in the table (kv_kernels::ops, "The put protocol").
+        let passes = [
+            (&gpu.k.put_place, "place"),
+            (&gpu.k.put_settle, "settle"),
+            (&gpu.k.put_dedup, "dedup"),
+            (&gpu.k.put_rewrite, "rewrite"),
+        ];
+        for (k, name) in passes {
+            gpu.launch(k, a, n, &self.stream)?;
+            if let Some(m) = marks.as_deref_mut() {
+                m.mark(gpu, name, &self.stream)?;
+            }
         }
         Ok(())
     }
@@ -732,7 +733,7 @@ mod tests {
                 let c = copy_cap(n, w, max);
                 assert!(c.is_power_of_two() && c >= MIN_LANE);
                 assert!(c * 8 * (w + 1) <= max.max(MIN_LANE * 8 * 17));
-                assert!((c as u64) < u32::MAX as u64);
+                assert!((c as u64) < kv_kernels::layout::REPEAT as u64 - 1);
             }
         }
     }
@@ -756,7 +757,7 @@ mod tests {
                     let c = spread_cap(n, w, max);
                     assert!(c.is_power_of_two() && c >= MIN_LANE, "{n} {w} {c}");
                     assert!(c * row <= max.max(MIN_LANE * row), "{n} {w} {c}");
-                    assert!((c as u64) < u32::MAX as u64);
+                    assert!((c as u64) < kv_kernels::layout::REPEAT as u64 - 1);
                     let chunks = n.div_ceil(c);
                     // Enough chunks to overlap, unless the chunk size bounds forbid it.
                     assert!(

@@ -3,8 +3,8 @@
 //! With the variable set (to anything but `0`), every host batch prints the host's time
 //! spent waiting for lanes, copying into and out of the pinned staging buffers and
 //! enqueueing, and every device-resident batch prints the device time of each of its steps
-//! (measured with CUDA events between them: zeroing the chunk-local tables, the dedup pass,
-//! the place pass, the lookup). Off, nothing is recorded on the device and the host only
+//! (measured with CUDA events between them: the place, settle, dedup and rewrite passes of
+//! each put chunk, the lookup). Off, nothing is recorded on the device and the host only
 //! reads the clock around its phases.
 
 use std::sync::OnceLock;

@@ -189,14 +189,62 @@ fn count(t: &TableArgs, index: usize, v: u32) {
     }
 }
 
-/// Put pass 1: every key into the chunk-local table (last occurrence per key); raise DUP if
-/// the chunk repeats a key.
+/// Put pass 1: every key places itself and writes its row; sentinel keys record their last
+/// index; raise FOUND if some key was already in the table.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_place(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    let (mut inserted, mut from_empty, mut found, mut overflow) = (0u32, 0u32, 0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items and zeroed flags.
+        let p = unsafe { ops::put_place::<Ptx>(&a, i) };
+        inserted += p.inserted as u32;
+        from_empty += p.from_empty as u32;
+        found += p.found as u32;
+        overflow += p.overflow as u32;
+        i += stride;
+    }
+    if warp_sum(found) != 0 && lane() == 0 {
+        // SAFETY: the flag buffer holds flag::LEN words.
+        unsafe { ops::raise_flag::<Ptx>(&a, flag::FOUND) };
+    }
+    count(&a.table, counter::INSERTED, inserted);
+    count(&a.table, counter::FROM_EMPTY, from_empty);
+    count(&a.table, counter::ERRORS, overflow);
+}
+
+/// Put pass 2: thread 0 applies the sentinel keys; when FOUND is raised, zero the
+/// chunk-local table for pass 3.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_settle(a: BatchArgs) {
+    let (mut s, stride) = grid();
+    if s == 0 {
+        // SAFETY: the host passes valid buffers for n items; pass 1 ran.
+        unsafe { ops::put_specials::<Ptx>(&a) };
+    }
+    // SAFETY: the flag buffer holds flag::LEN words.
+    if !unsafe { ops::flag_raised::<Ptx>(&a, flag::FOUND) } {
+        return;
+    }
+    while s <= a.local_mask {
+        // SAFETY: s <= local_mask.
+        unsafe { ops::clear_local::<Ptx>(&a, s) };
+        s += stride;
+    }
+}
+
+/// Put pass 3 (when FOUND is raised): every key into the chunk-local table (last
+/// occurrence per key); raise DUP if the chunk repeats a key.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_put_dedup(a: BatchArgs) {
+    // SAFETY: the flag buffer holds flag::LEN words.
+    if !unsafe { ops::flag_raised::<Ptx>(&a, flag::FOUND) } {
+        return;
+    }
     let (mut i, stride) = grid();
     let (mut repeats, mut overflow) = (0u32, 0u32);
     while i < a.n {
-        // SAFETY: the host passes valid buffers for n items and a zeroed local table.
+        // SAFETY: the host passes valid buffers for n items; pass 2 zeroed the local table.
         let d = unsafe { ops::put_dedup::<Ptx>(&a, i) };
         repeats += d.repeat as u32;
         overflow += d.overflow as u32;
@@ -204,34 +252,27 @@ pub unsafe extern "ptx-kernel" fn kv_put_dedup(a: BatchArgs) {
     }
     if warp_sum(repeats) != 0 && lane() == 0 {
         // SAFETY: the flag buffer holds flag::LEN words.
-        unsafe { ops::raise_dup::<Ptx>(&a) };
+        unsafe { ops::raise_flag::<Ptx>(&a, flag::DUP) };
     }
     count(&a.table, counter::ERRORS, overflow);
 }
 
-/// Put pass 2: the last occurrence of every key places it and writes its row; thread 0
-/// applies the sentinel keys.
+/// Put pass 4 (when DUP is raised): the last occurrence of every repeated key writes its
+/// row again.
 #[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_put_place(a: BatchArgs) {
-    let (mut i, stride) = grid();
-    if i == 0 {
-        // SAFETY: the host passes valid buffers for n items; pass 1 ran.
-        unsafe { ops::put_specials::<Ptx>(&a) };
+pub unsafe extern "ptx-kernel" fn kv_put_rewrite(a: BatchArgs) {
+    // SAFETY: the flag buffer holds flag::LEN words.
+    if !unsafe { ops::flag_raised::<Ptx>(&a, flag::DUP) } {
+        return;
     }
-    // SAFETY: as above.
-    let dup = unsafe { ops::dup_raised::<Ptx>(&a) };
-    let (mut inserted, mut from_empty, mut overflow) = (0u32, 0u32, 0u32);
+    let (mut i, stride) = grid();
+    let mut missing = 0u32;
     while i < a.n {
-        // SAFETY: as above.
-        let p = unsafe { ops::put_place::<Ptx>(&a, i, dup) };
-        inserted += p.inserted as u32;
-        from_empty += p.from_empty as u32;
-        overflow += p.overflow as u32;
+        // SAFETY: the host passes valid buffers for n items; pass 3 ran.
+        missing += unsafe { ops::put_rewrite::<Ptx>(&a, i) }.missing as u32;
         i += stride;
     }
-    count(&a.table, counter::INSERTED, inserted);
-    count(&a.table, counter::FROM_EMPTY, from_empty);
-    count(&a.table, counter::ERRORS, overflow);
+    count(&a.table, counter::ERRORS, missing);
 }
 
 /// Get: value rows (zeros when missing) and found flags.
@@ -324,4 +365,4 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 }
 
 // The flag indices used above must match the layout module.
-const _: () = assert!(flag::DUP == 0 && flag::SPEC_WIN == 1);
+const _: () = assert!(flag::DUP == 0 && flag::SPEC_WIN == 1 && flag::FOUND == 3);

@@ -99,15 +99,24 @@ pub mod counter {
 
 /// Indices of the u32 per-chunk flags of a put (one flag buffer per staging lane).
 pub mod flag {
-    /// Set by the dedup pass when some key occurs more than once in the chunk: the place pass
-    /// then looks up each item's last occurrence in the chunk-local table (otherwise every
-    /// item is its key's only occurrence and places it directly).
+    /// Set by the dedup pass when some key occurs more than once in the chunk: the rewrite
+    /// pass then has the last occurrence of each repeated key write its row again.
     pub const DUP: usize = 0;
     /// `SPEC_WIN + i` holds 1 + the highest batch index of special key `i` in the chunk (0: none).
     pub const SPEC_WIN: usize = 1;
+    /// Set by the place pass when some item found its key already in the table (placed by
+    /// an earlier chunk or batch, or by another item of the chunk): only then can the chunk
+    /// repeat a key, and only then do the dedup and rewrite passes do any work.
+    pub const FOUND: usize = 3;
     /// Length of a flag buffer in u32 words.
     pub const LEN: usize = 4;
 }
+
+/// Bit of a chunk-local table slot that the dedup pass sets when the slot's key occurs
+/// more than once in the chunk; the other 31 bits hold `1 + ` the index of its last
+/// occurrence. Chunks therefore hold fewer than `2^31 - 1` items (the host keeps them at a
+/// few million).
+pub const REPEAT: u32 = 1 << 31;
 
 /// A table as the kernels see it: device addresses and shape.
 #[repr(C)]
@@ -144,8 +153,9 @@ pub struct BatchArgs {
     pub found_out: u64,
     /// `u32[n]` slot of each key in the chunk-local table, written by the dedup pass of a put.
     pub slot_of: u64,
-    /// `u32[local_mask + 1]` chunk-local table of a put (zeroed before the chunk): a slot holds
-    /// 0 (free) or `1 + i` of the last occurrence in the chunk of item `i`'s key.
+    /// `u32[local_mask + 1]` chunk-local table of a put (zeroed by the settle pass when the
+    /// chunk needs it): a slot holds 0 (free) or `1 + i` of the last occurrence in the chunk
+    /// of item `i`'s key, with [`REPEAT`] set when the key occurs more than once.
     pub local: u64,
     /// Slots of the chunk-local table minus one (a power of two minus one, at least `2n - 1`).
     pub local_mask: u64,

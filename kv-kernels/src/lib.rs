@@ -66,10 +66,17 @@ pub const PTX: &str = include_str!("../ptx/kv_kernels.ptx");
 
 /// The kernels' entry-point names in [`PTX`].
 pub mod names {
-    /// Put pass 1 (`BatchArgs`): keys into the chunk-local table, raise DUP on repeats.
-    pub const PUT_DEDUP: &str = "kv_put_dedup";
-    /// Put pass 2 (`BatchArgs`): last occurrences place keys and write rows; sentinel keys.
+    /// Put pass 1 (`BatchArgs`): every key placed and its row written; raise FOUND when a
+    /// key was already in the table.
     pub const PUT_PLACE: &str = "kv_put_place";
+    /// Put pass 2 (`BatchArgs`): sentinel keys; zero the chunk-local table when FOUND.
+    pub const PUT_SETTLE: &str = "kv_put_settle";
+    /// Put pass 3 (`BatchArgs`, works only when FOUND): keys into the chunk-local table,
+    /// raise DUP on repeats.
+    pub const PUT_DEDUP: &str = "kv_put_dedup";
+    /// Put pass 4 (`BatchArgs`, works only when DUP): the last occurrence of each repeated
+    /// key writes its row again.
+    pub const PUT_REWRITE: &str = "kv_put_rewrite";
     /// Get (`BatchArgs`).
     pub const GET: &str = "kv_get";
     /// Contains (`BatchArgs`).
@@ -83,8 +90,17 @@ pub mod names {
     /// Count live keys and tombstones (`TableArgs`).
     pub const COUNT: &str = "kv_count";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 8] = [
-        PUT_DEDUP, PUT_PLACE, GET, CONTAINS, DELETE, REHASH, FILL_U64, COUNT,
+    pub const ALL: [&str; 10] = [
+        PUT_PLACE,
+        PUT_SETTLE,
+        PUT_DEDUP,
+        PUT_REWRITE,
+        GET,
+        CONTAINS,
+        DELETE,
+        REHASH,
+        FILL_U64,
+        COUNT,
     ];
 }
 

@@ -7,35 +7,42 @@
 //!
 //! # The put protocol (per chunk; chunks of a batch run one after the other)
 //!
-//! A chunk's keys are first resolved among themselves in a small chunk-local table (lane
-//! scratch, `u32[local_slots(n)]`, zeroed before the chunk: 4 bytes a slot, at most 16 MiB
-//! for the largest chunks, so it mostly stays in L2), then only the last occurrence of each
-//! key touches the table in DRAM.
+//! Every item first places its key in the table directly. Only a chunk in which some item
+//! found its key already there (an overwrite, or a key that repeats in the chunk) then
+//! resolves its repeats, in a small chunk-local table (lane scratch, `u32[local_slots(n)]`:
+//! 4 bytes a slot, at most 16 MiB for the largest chunks, so it mostly stays in L2), so
+//! that the last occurrence of each repeated key writes the row last. A chunk of fresh
+//! keys costs one pass over the table; the three later passes read a flag and exit.
 //!
-//! 1. [`put_dedup`] (every key): a sentinel key records `1 + i` with an atomic max in its
-//!    chunk flag. Any other key probes the local table linearly from its home slot, with a
-//!    CAS of `1 + i` on each slot (which claims a free slot, 0, and otherwise returns what
-//!    the slot holds, as a load would): a slot holding `1 + j` belongs to the key
-//!    `keys_in[j]` (slots never change owner), so when that is our key, `1 + i` is maxed into
-//!    it and the chunk's DUP flag is raised (the key repeats in the chunk). The local slot is
-//!    stored in `slot_of[i]`. When the pass ends, the slot of every key holds `1 + ` the index
-//!    of its last occurrence in the chunk.
-//! 2. [`put_place`] (every key): when DUP is raised, an item whose local slot does not hold
-//!    its own `1 + i` is not the last occurrence of its key and does nothing. Otherwise (the
-//!    winner, or every item of a chunk without repeats) the key is placed in the table: it
-//!    probes linearly from its home slot: a slot holding the key is taken as is ("found",
-//!    an overwrite of an earlier chunk or batch); on EMPTY, the key is claimed with a CAS, at
-//!    the first tombstone met on the way if there was one, else at the EMPTY slot. A failed
-//!    CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the winner's key.
-//!    Here, unlike pass 1, a slot is loaded before the CAS: probing with the CAS itself made
-//!    this pass 0.9x as fast on the H100 (a failed atomic on an occupied slot costs more than
-//!    a load; PERF.md, "Host copies and CAS-first probes").
-//!    Only one item per key places it, so no two items of the chunk race on a row, and the
-//!    row is written once, directly. The same kernel's thread 0 runs [`put_specials`]: the
-//!    winner of each special key writes its row and sets its presence word.
+//! 1. [`put_place`] (every key): a sentinel key records `1 + i` with an atomic max in its
+//!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
+//!    is taken as is ("found": the FOUND flag is raised); on EMPTY, the key is claimed with
+//!    a CAS, at the first tombstone met on the way if there was one, else at the EMPTY slot.
+//!    A failed CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the
+//!    winner's key. Items of a chunk that share a key therefore agree on one slot: exactly
+//!    one claims it (so INSERTED counts each new key once) and the others find it. A slot
+//!    is loaded before the CAS: probing with the CAS itself made this pass 0.9x as fast on
+//!    the H100 (a failed atomic on an occupied slot costs more than a load; PERF.md, "Host
+//!    copies and CAS-first probes"). Every item then writes its row; items that share a key
+//!    race on it, which pass 4 repairs.
+//! 2. [`put_specials`] (thread 0 of the settle pass): the last occurrence of each sentinel
+//!    key writes its row and sets its presence word. When FOUND is raised, the same pass
+//!    zeroes the chunk-local table ([`clear_local`]).
+//! 3. [`put_dedup`] (every key, when FOUND is raised): the key probes the local table
+//!    linearly from its home slot, with a CAS of `1 + i` on each slot (which claims a free
+//!    slot, 0, and otherwise returns what the slot holds, as a load would): a slot holding
+//!    `1 + j` (with or without [`REPEAT`]) belongs to the key `keys_in[j]` (slots never
+//!    change owner), so when that is our key, `REPEAT | max(1 + i, 1 + j)` is maxed into it
+//!    and the chunk's DUP flag is raised. The local slot is stored in `slot_of[i]`. When the
+//!    pass ends, the slot of a repeated key holds `REPEAT | 1 + ` the index of its last
+//!    occurrence (the claimer's own index is folded in by every later occurrence, which read
+//!    it), and the slot of a key that occurs once holds its `1 + i` without the bit.
+//! 4. [`put_rewrite`] (every key, when DUP is raised): the last occurrence of each repeated
+//!    key finds its slot in the table and writes its row again, after every racing write of
+//!    pass 1.
 
 use crate::layout::{
-    BatchArgs, EMPTY, FillArgs, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
+    BatchArgs, EMPTY, FillArgs, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
     is_sentinel, next_slot, row, special_index, special_row,
 };
 
@@ -117,7 +124,7 @@ pub struct Deduped {
     pub overflow: bool,
 }
 
-/// Put pass 1 for item `i`: record key `i` in the chunk-local table (see the module docs).
+/// Put pass 3 for item `i`: record key `i` in the chunk-local table (see the module docs).
 ///
 /// # Safety
 /// `a` describes valid device buffers (the local table zeroed, of `local_mask + 1` slots)
@@ -127,13 +134,12 @@ pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
     // SAFETY: i < n, keys_in holds n words.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Deduped::default();
-    // i + 1 fits u32: the host keeps n < u32::MAX.
-    let me = (i + 1) as u32;
     if is_sentinel(key) {
-        // SAFETY: flags holds flag::LEN words.
-        unsafe { M::max_u32(w32(a.flags, flag::SPEC_WIN as u64 + special_index(key)), me) };
+        // Recorded by the place pass.
         return out;
     }
+    // i + 1 < REPEAT: the host keeps n < 2^31 - 1.
+    let me = (i + 1) as u32;
     let mask = a.local_mask;
     let mut pos = home_slot(key, mask);
     let mut steps = 0u64;
@@ -146,10 +152,13 @@ pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
         if cur == 0 {
             break;
         }
-        // SAFETY: cur = 1 + j with j < n (only such values are stored).
-        if unsafe { M::load(w64(a.keys_in, cur as u64 - 1)) } == key {
+        let their = cur & !REPEAT;
+        // SAFETY: their = 1 + j with j < n (only such values are stored).
+        if unsafe { M::load(w64(a.keys_in, their as u64 - 1)) } == key {
+            // The claimer's index is in `their`: fold it in, so that the slot ends at the
+            // highest index of every occurrence even when the claimer came last.
             // SAFETY: as above.
-            unsafe { M::max_u32(at, me) };
+            unsafe { M::max_u32(at, me.max(their) | REPEAT) };
             out.repeat = true;
             break;
         }
@@ -165,48 +174,41 @@ pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
     out
 }
 
-/// Whether item `i` (not a sentinel) is the last occurrence of its key in the chunk, after
-/// [`put_dedup`] ran for the whole chunk. `dup`: the chunk's DUP flag (without repeats every
-/// item is the last occurrence of its key).
-#[inline(always)]
-unsafe fn last_occurrence<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> bool {
-    if !dup {
-        return true;
-    }
-    // SAFETY: i < n; slot_of[i] <= local_mask.
-    unsafe { M::load_u32(w32(a.local, M::load_u32(w32(a.slot_of, i)) as u64)) as u64 == i + 1 }
-}
-
 /// What [`put_place`] did with one key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Placed {
-    /// The item was not the last occurrence of its key in the chunk (or is a sentinel key):
-    /// it did nothing.
+    /// The key is a sentinel: its index was recorded for the settle pass.
     pub skipped: bool,
     /// The key took a free slot (EMPTY or TOMBSTONE).
     pub inserted: bool,
     /// ... and that slot was EMPTY.
     pub from_empty: bool,
-    /// The key was already in the table (from an earlier chunk or batch): an overwrite.
+    /// The key was already in the table (placed by an earlier chunk or batch, or by another
+    /// item of this chunk).
     pub found: bool,
     /// The probe went round the whole table without finding room (broken invariant).
     pub overflow: bool,
 }
 
-/// Put pass 2 for item `i`: if it is the last occurrence of its key in the chunk, place the
-/// key and write its value row. `dup` is the chunk's DUP flag ([`dup_raised`]).
+/// Put pass 1 for item `i`: place its key and write its value row (see the module docs).
 ///
 /// # Safety
-/// `a` describes valid device buffers, `i < a.n`, and [`put_dedup`] ran for the whole chunk.
+/// `a` describes valid device buffers, `i < a.n`, and the chunk's flags were zeroed.
 #[inline(always)]
-pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
+pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
     let t = &a.table;
     let w = t.width;
     // SAFETY: i < n, keys_in holds n words.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Placed::default();
-    // SAFETY: forwarded.
-    if is_sentinel(key) || !unsafe { last_occurrence::<M>(a, i, dup) } {
+    if is_sentinel(key) {
+        // SAFETY: flags holds flag::LEN words; i + 1 fits u32 (the host keeps n < 2^31 - 1).
+        unsafe {
+            M::max_u32(
+                w32(a.flags, flag::SPEC_WIN as u64 + special_index(key)),
+                (i + 1) as u32,
+            )
+        };
         out.skipped = true;
         return out;
     }
@@ -229,7 +231,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
                         break 'restart;
                     }
                     if old == key {
-                        // Only one item of a chunk places a key; kept for robustness.
+                        // Another item of the chunk claimed it for the same key.
                         out.found = true;
                         slot = first_tomb;
                         break 'restart;
@@ -269,31 +271,41 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64, dup: bool) -> Placed {
     out
 }
 
-/// Reads the chunk's DUP flag (raised by [`put_dedup`] when the chunk repeats a key).
+/// Reads one of the chunk's u32 flags ([`flag::DUP`] or [`flag::FOUND`]).
 ///
 /// # Safety
-/// `a.flags` is a valid flag buffer.
+/// `a.flags` is a valid flag buffer and `index < flag::LEN`.
 #[inline(always)]
-pub unsafe fn dup_raised<M: Mem>(a: &BatchArgs) -> bool {
+pub unsafe fn flag_raised<M: Mem>(a: &BatchArgs, index: usize) -> bool {
     // SAFETY: flags holds flag::LEN words.
-    unsafe { M::load_u32(w32(a.flags, flag::DUP as u64)) != 0 }
+    unsafe { M::load_u32(w32(a.flags, index as u64)) != 0 }
 }
 
-/// Raises the chunk's DUP flag.
+/// Raises one of the chunk's u32 flags.
 ///
 /// # Safety
-/// `a.flags` is a valid flag buffer.
+/// `a.flags` is a valid flag buffer and `index < flag::LEN`.
 #[inline(always)]
-pub unsafe fn raise_dup<M: Mem>(a: &BatchArgs) {
+pub unsafe fn raise_flag<M: Mem>(a: &BatchArgs, index: usize) {
     // SAFETY: flags holds flag::LEN words.
-    unsafe { M::store_u32(w32(a.flags, flag::DUP as u64), 1) }
+    unsafe { M::store_u32(w32(a.flags, index as u64), 1) }
 }
 
-/// The sentinel keys of a put (run by one thread of pass 2): the last occurrence of each
-/// writes its row and makes it present. Counts newly present ones.
+/// Settle pass: zeroes slot `s` of the chunk-local table (before [`put_dedup`]).
 ///
 /// # Safety
-/// As [`put_place`] (after [`put_dedup`] ran for the whole chunk).
+/// `s <= a.local_mask`.
+#[inline(always)]
+pub unsafe fn clear_local<M: Mem>(a: &BatchArgs, s: u64) {
+    // SAFETY: the local table holds local_mask + 1 words.
+    unsafe { M::store_u32(w32(a.local, s), 0) }
+}
+
+/// The sentinel keys of a put (run by one thread of the settle pass): the last occurrence of
+/// each writes its row and makes it present. Counts newly present ones.
+///
+/// # Safety
+/// As [`put_place`], after it ran for the whole chunk.
 #[inline(always)]
 pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
     let t = &a.table;
@@ -317,6 +329,47 @@ pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
         }
         sp += 1;
     }
+}
+
+/// What [`put_rewrite`] did with one key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The item is the last occurrence of a repeated key and wrote its row again.
+    pub rewrote: bool,
+    /// ... but its key was not in the table (broken invariant: pass 1 placed it).
+    pub missing: bool,
+}
+
+/// Put pass 4 for item `i`: if it is the last occurrence of a key that repeats in the
+/// chunk, write its row again (see the module docs).
+///
+/// # Safety
+/// `a` describes valid device buffers, `i < a.n`, and [`put_dedup`] ran for the whole chunk.
+#[inline(always)]
+pub unsafe fn put_rewrite<M: Mem>(a: &BatchArgs, i: u64) -> Rewritten {
+    let t = &a.table;
+    let w = t.width;
+    // SAFETY: i < n, keys_in holds n words.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    let mut out = Rewritten::default();
+    if is_sentinel(key) {
+        return out;
+    }
+    // SAFETY: i < n; slot_of[i] <= local_mask (written by put_dedup).
+    let local = unsafe { M::load_u32(w32(a.local, M::load_u32(w32(a.slot_of, i)) as u64)) };
+    if local != (i + 1) as u32 | REPEAT {
+        return out;
+    }
+    // SAFETY: forwarded.
+    match unsafe { find::<M>(t, key) } {
+        Some(slot) => {
+            // SAFETY: rows are in bounds (slot < slots, i < n).
+            unsafe { copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w) };
+            out.rewrote = true;
+        }
+        None => out.missing = true,
+    }
+    out
 }
 
 /// Finds `key` in the table: its slot, or `None` (sentinel keys are not looked for here).

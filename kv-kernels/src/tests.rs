@@ -71,9 +71,18 @@ unsafe impl Mem for Host {
     }
 }
 
-/// Runs `f(i)` for `i in 0..n`, on `threads` threads (interleaved) or sequentially.
+/// `threads` value for [`par`]: sequential, from the last item down (so that in the dedup
+/// pass the claimer of a repeated key's local slot is its last occurrence).
+const REVERSED: u64 = 0;
+
+/// Runs `f(i)` for `i in 0..n`, on `threads` threads (interleaved) or sequentially (1 in
+/// order, [`REVERSED`] from the end).
 fn par(n: u64, threads: u64, f: impl Fn(u64) + Sync) {
-    if threads <= 1 {
+    if threads == REVERSED {
+        (0..n).rev().for_each(f);
+        return;
+    }
+    if threads == 1 {
         (0..n).for_each(f);
         return;
     }
@@ -91,19 +100,24 @@ fn par(n: u64, threads: u64, f: impl Fn(u64) + Sync) {
     });
 }
 
-/// What one put chunk did (for the tests of the dedup protocol).
+/// What one put chunk did (for the tests of the put protocol).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ChunkStats {
+    /// The chunk's FOUND flag (some item found its key in the table).
+    found_flag: bool,
     /// The chunk's DUP flag.
     dup: bool,
     /// Items that found their key earlier in the local table.
     repeats: u64,
     /// Keys newly placed in the key array.
     inserted: u64,
-    /// Keys found in the key array (overwrites of earlier chunks).
+    /// Items that found their key in the key array (placed by an earlier chunk or batch, or
+    /// by another item of the chunk).
     found: u64,
-    /// Items that placed their key (one per distinct non-sentinel key).
+    /// Items that placed their key (every non-sentinel item).
     placed: u64,
+    /// Items that wrote their row again (the last occurrence of each repeated key).
+    rewrote: u64,
 }
 
 /// A table in host memory driven exactly as the backend drives the device.
@@ -183,43 +197,69 @@ impl Sim {
             flags: flags.as_mut_ptr() as u64,
             n,
         };
-        let repeats = AtomicU64::new(0);
-        par(n, self.threads, |i| {
-            // SAFETY: the buffers are live and sized as the args say; local is zeroed.
-            let d = unsafe { ops::put_dedup::<Host>(&a, i) };
-            assert!(!d.overflow);
-            repeats.fetch_add(d.repeat as u64, Relaxed);
-        });
-        if repeats.load(Relaxed) != 0 {
-            // SAFETY: the buffers are live and sized as the args say.
-            unsafe { ops::raise_dup::<Host>(&a) };
-        }
-        // SAFETY: the buffers are live and sized as the args say.
-        let dup = unsafe { ops::dup_raised::<Host>(&a) };
+        // Pass 1: place.
         let (ins, fe) = (AtomicU64::new(0), AtomicU64::new(0));
         let (found, placed) = (AtomicU64::new(0), AtomicU64::new(0));
         par(n, self.threads, |i| {
-            if i == 0 {
-                // SAFETY: the buffers are live and sized as the args say.
-                unsafe { ops::put_specials::<Host>(&a) };
-            }
-            // SAFETY: the buffers are live and sized as the args say; pass 1 ran.
-            let p = unsafe { ops::put_place::<Host>(&a, i, dup) };
+            // SAFETY: the buffers are live and sized as the args say; flags are zeroed.
+            let p = unsafe { ops::put_place::<Host>(&a, i) };
             assert!(!p.overflow);
             ins.fetch_add(p.inserted as u64, Relaxed);
             fe.fetch_add(p.from_empty as u64, Relaxed);
             found.fetch_add(p.found as u64, Relaxed);
             placed.fetch_add(!p.skipped as u64, Relaxed);
         });
+        if found.load(Relaxed) != 0 {
+            // SAFETY: the buffers are live and sized as the args say.
+            unsafe { ops::raise_flag::<Host>(&a, flag::FOUND) };
+        }
+        // Pass 2: settle (dirty the local table first: the pass must zero it when needed).
+        local.fill(0xdead_beef);
+        // SAFETY: the buffers are live and sized as the args say; pass 1 ran.
+        unsafe { ops::put_specials::<Host>(&a) };
+        // SAFETY: as above.
+        let found_flag = unsafe { ops::flag_raised::<Host>(&a, flag::FOUND) };
+        let repeats = AtomicU64::new(0);
+        let rewrote = AtomicU64::new(0);
+        if found_flag {
+            par(lslots, self.threads, |s| {
+                // SAFETY: s <= local_mask.
+                unsafe { ops::clear_local::<Host>(&a, s) };
+            });
+            // Pass 3: dedup.
+            par(n, self.threads, |i| {
+                // SAFETY: the buffers are live and sized as the args say; local is zeroed.
+                let d = unsafe { ops::put_dedup::<Host>(&a, i) };
+                assert!(!d.overflow);
+                repeats.fetch_add(d.repeat as u64, Relaxed);
+            });
+            if repeats.load(Relaxed) != 0 {
+                // SAFETY: the buffers are live and sized as the args say.
+                unsafe { ops::raise_flag::<Host>(&a, flag::DUP) };
+            }
+        }
+        // SAFETY: as above.
+        let dup = unsafe { ops::flag_raised::<Host>(&a, flag::DUP) };
+        if dup {
+            // Pass 4: rewrite.
+            par(n, self.threads, |i| {
+                // SAFETY: the buffers are live and sized as the args say; pass 3 ran.
+                let r = unsafe { ops::put_rewrite::<Host>(&a, i) };
+                assert!(!r.missing);
+                rewrote.fetch_add(r.rewrote as u64, Relaxed);
+            });
+        }
         let (ins, fe) = (ins.load(Relaxed), fe.load(Relaxed));
         self.len += ins + self.counters[counter::SPEC_INSERTED];
         self.tombs -= ins - fe;
         ChunkStats {
+            found_flag,
             dup,
             repeats: repeats.load(Relaxed),
             inserted: ins,
             found: found.load(Relaxed),
             placed: placed.load(Relaxed),
+            rewrote: rewrote.load(Relaxed),
         }
     }
     fn put(&mut self, keys: &[u64], vals: &[u64], chunk: usize) {
@@ -237,21 +277,28 @@ impl Sim {
             self.rehash(self.slots);
         }
         for (k, v) in keys.chunks(chunk).zip(vals.chunks(chunk * w)) {
-            // What the chunk must report: one placement per distinct key, an overwrite for
-            // each one already present, DUP exactly when a key repeats.
+            // What the chunk must report: every item places its key, one insertion per
+            // distinct new key, every other item finds its key; FOUND when any did, DUP
+            // exactly when a key repeats, one rewrite per repeated key.
             let mut distinct: Vec<u64> = k.iter().copied().filter(|k| !is_sentinel(*k)).collect();
             let plain = distinct.len() as u64;
             distinct.sort_unstable();
+            let repeated = distinct
+                .chunk_by(|a, b| a == b)
+                .filter(|run| run.len() > 1)
+                .count() as u64;
             distinct.dedup();
             let present = self.get(&distinct).1.iter().filter(|f| **f).count() as u64;
             let d = distinct.len() as u64;
             let st = self.put_chunk(k, v);
             let expect = ChunkStats {
+                found_flag: plain > d - present,
                 dup: plain > d,
                 repeats: plain - d,
                 inserted: d - present,
-                found: present,
-                placed: d,
+                found: plain - (d - present),
+                placed: plain,
+                rewrote: repeated,
             };
             assert_eq!(st, expect);
         }
@@ -421,7 +468,7 @@ fn sentinels_and_layout() {
 
 #[test]
 fn put_last_wins_within_a_chunk() {
-    for threads in [1, 4] {
+    for threads in [1, REVERSED, 4] {
         let mut sim = Sim::new(64, 2, threads);
         let keys = [5, 7, 5, u64::MAX, 5, u64::MAX, 7, u64::MAX - 1];
         let vals: Vec<u64> = (1..=16).collect();
@@ -450,6 +497,7 @@ fn delete_counts_repeats_once_and_reuses_tombstones() {
 fn differential_sequential_widths() {
     for (w, seed) in [(1, 1), (2, 2), (16, 3)] {
         differential(w, 1, 300, 200, 500, 64, seed);
+        differential(w, REVERSED, 300, 200, 500, 64, seed + 100);
     }
 }
 
@@ -474,8 +522,8 @@ fn overwrite_only_chunks_raise_no_dup() {
         let vals: Vec<u64> = (0..2000).collect();
         let st = sim.put_chunk(&keys, &vals);
         assert_eq!(
-            (st.dup, st.inserted, st.found, st.placed),
-            (false, 1000, 0, 1000)
+            (st.found_flag, st.dup, st.inserted, st.found, st.placed),
+            (false, false, 1000, 0, 1000)
         );
         // The same keys again, in another order, with new values: overwrites only.
         let mut again = keys.clone();
@@ -483,8 +531,15 @@ fn overwrite_only_chunks_raise_no_dup() {
         let vals2: Vec<u64> = (0..2000).map(|v| v + 10_000).collect();
         let st = sim.put_chunk(&again, &vals2);
         assert_eq!(
-            (st.dup, st.inserted, st.found, st.placed),
-            (false, 0, 1000, 1000)
+            (
+                st.found_flag,
+                st.dup,
+                st.inserted,
+                st.found,
+                st.placed,
+                st.rewrote
+            ),
+            (true, false, 0, 1000, 1000, 0)
         );
         assert_eq!(sim.len, 1000);
         let (v, f) = sim.get(&again);
@@ -495,7 +550,7 @@ fn overwrite_only_chunks_raise_no_dup() {
 
 #[test]
 fn heavy_repeats_last_wins_and_count_once() {
-    for threads in [1, 8] {
+    for threads in [1, REVERSED, 8] {
         let mut sim = Sim::new(64, 1, threads);
         // One key 5000 times, another every 7th item, a sentinel every 11th.
         let keys: Vec<u64> = (0..5000u64)
@@ -506,9 +561,13 @@ fn heavy_repeats_last_wins_and_count_once() {
             })
             .collect();
         let vals: Vec<u64> = (1..=5000).collect();
+        let plain = keys.iter().filter(|k| !is_sentinel(**k)).count() as u64;
         let st = sim.put_chunk(&keys, &vals);
-        assert!(st.dup);
-        assert_eq!((st.inserted, st.found, st.placed), (2, 0, 2));
+        assert!(st.found_flag && st.dup);
+        assert_eq!(
+            (st.inserted, st.found, st.placed, st.rewrote),
+            (2, plain - 2, plain, 2)
+        );
         assert_eq!(sim.len, 3);
         let last = |k: u64| keys.iter().rposition(|x| *x == k).expect("in the chunk") as u64 + 1;
         let (v, f) = sim.get(&[9, 42, u64::MAX]);
@@ -516,7 +575,10 @@ fn heavy_repeats_last_wins_and_count_once() {
         assert_eq!(v, [last(9), last(42), last(u64::MAX)]);
         // Again: every key is an overwrite and repeats.
         let st = sim.put_chunk(&keys, &vals.iter().map(|v| v + 1).collect::<Vec<_>>());
-        assert_eq!((st.dup, st.inserted, st.found, st.placed), (true, 0, 2, 2));
+        assert_eq!(
+            (st.dup, st.inserted, st.found, st.placed, st.rewrote),
+            (true, 0, plain, plain, 2)
+        );
         assert_eq!(sim.len, 3);
         assert_eq!(sim.get(&[9]).0, [last(9) + 1]);
     }
@@ -537,7 +599,10 @@ fn local_table_collisions_wrap_around() {
         let keys: Vec<u64> = (0..n).map(|i| hot[(i * 3 % 5) as usize]).collect();
         let vals: Vec<u64> = (100..100 + n).collect();
         let st = sim.put_chunk(&keys, &vals);
-        assert_eq!((st.dup, st.repeats, st.placed), (true, n - 5, 5));
+        assert_eq!(
+            (st.dup, st.repeats, st.placed, st.rewrote),
+            (true, n - 5, n, 5)
+        );
         let (v, f) = sim.get(&hot);
         assert!(f.iter().all(|f| *f));
         for (j, k) in hot.iter().enumerate() {
@@ -549,14 +614,17 @@ fn local_table_collisions_wrap_around() {
 
 #[test]
 fn repeats_reuse_tombstones_once() {
-    for threads in [1, 4] {
+    for threads in [1, REVERSED, 4] {
         let mut sim = Sim::new(64, 1, threads);
         sim.put(&[1, 2, 3, 4], &[10, 20, 30, 40], 16);
         assert_eq!(sim.delete(&[1, 2, 3]), 3);
         assert_eq!(sim.tombs, 3);
         // 2 and 3 come back (twice each), 5 is new and repeated, 4 is overwritten.
         let st = sim.put_chunk(&[2, 5, 3, 2, 4, 5, 3], &[21, 51, 31, 22, 41, 52, 32]);
-        assert_eq!((st.dup, st.inserted, st.found, st.placed), (true, 3, 1, 4));
+        assert_eq!(
+            (st.dup, st.inserted, st.found, st.placed, st.rewrote),
+            (true, 3, 4, 7, 3)
+        );
         assert_eq!(sim.len, 4);
         let tombs = sim.keys.iter().filter(|k| **k == TOMBSTONE).count() as u64;
         assert_eq!(tombs, sim.tombs);
