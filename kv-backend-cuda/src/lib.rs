@@ -63,8 +63,11 @@
 //! waits only to reuse a lane and once at the end of the batch (to read the counters that
 //! keep `len()` exact). `VRAMKV_CUDA_LANES` (1..=16) and `VRAMKV_CUDA_CHUNK_MIB` (the
 //! largest chunk) change the pipeline's shape, for measurements; they are read once per
-//! process. `VRAMKV_CUDA_TRACE=1` prints, per batch, where the time went: for a host batch
-//! the host's waits and copies, for a device-resident one the device time of each step.
+//! process. `VRAMKV_HOST_COPY=stream|cached` picks how the host copies write (see
+//! [`kv_staging::copy`]): with non-temporal stores, which skip the read for ownership of
+//! each destination line (the default on x86-64), or with ordinary ones.
+//! `VRAMKV_CUDA_TRACE=1` prints, per batch, where the time went: for a host batch the
+//! host's waits and copies, for a device-resident one the device time of each step.
 //!
 //! To skip the host's copies altogether, borrow a [`PinnedBatch`] from the table
 //! ([`CudaBackend::pinned_batch`]), write keys and values into it, and call

@@ -27,7 +27,7 @@ use kv_core::{Error, Result};
 use kv_kernels::layout::{
     BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, local_slots, special_words,
 };
-use rayon::prelude::*;
+use kv_staging::copy::{par_bools, par_copy};
 
 use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
 use crate::trace::{HostTrace, Marks};
@@ -149,34 +149,6 @@ pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usiz
         return n.max(1).next_power_of_two().clamp(MIN_LANE, lo);
     }
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
-}
-
-/// Bytes one thread copies at a time in [`par_copy`] (64 KiB measured the same as 256 KiB
-/// within the H100 host's run-to-run spread; PERF.md).
-const COPY_PIECE_BYTES: usize = 256 << 10;
-
-/// Copies `src` into `dst` (same length), on all cores when it is large.
-pub(crate) fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
-    const PAR_MIN: usize = 1 << 17;
-    let piece = (COPY_PIECE_BYTES / std::mem::size_of::<T>().max(1)).max(1);
-    if dst.len() < PAR_MIN {
-        dst.copy_from_slice(src);
-    } else {
-        dst.par_chunks_mut(piece)
-            .zip(src.par_chunks(piece))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-    }
-}
-
-fn par_bools(dst: &mut [bool], src: &[u8]) {
-    const PAR_MIN: usize = 1 << 17;
-    if dst.len() < PAR_MIN {
-        dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s != 0);
-    } else {
-        dst.par_chunks_mut(1 << 15)
-            .zip(src.par_chunks(1 << 15))
-            .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = *s != 0));
-    }
 }
 
 /// Which pinned staging buffers a host batch needs in its lanes.
@@ -771,19 +743,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn par_copy_and_bools() {
-        for len in [0, 1, 300_000] {
-            let src: Vec<u64> = (0..len).collect();
-            let mut dst = vec![0; src.len()];
-            par_copy(&mut dst, &src);
-            assert_eq!(dst, src);
-        }
-        let bytes: Vec<u8> = (0..300_000).map(|i| (i % 3 == 0) as u8).collect();
-        let mut b = vec![false; bytes.len()];
-        par_bools(&mut b, &bytes);
-        assert!(b.iter().enumerate().all(|(i, x)| *x == (i % 3 == 0)));
     }
 }

@@ -4,14 +4,16 @@
 //! spent waiting for lanes, copying into and out of the pinned staging buffers and
 //! enqueueing, and every device-resident batch prints the device time of each of its steps
 //! (measured with CUDA events between them: the place, settle, dedup and rewrite passes of
-//! each put chunk, the lookup). Off, nothing is recorded on the device and the host only
-//! reads the clock around its phases.
+//! each put chunk, the lookup). The first host batch also prints the host copies' mode
+//! (`kv_staging::copy::copy_mode`, `VRAMKV_HOST_COPY`). Off, nothing is recorded on the
+//! device and the host only reads the clock around its phases.
 
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaStream, sys};
 use kv_core::Result;
+use kv_staging::copy;
 
 use crate::gpu::{Drv, Gpu};
 
@@ -61,6 +63,14 @@ impl HostTrace {
         if !on() {
             return;
         }
+        static MODE: Once = Once::new();
+        MODE.call_once(|| {
+            eprintln!(
+                "vramkv cuda trace: host copies: {} ({})",
+                copy::copy_mode(),
+                copy::HOST_COPY_ENV
+            );
+        });
         let total = self.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
         let rest = total - self.wait - self.copy_in - self.copy_out;
         eprintln!(

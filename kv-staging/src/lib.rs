@@ -1,12 +1,14 @@
-//! A thread-safe pool of reusable, capacity-sized staging resources for GPU backends.
+//! Staging for vramkv's GPU backends: a thread-safe pool of reusable, capacity-sized
+//! staging resources, and the parallel host copies into and out of staging buffers
+//! ([`copy`]).
 //!
 //! Both GPU backends (CUDA and wgpu) cut a host batch into chunks that travel through a
 //! few *staging lanes*: a lane owns the device buffers (and, on CUDA, the stream and pinned
 //! host buffers; on wgpu, the mapped upload and readback buffers) that one chunk needs.
 //! Allocating them for every batch would cost more than a small batch itself, so each
 //! table keeps its lanes between batches in a [`LanePool`]: a batch takes the lanes it
-//! needs and gives them back when it is done. This crate is that pool, written once for
-//! both backends; it knows nothing of the table, only a lane's capacity ([`Staged::cap`])
+//! needs and gives them back when it is done. [`LanePool`] is written once for both
+//! backends; it knows nothing of the table, only a lane's capacity ([`Staged::cap`])
 //! and whether it may be reused ([`Staged::reusable`]).
 //!
 //! The rules:
@@ -53,6 +55,8 @@
 //! ```
 
 use std::sync::{Mutex, MutexGuard};
+
+pub mod copy;
 
 /// A staging resource a [`LanePool`] can keep: sized in items, perhaps not always reusable.
 pub trait Staged {
