@@ -56,7 +56,10 @@
 //! caller's slices and the pinned buffers (on all cores, with rayon) overlap the device
 //! work. Chunks are large (a third of the batch, up to 32 MiB of keys and values): each
 //! chunk's host copy is a fork-join over all cores whose fixed cost, measured on an H100
-//! host, outweighed the extra overlap of 8–16 smaller chunks (docs/PERF.md). The chunks of
+//! host, outweighed the extra overlap of 8–16 smaller chunks (docs/PERF.md); only the last
+//! two chunks' worth of a large batch is cut finer, so that little work is left once the
+//! last host copy is done. A get copies a chunk's keys in and the previous chunk's results
+//! out in one fork-join. The chunks of
 //! a put apply in batch order (each chunk's kernels wait, on the device, for the previous
 //! chunk's); those of get, contains and delete run concurrently. Staging lanes are pooled
 //! and reused, so a steady stream of batches allocates no pinned or device memory. The host
@@ -76,11 +79,13 @@
 //! the device. On the H100 this reaches the PCIe link for lookups (5.1 G lookups/s of
 //! u64→u64 at 100M keys per batch, against 2.4 from a `Vec`).
 //!
-//! A put resolves duplicates on the device, per chunk: a first pass records the last
-//! occurrence of every key in a small chunk-local table (lane scratch, 4 bytes a slot, mostly
-//! L2-resident), then only that occurrence places its key in the table (CAS) and writes its
-//! row, once. A chunk without repeats (new keys or overwrites alike) skips the local lookup
-//! in the second pass (see `kv_kernels::ops`).
+//! A put resolves duplicates on the device, per chunk: every item first places its key in
+//! the table (CAS) and writes its row; items that share a key agree on one slot. Only a
+//! chunk in which some item found its key already in the table (an overwrite, or a key the
+//! chunk repeats) then records the last occurrence of every key in a small chunk-local
+//! table (lane scratch, 4 bytes a slot, mostly L2-resident), and only when a key repeats
+//! does its last occurrence write its row again. A chunk of fresh keys costs one pass over
+//! the table (see `kv_kernels::ops`).
 //!
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.

@@ -3,12 +3,15 @@
 //! # Pipeline
 //!
 //! A batch from host memory is cut into chunks ([`copy_cap`]: few and large, since each
-//! chunk's host copy is a fork-join over all cores with a fixed cost). Each chunk goes
+//! chunk's host copy is a fork-join over all cores with a fixed cost; [`chunk_plan`] cuts
+//! the tail of a large batch finer, so that what is left after the last host copy is
+//! short). Each chunk goes
 //! through one of a few staging *lanes* (a stream, pinned host buffers, device buffers, two
 //! events), round robin, so that while the GPU runs chunk `c`'s kernels, chunk `c + 1` is
 //! being copied in and chunk `c - 1`'s results copied out, and the host copies (user slice
-//! ↔ pinned, in parallel with rayon) overlap both. The host only waits for a lane when it
-//! needs to reuse it, and once at the end of the batch.
+//! ↔ pinned, in parallel with rayon) overlap both; a get or contains copies a chunk's keys
+//! in and the previous chunk's results out of the same lane in one fork-join. The host only
+//! waits for a lane when it needs to reuse it, and once at the end of the batch.
 //!
 //! A put's kernels must apply in batch order (a later chunk overwrites an earlier one):
 //! each chunk's first kernel waits (`cuStreamWaitEvent`, on the device) for the previous
@@ -149,6 +152,35 @@ pub(crate) fn spread_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usiz
         return n.max(1).next_power_of_two().clamp(MIN_LANE, lo);
     }
     pow2_floor(n / TARGET_CHUNKS).clamp(lo, hi)
+}
+
+/// Full chunks a batch copied through the lanes needs before its tail is cut finer.
+const TAIL_FROM_CHUNKS: usize = 4;
+
+/// The chunks `(start, len)` of a host batch of `n` items in lanes of `cap` items.
+///
+/// A lent page-locked batch and a batch of fewer than [`TAIL_FROM_CHUNKS`] full chunks are
+/// cut into full chunks. A larger batch copied through the lanes keeps full chunks until
+/// less than two are left, then halves what is left chunk by chunk down to `cap / 8`: what
+/// follows the last host copy (that chunk's transfer, kernels and, for a get, its copy
+/// out) is then an eighth of a chunk's, for three or four more chunks.
+pub(crate) fn chunk_plan(n: usize, cap: usize, pinned: bool) -> Vec<(usize, usize)> {
+    let cap = cap.max(1);
+    let mut plan = Vec::with_capacity(n.div_ceil(cap) + 4);
+    let graduated = !pinned && n >= TAIL_FROM_CHUNKS * cap;
+    let tail_min = (cap / 8).max(1);
+    let mut start = 0;
+    while start < n {
+        let left = n - start;
+        let m = if !graduated || left >= 2 * cap {
+            cap.min(left)
+        } else {
+            left.div_ceil(2).max(tail_min).min(left)
+        };
+        plan.push((start, m));
+        start += m;
+    }
+    plan
 }
 
 /// Which pinned staging buffers a host batch needs in its lanes.
@@ -550,7 +582,8 @@ pub(crate) fn run_host_batch(
     let pinned = batch.pinned;
     let op = &mut batch.op;
     let n = keys.len();
-    let chunks = n.div_ceil(cap);
+    let plan = chunk_plan(n, cap, pinned);
+    let chunks = plan.len();
     let nl = lanes.len();
     debug_assert!(nl >= 1 && lanes.iter().all(|l| l.cap >= cap));
     if let Some(ev) = after {
@@ -562,14 +595,32 @@ pub(crate) fn run_host_batch(
     let is_put = matches!(op, Op::Put { .. });
     let mut prev: Option<usize> = None;
     let mut tr = HostTrace::new();
-    for c in 0..chunks {
-        let start = c * cap;
-        let m = cap.min(n - start);
+    for (c, &(start, m)) in plan.iter().enumerate() {
         let li = c % nl;
         // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
         tr.time(|t| &mut t.wait, || lanes[li].done.synchronize())
             .drv("cuEventSynchronize")?;
-        tr.time(|t| &mut t.copy_out, || drain_output(&mut lanes[li], op))?;
+        if !pinned && matches!(op, Op::Get { .. } | Op::Contains { .. }) {
+            // The previous chunk's output out and this chunk's keys in, in one fork-join:
+            // one wake-up of the pool instead of two, and the two copies share the cores.
+            let lane = &mut lanes[li];
+            let hk = staged(&mut lane.h_keys)?;
+            let out = (&lane.h_vals_out, &lane.h_found);
+            let pending = lane.pending.take();
+            let (drained, ()) = tr.time(
+                |t| &mut t.copy_both,
+                || {
+                    rayon::join(
+                        || drain_from(pending, w, out.0, out.1, op),
+                        || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
+                    )
+                },
+            );
+            drained?;
+            hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+        } else {
+            tr.time(|t| &mut t.copy_out, || drain_output(&mut lanes[li], op))?;
+        }
         {
             let lane = &mut lanes[li];
             let rows = start * w..(start + m) * w;
@@ -594,7 +645,7 @@ pub(crate) fn run_host_batch(
                 );
                 hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
                 hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
-            } else {
+            } else if matches!(op, Op::Delete) {
                 let hk = staged(&mut lane.h_keys)?;
                 tr.time(
                     |t| &mut t.copy_in,
@@ -661,17 +712,31 @@ pub(crate) fn run_host_batch(
 
 /// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
 fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
-    let Some((start, m)) = lane.pending.take() else {
+    let pending = lane.pending.take();
+    drain_from(pending, lane.width, &lane.h_vals_out, &lane.h_found, op)
+}
+
+/// [`drain_output`] from a lane's parts: the chunk `pending` (start, len) whose output waits
+/// in `h_vals` / `h_found`.
+fn drain_from(
+    pending: Option<(usize, usize)>,
+    w: usize,
+    h_vals: &Option<Pinned<u64>>,
+    h_found: &Option<Pinned<u8>>,
+    op: &mut Op<'_>,
+) -> Result<()> {
+    let Some((start, m)) = pending else {
         return Ok(());
     };
-    let w = lane.width;
+    let missing = || Error::Device {
+        backend: BACKEND,
+        message: "internal: a staging lane lacks its pinned buffer".into(),
+    };
     match op {
         Op::Get { values, found } => {
             // One fork-join for both outputs, as for a put's inputs.
-            let (hv, hf) = (
-                &staged(&mut lane.h_vals_out)?.as_slice()[..m * w],
-                &staged(&mut lane.h_found)?.as_slice()[..m],
-            );
+            let hv = &h_vals.as_ref().ok_or_else(missing)?.as_slice()[..m * w];
+            let hf = &h_found.as_ref().ok_or_else(missing)?.as_slice()[..m];
             rayon::join(
                 || par_copy(&mut values[start * w..(start + m) * w], hv),
                 || par_bools(&mut found[start..start + m], hf),
@@ -679,7 +744,7 @@ fn drain_output(lane: &mut Lane, op: &mut Op<'_>) -> Result<()> {
         }
         Op::Contains { found } => par_bools(
             &mut found[start..start + m],
-            &staged(&mut lane.h_found)?.as_slice()[..m],
+            &h_found.as_ref().ok_or_else(missing)?.as_slice()[..m],
         ),
         Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
     }
@@ -706,6 +771,41 @@ mod tests {
                 assert!(c.is_power_of_two() && c >= MIN_LANE);
                 assert!(c * 8 * (w + 1) <= max.max(MIN_LANE * 8 * 17));
                 assert!((c as u64) < kv_kernels::layout::REPEAT as u64 - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_plan_covers_the_batch_and_cuts_large_tails_finer() {
+        let cap = 1 << 21;
+        let lens =
+            |n, pinned| -> Vec<usize> { chunk_plan(n, cap, pinned).iter().map(|c| c.1).collect() };
+        // Small batches and lent batches: full chunks only.
+        assert_eq!(lens(0, false), Vec::<usize>::new());
+        assert_eq!(lens(5, false), [5]);
+        assert_eq!(lens(2 * cap + 1, false), [cap, cap, 1]);
+        assert_eq!(lens(4 * cap + 3, true), [cap, cap, cap, cap, 3]);
+        // From four full chunks on, what is left under two chunks is halved down to cap / 8.
+        assert_eq!(
+            lens(4 * cap, false),
+            [cap, cap, cap, cap / 2, cap / 4, cap / 8, cap / 8]
+        );
+        assert_eq!(lens(20_000_000, false).len(), 13);
+        for n in [4 * cap, 4 * cap + 1, 20_000_000, 100_000_000, 123_456_789] {
+            for pinned in [false, true] {
+                let plan = chunk_plan(n, cap, pinned);
+                let mut next = 0;
+                for &(start, m) in &plan {
+                    assert_eq!(start, next);
+                    assert!(m >= 1 && m <= cap);
+                    next += m;
+                }
+                assert_eq!(next, n);
+                if !pinned {
+                    // The last chunk is at most an eighth of a chunk (plus rounding).
+                    assert!(plan.last().expect("chunks").1 <= cap / 8 + 1, "{n}");
+                    assert!(plan.len() <= n.div_ceil(cap) + 4, "{n}");
+                }
             }
         }
     }

@@ -40,6 +40,8 @@ pub(crate) struct HostTrace {
     pub copy_in: f64,
     /// Copying results out of pinned staging buffers.
     pub copy_out: f64,
+    /// Both at once: a get's or contains' keys in alongside the previous chunk's results out.
+    pub copy_both: f64,
 }
 
 impl HostTrace {
@@ -72,14 +74,16 @@ impl HostTrace {
             );
         });
         let total = self.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let rest = total - self.wait - self.copy_in - self.copy_out;
+        let rest = total - self.wait - self.copy_in - self.copy_out - self.copy_both;
         eprintln!(
             "vramkv cuda trace: {what} of {n} keys in {chunks} chunks of {cap} on {lanes} lanes: \
-             total {:.3} ms = wait {:.3} + copy in {:.3} + copy out {:.3} + enqueue {:.3}",
+             total {:.3} ms = wait {:.3} + copy in {:.3} + copy out {:.3} + copy in+out {:.3} \
+             + enqueue {:.3}",
             ms(total),
             ms(self.wait),
             ms(self.copy_in),
             ms(self.copy_out),
+            ms(self.copy_both),
             ms(rest)
         );
     }
