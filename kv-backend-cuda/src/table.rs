@@ -245,10 +245,19 @@ impl kv_staging::Staged for Lane {
 
 /// A lane's staging buffer (allocated by [`Lane::ensure_host`] before the batch).
 fn staged<T: Copy>(b: &mut Option<Pinned<T>>) -> Result<&mut Pinned<T>> {
-    b.as_mut().ok_or_else(|| Error::Device {
+    b.as_mut().ok_or_else(lacks_buffer)
+}
+
+/// [`staged`], read-only.
+fn staged_ref<T: Copy>(b: &Option<Pinned<T>>) -> Result<&Pinned<T>> {
+    b.as_ref().ok_or_else(lacks_buffer)
+}
+
+fn lacks_buffer() -> Error {
+    Error::Device {
         backend: BACKEND,
         message: "internal: a staging lane lacks its pinned buffer".into(),
-    })
+    }
 }
 
 impl Lane {
@@ -728,15 +737,11 @@ fn drain_from(
     let Some((start, m)) = pending else {
         return Ok(());
     };
-    let missing = || Error::Device {
-        backend: BACKEND,
-        message: "internal: a staging lane lacks its pinned buffer".into(),
-    };
     match op {
         Op::Get { values, found } => {
             // One fork-join for both outputs, as for a put's inputs.
-            let hv = &h_vals.as_ref().ok_or_else(missing)?.as_slice()[..m * w];
-            let hf = &h_found.as_ref().ok_or_else(missing)?.as_slice()[..m];
+            let hv = &staged_ref(h_vals)?.as_slice()[..m * w];
+            let hf = &staged_ref(h_found)?.as_slice()[..m];
             rayon::join(
                 || par_copy(&mut values[start * w..(start + m) * w], hv),
                 || par_bools(&mut found[start..start + m], hf),
@@ -744,7 +749,7 @@ fn drain_from(
         }
         Op::Contains { found } => par_bools(
             &mut found[start..start + m],
-            &h_found.as_ref().ok_or_else(missing)?.as_slice()[..m],
+            &staged_ref(h_found)?.as_slice()[..m],
         ),
         Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
     }
