@@ -385,6 +385,26 @@ pub(crate) enum Op<'a> {
 }
 
 impl Op<'_> {
+    /// The same operation without the caller's slices (all empty), for the enqueueing of a
+    /// staged chunk, which never touches them.
+    pub fn shape(&self) -> Op<'static> {
+        match self {
+            Op::Put { .. } => Op::Put { values: &[] },
+            Op::Get { .. } => Op::Get {
+                values: Default::default(),
+                found: Default::default(),
+            },
+            Op::GetPinned { .. } => Op::GetPinned {
+                values: Default::default(),
+                found: Default::default(),
+            },
+            Op::Contains { .. } => Op::Contains {
+                found: Default::default(),
+            },
+            Op::Delete => Op::Delete,
+        }
+    }
+
     /// The operation's name, for the trace.
     pub fn name(&self) -> &'static str {
         match self {
@@ -579,6 +599,12 @@ fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Re
 /// Runs a host batch through `lanes` (all of capacity `cap`, with the host buffers of
 /// `batch.needs()`): see the module docs. On return (Ok or Err after a successful drain) no
 /// work of the batch is in flight.
+///
+/// A batch copied through two or more lanes runs as a two-stage pipeline on the host: while
+/// the pool copies chunk `c` into its lane, one thread enqueues chunk `c - 1`'s kernels and
+/// result transfers (about ten driver calls, some 40 µs a chunk, that would otherwise sit
+/// between the copies). Chunk `c - 1`'s transfers in are enqueued before, right after its
+/// copy, and its stream's wait for the previous put chunk's kernels just before the join.
 pub(crate) fn run_host_batch(
     gpu: &Gpu,
     table: TableArgs,
@@ -600,115 +626,68 @@ pub(crate) fn run_host_batch(
             l.stream.wait(ev).drv("cuStreamWaitEvent")?;
         }
     }
-    let w = lanes[0].width;
     let is_put = matches!(op, Op::Put { .. });
+    let pipelined = !pinned && nl >= 2;
+    // The lane of the last put chunk whose kernels are enqueued, and the chunk (lane, start,
+    // len) copied in but whose kernels are not.
     let mut prev: Option<usize> = None;
+    let mut queued: Option<(usize, usize, usize)> = None;
     let mut tr = HostTrace::new();
     for (c, &(start, m)) in plan.iter().enumerate() {
         let li = c % nl;
-        // Reuse the lane: wait for its previous chunk and hand that chunk's output over.
+        // Reuse the lane: wait for its previous chunk (whose kernels are enqueued: it is at
+        // least two chunks back when there are two lanes or more).
         tr.time(|t| &mut t.wait, || lanes[li].done.synchronize())
             .drv("cuEventSynchronize")?;
-        if !pinned && matches!(op, Op::Get { .. } | Op::Contains { .. }) {
-            // The previous chunk's output out and this chunk's keys in, in one fork-join:
-            // one wake-up of the pool instead of two, and the two copies share the cores.
-            let lane = &mut lanes[li];
-            let hk = staged(&mut lane.h_keys)?;
-            let out = (&lane.h_vals_out, &lane.h_found);
-            let pending = lane.pending.take();
-            let (drained, ()) = tr.time(
-                |t| &mut t.copy_both,
-                || {
-                    rayon::join(
-                        || drain_from(pending, w, out.0, out.1, op),
-                        || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
-                    )
-                },
-            );
-            drained?;
-            hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-        } else {
+        if pinned {
             tr.time(|t| &mut t.copy_out, || drain_output(&mut lanes[li], op))?;
-        }
-        {
-            let lane = &mut lanes[li];
-            let rows = start * w..(start + m) * w;
-            if pinned {
-                htod_slice(lane.d_keys.ptr(), &keys[start..start + m], &lane.stream)?;
-                if let Op::Put { values } = op {
-                    htod_slice(lane.d_vals.ptr(), &values[rows], &lane.stream)?;
-                }
-            } else if let Op::Put { values } = op {
-                // Keys and values in one fork-join: twice the work per wake-up of the pool,
-                // which at a few MiB per chunk costs as much as the copy.
-                let hk = staged(&mut lane.h_keys)?;
-                let hv = staged(&mut lane.h_vals_in)?;
-                tr.time(
-                    |t| &mut t.copy_in,
-                    || {
-                        rayon::join(
-                            || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
-                            || par_copy(&mut hv.as_mut_slice()[..m * w], &values[rows]),
-                        )
-                    },
-                );
-                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-                hv.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
-            } else if matches!(op, Op::Delete) {
-                let hk = staged(&mut lane.h_keys)?;
-                tr.time(
-                    |t| &mut t.copy_in,
-                    || par_copy(&mut hk.as_mut_slice()[..m], &keys[start..start + m]),
-                );
-                hk.htod(lane.d_keys.ptr(), m, &lane.stream)?;
-            }
-        }
-        if is_put && let Some(p) = prev {
-            // Kernels in batch order; this lane's copies above do not wait.
-            lanes[li]
-                .stream
-                .wait(&lanes[p].kdone)
-                .drv("cuStreamWaitEvent")?;
-        }
-        let lane = &mut lanes[li];
-        let a = lane.args(
-            table,
-            lane.d_keys.ptr(),
-            lane.d_vals.ptr(),
-            lane.d_found.ptr(),
-            m,
-        );
-        match op {
-            Op::Put { .. } => {
-                lane.enqueue_put(gpu, &a, None)?;
-                lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
-            }
-            Op::Get { .. } => {
-                gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                staged(&mut lane.h_vals_out)?.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
-                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                lane.pending = Some((start, m));
-            }
-            Op::GetPinned { values, found } => {
-                gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
-                let rows = start * w..(start + m) * w;
-                dtoh_slice(&mut values[rows], lane.d_vals.ptr(), &lane.stream)?;
-                dtoh_slice(
-                    &mut found[start..start + m],
-                    lane.d_found.ptr(),
+            let lane = &lanes[li];
+            htod_slice(lane.d_keys.ptr(), &keys[start..start + m], &lane.stream)?;
+            if let Op::Put { values } = op {
+                let w = lane.width;
+                htod_slice(
+                    lane.d_vals.ptr(),
+                    &values[start * w..(start + m) * w],
                     &lane.stream,
                 )?;
             }
-            Op::Contains { .. } => {
-                let a = BatchArgs { values: 0, ..a };
-                gpu.launch(&gpu.k.contains, &a, m as u64, &lane.stream)?;
-                staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
-                lane.pending = Some((start, m));
+            order_after(lanes, li, is_put, prev)?;
+            launch_chunk(gpu, table, &mut lanes[li], op, start, m)?;
+            prev = Some(li);
+        } else if let Some((q, qs, qm)) = queued.take().filter(|_| pipelined) {
+            order_after(lanes, q, is_put, prev)?;
+            prev = Some(q);
+            let mut shape = op.shape();
+            let [ql, cl] = lanes.get_disjoint_mut([q, li]).map_err(|_| Error::Device {
+                backend: BACKEND,
+                message: "internal: a pipelined chunk reuses the lane being enqueued".into(),
+            })?;
+            let (launched, copied) = rayon::join(
+                || {
+                    gpu.bind()
+                        .and_then(|()| launch_chunk(gpu, table, ql, &mut shape, qs, qm))
+                },
+                || copy_chunk(cl, op, keys, start, m, &mut tr),
+            );
+            launched?;
+            copied?;
+            transfer_in(&mut lanes[li], op, m)?;
+            queued = Some((li, start, m));
+        } else {
+            copy_chunk(&mut lanes[li], op, keys, start, m, &mut tr)?;
+            transfer_in(&mut lanes[li], op, m)?;
+            if pipelined {
+                queued = Some((li, start, m));
+            } else {
+                order_after(lanes, li, is_put, prev)?;
+                launch_chunk(gpu, table, &mut lanes[li], op, start, m)?;
+                prev = Some(li);
             }
-            Op::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
         }
-        lane.done.record(&lane.stream).drv("cuEventRecord")?;
-        prev = Some(li);
+    }
+    if let Some((q, qs, qm)) = queued {
+        order_after(lanes, q, is_put, prev)?;
+        launch_chunk(gpu, table, &mut lanes[q], op, qs, qm)?;
     }
     for lane in lanes.iter_mut() {
         tr.time(|t| &mut t.wait, || lane.done.synchronize())
@@ -717,6 +696,142 @@ pub(crate) fn run_host_batch(
     }
     tr.report(op.name(), n, chunks, cap, nl);
     Ok(())
+}
+
+/// A put chunk's kernels on lane `li` wait (on the device) for the previous put chunk's,
+/// on lane `prev`: kernels apply in batch order, while the copies enqueued before do not
+/// wait. Nothing for other operations.
+fn order_after(lanes: &[Lane], li: usize, is_put: bool, prev: Option<usize>) -> Result<()> {
+    match prev {
+        Some(p) if is_put && p != li => lanes[li]
+            .stream
+            .wait(&lanes[p].kdone)
+            .drv("cuStreamWaitEvent"),
+        // The same lane's stream runs its chunks in order anyway.
+        _ => Ok(()),
+    }
+}
+
+/// The host copies of a chunk going through the lane's pinned staging buffers: the lane's
+/// previous output out (get, contains) and this chunk's keys (and a put's values) in.
+fn copy_chunk(
+    lane: &mut Lane,
+    op: &mut Op<'_>,
+    keys: &[u64],
+    start: usize,
+    m: usize,
+    tr: &mut HostTrace,
+) -> Result<()> {
+    let w = lane.width;
+    let keys = &keys[start..start + m];
+    match op {
+        Op::Get { .. } | Op::Contains { .. } => {
+            // The previous chunk's output out and this chunk's keys in, in one fork-join:
+            // one wake-up of the pool instead of two, and the two copies share the cores.
+            let hk = staged(&mut lane.h_keys)?;
+            let out = (&lane.h_vals_out, &lane.h_found);
+            let pending = lane.pending.take();
+            let (drained, ()) = tr.time(
+                |t| &mut t.copy_both,
+                || {
+                    rayon::join(
+                        || drain_from(pending, w, out.0, out.1, op),
+                        || par_copy(&mut hk.as_mut_slice()[..m], keys),
+                    )
+                },
+            );
+            drained
+        }
+        Op::Put { values } => {
+            // Keys and values in one fork-join: twice the work per wake-up of the pool,
+            // which at a few MiB per chunk costs as much as the copy.
+            let hk = staged(&mut lane.h_keys)?;
+            let hv = staged(&mut lane.h_vals_in)?;
+            let values = &values[start * w..(start + m) * w];
+            tr.time(
+                |t| &mut t.copy_in,
+                || {
+                    rayon::join(
+                        || par_copy(&mut hk.as_mut_slice()[..m], keys),
+                        || par_copy(&mut hv.as_mut_slice()[..m * w], values),
+                    )
+                },
+            );
+            Ok(())
+        }
+        Op::Delete => {
+            let hk = staged(&mut lane.h_keys)?;
+            tr.time(
+                |t| &mut t.copy_in,
+                || par_copy(&mut hk.as_mut_slice()[..m], keys),
+            );
+            Ok(())
+        }
+        // Lent batches have no staging copies.
+        Op::GetPinned { .. } => Ok(()),
+    }
+}
+
+/// Enqueues a chunk's transfers from the lane's staging buffers to its device buffers.
+fn transfer_in(lane: &mut Lane, op: &Op<'_>, m: usize) -> Result<()> {
+    staged(&mut lane.h_keys)?.htod(lane.d_keys.ptr(), m, &lane.stream)?;
+    if let Op::Put { .. } = op {
+        let w = lane.width;
+        staged(&mut lane.h_vals_in)?.htod(lane.d_vals.ptr(), m * w, &lane.stream)?;
+    }
+    Ok(())
+}
+
+/// Enqueues a chunk's kernels and result transfers on its lane, whose device buffers hold
+/// the chunk's inputs (or will, in stream order), and records the lane's events. Only a
+/// lent get touches `op`'s slices (its results go straight to them); staged operations
+/// may pass [`Op::shape`].
+fn launch_chunk(
+    gpu: &Gpu,
+    table: TableArgs,
+    lane: &mut Lane,
+    op: &mut Op<'_>,
+    start: usize,
+    m: usize,
+) -> Result<()> {
+    let w = lane.width;
+    let a = lane.args(
+        table,
+        lane.d_keys.ptr(),
+        lane.d_vals.ptr(),
+        lane.d_found.ptr(),
+        m,
+    );
+    match op {
+        Op::Put { .. } => {
+            lane.enqueue_put(gpu, &a, None)?;
+            lane.kdone.record(&lane.stream).drv("cuEventRecord")?;
+        }
+        Op::Get { .. } => {
+            gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
+            staged(&mut lane.h_vals_out)?.dtoh(lane.d_vals.ptr(), m * w, &lane.stream)?;
+            staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+            lane.pending = Some((start, m));
+        }
+        Op::GetPinned { values, found } => {
+            gpu.launch(&gpu.k.get, &a, m as u64, &lane.stream)?;
+            let rows = start * w..(start + m) * w;
+            dtoh_slice(&mut values[rows], lane.d_vals.ptr(), &lane.stream)?;
+            dtoh_slice(
+                &mut found[start..start + m],
+                lane.d_found.ptr(),
+                &lane.stream,
+            )?;
+        }
+        Op::Contains { .. } => {
+            let a = BatchArgs { values: 0, ..a };
+            gpu.launch(&gpu.k.contains, &a, m as u64, &lane.stream)?;
+            staged(&mut lane.h_found)?.dtoh(lane.d_found.ptr(), m, &lane.stream)?;
+            lane.pending = Some((start, m));
+        }
+        Op::Delete => gpu.launch(&gpu.k.delete, &a, m as u64, &lane.stream)?,
+    }
+    lane.done.record(&lane.stream).drv("cuEventRecord")
 }
 
 /// Copies a finished chunk's output from the lane's pinned buffers to the caller's slices.
