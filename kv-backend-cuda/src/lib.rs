@@ -238,6 +238,20 @@ impl CudaBackend {
         })
     }
 
+    /// Applies a finished delete's counters to the host-side lengths; returns the keys
+    /// removed.
+    fn finish_delete(st: &mut State) -> Result<usize> {
+        let c = st.read_counters()?;
+        let (removed, spec) = (
+            c[counter::REMOVED] as usize,
+            c[counter::SPEC_REMOVED] as usize,
+        );
+        st.len -= (removed + spec).min(st.len);
+        st.spec_len -= spec.min(st.spec_len);
+        st.tombs += removed;
+        Ok(removed + spec)
+    }
+
     /// Applies a finished put's counters to the host-side lengths.
     fn finish_put(st: &mut State) -> Result<()> {
         let c = st.read_counters()?;
@@ -308,11 +322,16 @@ impl CudaBackend {
             Ok(marks)
         })();
         let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
-        if let Some(m) = r.and_then(|m| synced.map(|()| m))? {
-            m.report("put_device", n);
+        let done = r.and_then(|m| synced.map(|()| m));
+        if let Ok(marks) = &done {
+            if let Some(m) = marks {
+                m.report("put_device", n);
+            }
+            self.pool.give_back(std::mem::take(&mut lanes));
         }
-        self.pool.give_back(std::mem::take(&mut lanes));
-        Self::finish_put(&mut st)
+        // Even after a fault part-way, count what the chunks that ran applied.
+        let finished = Self::finish_put(&mut st);
+        done.and(finished)
     }
 
     /// Looks up keys already in device memory: writes value rows (zeros when missing) to
@@ -404,8 +423,8 @@ impl CudaBackend {
     }
 
     /// Puts the batch's `len()` keys with their value rows; same semantics as
-    /// [`KvBackend::put`] (the last occurrence of a key wins, the batch is applied whole or,
-    /// on error, not at all). The batch is only read.
+    /// [`KvBackend::put`] (the last occurrence of a key wins; bad input changes nothing; a
+    /// device fault part-way may leave the batch applied in part). The batch is only read.
     pub fn put_pinned(&self, batch: &PinnedBatch) -> Result<()> {
         self.check_batch(batch)?;
         self.put_host(batch.keys(), batch.values(), true)
@@ -444,8 +463,10 @@ impl CudaBackend {
             op: Op::Put { values },
             pinned,
         };
-        self.host_batch(&st, batch, true)?;
-        Self::finish_put(&mut st)
+        let r = self.host_batch(&st, batch, true);
+        // Even after a fault part-way, count what the chunks that ran applied.
+        let finished = Self::finish_put(&mut st);
+        r.and(finished)
     }
 
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
@@ -497,16 +518,10 @@ impl KvBackend for CudaBackend {
             op: Op::Delete,
             pinned: false,
         };
-        self.host_batch(&st, batch, true)?;
-        let c = st.read_counters()?;
-        let (removed, spec) = (
-            c[counter::REMOVED] as usize,
-            c[counter::SPEC_REMOVED] as usize,
-        );
-        st.len -= (removed + spec).min(st.len);
-        st.spec_len -= spec.min(st.spec_len);
-        st.tombs += removed;
-        Ok(removed + spec)
+        let r = self.host_batch(&st, batch, true);
+        // Even after a fault part-way, count what the chunks that ran removed.
+        let removed = Self::finish_delete(&mut st);
+        r.and(removed)
     }
 
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {

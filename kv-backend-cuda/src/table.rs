@@ -212,8 +212,8 @@ pub(crate) struct Lane {
     d_found: DevBuf,
     /// u32[cap] slot of each key in the chunk-local table (put).
     d_slot: DevBuf,
-    /// u32[local_slots(cap)] chunk-local dedup table (put; zeroed per chunk, the part the
-    /// chunk uses only).
+    /// u32[local_slots(cap)] chunk-local dedup table (put; zeroed by the settle pass, the
+    /// part the chunk uses only, in chunks that found a key already in the table).
     d_local: DevBuf,
     /// u32[flag::LEN] per-chunk put flags.
     d_flags: DevBuf,

@@ -69,6 +69,12 @@ impl Audit {
 ///    (see [`plan_put`](crate::plan_put)); with growth off the put is refused whole with
 ///    [`Error::CapacityExceeded`].
 ///
+/// g. **Device faults.** A put or delete that fails with [`Error::Device`] part-way (the
+///    device or its driver failed while the batch ran) may have been applied in part:
+///    some of its keys written or removed, and a key that repeats in the batch holding
+///    value words of any of its occurrences. Nothing outside the batch changes, and
+///    `len()` counts what was applied when the device can still report it.
+///
 /// Errors never come as panics.
 ///
 /// Optional capabilities are methods with a default that answers

@@ -1,8 +1,9 @@
 //! The kernel entry points (nvptx64 only) and the PTX implementation of [`Mem`].
 //!
 //! Every kernel is a grid-stride loop over one of the per-item functions of [`crate::ops`],
-//! launched with 1-D blocks whose size is a multiple of 32 and no early return before the
-//! warp-level counter reduction (which uses full-warp `shfl.sync`).
+//! launched with 1-D blocks whose size is a multiple of 32 and no divergent early return
+//! before the warp-level counter reduction (which uses full-warp `shfl.sync`): the passes
+//! that return early when their chunk flag is down do so in every thread of the grid.
 //!
 //! Atomics are written as inline PTX with `.gpu` scope on the `.global` state space: the
 //! table lives in device memory and is only touched by this GPU, so system scope (what
@@ -156,7 +157,8 @@ fn warp_sum(mut v: u32) -> u32 {
     let mut off = 16u32;
     while off > 0 {
         let o: u32;
-        // SAFETY: full-warp shuffle; every kernel calls this from all 32 lanes (no early return).
+        // SAFETY: full-warp shuffle; every kernel calls this from all 32 lanes (no divergent
+        // early return).
         unsafe {
             asm!(
                 "shfl.sync.bfly.b32 {o}, {v}, {off}, 31, -1;",

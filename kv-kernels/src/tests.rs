@@ -178,12 +178,13 @@ impl Sim {
         new.len = self.len;
         *self = new;
     }
-    /// Puts one chunk as the backend's two put kernels do; returns what it saw.
+    /// Puts one chunk as the backend's four put passes do; returns what it saw.
     fn put_chunk(&mut self, keys: &[u64], vals: &[u64]) -> ChunkStats {
         let n = keys.len() as u64;
         let lslots = local_slots(n);
         let mut slot_of = vec![u32::MAX; keys.len()];
-        let mut local = vec![0u32; lslots as usize];
+        // Dirty: the settle pass must zero the local table when the chunk needs it.
+        let mut local = vec![0xdead_beef_u32; lslots as usize];
         let mut flags = [0u32; flag::LEN];
         self.counters.fill(0);
         let a = BatchArgs {
@@ -213,8 +214,7 @@ impl Sim {
             // SAFETY: the buffers are live and sized as the args say.
             unsafe { ops::raise_flag::<Host>(&a, flag::FOUND) };
         }
-        // Pass 2: settle (dirty the local table first: the pass must zero it when needed).
-        local.fill(0xdead_beef);
+        // Pass 2: settle.
         // SAFETY: the buffers are live and sized as the args say; pass 1 ran.
         unsafe { ops::put_specials::<Host>(&a) };
         // SAFETY: as above.
