@@ -30,7 +30,7 @@ use kv_core::{Error, Result};
 use kv_kernels::layout::{
     BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, local_slots, special_words,
 };
-use kv_staging::copy::{par_bools, par_copy};
+use kv_staging::copy::{PAR_MIN, par_bools, par_copy};
 
 use crate::gpu::{BACKEND, DevBuf, Drv, Gpu, Pinned, dtoh_slice, event, htod_slice, stream};
 use crate::trace::{HostTrace, Marks};
@@ -627,7 +627,9 @@ pub(crate) fn run_host_batch(
         }
     }
     let is_put = matches!(op, Op::Put { .. });
-    let pipelined = !pinned && nl >= 2;
+    // Only chunks big enough for parallel copies: a fork-join from outside the pool costs
+    // a wake-up (tens of µs), more than a small chunk's enqueueing.
+    let pipelined = !pinned && nl >= 2 && cap >= PAR_MIN;
     // The lane of the last put chunk whose kernels are enqueued, and the chunk (lane, start,
     // len) copied in but whose kernels are not.
     let mut prev: Option<usize> = None;
@@ -724,6 +726,7 @@ fn copy_chunk(
 ) -> Result<()> {
     let w = lane.width;
     let keys = &keys[start..start + m];
+    let large = m >= PAR_MIN;
     match op {
         Op::Get { .. } | Op::Contains { .. } => {
             // The previous chunk's output out and this chunk's keys in, in one fork-join:
@@ -734,7 +737,8 @@ fn copy_chunk(
             let (drained, ()) = tr.time(
                 |t| &mut t.copy_both,
                 || {
-                    rayon::join(
+                    join_if(
+                        large,
                         || drain_from(pending, w, out.0, out.1, op),
                         || par_copy(&mut hk.as_mut_slice()[..m], keys),
                     )
@@ -751,7 +755,8 @@ fn copy_chunk(
             tr.time(
                 |t| &mut t.copy_in,
                 || {
-                    rayon::join(
+                    join_if(
+                        large,
                         || par_copy(&mut hk.as_mut_slice()[..m], keys),
                         || par_copy(&mut hv.as_mut_slice()[..m * w], values),
                     )
@@ -769,6 +774,23 @@ fn copy_chunk(
         }
         // Lent batches have no staging copies.
         Op::GetPinned { .. } => Ok(()),
+    }
+}
+
+/// `rayon::join(a, b)` when `parallel`, else `a` then `b` on this thread: a fork-join from
+/// outside the pool costs a wake-up of tens of µs, more than the copies of a chunk below
+/// [`PAR_MIN`] items.
+fn join_if<A, B, RA, RB>(parallel: bool, a: A, b: B) -> (RA, RB)
+where
+    A: FnOnce() -> RA + Send,
+    B: FnOnce() -> RB + Send,
+    RA: Send,
+    RB: Send,
+{
+    if parallel {
+        rayon::join(a, b)
+    } else {
+        (a(), b())
     }
 }
 
@@ -857,7 +879,8 @@ fn drain_from(
             // One fork-join for both outputs, as for a put's inputs.
             let hv = &staged_ref(h_vals)?.as_slice()[..m * w];
             let hf = &staged_ref(h_found)?.as_slice()[..m];
-            rayon::join(
+            join_if(
+                m >= PAR_MIN,
                 || par_copy(&mut values[start * w..(start + m) * w], hv),
                 || par_bools(&mut found[start..start + m], hf),
             );
