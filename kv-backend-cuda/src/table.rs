@@ -629,7 +629,7 @@ pub(crate) fn run_host_batch(
     let is_put = matches!(op, Op::Put { .. });
     // Only chunks big enough for parallel copies: a fork-join from outside the pool costs
     // a wake-up (tens of µs), more than a small chunk's enqueueing.
-    let pipelined = !pinned && nl >= 2 && cap >= PAR_MIN;
+    let pipelined = !pinned && nl >= 2 && cap >= join_min(op);
     // The lane of the last put chunk whose kernels are enqueued, and the chunk (lane, start,
     // len) copied in but whose kernels are not.
     let mut prev: Option<usize> = None;
@@ -726,7 +726,7 @@ fn copy_chunk(
 ) -> Result<()> {
     let w = lane.width;
     let keys = &keys[start..start + m];
-    let large = m >= PAR_MIN;
+    let large = m >= join_min(op);
     match op {
         Op::Get { .. } | Op::Contains { .. } => {
             // The previous chunk's output out and this chunk's keys in, in one fork-join:
@@ -777,9 +777,19 @@ fn copy_chunk(
     }
 }
 
-/// `rayon::join(a, b)` when `parallel`, else `a` then `b` on this thread: a fork-join from
-/// outside the pool costs a wake-up of tens of µs, more than the copies of a chunk below
-/// [`PAR_MIN`] items.
+/// Items of a chunk from which its two host copies (a put's keys and values in; a get's
+/// results out and keys in) run as a fork-join, and from which the batch overlaps
+/// enqueueing with copies: below it, a wake-up of the pool from outside (tens of µs) costs
+/// more than it saves. Measured on the H100 host (PERF.md): a put gains from 32K items
+/// (0.5 MiB of keys and values per chunk), a get only from [`PAR_MIN`].
+fn join_min(op: &Op<'_>) -> usize {
+    match op {
+        Op::Put { .. } => 1 << 15,
+        _ => PAR_MIN,
+    }
+}
+
+/// `rayon::join(a, b)` when `parallel`, else `a` then `b` on this thread (see [`join_min`]).
 fn join_if<A, B, RA, RB>(parallel: bool, a: A, b: B) -> (RA, RB)
 where
     A: FnOnce() -> RA + Send,
