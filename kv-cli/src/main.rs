@@ -1,5 +1,6 @@
 //! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
 
+mod host_copy;
 #[cfg(feature = "cuda")]
 mod pinned;
 #[cfg(feature = "cuda")]
@@ -81,6 +82,11 @@ struct BenchArgs {
     /// plain bench. CUDA only.
     #[arg(long)]
     pinned: bool,
+    /// The host's parallel copy rate (the bound of PUT and GET from a `Vec` on the CUDA
+    /// backend): --items words copied with streaming and with ordinary stores, into a `Vec`
+    /// and, with the CUDA backend, into page-locked memory; median of --reps.
+    #[arg(long)]
+    host_copy: bool,
     /// Key order of --resident: `random`, or grouped by table region as a partitioned
     /// batch would be (`regions=N`, N a power of two; `slot`: sorted by home slot), to
     /// measure what probing with locality is worth.
@@ -186,6 +192,9 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     cfg.validate()?;
     if a.resident {
         return run_resident(a).map(|()| true);
+    }
+    if a.host_copy {
+        return host_copy::run(a).map(|()| true);
     }
     if a.pinned {
         if !matches!(a.backend, Choice::Auto | Choice::Cuda) {
