@@ -653,38 +653,38 @@ pub(crate) fn run_host_batch(
                     &lane.stream,
                 )?;
             }
+        } else {
+            match queued.take() {
+                // Pipelined: the queued chunk's kernels alongside this chunk's copies.
+                Some((q, qs, qm)) => {
+                    order_after(lanes, q, is_put, prev)?;
+                    prev = Some(q);
+                    let mut shape = op.shape();
+                    let [ql, cl] = lanes.get_disjoint_mut([q, li]).map_err(|_| Error::Device {
+                        backend: BACKEND,
+                        message: "internal: a pipelined chunk reuses the lane being enqueued"
+                            .into(),
+                    })?;
+                    let (launched, copied) = rayon::join(
+                        || {
+                            gpu.bind()
+                                .and_then(|()| launch_chunk(gpu, table, ql, &mut shape, qs, qm))
+                        },
+                        || copy_chunk(cl, op, keys, start, m, &mut tr),
+                    );
+                    launched?;
+                    copied?;
+                }
+                None => copy_chunk(&mut lanes[li], op, keys, start, m, &mut tr)?,
+            }
+            transfer_in(&mut lanes[li], op, m)?;
+        }
+        if pipelined {
+            queued = Some((li, start, m));
+        } else {
             order_after(lanes, li, is_put, prev)?;
             launch_chunk(gpu, table, &mut lanes[li], op, start, m)?;
             prev = Some(li);
-        } else if let Some((q, qs, qm)) = queued.take().filter(|_| pipelined) {
-            order_after(lanes, q, is_put, prev)?;
-            prev = Some(q);
-            let mut shape = op.shape();
-            let [ql, cl] = lanes.get_disjoint_mut([q, li]).map_err(|_| Error::Device {
-                backend: BACKEND,
-                message: "internal: a pipelined chunk reuses the lane being enqueued".into(),
-            })?;
-            let (launched, copied) = rayon::join(
-                || {
-                    gpu.bind()
-                        .and_then(|()| launch_chunk(gpu, table, ql, &mut shape, qs, qm))
-                },
-                || copy_chunk(cl, op, keys, start, m, &mut tr),
-            );
-            launched?;
-            copied?;
-            transfer_in(&mut lanes[li], op, m)?;
-            queued = Some((li, start, m));
-        } else {
-            copy_chunk(&mut lanes[li], op, keys, start, m, &mut tr)?;
-            transfer_in(&mut lanes[li], op, m)?;
-            if pipelined {
-                queued = Some((li, start, m));
-            } else {
-                order_after(lanes, li, is_put, prev)?;
-                launch_chunk(gpu, table, &mut lanes[li], op, start, m)?;
-                prev = Some(li);
-            }
         }
     }
     if let Some((q, qs, qm)) = queued {
