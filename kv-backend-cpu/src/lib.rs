@@ -54,6 +54,8 @@ struct State {
     bits: u32,
     parts: Vec<Part>,
     len: usize,
+    /// The table's hash seed (`TableConfig::seed`).
+    seed: u64,
     /// Regrouping buffers, kept between batches so that steady-state batches allocate nothing.
     scratch: (Vec<u64>, Vec<u64>),
 }
@@ -72,15 +74,16 @@ fn part_of(h: u64, bits: u32) -> usize {
 }
 
 impl State {
-    fn new(slots: usize, cfg: &TableConfig) -> Result<Self> {
+    fn new(slots: usize, cfg: &TableConfig, seed: u64) -> Result<Self> {
         let bits = part_bits(slots);
         let per = slots >> bits;
-        let parts = try_parts(1 << bits, per, cfg)?;
+        let parts = try_parts(1 << bits, per, cfg, seed)?;
         Ok(Self {
             slots,
             bits,
             parts,
             len: 0,
+            seed,
             scratch: Default::default(),
         })
     }
@@ -95,9 +98,9 @@ impl State {
             .parts
             .par_iter()
             .map(|old| {
-                let mut group = try_parts(ratio, per, cfg)?;
+                let mut group = try_parts(ratio, per, cfg, self.seed)?;
                 for i in old.live_slots() {
-                    let (k, h) = (old.keys[i], hash(old.keys[i]));
+                    let (k, h) = (old.keys[i], hash(old.keys[i], old.seed));
                     let dst = &mut group[part_of(h, bits) & (ratio - 1)];
                     dst.reserve(1, cfg.max_load_factor);
                     dst.upsert(h, k, old.row(i));
@@ -119,7 +122,7 @@ impl State {
         let w = cfg.width;
         let load = cfg.max_load_factor;
         let mut scratch = std::mem::take(&mut self.scratch);
-        let sorted = Sorted::new(keys, Some((values, w)), self.bits, &mut scratch);
+        let sorted = Sorted::new(keys, Some((values, w)), self.bits, self.seed, &mut scratch);
         let added: usize = self
             .parts
             .par_iter_mut()
@@ -145,7 +148,7 @@ impl State {
 
     fn apply_delete(&mut self, keys: &[u64]) -> usize {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let sorted = Sorted::new(keys, None, self.bits, &mut scratch);
+        let sorted = Sorted::new(keys, None, self.bits, self.seed, &mut scratch);
         let removed: usize = self
             .parts
             .par_iter_mut()
@@ -177,7 +180,7 @@ impl State {
         let mut found: [Option<(usize, usize)>; RING] = [None; RING];
         for j in 0..n + HOME_AHEAD + ROW_AHEAD {
             if j < n {
-                let h = hash(keys[j]);
+                let h = hash(keys[j], self.seed);
                 hs[j % RING] = h;
                 self.parts[part_of(h, self.bits)].prefetch_home(h);
             }
@@ -201,7 +204,7 @@ impl State {
     }
 }
 
-fn try_parts(n: usize, slots: usize, cfg: &TableConfig) -> Result<Vec<Part>> {
+fn try_parts(n: usize, slots: usize, cfg: &TableConfig, seed: u64) -> Result<Vec<Part>> {
     let bytes = (slots * (9 + 8 * cfg.width)) as u64;
     let mut parts = Vec::new();
     parts
@@ -214,7 +217,7 @@ fn try_parts(n: usize, slots: usize, cfg: &TableConfig) -> Result<Vec<Part>> {
             .try_reserve_exact(slots * (cfg.width + 1))
             .map_err(|_| oom(bytes))?;
         drop(probe);
-        parts.push(Part::new(slots, cfg.width, cfg.max_load_factor));
+        parts.push(Part::new(slots, cfg.width, cfg.max_load_factor, seed));
     }
     Ok(parts)
 }
@@ -233,12 +236,12 @@ fn for_each_prefetched(part: &mut Part, keys: &[u64], mut f: impl FnMut(&mut Par
     const RING: usize = 16;
     let mut ring = [0u64; RING];
     for (j, &k) in keys.iter().enumerate().take(PREFETCH_AHEAD) {
-        ring[j % RING] = hash(k);
+        ring[j % RING] = hash(k, part.seed);
         part.prefetch_home(ring[j % RING]);
     }
     for j in 0..keys.len() {
         if let Some(&k) = keys.get(j + PREFETCH_AHEAD) {
-            let h = hash(k);
+            let h = hash(k, part.seed);
             ring[(j + PREFETCH_AHEAD) % RING] = h;
             part.prefetch_home(h);
         }
@@ -290,6 +293,7 @@ impl<'a> Sorted<'a> {
         keys: &'a [u64],
         values: Option<(&'a [u64], usize)>,
         bits: u32,
+        seed: u64,
         scratch: &'a mut (Vec<u64>, Vec<u64>),
     ) -> Self {
         if bits == 0 {
@@ -302,7 +306,7 @@ impl<'a> Sorted<'a> {
             .par_chunks(chunk)
             .map(|c| {
                 let mut h = vec![0usize; parts];
-                c.iter().for_each(|&k| h[part_of(hash(k), bits)] += 1);
+                c.iter().for_each(|&k| h[part_of(hash(k, seed), bits)] += 1);
                 h
             })
             .collect();
@@ -332,7 +336,7 @@ impl<'a> Sorted<'a> {
             .enumerate()
             .for_each(|(c, (ks, mut next))| {
                 for (j, k) in ks.iter().enumerate() {
-                    let p = part_of(hash(*k), bits);
+                    let p = part_of(hash(*k, seed), bits);
                     let (dst, src) = (next[p], c * chunk + j);
                     // SAFETY: next[p] walks this chunk's own disjoint range of the outputs,
                     // computed from the histograms above, so it is in bounds and no other task
@@ -381,7 +385,8 @@ impl CpuBackend {
     /// Opens an empty table.
     pub fn open(cfg: TableConfig) -> Result<Self> {
         cfg.validate()?;
-        let state = State::new(cfg.initial_slots(), &cfg)?;
+        let seed = cfg.table_seed();
+        let state = State::new(cfg.initial_slots(), &cfg, seed)?;
         Ok(Self {
             cfg,
             state: RwLock::new(state),

@@ -11,16 +11,10 @@ pub(crate) fn tag(h: u64) -> u8 {
     ((h >> 32) & 0x7F) as u8
 }
 
-/// The murmur3 64-bit finaliser: a bijection with full avalanche, cheap enough for
-/// batches of hundreds of millions of keys.
+/// The table's seeded hash, as every backend computes it ([`kv_kernels::layout::hash`]).
 #[inline]
-pub(crate) fn hash(key: u64) -> u64 {
-    let mut h = key;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+pub(crate) fn hash(key: u64, seed: u64) -> u64 {
+    kv_kernels::layout::hash(key, seed)
 }
 
 #[inline]
@@ -55,10 +49,12 @@ pub(crate) struct Part {
     /// Live plus deleted slots: what probing has to walk past.
     pub(crate) used: usize,
     pub(crate) max_used: usize,
+    /// The table's hash seed.
+    pub(crate) seed: u64,
 }
 
 impl Part {
-    pub(crate) fn new(slots: usize, width: usize, max_load: f64) -> Self {
+    pub(crate) fn new(slots: usize, width: usize, max_load: f64, seed: u64) -> Self {
         Self {
             ctrl: vec![EMPTY; slots],
             keys: committed(slots),
@@ -67,6 +63,7 @@ impl Part {
             live: 0,
             used: 0,
             max_used: kv_core::capacity_of(slots, max_load).min(slots - 1),
+            seed,
         }
     }
 
@@ -190,7 +187,7 @@ impl Part {
         while kv_core::capacity_of(slots, max_load).min(slots - 1) < self.live + incoming {
             slots *= 2;
         }
-        let mut fresh = Part::new(slots, self.width, max_load);
+        let mut fresh = Part::new(slots, self.width, max_load, self.seed);
         self.drain_into(&mut fresh);
         *self = fresh;
     }
@@ -199,7 +196,7 @@ impl Part {
     pub(crate) fn drain_into(&self, dst: &mut Part) {
         for i in 0..self.ctrl.len() {
             if self.ctrl[i] & 0x80 == 0 {
-                dst.upsert(hash(self.keys[i]), self.keys[i], self.row(i));
+                dst.upsert(hash(self.keys[i], self.seed), self.keys[i], self.row(i));
             }
         }
     }

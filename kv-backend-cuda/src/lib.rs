@@ -148,7 +148,7 @@ impl CudaBackend {
         cfg.validate()?;
         let gpu = gpu::gpu(cfg.device)?;
         gpu.bind()?;
-        let state = State::new(&gpu, cfg.initial_slots(), cfg.width)?;
+        let state = State::new(&gpu, cfg.initial_slots(), cfg.width, cfg.table_seed())?;
         Ok(CudaBackend {
             gpu,
             cfg,

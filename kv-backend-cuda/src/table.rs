@@ -455,6 +455,8 @@ pub(crate) struct State {
     pub tombs: usize,
     /// Sentinel keys present (0..=2).
     pub spec_len: usize,
+    /// The table's hash seed (`TableConfig::seed`).
+    pub seed: u64,
 }
 
 fn array_bytes(slots: usize, words: usize) -> Result<usize> {
@@ -468,7 +470,7 @@ fn array_bytes(slots: usize, words: usize) -> Result<usize> {
 }
 
 impl State {
-    pub fn new(gpu: &Gpu, slots: usize, width: usize) -> Result<State> {
+    pub fn new(gpu: &Gpu, slots: usize, width: usize, seed: u64) -> Result<State> {
         let keys = DevBuf::new(gpu, array_bytes(slots, 1)?)?;
         let values = DevBuf::new(gpu, array_bytes(slots, width)?)?;
         let special = DevBuf::new(gpu, special_words(width as u32) as usize * 8)?;
@@ -485,6 +487,7 @@ impl State {
             len: 0,
             tombs: 0,
             spec_len: 0,
+            seed,
         };
         st.clear(gpu)?;
         Ok(st)
@@ -499,6 +502,7 @@ impl State {
             mask: self.slots as u64 - 1,
             width: width as u32,
             pad: 0,
+            seed: self.seed,
         }
     }
 

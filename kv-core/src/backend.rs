@@ -75,6 +75,13 @@ impl Audit {
 ///    value words of any of its occurrences. Nothing outside the batch changes, and
 ///    `len()` counts what was applied when the device can still report it.
 ///
+/// h. **The hash seed.** A table hashes keys with a seed ([`TableConfig::seed`](crate::TableConfig::seed)): random per
+///    table unless the config fixes one. Every backend uses the same seeded function, so
+///    a fixed seed places every key in the same slot on every backend. No result depends
+///    on the seed; only where keys sit, and so how long probes are, does. Keys chosen to
+///    share one slot (for a known seed) cost time, never correctness: every operation
+///    stays exact whatever the chains' length, on drivers that bound a shader's loops too.
+///
 /// Errors never come as panics.
 ///
 /// Optional capabilities are methods with a default that answers

@@ -36,6 +36,18 @@ pub struct TableConfig {
     /// Which device to use, by the backend's own ordinal; `None` lets the backend choose
     /// (the GPU with the most free memory).
     pub device: Option<usize>,
+    /// The seed of the table's hash; `None` (the default) draws a random one per table.
+    ///
+    /// Every backend hashes a key as `fmix64(key ^ seed)` (MurmurHash3's 64-bit finaliser)
+    /// and probes linearly from `hash & (slots - 1)`. That function is invertible, so whoever
+    /// knows the seed can compute thousands of keys that share one home slot and make every
+    /// probe walk one long chain. With a random seed, keys computed against one table (or
+    /// against the unseeded function) scatter in another, which is why tables fed by
+    /// strangers (a network server) must keep the default, as Rust's `HashMap` seeds itself
+    /// for the same reason. Fix the seed for reproducible tests and benchmarks: the same
+    /// seed gives the same slot for every key on every backend. Results never depend on the
+    /// seed, only the placement of keys (and so the speed) does.
+    pub seed: Option<u64>,
 }
 
 impl Default for TableConfig {
@@ -46,6 +58,7 @@ impl Default for TableConfig {
             max_load_factor: 0.75,
             growth: true,
             device: None,
+            seed: None,
         }
     }
 }
@@ -77,6 +90,31 @@ impl TableConfig {
     pub fn device(mut self, ordinal: usize) -> Self {
         self.device = Some(ordinal);
         self
+    }
+    /// Fixes the hash seed (see [`seed`](Self#structfield.seed)), for reproducible tests.
+    ///
+    /// ```
+    /// use kv_core::TableConfig;
+    /// let cfg = TableConfig::new(100).seed(42);
+    /// assert_eq!(cfg.table_seed(), 42);
+    /// // Without one, every table draws its own.
+    /// assert_ne!(TableConfig::new(100).table_seed(), TableConfig::new(100).table_seed());
+    /// ```
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The hash seed for a new table: the configured one, else a fresh random one (from the
+    /// operating system's randomness, through `std`'s `RandomState`, so different for every
+    /// call). Backends call it once when they open a table.
+    pub fn table_seed(&self) -> u64 {
+        use std::hash::BuildHasher;
+        static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        self.seed.unwrap_or_else(|| {
+            let n = DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::hash::RandomState::new().hash_one(n)
+        })
     }
 
     /// Checks the config; every backend calls this before allocating.

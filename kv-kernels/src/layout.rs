@@ -20,23 +20,76 @@ pub const fn special_index(key: u64) -> u64 {
     key.wrapping_sub(TOMBSTONE)
 }
 
-/// The 64-bit finaliser of MurmurHash3 (`fmix64`): a bijection, so distinct keys never
-/// share a full hash, with good avalanche so that `hash & mask` spreads sequential keys.
+/// First multiplier of MurmurHash3's 64-bit finaliser (`fmix64`).
+pub const FMIX_C1: u64 = 0xff51_afd7_ed55_8ccd;
+/// Second multiplier of MurmurHash3's 64-bit finaliser (`fmix64`).
+pub const FMIX_C2: u64 = 0xc4ce_b9fe_1a85_ec53;
+
+/// The table's hash: the 64-bit finaliser of MurmurHash3 (`fmix64`) of `key ^ seed`.
+///
+/// This is the one definition every backend uses (the CPU backend calls it, the CUDA kernels
+/// are compiled from it, and the wgpu backend's WGSL is generated from [`FMIX_C1`] and
+/// [`FMIX_C2`]), so that the backends place keys alike.
+///
+/// For a fixed seed it is a bijection (distinct keys never share a full hash) with full
+/// avalanche, so `hash & mask` spreads sequential keys. It is also invertible, so keys that
+/// share a home slot are easy to compute *for a known seed*: that is what the seed is for.
+/// A table draws a random seed unless its config fixes one, and keys computed against one
+/// seed scatter under another. It is a keyed mix, not a cryptographic PRF: it defeats keys
+/// precomputed against the fixed function or against another table, not an attacker who can
+/// probe one table's timings at length.
 #[inline(always)]
-pub const fn hash(key: u64) -> u64 {
-    let mut h = key;
+pub const fn hash(key: u64, seed: u64) -> u64 {
+    let mut h = key ^ seed;
     h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h = h.wrapping_mul(FMIX_C1);
     h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h = h.wrapping_mul(FMIX_C2);
     h ^= h >> 33;
     h
 }
 
-/// The first slot probed for `key` in a table of `mask + 1` slots (a power of two).
+/// The multiplicative inverse of an odd `c` modulo 2^64 (Newton's iteration: each step
+/// doubles the correct low bits, from 3).
+const fn inverse(c: u64) -> u64 {
+    let mut inv = c;
+    let mut i = 0;
+    while i < 5 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(inv)));
+        i += 1;
+    }
+    inv
+}
+
+/// The key whose [`hash`] under `seed` is `h`: the inverse of [`hash`].
+///
+/// Tests use it to build adversarial keys (many keys sharing one home slot, chains that
+/// wrap around the end of the table) for a table whose seed they fixed.
+///
+/// ```
+/// use kv_kernels::layout::{hash, unhash};
+/// let seed = 0x5eed;
+/// for h in [0, 1, 42, u64::MAX] {
+///     assert_eq!(hash(unhash(h, seed), seed), h);
+/// }
+/// ```
 #[inline(always)]
-pub const fn home_slot(key: u64, mask: u64) -> u64 {
-    hash(key) & mask
+pub const fn unhash(h: u64, seed: u64) -> u64 {
+    let mut x = h;
+    // x ^= x >> 33 is its own inverse (33 > 64 / 2).
+    x ^= x >> 33;
+    x = x.wrapping_mul(inverse(FMIX_C2));
+    x ^= x >> 33;
+    x = x.wrapping_mul(inverse(FMIX_C1));
+    x ^= x >> 33;
+    x ^ seed
+}
+
+/// The first slot probed for `key` in a table of `mask + 1` slots (a power of two) whose
+/// hash seed is `seed`.
+#[inline(always)]
+pub const fn home_slot(key: u64, seed: u64, mask: u64) -> u64 {
+    hash(key, seed) & mask
 }
 
 /// The slot probed after `slot` (linear probing, wrapping).
@@ -136,6 +189,8 @@ pub struct TableArgs {
     pub width: u32,
     /// Padding, always 0 (keeps the layout explicit).
     pub pad: u32,
+    /// The table's hash seed ([`hash`]).
+    pub seed: u64,
 }
 
 /// Arguments of the batch kernels (put passes, get, contains, delete). One struct, passed
@@ -191,7 +246,7 @@ pub struct FillArgs {
     pub n: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<TableArgs>() == 48);
-const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 8 * 8);
-const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);
+const _: () = assert!(core::mem::size_of::<TableArgs>() == 56);
+const _: () = assert!(core::mem::size_of::<BatchArgs>() == 56 + 8 * 8);
+const _: () = assert!(core::mem::size_of::<RehashArgs>() == 56 + 3 * 8);
 const _: () = assert!(core::mem::size_of::<FillArgs>() == 24);

@@ -141,7 +141,7 @@ pub unsafe fn put_dedup<M: Mem>(a: &BatchArgs, i: u64) -> Deduped {
     // i + 1 < REPEAT: the host keeps n < 2^31 - 1.
     let me = (i + 1) as u32;
     let mask = a.local_mask;
-    let mut pos = home_slot(key, mask);
+    let mut pos = home_slot(key, a.table.seed, mask);
     let mut steps = 0u64;
     loop {
         let at = w32(a.local, pos);
@@ -212,60 +212,89 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
         out.skipped = true;
         return out;
     }
-    let start = home_slot(key, t.mask);
-    let slot;
-    'restart: loop {
-        let mut pos = start;
-        let mut first_tomb = u64::MAX;
-        let mut steps = 0u64;
-        loop {
-            // SAFETY: pos <= mask < slots.
-            let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+    let mut pos = home_slot(key, t.seed, t.mask);
+    let mut first_tomb = u64::MAX;
+    // Once set, the EMPTY slot that ended the probe: the key was not in any slot before it.
+    let mut end = u64::MAX;
+    let mut steps = 0u64;
+    let slot = loop {
+        // SAFETY: pos <= mask < slots.
+        let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        if end != u64::MAX {
+            // Claiming: a tombstone lost to another key sent us on from the slot after it.
+            // During a put, slots only go from EMPTY or TOMBSTONE to a key, so the key is
+            // still in no slot before `end` but where another item of the chunk with the
+            // same key claims one; that item tries the same free slots in the same order,
+            // so both meet on one. Take the next tombstone, else `end` itself.
+            let want = if pos == end { EMPTY } else { TOMBSTONE };
+            if cur == want {
+                // SAFETY: pos < slots.
+                let old = unsafe { M::cas(w64(t.keys, pos), want, key) };
+                if old == want {
+                    out.inserted = true;
+                    out.from_empty = want == EMPTY;
+                    break pos;
+                }
+                cur = old;
+            }
+            if cur == key {
+                out.found = true;
+                break pos;
+            }
+            if pos == end {
+                // `end` went to another key: probe on as usual from the next slot.
+                end = u64::MAX;
+            }
+        } else {
             if cur == EMPTY {
                 if first_tomb != u64::MAX {
                     // SAFETY: first_tomb < slots.
                     let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
                     if old == TOMBSTONE {
                         out.inserted = true;
-                        slot = first_tomb;
-                        break 'restart;
+                        break first_tomb;
                     }
                     if old == key {
                         // Another item of the chunk claimed it for the same key.
                         out.found = true;
-                        slot = first_tomb;
-                        break 'restart;
+                        break first_tomb;
                     }
-                    // Another key took the tombstone: probe again from the start.
-                    continue 'restart;
+                    // Another key took the tombstone: claim from the slot after it up to
+                    // this EMPTY one, never walking the chain again (a walk per lost race
+                    // would be quadratic in the chain's length under contention).
+                    end = pos;
+                    steps = first_tomb.wrapping_sub(home_slot(key, t.seed, t.mask)) & t.mask;
+                    pos = first_tomb;
+                    first_tomb = u64::MAX;
+                    pos = next_slot(pos, t.mask);
+                    steps += 1;
+                    continue;
                 }
                 // SAFETY: pos < slots.
                 let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
                 if old == EMPTY {
                     out.inserted = true;
                     out.from_empty = true;
-                    slot = pos;
-                    break 'restart;
+                    break pos;
                 }
                 // Someone claimed this slot first: look at what they put there.
                 cur = old;
             }
             if cur == key {
                 out.found = true;
-                slot = pos;
-                break 'restart;
+                break pos;
             }
             if cur == TOMBSTONE && first_tomb == u64::MAX {
                 first_tomb = pos;
             }
-            pos = next_slot(pos, t.mask);
-            steps += 1;
-            if steps > t.mask {
-                out.overflow = true;
-                return out;
-            }
         }
-    }
+        pos = next_slot(pos, t.mask);
+        steps += 1;
+        if steps > t.mask {
+            out.overflow = true;
+            return out;
+        }
+    };
     // SAFETY: rows are in bounds (slot < slots, i < n).
     unsafe { copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w) };
     out
@@ -375,7 +404,7 @@ pub unsafe fn put_rewrite<M: Mem>(a: &BatchArgs, i: u64) -> Rewritten {
 /// Finds `key` in the table: its slot, or `None` (sentinel keys are not looked for here).
 #[inline(always)]
 unsafe fn find<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
-    let mut pos = home_slot(key, t.mask);
+    let mut pos = home_slot(key, t.seed, t.mask);
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
@@ -453,7 +482,7 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
         out.special = unsafe { M::exch(w64(t.special, special_index(key)), 0) } != 0;
         return out;
     }
-    let mut pos = home_slot(key, t.mask);
+    let mut pos = home_slot(key, t.seed, t.mask);
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
@@ -485,7 +514,7 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
     if is_sentinel(key) {
         return Some(false);
     }
-    let mut pos = home_slot(key, t.mask);
+    let mut pos = home_slot(key, t.seed, t.mask);
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
