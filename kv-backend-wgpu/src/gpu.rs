@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use kv_core::{Error, Result};
 
 use crate::gpu_trace;
-use crate::shader::{self, BATCH_FIXED, Flavour};
+use crate::shader::{self, BATCH_FIXED, Flavour, REHASH_FIXED};
 
 /// The backend's name in errors and descriptions.
 pub(crate) const BACKEND: &str = "wgpu";
@@ -20,6 +20,16 @@ const REQUIRED: [(wgpu::Features, &str); 2] = [
         "SHADER_INT64_ATOMIC_ALL_OPS",
     ),
 ];
+
+/// The probe budget on a software adapter (Mesa's llvmpipe/lavapipe, which stops an
+/// invocation's loops after about 65,535 iterations in all): well below that, with room for
+/// the other loops of a kernel.
+pub const CPU_PROBE_BUDGET: u32 = 4096;
+
+/// The probe budget on a GPU: beyond the longest chain of random keys at the highest load
+/// factor (estimated near 14,000 slots at 0.95 in a table of 10^8 keys:
+/// docs/adversarial-keys.md), so that only crafted keys ever need a resume round.
+pub const GPU_PROBE_BUDGET: u32 = 1 << 15;
 
 /// The largest storage binding used, whatever the adapter reports: Vulkan drivers cap
 /// bindings near 2 GiB (a u32 range) even where more is reported.
@@ -240,6 +250,9 @@ pub(crate) struct Gpu {
     pub max_groups: u32,
     /// The most storage buffers one shader may bind.
     pub max_storage: u32,
+    /// The default probe budget of a table on this device: the most slots one invocation
+    /// probes per dispatch (shader module docs, "Bounded probes").
+    pub probe_budget: u32,
     /// Whether the device was created with timestamp queries (only when tracing; see
     /// `gpu_trace`).
     pub timestamps: bool,
@@ -302,6 +315,11 @@ impl Gpu {
                 .max_storage_buffers_per_shader_stage
                 .min(limits.max_bindings_per_bind_group.saturating_sub(1)),
             timestamps,
+            probe_budget: if info.device_type == wgpu::DeviceType::Cpu {
+                CPU_PROBE_BUDGET
+            } else {
+                GPU_PROBE_BUDGET
+            },
             lost,
             uncaptured,
             batch_layouts: Mutex::new(HashMap::new()),
@@ -322,8 +340,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// The most segments a table may have on this device: a batch binds 9 storage buffers
-    /// plus the key and value segments; a rehash 3 plus the new table's segments.
+    /// The most segments a table may have on this device: a batch binds `BATCH_FIXED - 1`
+    /// storage buffers plus the key and value segments; a rehash `REHASH_FIXED - 1` plus the
+    /// new table's segments.
     pub fn max_segments(&self) -> usize {
         (self.max_storage.saturating_sub(BATCH_FIXED - 1) / 2) as usize
     }
@@ -472,7 +491,7 @@ impl Gpu {
         if let Some(l) = lock(&self.rehash_layouts).get(&segs) {
             return Ok(l.clone());
         }
-        let l = self.make_layout(1, 3 + 2 * segs as u32)?;
+        let l = self.make_layout(1, REHASH_FIXED - 1 + 2 * segs as u32)?;
         lock(&self.rehash_layouts).insert(segs, l.clone());
         Ok(l)
     }

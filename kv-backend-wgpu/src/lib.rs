@@ -87,7 +87,7 @@ use kv_core::{
 };
 use kv_staging::LanePool;
 
-pub use gpu::AdapterInfo;
+pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};
 use shader::ctl;
 pub use table::{CHUNK_MIB_ENV, REGION_ORDER_ENV, REGION_ORDER_MIN_SLOTS, TRACE_ENV};
@@ -212,6 +212,7 @@ impl WgpuBackend {
             cfg.width,
             max_seg_bytes,
             buffer_bytes,
+            cfg.table_seed(),
         )?;
         gpu.check()?;
         Ok(WgpuBackend {
@@ -242,6 +243,37 @@ impl WgpuBackend {
     /// array is one buffer).
     pub fn table_buffers(&self) -> usize {
         self.read().buffers.len()
+    }
+
+    /// The most slots one shader invocation probes per dispatch (see
+    /// [`set_probe_budget`](Self::set_probe_budget)).
+    pub fn probe_budget(&self) -> u32 {
+        self.read().budget
+    }
+
+    /// Sets the most slots one shader invocation probes per dispatch (at least 1).
+    ///
+    /// Every probe (put, get, contains, delete, the dedup of a put chunk, a rehash) stops
+    /// after this many slots in one dispatch, saves where it is, and is resumed in another
+    /// dispatch; a result is only taken from a probe that finished. This keeps each shader
+    /// invocation below the loop limits some drivers enforce (Mesa's llvmpipe ends an
+    /// invocation's loops after about 65,535 iterations) and each dispatch short under a
+    /// watchdog. The default is [`CPU_PROBE_BUDGET`] on a software adapter and
+    /// [`GPU_PROBE_BUDGET`] on a GPU: random keys never need a second round there, and only
+    /// chains longer than the budget (keys crafted against a known seed) pay a round, a
+    /// submission and a wait, per budget's worth of slots. Tests set a small budget to
+    /// exercise the resumed probes with short chains.
+    ///
+    /// ```no_run
+    /// use kv_backend_wgpu::WgpuBackend;
+    /// use kv_core::{KvBackend, TableConfig};
+    /// let table = WgpuBackend::open(TableConfig::new(1000))?;
+    /// table.set_probe_budget(4);
+    /// table.put(&[1, 2, 3], &[10, 20, 30])?; // correct whatever the budget
+    /// # Ok::<(), kv_core::Error>(())
+    /// ```
+    pub fn set_probe_budget(&self, steps: u32) {
+        self.write().budget = steps.max(1);
     }
 
     /// The most segments a table may have on this adapter (its storage-binding limit).

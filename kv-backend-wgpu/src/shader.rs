@@ -13,8 +13,9 @@
 //!
 //! # Put protocol (per chunk; the chunks of a batch run in order)
 //!
-//! As the CUDA kernels (`kv-kernels/src/ops.rs`): a chunk is first resolved against itself
-//! in the lane's *local table* (`ltab`, `u32[L]` with `L` the power of two >= 2n, zeroed
+//! Unlike the CUDA kernels (`kv-kernels/src/ops.rs`, which place first and resolve repeats
+//! only when a key was found), a chunk is first resolved against itself in the lane's
+//! *local table* (`ltab`, `u32[L]` with `L` the power of two >= 2n, zeroed
 //! before the chunk, followed by the chunk's flags), then only the last occurrence of each
 //! key touches the table.
 //!
@@ -26,7 +27,33 @@
 //! 2. `kv_put_place`: when DUP is raised, an item whose local slot does not hold `1 + i`
 //!    is not the last occurrence of its key and does nothing; otherwise (every item of a
 //!    chunk without repeats) it places its key and writes its row, once. Thread 0 applies
-//!    the sentinel keys, whose winners pass 1 recorded.
+//!    the sentinel keys, whose winners pass 1 recorded. A key is claimed at the first
+//!    tombstone met on its probe, else at the EMPTY slot that ends it. A tombstone lost to
+//!    another key sends the probe on from the slot after it, *claiming*: during a put
+//!    slots only fill, so the key is still absent before that EMPTY slot, and the probe
+//!    takes the next tombstone or the EMPTY slot itself without walking the chain again.
+//!    Each probe moves forward only, never back to the home slot, so keys racing for the
+//!    tombstones of one chain cost no more than its length each.
+//!
+//! # Bounded probes
+//!
+//! No invocation probes more than `p.budget` slots per dispatch (the table's
+//! [`probe budget`](crate::WgpuBackend::set_probe_budget)): some drivers end a shader's loops
+//! or the whole dispatch past a limit (Mesa's llvmpipe stops an invocation's loops after
+//! about 65,535 iterations; watchdogs and browsers kill long dispatches), and an item cut
+//! short must never be taken as a result. Each item keeps its probe state in the lane's
+//! `probe` buffer (word `4 + 3i`: the slots probed from its home slot, 0 once it is done;
+//! word `5 + 3i`: 1 + the steps to the first tombstone met, 0 for none; word `6 + 3i`,
+//! while claiming: 1 + the steps to the EMPTY slot that ended the probe) and an item that
+//! runs out of budget saves it, counts itself in `probe[0]` and, in a put, raises the
+//! table's STALL word to its pass code (`p.code`, then `p.code + 1` for the place pass).
+//! Put kernels whose code is above a raised STALL do nothing, so no later chunk runs
+//! before the stalled one is finished. The host sees `probe[0]` in the chunk's readback
+//! and finishes the chunk in *resume rounds* (`p.resume = 1`: only the unfinished items
+//! run, from their saved state) until none is left; a put then runs its later chunks
+//! again. Lookups and deletes do not depend on other chunks and are finished in place.
+//! A chain of `L` slots therefore costs `L / budget` extra rounds for the items that walk
+//! it, each a submission and a wait, and never a wrong answer.
 //!
 //! # Region order
 //!
@@ -51,9 +78,12 @@ pub(crate) const WORKGROUP: u32 = 256;
 
 /// Indices of the u64 words of a table's control buffer (the shaders use the same numbers).
 ///
-/// Words 0 to 2 are unused (the per-chunk flags of a put live in the lane's local table);
+/// Words 0 and 1 are unused (the per-chunk flags of a put live in the lane's local table);
 /// 12 and 13 take the counts a pass does not keep.
 pub(crate) mod ctl {
+    /// The code of a put pass (or rehash piece) that left items unfinished, 0 for none
+    /// ("Bounded probes" in the module docs).
+    pub const STALL: usize = 2;
     /// Keys newly placed in the key array (from EMPTY or a tombstone).
     pub const INSERTED: usize = 3;
     /// Of those, the ones that took an EMPTY slot.
@@ -96,7 +126,17 @@ impl Flavour {
 }
 
 /// First binding of the key segments in the batch layout (values follow the keys).
-pub(crate) const BATCH_FIXED: u32 = 10;
+pub(crate) const BATCH_FIXED: u32 = 11;
+
+/// First binding of the new key segments in the rehash layout (values follow the keys).
+pub(crate) const REHASH_FIXED: u32 = 5;
+
+/// Words of a lane's `probe` buffer before the per-item probe states (word 0 counts the
+/// items a dispatch left unfinished).
+pub(crate) const PROBE_HDR: u32 = 4;
+
+/// Words of probe state per item (module docs, "Bounded probes").
+pub(crate) const PROBE_WORDS: u32 = 3;
 
 /// Table regions a chunk's items are grouped by when probing in region order (fewer when
 /// the table has fewer slots): one per thread of a workgroup, which the ordering kernels
@@ -106,6 +146,7 @@ pub(crate) const REGIONS: u32 = WORKGROUP;
 /// Items each thread of the region histogram and scatter kernels handles.
 pub(crate) const ORDER_ITEMS: u32 = 16;
 
+/// The declarations every module shares; `{C1}` and `{C2}` are filled in by [`common`].
 const COMMON: &str = r#"
 const EMPTY: u64 = 0lu;
 const TOMB: u64 = 1lu;
@@ -119,20 +160,36 @@ struct Params {
     lmask: u32,
     rshift: u32,
     nreg: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    budget: u32,
+    code: u32,
+    resume: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
-fn fmix(key: u64) -> u64 {
-    var h = key;
+// The table's hash (kv_kernels::layout::hash): fmix64 of the key xor the table's seed.
+fn hash(key: u64) -> u64 {
+    var h = key ^ ((u64(p.seed_hi) << 32u) | u64(p.seed_lo));
     h ^= h >> 33u;
-    h *= 0xff51afd7ed558ccdlu;
+    h *= {C1}lu;
     h ^= h >> 33u;
-    h *= 0xc4ceb9fe1a85ec53lu;
+    h *= {C2}lu;
     h ^= h >> 33u;
     return h;
 }
 
 fn home(key: u64) -> u32 {
-    return u32(fmix(key) & u64(p.mask));
+    return u32(hash(key) & u64(p.mask));
+}
+
+// Whether a put pass (or rehash piece) of code `code` must do nothing: an earlier one left
+// items unfinished (module docs, "Bounded probes").
+fn stalled(code: u32) -> bool {
+    let s = atomicLoad(&ctl[2]);
+    return s != 0lu && s < u64(code);
 }
 
 fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
@@ -152,6 +209,14 @@ fn row_of(slot: u32) -> u32 {
     return (slot & ((1u << p.seg_shift) - 1u)) * p.width;
 }
 "#;
+
+/// [`COMMON`] with the hash's constants from [`kv_kernels::layout`], the one definition of
+/// the table's hash.
+fn common() -> String {
+    COMMON
+        .replace("{C1}", &format!("{:#x}", kv_kernels::layout::FMIX_C1))
+        .replace("{C2}", &format!("{:#x}", kv_kernels::layout::FMIX_C2))
+}
 
 /// Emits `fn {name}(seg: u32, off: u32{extra_params}) {ret} { switch seg { ... } }` where
 /// each case runs `body` with `{a}` replaced by the segment's array name.
@@ -241,12 +306,13 @@ pub(crate) fn batch_module(segs: usize, flavour: Flavour) -> String {
 @group(0) @binding(7) var<storage, read_write> ltab: array<atomic<u32>>;
 @group(0) @binding(8) var<storage, read_write> perm: array<u32>;
 @group(0) @binding(9) var<storage, read_write> rcnt: array<atomic<u32>>;
+@group(0) @binding(10) var<storage, read_write> probe: array<atomic<u32>>;
 "#,
     );
-    s.push_str(COMMON);
+    s.push_str(&common());
     let _ = writeln!(
         s,
-        "const REGIONS: u32 = {REGIONS}u;\nconst ORDER_ITEMS: u32 = {ORDER_ITEMS}u;"
+        "const REGIONS: u32 = {REGIONS}u;\nconst ORDER_ITEMS: u32 = {ORDER_ITEMS}u;\nconst PROBE_HDR: u32 = {PROBE_HDR}u;\nconst PROBE_WORDS: u32 = {PROBE_WORDS}u;"
     );
     segments(
         &mut s,
@@ -274,6 +340,47 @@ fn set_flag8(i: u32) {
 
 fn get_flag8(i: u32) -> bool {
     return ((atomicLoad(&flags8[i >> 2u]) >> ((i & 3u) * 8u)) & 0xffu) != 0u;
+}
+
+// Probe state of item i (module docs, "Bounded probes").
+fn st_at(i: u32) -> u32 { return PROBE_HDR + PROBE_WORDS * i; }
+
+// The slots item i has probed from its home slot: 0 in a first round.
+fn st_steps(i: u32) -> u32 {
+    if p.resume == 0u { return 0u; }
+    return atomicLoad(&probe[st_at(i)]);
+}
+
+// 1 + the steps from item i's home slot to the first tombstone it met, 0 for none.
+fn st_tomb(i: u32) -> u32 {
+    if p.resume == 0u { return 0u; }
+    return atomicLoad(&probe[st_at(i) + 1u]);
+}
+
+// While claiming: 1 + the steps from item i's home slot to the EMPTY slot that ended its
+// probe, else 0.
+fn st_end(i: u32) -> u32 {
+    if p.resume == 0u { return 0u; }
+    return atomicLoad(&probe[st_at(i) + 2u]);
+}
+
+// Whether item i has work in this round: every item in a first round, only the
+// unfinished ones in a resume round.
+fn st_active(i: u32) -> bool {
+    return p.resume == 0u || atomicLoad(&probe[st_at(i)]) != 0u;
+}
+
+// Item i is done (never resumed).
+fn st_done(i: u32) {
+    atomicStore(&probe[st_at(i)], 0u);
+}
+
+// Item i ran out of budget after `steps` slots (at least 1): save where it is and count it.
+fn st_save(i: u32, steps: u32, tomb: u32, end: u32) {
+    atomicStore(&probe[st_at(i)], steps);
+    atomicStore(&probe[st_at(i) + 1u], tomb);
+    atomicStore(&probe[st_at(i) + 2u], end);
+    atomicAdd(&probe[0], 1u);
 }
 
 fn flush(lid: u32, c0: u32, c1: u32, c2: u32, c3: u32) {
@@ -321,53 +428,88 @@ fn put_specials() {
 }
 
 // Put pass 2: if item i is the last occurrence of its key in the chunk, place the key
-// (claim EMPTY, reuse the first tombstone met, or find it) and write its row.
+// (claim the first tombstone met or the EMPTY slot that ends the probe, or find it) and
+// write its row. At most p.budget slots per item (module docs, "Bounded probes").
 @compute @workgroup_size(256)
 fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let code = p.code + 1u;
+    let skip = stalled(code);
     let j = item(wid, nwg, lid);
-    if j == 0u { put_specials(); }
+    if j == 0u && !skip && p.resume == 0u { put_specials(); }
     var i = j;
     var key = 0lu;
-    if j < p.n { i = at(j); key = keys_in[i]; }
-    var last = key > TOMB;
+    var live = j < p.n && !skip;
+    if live { i = at(j); key = keys_in[i]; live = st_active(i); }
+    var last = live && key > TOMB;
     if last && atomicLoad(&ltab[dup_flag()]) != 0u {
         last = atomicLoad(&ltab[slot_of[i]]) == i + 1u;
     }
+    if live && !last { st_done(i); }
     if last {
-        // 1: from empty, 2: from tombstone, 3: found, 4: overflow
+        // 0: unfinished, 1: from empty, 2: from tombstone, 3: found, 4: overflow
         var outcome = 0u;
         var slot = 0u;
-        loop {
-            var pos = home(key);
-            var tomb = 0u;
-            var has_tomb = false;
-            var steps = 0u;
-            var restart = false;
-            loop {
-                var cur = kload(seg_of(pos), koff(pos));
-                if cur == EMPTY {
-                    if has_tomb {
-                        let old = kcas(seg_of(tomb), koff(tomb), TOMB, key);
-                        if old == TOMB { outcome = 2u; slot = tomb; break; }
-                        if old == key { outcome = 3u; slot = tomb; break; }
-                        restart = true;
+        let h = home(key);
+        var steps = st_steps(i);
+        var tomb = st_tomb(i);
+        var end = st_end(i);
+        var pos = (h + steps) & p.mask;
+        for (var b = 0u; b < p.budget; b += 1u) {
+            var cur = kload(seg_of(pos), koff(pos));
+            if end != 0u {
+                // Claiming (module docs): the next tombstone, else the EMPTY slot `end - 1`
+                // steps from home.
+                var want = TOMB;
+                if steps + 1u == end { want = EMPTY; }
+                if cur == want {
+                    let old = kcas(seg_of(pos), koff(pos), want, key);
+                    if old == want {
+                        outcome = 2u;
+                        if want == EMPTY { outcome = 1u; }
+                        slot = pos;
                         break;
                     }
-                    let old = kcas(seg_of(pos), koff(pos), EMPTY, key);
-                    if old == EMPTY { outcome = 1u; slot = pos; break; }
                     cur = old;
                 }
                 if cur == key { outcome = 3u; slot = pos; break; }
-                if cur == TOMB && !has_tomb { has_tomb = true; tomb = pos; }
-                if steps == p.mask { outcome = 4u; break; }
+                // The EMPTY slot went to another key: probe on as usual.
+                if steps + 1u == end { end = 0u; }
                 steps += 1u;
                 pos = (pos + 1u) & p.mask;
+                continue;
             }
-            if !restart { break; }
+            if cur == EMPTY {
+                if tomb != 0u {
+                    let t = (h + tomb - 1u) & p.mask;
+                    let old = kcas(seg_of(t), koff(t), TOMB, key);
+                    if old == TOMB { outcome = 2u; slot = t; break; }
+                    if old == key { outcome = 3u; slot = t; break; }
+                    // Another key took the tombstone: claim from the slot after it.
+                    end = steps + 1u;
+                    steps = tomb;
+                    tomb = 0u;
+                    pos = (h + steps) & p.mask;
+                    continue;
+                }
+                let old = kcas(seg_of(pos), koff(pos), EMPTY, key);
+                if old == EMPTY { outcome = 1u; slot = pos; break; }
+                cur = old;
+            }
+            if cur == key { outcome = 3u; slot = pos; break; }
+            if cur == TOMB && tomb == 0u { tomb = steps + 1u; }
+            if steps == p.mask { outcome = 4u; break; }
+            steps += 1u;
+            pos = (pos + 1u) & p.mask;
+        }
+        if outcome == 0u {
+            st_save(i, steps, tomb, end);
+            atomicMax(&ctl[2], u64(code));
+        } else {
+            st_done(i);
         }
         if outcome == 4u {
             atomicAdd(&wg_cnt[3], 1u);
-        } else {
+        } else if outcome != 0u {
             if outcome == 1u { atomicAdd(&wg_cnt[1], 1u); }
             if outcome <= 2u { atomicAdd(&wg_cnt[0], 1u); }
             let w = p.width;
@@ -382,26 +524,35 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 }
 
 // Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.
+// At most p.budget slots per item.
 @compute @workgroup_size(256)
 fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
-    if j < p.n {
-        let key = keys_in[at(j)];
+    var i = j;
+    var live = j < p.n;
+    if live { i = at(j); live = st_active(i); }
+    if live {
+        let key = keys_in[i];
         if key <= TOMB {
             if atomicExchange(&special[u32(key)], 0lu) != 0lu { atomicAdd(&wg_cnt[1], 1u); }
+            st_done(i);
         } else {
-            var pos = home(key);
-            var steps = 0u;
-            loop {
+            let h = home(key);
+            var steps = st_steps(i);
+            var pos = (h + steps) & p.mask;
+            var done = false;
+            for (var b = 0u; b < p.budget; b += 1u) {
                 let cur = kload(seg_of(pos), koff(pos));
                 if cur == key {
                     if kcas(seg_of(pos), koff(pos), key, TOMB) == key { atomicAdd(&wg_cnt[0], 1u); }
+                    done = true;
                     break;
                 }
-                if cur == EMPTY || steps == p.mask { break; }
+                if cur == EMPTY || steps == p.mask { done = true; break; }
                 steps += 1u;
                 pos = (pos + 1u) & p.mask;
             }
+            if done { st_done(i); } else { st_save(i, steps, 0u, 0u); }
         }
     }
     flush(lid, 5u, 7u, 12u, 13u);
@@ -409,42 +560,51 @@ fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 "#;
 
 const PLAIN_PASSES: &str = r#"
-// Put pass 1: record key i in the chunk's local table (see the module docs).
+// Put pass 1: record key i in the chunk's local table (see the module docs). At most
+// p.budget slots per item.
 @compute @workgroup_size(256)
 fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let code = p.code;
     let i = item(wid, nwg, lid);
-    if i < p.n {
-        let key = keys_in[i];
-        let me = i + 1u;
-        if key <= TOMB {
-            atomicMax(&ltab[spec_flag(u32(key))], me);
-        } else {
-            var pos = u32(fmix(key) & u64(p.lmask));
-            var steps = 0u;
-            loop {
-                var cur = atomicLoad(&ltab[pos]);
-                if cur == 0u {
-                    let r = atomicCompareExchangeWeak(&ltab[pos], 0u, me);
-                    if r.exchanged { break; }
-                    // A spurious failure: try the slot again.
-                    if r.old_value == 0u { continue; }
-                    cur = r.old_value;
-                }
-                if keys_in[cur - 1u] == key {
-                    atomicMax(&ltab[pos], me);
-                    atomicStore(&ltab[dup_flag()], 1u);
-                    break;
-                }
-                if steps == p.lmask { atomicAdd(&ctl[8], 1lu); break; }
-                steps += 1u;
-                pos = (pos + 1u) & p.lmask;
-            }
-            slot_of[i] = pos;
-        }
+    if i >= p.n || stalled(code) || !st_active(i) { return; }
+    let key = keys_in[i];
+    let me = i + 1u;
+    if key <= TOMB {
+        atomicMax(&ltab[spec_flag(u32(key))], me);
+        st_done(i);
+        return;
     }
+    let h = u32(hash(key) & u64(p.lmask));
+    var steps = st_steps(i);
+    var pos = (h + steps) & p.lmask;
+    for (var b = 0u; b < p.budget; b += 1u) {
+        var cur = atomicLoad(&ltab[pos]);
+        if cur == 0u {
+            let r = atomicCompareExchangeWeak(&ltab[pos], 0u, me);
+            if r.exchanged { slot_of[i] = pos; st_done(i); return; }
+            // A spurious failure: try the slot again.
+            if r.old_value == 0u { continue; }
+            cur = r.old_value;
+        }
+        if keys_in[cur - 1u] == key {
+            atomicMax(&ltab[pos], me);
+            atomicStore(&ltab[dup_flag()], 1u);
+            slot_of[i] = pos;
+            st_done(i);
+            return;
+        }
+        if steps == p.lmask { atomicAdd(&ctl[8], 1lu); slot_of[i] = pos; st_done(i); return; }
+        steps += 1u;
+        pos = (pos + 1u) & p.lmask;
+    }
+    st_save(i, steps, 0u, 0u);
+    atomicMax(&ctl[2], u64(code));
 }
 
+// Get or contains of item i: at most p.budget slots; an unfinished item writes nothing
+// but its probe state.
 fn lookup(i: u32, with_values: bool) {
+    if !st_active(i) { return; }
     let key = keys_in[i];
     let w = p.width;
     if key <= TOMB {
@@ -458,18 +618,26 @@ fn lookup(i: u32, with_values: bool) {
                 vals_io[i * w + j] = v;
             }
         }
+        st_done(i);
         return;
     }
-    var pos = home(key);
-    var steps = 0u;
+    let h = home(key);
+    var steps = st_steps(i);
+    var pos = (h + steps) & p.mask;
     var found = false;
-    loop {
+    var done = false;
+    for (var b = 0u; b < p.budget; b += 1u) {
         let cur = kload(seg_of(pos), pos & ((1u << p.seg_shift) - 1u));
-        if cur == key { found = true; break; }
-        if cur == EMPTY || steps == p.mask { break; }
+        if cur == key { found = true; done = true; break; }
+        if cur == EMPTY || steps == p.mask { done = true; break; }
         steps += 1u;
         pos = (pos + 1u) & p.mask;
     }
+    if !done {
+        st_save(i, steps, 0u, 0u);
+        return;
+    }
+    st_done(i);
     if found { set_flag8(i); }
     if with_values {
         if found {
@@ -587,12 +755,16 @@ fn kv_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 }
 "#;
 
-/// The rehash module: moves the live keys of one old segment into a table of `segs`
-/// segments (dispatched once per old segment).
+/// The rehash module: moves the live keys of one piece of one old segment into a table of
+/// `segs` segments (dispatched once per piece, `p.n` slots from slot `p.base` of the old
+/// segment, each piece with its own `p.code`).
 ///
-/// Bindings: 0 params (`mask`/`seg_shift`/`width` of the new table, `n` slots of the old
-/// segment), 1 control, 2 the old key segment, 3 the old value segment, then the new key
-/// segments (atomic) and the new value segments.
+/// Bindings: 0 params (`mask`/`seg_shift`/`width`/seed/budget of the new table), 1 control,
+/// 2 the old key segment, 3 the old value segment, 4 the piece's probe states (`u32` per
+/// slot of the piece: the slots probed, 0 once done), then the new key segments (atomic)
+/// and the new value segments. Probes are bounded as the batch kernels' are: a piece that
+/// leaves keys unfinished raises STALL to its code, later pieces do nothing, and the host
+/// finishes the piece in resume rounds before it sends the rest again.
 pub(crate) fn rehash_module(segs: usize) -> String {
     let mut s = String::from(COMMON_HEADER);
     s.push_str(
@@ -601,24 +773,38 @@ pub(crate) fn rehash_module(segs: usize) -> String {
 @group(0) @binding(1) var<storage, read_write> ctl: array<atomic<u64>>;
 @group(0) @binding(2) var<storage, read_write> okeys: array<u64>;
 @group(0) @binding(3) var<storage, read_write> ovals: array<u64>;
+@group(0) @binding(4) var<storage, read_write> rprobe: array<u32>;
 "#,
     );
-    s.push_str(COMMON);
-    segments(&mut s, "nkeys", 4, segs, true, "nk");
-    segments(&mut s, "nvals", 4 + segs as u32, segs, false, "nv");
+    s.push_str(&common());
+    segments(&mut s, "nkeys", REHASH_FIXED, segs, true, "nk");
+    segments(
+        &mut s,
+        "nvals",
+        REHASH_FIXED + segs as u32,
+        segs,
+        false,
+        "nv",
+    );
     s.push_str(
         r#"
 var<workgroup> wg_cnt: array<atomic<u32>, 2>;
 
 @compute @workgroup_size(256)
 fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = item(wid, nwg, lid);
-    if i < p.n {
+    let l = item(wid, nwg, lid);
+    var live = l < p.n && !stalled(p.code);
+    if live && p.resume != 0u { live = rprobe[l] != 0u; }
+    if live {
+        let i = p.base + l;
         let key = okeys[i];
+        var steps = 0u;
         if key > TOMB {
-            var pos = home(key);
-            var steps = 0u;
-            loop {
+            let h = home(key);
+            if p.resume != 0u { steps = rprobe[l]; }
+            var pos = (h + steps) & p.mask;
+            var done = false;
+            for (var b = 0u; b < p.budget; b += 1u) {
                 let off = pos & ((1u << p.seg_shift) - 1u);
                 let seg = seg_of(pos);
                 if nkload(seg, off) == EMPTY && nkcas(seg, off, EMPTY, key) == EMPTY {
@@ -629,13 +815,20 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
                         nvstore(seg, r + j, ovals[orow + j]);
                     }
                     atomicAdd(&wg_cnt[0], 1u);
+                    done = true;
                     break;
                 }
-                if steps == p.mask { atomicAdd(&wg_cnt[1], 1u); break; }
+                if steps == p.mask { atomicAdd(&wg_cnt[1], 1u); done = true; break; }
                 steps += 1u;
                 pos = (pos + 1u) & p.mask;
             }
+            if done {
+                steps = 0u;
+            } else {
+                atomicMax(&ctl[2], u64(p.code));
+            }
         }
+        rprobe[l] = steps;
     }
     workgroupBarrier();
     if lid == 0u {

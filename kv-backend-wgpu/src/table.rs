@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::gpu::{Gpu, device_error, oom};
 use crate::gpu_trace::{self, BatchTimes, LaneTimer};
-use crate::shader::{ORDER_ITEMS, REGIONS, ctl};
+use crate::shader::{ORDER_ITEMS, PROBE_HDR, PROBE_WORDS, REGIONS, ctl};
 
 /// Staging lanes used by one host batch.
 pub(crate) const LANES: usize = 3;
@@ -118,10 +118,28 @@ pub(crate) const MIN_LANE: usize = 4096;
 pub(crate) const POOL_MAX: usize = 2 * LANES;
 /// Bytes at the start of an upload buffer reserved for the chunk's parameters.
 const UP_HDR: u64 = 256;
-/// Bytes at the start of a readback buffer reserved for the control words.
-const RB_HDR: u64 = (ctl::LEN * 8) as u64;
-/// Slots rehashed or counted per dispatch at most (keeps thread indices in u32).
+/// Bytes at the start of a readback buffer that take the table's control words.
+const RB_CTL: u64 = (ctl::LEN * 8) as u64;
+/// Bytes at the start of a readback buffer reserved for the control words, then the
+/// lane's probe header (the count of unfinished items).
+const RB_HDR: u64 = RB_CTL + PROBE_HDR as u64 * 4;
+/// Slots counted per dispatch at most (keeps thread indices in u32).
 const PIECE: usize = 1 << 30;
+/// Old slots per rehash dispatch at most: each has a probe state word (16 MiB for these).
+const REHASH_PIECE: usize = 1 << 22;
+/// Bytes of a kernel parameter block.
+const PARAMS_BYTES: u64 = std::mem::size_of::<Params>() as u64;
+
+/// A uniform buffer for one [`Params`] block.
+fn params_buffer(gpu: &Gpu) -> Result<wgpu::Buffer> {
+    use wgpu::BufferUsages as U;
+    gpu.buffer(
+        "vramkv params",
+        PARAMS_BYTES,
+        U::UNIFORM | U::COPY_DST,
+        false,
+    )
+}
 
 /// Kernel parameters, as the WGSL `Params` struct.
 #[repr(C)]
@@ -138,6 +156,16 @@ pub(crate) struct Params {
     pub rshift: u32,
     /// Region order: the table's regions, or 0 for probing in item order.
     pub nreg: u32,
+    /// The table's hash seed, low and high half.
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    /// The most slots one invocation probes per dispatch.
+    pub budget: u32,
+    /// The code of the dispatch's first pass (shader module docs, "Bounded probes").
+    pub code: u32,
+    /// 1 in a resume round: only unfinished items run, from their saved state.
+    pub resume: u32,
+    pub pad: [u32; 3],
 }
 
 /// Slots of the local table of a put chunk of `n` items: the power of two >= 2n (load at
@@ -158,14 +186,23 @@ const MAP_FAILED: u8 = 2;
 
 /// Asks for `buffer` to be mapped; `state` becomes `MAPPED` or `MAP_FAILED` when it is done.
 pub(crate) fn map(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>) {
+    map_range(buffer, mode, state, None);
+}
+
+/// [`map`] for the bytes before `end` (all of them for `None`).
+fn map_range(buffer: &wgpu::Buffer, mode: wgpu::MapMode, state: &Arc<AtomicU8>, end: Option<u64>) {
     state.store(MAP_PENDING, Ordering::Release);
     let s = state.clone();
-    buffer.map_async(mode, .., move |r| {
+    let done = move |r: std::result::Result<(), wgpu::BufferAsyncError>| {
         s.store(
             if r.is_ok() { MAPPED } else { MAP_FAILED },
             Ordering::Release,
         )
-    });
+    };
+    match end {
+        Some(end) => buffer.map_async(mode, ..end, done),
+        None => buffer.map_async(mode, .., done),
+    }
 }
 
 /// Returns once a buffer whose mapping was requested before submission `idx`, which has
@@ -242,10 +279,26 @@ struct Pending {
     chunk: usize,
     start: usize,
     m: usize,
-    /// The readback buffer was asked to map (output and/or counters).
-    readback: bool,
-    /// The control words were copied into the readback buffer.
-    counters: bool,
+    /// The chunk's kernel parameters.
+    params: Params,
+    /// The chunk has output (get, contains): the whole readback buffer was asked to map,
+    /// else only its header.
+    output: bool,
+}
+
+/// The kernels of the batch being run, and whether it is a put.
+pub(crate) struct Passes {
+    pipes: Vec<(&'static str, Arc<wgpu::ComputePipeline>)>,
+    put: bool,
+}
+
+/// Folds a snapshot of the control words into `counters`: every count only grows during a
+/// batch, so the word-wise maximum of the snapshots is the latest.
+fn merge(counters: &mut Option<[u64; ctl::LEN]>, snap: [u64; ctl::LEN]) {
+    let c = counters.get_or_insert([0; ctl::LEN]);
+    for (a, b) in c.iter_mut().zip(snap) {
+        *a = (*a).max(b);
+    }
 }
 
 /// One staging lane: buffers for one chunk in flight.
@@ -266,6 +319,10 @@ pub(crate) struct Lane {
     /// Region order: items per region, then each region's next position in `perm`
     /// (`u32[2 * REGIONS]`), cleared per chunk.
     regions: wgpu::Buffer,
+    /// The count of unfinished items (word 0 of a `PROBE_HDR`-word header, cleared per
+    /// dispatch), then `PROBE_WORDS` words of probe state per item (shader module docs, "Bounded
+    /// probes").
+    probe: wgpu::Buffer,
     readback: wgpu::Buffer,
     rb_state: Arc<AtomicU8>,
     bind: Option<(u64, wgpu::BindGroup)>,
@@ -294,7 +351,7 @@ impl Lane {
                 true,
             )?,
             up_state: Arc::new(AtomicU8::new(MAPPED)),
-            params: gpu.buffer("vramkv params", 32, U::UNIFORM | U::COPY_DST, false)?,
+            params: params_buffer(gpu)?,
             keys_in: gpu.buffer("vramkv keys in", c * 8, U::STORAGE | U::COPY_DST, false)?,
             vals_io: gpu.buffer(
                 "vramkv values",
@@ -322,6 +379,12 @@ impl Lane {
                 U::STORAGE | U::COPY_DST,
                 false,
             )?,
+            probe: gpu.buffer(
+                "vramkv probe states",
+                (u64::from(PROBE_HDR) + u64::from(PROBE_WORDS) * c) * 4,
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                false,
+            )?,
             readback: gpu.buffer(
                 "vramkv readback",
                 RB_HDR + flags_bytes(cap) + c * w * 8,
@@ -347,6 +410,7 @@ impl Lane {
             + self.local.size()
             + self.perm.size()
             + self.regions.size()
+            + self.probe.size()
             + self.readback.size()
     }
 
@@ -365,6 +429,7 @@ impl Lane {
                 &self.local,
                 &self.perm,
                 &self.regions,
+                &self.probe,
             ]
             .map(|b| b.as_entire_binding());
             let bindings = whole
@@ -380,22 +445,29 @@ impl Lane {
         }
     }
 
-    /// Waits for the lane's submitted chunk, hands its output to `op`, its control words
-    /// to `counters` and its timestamps (if timed) to `times`, and leaves the upload buffer
-    /// mapped for the next chunk.
+    /// Waits for the lane's submitted chunk, finishes it in resume rounds if it left items
+    /// unfinished, hands its output to `op`, its control words to `counters` and its
+    /// timestamps (if timed) to `times`, and leaves the upload buffer mapped for the next
+    /// chunk. Returns the chunk's index when it was a put chunk that had to be finished so:
+    /// the put chunks after it did nothing and must run again. With `discard`, only waits
+    /// and drops what the chunk produced.
+    #[allow(clippy::too_many_arguments)]
     fn settle(
         &mut self,
         gpu: &Gpu,
+        st: &State,
+        passes: &Passes,
         op: &mut Op<'_>,
         counters: &mut Option<[u64; ctl::LEN]>,
         times: &mut BatchTimes,
-    ) -> Result<()> {
+        discard: bool,
+    ) -> Result<Option<usize>> {
         self.waited = std::time::Duration::ZERO;
         let Some(p) = self.pending.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let t0 = std::time::Instant::now();
-        gpu.wait(p.sub)?;
+        gpu.wait(p.sub.clone())?;
         expect_mapped(gpu, &self.up_state, "upload")?;
         self.waited = t0.elapsed();
         if let Some(timer) = self.timer.as_mut() {
@@ -407,11 +479,35 @@ impl Lane {
                 }
             }
         }
-        if !p.readback {
-            return Ok(());
-        }
         expect_mapped(gpu, &self.rb_state, "readback")?;
-        {
+        if discard {
+            self.unmap_readback();
+            return Ok(None);
+        }
+        let (snap, unfinished) = self.read_header()?;
+        if op.counts() {
+            merge(counters, snap);
+        }
+        let mut rewind = None;
+        if unfinished != 0 {
+            self.unmap_readback();
+            let first = if passes.put {
+                (snap[ctl::STALL] as u32).saturating_sub(p.params.code) as usize
+            } else {
+                0
+            };
+            self.finish(gpu, st, passes, op.counts(), &p, first, counters)?;
+            if passes.put {
+                rewind = Some(p.chunk);
+            }
+            if !p.output {
+                return Ok(rewind);
+            }
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            self.copy_output(&mut enc, op, p.m);
+            self.submit_and_map(gpu, enc, None)?;
+        }
+        if p.output {
             let view = self
                 .readback
                 .get_mapped_range(..)
@@ -432,15 +528,106 @@ impl Lane {
                 Op::Contains { found } => copy_bools(&mut found[start..start + m], flags),
                 Op::Put { .. } | Op::Delete => {}
             }
-            if p.counters {
-                let mut c = [0u64; ctl::LEN];
-                copy_words(&mut c, &bytes[..RB_HDR as usize]);
-                *counters = Some(c);
+        }
+        self.unmap_readback();
+        Ok(rewind)
+    }
+
+    /// Runs the chunk of `p` (still in this lane) to the end in resume rounds, from pass
+    /// `first` of `passes` on: every round runs one pass for the items it left unfinished
+    /// (a pass not run yet: for all items), then waits and reads how many are left.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        gpu: &Gpu,
+        st: &State,
+        passes: &Passes,
+        counts: bool,
+        p: &Pending,
+        first: usize,
+        counters: &mut Option<[u64; ctl::LEN]>,
+    ) -> Result<()> {
+        let (x, y) = gpu.groups(p.m as u64);
+        let mut params = p.params;
+        for (k, (_, pipe)) in passes.pipes.iter().enumerate().skip(first) {
+            params.resume = u32::from(k == first);
+            loop {
+                gpu.queue
+                    .write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
+                let bg = self.bind_group(gpu, st)?.clone();
+                let mut enc = gpu.device.create_command_encoder(&Default::default());
+                enc.clear_buffer(&self.probe, 0, Some(u64::from(PROBE_HDR) * 4));
+                if passes.put {
+                    enc.clear_buffer(&st.ctl, ctl::STALL as u64 * 8, Some(8));
+                }
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_bind_group(0, &bg, &[]);
+                    pass.set_pipeline(pipe);
+                    pass.dispatch_workgroups(x, y, 1);
+                }
+                self.copy_header(&mut enc, st);
+                self.submit_and_map(gpu, enc, Some(RB_HDR))?;
+                let (snap, left) = self.read_header()?;
+                self.unmap_readback();
+                if counts {
+                    merge(counters, snap);
+                }
+                if left == 0 {
+                    break;
+                }
+                params.resume = 1;
             }
         }
+        Ok(())
+    }
+
+    /// Encodes the copies of the table's control words and the lane's probe header into
+    /// the readback buffer's header.
+    fn copy_header(&self, enc: &mut wgpu::CommandEncoder, st: &State) {
+        enc.copy_buffer_to_buffer(&st.ctl, 0, &self.readback, 0, RB_CTL);
+        enc.copy_buffer_to_buffer(&self.probe, 0, &self.readback, RB_CTL, RB_HDR - RB_CTL);
+    }
+
+    /// Encodes the copies of a get's or contains' output for `m` items into the readback
+    /// buffer, after its header.
+    fn copy_output(&self, enc: &mut wgpu::CommandEncoder, op: &Op<'_>, m: usize) {
+        enc.copy_buffer_to_buffer(&self.flags8, 0, &self.readback, RB_HDR, flags_bytes(m));
+        if let Op::Get { .. } = op {
+            enc.copy_buffer_to_buffer(
+                &self.vals_io,
+                0,
+                &self.readback,
+                RB_HDR + flags_bytes(self.cap),
+                (m * self.width * 8) as u64,
+            );
+        }
+    }
+
+    /// Submits `enc`, maps the readback buffer (up to byte `end`, or all of it) and waits
+    /// until it is mapped.
+    fn submit_and_map(&self, gpu: &Gpu, enc: wgpu::CommandEncoder, end: Option<u64>) -> Result<()> {
+        let idx = gpu.queue.submit([enc.finish()]);
+        map_range(&self.readback, wgpu::MapMode::Read, &self.rb_state, end);
+        gpu.wait(idx)?;
+        expect_mapped(gpu, &self.rb_state, "readback")
+    }
+
+    /// The control words and the count of unfinished items from the mapped readback header.
+    fn read_header(&self) -> Result<([u64; ctl::LEN], u32)> {
+        let view = self
+            .readback
+            .get_mapped_range(..RB_HDR)
+            .map_err(|e| device_error(format!("readback: {e}")))?;
+        let mut c = [0u64; ctl::LEN];
+        copy_words(&mut c, &view[..RB_CTL as usize]);
+        let left: u32 = bytemuck::pod_read_unaligned(&view[RB_CTL as usize..RB_CTL as usize + 4]);
+        Ok((c, left))
+    }
+
+    fn unmap_readback(&self) {
         self.readback.unmap();
         self.rb_state.store(MAP_PENDING, Ordering::Release);
-        Ok(())
     }
 
     /// Writes a chunk's parameters, keys and (for a put) values into the upload buffer.
@@ -675,6 +862,11 @@ pub(crate) struct State {
     pub tombs: usize,
     /// Special keys present (0..=2).
     pub spec_len: usize,
+    /// The table's hash seed.
+    pub seed: u64,
+    /// The most slots one invocation probes per dispatch (shader module docs, "Bounded
+    /// probes").
+    pub budget: u32,
 }
 
 /// Segment shift for a table of `width`-word rows whose bindings hold `max_bytes`.
@@ -732,6 +924,7 @@ impl State {
         width: usize,
         max_seg_bytes: u64,
         max_buffer: u64,
+        seed: u64,
     ) -> Result<State> {
         use wgpu::BufferUsages as U;
         let seg_shift = seg_shift_for(width, max_seg_bytes);
@@ -752,17 +945,19 @@ impl State {
             )?,
             ctl: gpu.buffer(
                 "vramkv control",
-                RB_HDR,
+                RB_CTL,
                 U::STORAGE | U::COPY_DST | U::COPY_SRC,
                 false,
             )?,
-            params: gpu.buffer("vramkv params", 32, U::UNIFORM | U::COPY_DST, false)?,
-            readback: gpu.buffer("vramkv readback", RB_HDR, U::MAP_READ | U::COPY_DST, false)?,
+            params: params_buffer(gpu)?,
+            readback: gpu.buffer("vramkv readback", RB_CTL, U::MAP_READ | U::COPY_DST, false)?,
             rb_state: Arc::new(AtomicU8::new(MAP_PENDING)),
             version: next_gen(),
             len: 0,
             tombs: 0,
             spec_len: 0,
+            seed,
+            budget: gpu.probe_budget,
         })
     }
 
@@ -785,6 +980,9 @@ impl State {
             width: self.width as u32,
             mask: (self.slots - 1) as u32,
             seg_shift: self.seg_shift,
+            seed_lo: self.seed as u32,
+            seed_hi: (self.seed >> 32) as u32,
+            budget: self.budget,
             ..Params::default()
         }
     }
@@ -792,11 +990,11 @@ impl State {
     /// Submits `enc` (which ends by copying the control words into the readback buffer)
     /// and returns the control words.
     fn submit_for_counters(
-        &mut self,
+        &self,
         gpu: &Gpu,
         mut enc: wgpu::CommandEncoder,
     ) -> Result<[u64; ctl::LEN]> {
-        enc.copy_buffer_to_buffer(&self.ctl, 0, &self.readback, 0, RB_HDR);
+        enc.copy_buffer_to_buffer(&self.ctl, 0, &self.readback, 0, RB_CTL);
         let idx = gpu.queue.submit([enc.finish()]);
         map(&self.readback, wgpu::MapMode::Read, &self.rb_state);
         gpu.wait(idx)?;
@@ -831,21 +1029,20 @@ impl State {
     /// Moves every entry into fresh segments of `slots` slots (growth, or a tombstone purge
     /// when `slots` is unchanged). The new buffers are allocated first and swapped in only
     /// once every key has moved: on any error the table is left as it was.
+    ///
+    /// The old segments are moved in pieces of at most [`REHASH_PIECE`] slots, one
+    /// submission each, with the probes bounded as a batch's are (`rehash_module`): a piece
+    /// that leaves keys unfinished raises STALL, the pieces after it do nothing, and the
+    /// piece is finished in resume rounds before the rest is sent again.
     pub fn rehash(&mut self, gpu: &Gpu, slots: usize) -> Result<()> {
+        use wgpu::BufferUsages as U;
         let new = alloc_arrays(gpu, slots, self.width, self.seg_shift, self.max_buffer)?;
         let segs = &new.segs;
         let layout = gpu.rehash_layout(segs.len())?;
         let pipeline = gpu.rehash_pipeline(segs.len())?;
-        let per_old = 1usize << self.seg_shift;
-        let params = Params {
-            n: per_old.min(self.slots) as u32,
-            width: self.width as u32,
-            mask: (slots - 1) as u32,
-            seg_shift: self.seg_shift,
-            ..Params::default()
-        };
-        gpu.queue
-            .write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
+        let per_old = (1usize << self.seg_shift).min(self.slots);
+        let piece = REHASH_PIECE.min(per_old);
+        let rprobe = gpu.buffer("vramkv rehash probe", piece as u64 * 4, U::STORAGE, false)?;
         let groups: Vec<wgpu::BindGroup> = self
             .segs
             .iter()
@@ -855,6 +1052,7 @@ impl State {
                     self.ctl.as_entire_binding(),
                     old.keys.binding(),
                     old.vals.binding(),
+                    rprobe.as_entire_binding(),
                 ]
                 .into_iter()
                 .chain(segs.iter().map(|s| s.keys.binding()))
@@ -862,20 +1060,69 @@ impl State {
                 gpu.bind_buffers("vramkv rehash", &layout.bgl, bindings)
             })
             .collect::<Result<_>>()?;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        enc.clear_buffer(&self.ctl, 0, None);
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
-            for (old, bg) in self.segs.iter().zip(&groups) {
-                // Every old segment but a lone small one has exactly `per_old` slots.
-                debug_assert_eq!(old.slots, params.n as usize);
-                pass.set_bind_group(0, bg, &[]);
-                let (x, y) = gpu.groups(old.slots as u64);
+        // (old segment, first slot, slots) of each piece, in order.
+        let pieces: Vec<(usize, usize, usize)> = self
+            .segs
+            .iter()
+            .enumerate()
+            .flat_map(|(s, old)| {
+                (0..old.slots)
+                    .step_by(piece)
+                    .map(move |b| (s, b, piece.min(old.slots - b)))
+            })
+            .collect();
+        let params = Params {
+            mask: (slots - 1) as u32,
+            ..self.params(0)
+        };
+        let run = |k: usize, resume: bool| {
+            let (s, base, n) = pieces[k];
+            let p = Params {
+                n: n as u32,
+                base: base as u32,
+                code: k as u32 + 1,
+                resume: u32::from(resume),
+                ..params
+            };
+            gpu.queue
+                .write_buffer(&self.params, 0, bytemuck::bytes_of(&p));
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            if resume {
+                enc.clear_buffer(&self.ctl, ctl::STALL as u64 * 8, Some(8));
+            }
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &groups[s], &[]);
+                let (x, y) = gpu.groups(n as u64);
                 pass.dispatch_workgroups(x, y, 1);
             }
-        }
-        let c = self.submit_for_counters(gpu, enc)?;
+            enc
+        };
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.ctl, 0, None);
+        gpu.queue.submit([enc.finish()]);
+        let mut from = 0;
+        let c = loop {
+            for k in from..pieces.len() {
+                gpu.queue.submit([run(k, false).finish()]);
+            }
+            let empty = gpu.device.create_command_encoder(&Default::default());
+            let c = self.submit_for_counters(gpu, empty)?;
+            let Some(k) = (c[ctl::STALL] as usize).checked_sub(1) else {
+                break c;
+            };
+            let c = loop {
+                let c = self.submit_for_counters(gpu, run(k, true))?;
+                if c[ctl::STALL] == 0 {
+                    break c;
+                }
+            };
+            from = k + 1;
+            if from == pieces.len() {
+                break c;
+            }
+        };
         let want = self.table_len() as u64;
         if c[ctl::ERRORS] != 0 || c[ctl::MOVED] != want {
             return Err(device_error(format!(
@@ -944,6 +1191,11 @@ fn step_name(entry: &'static str) -> &'static str {
 
 /// Runs a host batch through `lanes` (all of capacity `cap`); see the module docs. Returns
 /// the control words after the batch for a put or delete.
+///
+/// A chunk that leaves items unfinished (shader module docs, "Bounded probes") is finished
+/// in resume rounds when its lane is settled; after a put chunk so finished, the chunks
+/// already submitted behind it did nothing (their kernels saw the stall), and the batch
+/// goes on from the chunk after it.
 pub(crate) fn run_host_batch(
     gpu: &Gpu,
     st: &State,
@@ -956,10 +1208,15 @@ pub(crate) fn run_host_batch(
     let w = st.width;
     let chunks = n.div_ceil(cap);
     let nl = lanes.len();
-    let pipes = entries(op)
-        .iter()
-        .map(|e| Ok((*e, gpu.batch_pipeline(st.segs.len(), e)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let put = matches!(op, Op::Put { .. });
+    let output = matches!(op, Op::Get { .. } | Op::Contains { .. });
+    let passes = Passes {
+        pipes: entries(op)
+            .iter()
+            .map(|e| Ok((*e, gpu.batch_pipeline(st.segs.len(), e)?)))
+            .collect::<Result<Vec<_>>>()?,
+        put,
+    };
     let order = region_order(st.slots);
     let order_pipes = match order {
         Some(_) => ORDER_ENTRIES
@@ -972,23 +1229,48 @@ pub(crate) fn run_host_batch(
     let mut counters = None;
     let mut trace = Trace::default();
     let mut times = BatchTimes::default();
-    for c in 0..chunks {
+    let mut next = 0;
+    loop {
+        // Settle the oldest chunk in flight when its lane is wanted for the next chunk, and
+        // every chunk at the end. Lanes are used round robin, so the lane of chunk `next`
+        // holds the oldest one.
+        let oldest = lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(l, lane)| lane.pending.as_ref().map(|p| (p.chunk, l)))
+            .min();
+        if let Some((_, l)) =
+            oldest.filter(|_| next >= chunks || lanes[next % nl].pending.is_some())
+        {
+            let t0 = std::time::Instant::now();
+            let rewind = lanes[l].settle(gpu, st, &passes, op, &mut counters, &mut times, false)?;
+            trace.settle(&lanes[l], t0.elapsed());
+            if let Some(c) = rewind {
+                for lane in lanes.iter_mut() {
+                    lane.settle(gpu, st, &passes, op, &mut counters, &mut times, true)?;
+                }
+                next = c + 1;
+            }
+            continue;
+        }
+        if next >= chunks {
+            break;
+        }
+        let c = next;
+        next += 1;
         let start = c * cap;
         let m = cap.min(n - start);
         let lane = &mut lanes[c % nl];
-        let t0 = std::time::Instant::now();
-        lane.settle(gpu, op, &mut counters, &mut times)?;
-        trace.settle(lane, t0.elapsed());
         let values = match op {
             Op::Put { values } => Some(&values[start * w..(start + m) * w]),
             _ => None,
         };
         let (x, y) = gpu.groups(m as u64);
-        let put = matches!(op, Op::Put { .. });
         let params = Params {
             lmask: if put { (local_slots(m) - 1) as u32 } else { 0 },
             rshift,
             nreg,
+            code: 1 + 2 * c as u32,
             ..st.params(m)
         };
         let t0 = std::time::Instant::now();
@@ -1000,7 +1282,7 @@ pub(crate) fn run_host_batch(
         if let Some(t) = lane.timer.as_mut() {
             t.start(&mut enc);
         }
-        enc.copy_buffer_to_buffer(&lane.upload, 0, &lane.params, 0, 32);
+        enc.copy_buffer_to_buffer(&lane.upload, 0, &lane.params, 0, PARAMS_BYTES);
         enc.copy_buffer_to_buffer(&lane.upload, UP_HDR, &lane.keys_in, 0, m as u64 * 8);
         if values.is_some() {
             enc.copy_buffer_to_buffer(
@@ -1015,10 +1297,10 @@ pub(crate) fn run_host_batch(
         if c == 0 && op.counts() {
             enc.clear_buffer(&st.ctl, 0, None);
         }
+        enc.clear_buffer(&lane.probe, 0, Some(u64::from(PROBE_HDR) * 4));
         if put {
             enc.clear_buffer(&lane.local, 0, Some(local_bytes(m)));
         }
-        let output = matches!(op, Op::Get { .. } | Op::Contains { .. });
         if output {
             enc.clear_buffer(&lane.flags8, 0, Some(flags_bytes(m)));
         }
@@ -1041,7 +1323,7 @@ pub(crate) fn run_host_batch(
         }
         if let Some(t) = lane.timer.as_mut() {
             // Timed: one pass per kernel, a timestamp after each.
-            for (e, p) in &pipes {
+            for (e, p) in &passes.pipes {
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     pass.set_bind_group(0, &bg, &[]);
@@ -1053,27 +1335,14 @@ pub(crate) fn run_host_batch(
         } else {
             let mut pass = enc.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, &bg, &[]);
-            for (_, p) in &pipes {
+            for (_, p) in &passes.pipes {
                 pass.set_pipeline(p);
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
+        lane.copy_header(&mut enc, st);
         if output {
-            enc.copy_buffer_to_buffer(&lane.flags8, 0, &lane.readback, RB_HDR, flags_bytes(m));
-        }
-        if let Op::Get { .. } = op {
-            enc.copy_buffer_to_buffer(
-                &lane.vals_io,
-                0,
-                &lane.readback,
-                RB_HDR + flags_bytes(lane.cap),
-                (m * w * 8) as u64,
-            );
-        }
-        let last = c + 1 == chunks;
-        let counts = last && op.counts();
-        if counts {
-            enc.copy_buffer_to_buffer(&st.ctl, 0, &lane.readback, 0, RB_HDR);
+            lane.copy_output(&mut enc, op, m);
         }
         lane.mark(&mut enc, "readback copy");
         if let Some(t) = lane.timer.as_mut() {
@@ -1081,9 +1350,12 @@ pub(crate) fn run_host_batch(
         }
         let sub = gpu.queue.submit([enc.finish()]);
         map(&lane.upload, wgpu::MapMode::Write, &lane.up_state);
-        if output || counts {
-            map(&lane.readback, wgpu::MapMode::Read, &lane.rb_state);
-        }
+        map_range(
+            &lane.readback,
+            wgpu::MapMode::Read,
+            &lane.rb_state,
+            (!output).then_some(RB_HDR),
+        );
         if let Some(t) = lane.timer.as_mut() {
             t.submitted();
         }
@@ -1093,14 +1365,9 @@ pub(crate) fn run_host_batch(
             chunk: c,
             start,
             m,
-            readback: output || counts,
-            counters: counts,
+            params,
+            output,
         });
-    }
-    for lane in lanes.iter_mut() {
-        let t0 = std::time::Instant::now();
-        lane.settle(gpu, op, &mut counters, &mut times)?;
-        trace.settle(lane, t0.elapsed());
     }
     if tracing() {
         let ms = |s: f64| s * 1e3;
