@@ -3,11 +3,22 @@
 //! the sequential model and, in lockstep, to every backend this build has. Any divergence
 //! fails with proptest's shrunk sequence.
 //!
-//! `PROPTEST_CASES` sets the sequences per backend (default 1000). A backend that cannot
+//! Keys include crafted ones: three families of 64 keys whose hashes under the tables' fixed
+//! seed ([`CRAFT_SEED`]) share their low 32 bits, so that each family is one chain on the
+//! first, middle or last slot of every table (wrapping around its end). With the wgpu
+//! backend compiled in, `differential::wgpu_probe_budget_2` runs the same property on wgpu
+//! tables whose probes stop after 2 slots per dispatch, so that nearly every probe of those
+//! chains is finished in resume rounds.
+//!
+//! `PROPTEST_CASES` sets the sequences per backend (default 1000; a quarter of that for the
+//! small-budget run). A backend that cannot
 //! run here (no GPU, no adapter) prints `skipped: <reason>` and its trial is reported as
 //! ignored; with `VRAMKV_REQUIRE_WGPU=1` a missing wgpu adapter fails instead.
 
+use std::sync::LazyLock;
+
 use kv_conformance::Model;
+use kv_conformance::stress::{CRAFT_SEED, crafted_keys};
 use libtest_mimic::{Arguments, Failed, Trial};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -33,11 +44,20 @@ struct Scenario {
     ops: Vec<Op>,
 }
 
+/// Three chains of 64 crafted keys (see the module docs).
+static CRAFTED: LazyLock<Vec<u64>> = LazyLock::new(|| {
+    [0, 1 << 31, u32::MAX]
+        .iter()
+        .flat_map(|&low| crafted_keys(low, 64, CRAFT_SEED))
+        .collect()
+});
+
 fn key() -> impl Strategy<Value = u64> {
     prop_oneof![
         2 => prop::sample::select(vec![0, 1, 2, u64::MAX, u64::MAX - 1, u64::MAX - 2, 1 << 63]),
         5 => 0..48u64,
         2 => any::<u64>(),
+        3 => prop::sample::select(CRAFTED.clone()),
     ]
 }
 
@@ -237,10 +257,19 @@ fn backends_cfg(s: &Scenario) -> TableConfig {
         .width(s.width)
         .max_load_factor(s.load)
         .growth(s.growth)
+        .seed(CRAFT_SEED)
 }
+
+/// Opens a table of one backend.
+type Opener = fn(BackendKind, TableConfig) -> Result<Box<dyn KvBackend>, TestCaseError>;
 
 /// Runs the property for `kind`, with the CPU backend alongside as a second reference.
 fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
+    differential_with(kind, cases, open)
+}
+
+/// [`differential`], with `kind`'s tables opened by `open_kind`.
+fn differential_with(kind: BackendKind, cases: u32, open_kind: Opener) -> Result<(), Failed> {
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
@@ -249,7 +278,7 @@ fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
     runner
         .run(&scenario(), |s| {
             let cfg = backends_cfg(&s);
-            let mut backends = vec![(kind, open(kind, cfg.clone())?)];
+            let mut backends = vec![(kind, open_kind(kind, cfg.clone())?)];
             if kind != BackendKind::Cpu && BackendKind::Cpu.compiled_in() {
                 backends.push((BackendKind::Cpu, open(BackendKind::Cpu, cfg)?));
             }
@@ -262,6 +291,18 @@ fn open(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestC
     vramkv::open_backend(kind, cfg)
         .map(|t| Box::new(t) as Box<dyn KvBackend>)
         .map_err(|e| TestCaseError::fail(format!("opening {kind}: {e}")))
+}
+
+/// A wgpu table whose probes stop after 2 slots per dispatch.
+#[cfg(feature = "wgpu")]
+fn open_wgpu_budget_2(
+    _: BackendKind,
+    cfg: TableConfig,
+) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    let t = kv_backend_wgpu::WgpuBackend::open(cfg)
+        .map_err(|e| TestCaseError::fail(format!("opening wgpu: {e}")))?;
+    t.set_probe_budget(2);
+    Ok(Box::new(t))
 }
 
 fn main() {
@@ -285,6 +326,23 @@ fn main() {
             }
             Err(e) => {
                 println!("skipped: {kind}: {e}");
+                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
+            }
+        }
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        let name = "differential::wgpu_probe_budget_2";
+        match kv_backend_wgpu::unavailable_reason() {
+            None => trials.push(Trial::test(name, move || {
+                differential_with(BackendKind::Wgpu, cases.div_ceil(4), open_wgpu_budget_2)
+            })),
+            Some(e) if require_wgpu => {
+                let msg = format!("VRAMKV_REQUIRE_WGPU=1 but wgpu cannot run: {e}");
+                trials.push(Trial::test(name, move || Err(msg.into())));
+            }
+            Some(e) => {
+                println!("skipped: wgpu: {e}");
                 trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
             }
         }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use kv_backend_cuda::CudaBackend;
 use kv_conformance::libtest_mimic::Failed;
 use kv_conformance::stress::{
-    self, Churn, Concurrent, LastWins, Map, R, RandomOps, Rng, StressSizes, check, e,
+    self, Adversarial, Churn, Concurrent, LastWins, Map, R, RandomOps, Rng, StressSizes, check, e,
 };
 use kv_core::{Error, KvBackend, TableConfig};
 
@@ -46,6 +46,12 @@ const SIZES: StressSizes = StressSizes {
         rounds: 20,
         keys: 20_000,
         initial_capacity: 1 << 16,
+    },
+    adversarial: Adversarial {
+        one_home: 100_000,
+        capacity: 300_000,
+        churn: 20_000,
+        batch: 30_000,
     },
 };
 

@@ -288,6 +288,41 @@ fn throughput_report() -> R {
     Ok(())
 }
 
+/// The adversarial-key trials, and random operations, on tables whose probes stop after 32
+/// slots per dispatch (so any chain past 32 slots goes through resume rounds: the dedup and
+/// place passes of a put, lookups, deletes and rehashes) and whose arrays are split into
+/// segments of a few hundred slots in buffers of three segments, so that the chains cross
+/// segment and buffer boundaries and wrap around the end of the table.
+fn crafted_keys_small_budget_many_segments() -> R {
+    let t = open(TableConfig::new(16))?;
+    let max = t.max_segments() as u64;
+    drop(t);
+    // Room for the largest table below (2^15 slots of 3 words) within the binding limit,
+    // with segments rounded down to a power of two of slots.
+    let seg = 4096u64.max(2 * ((3 * 8u64) << 15).div_ceil(max));
+    let small = move |cfg: TableConfig| -> kv_core::Result<Box<dyn KvBackend>> {
+        let t = WgpuBackend::open_with_limits(cfg, seg, 3 * seg)?;
+        t.set_probe_budget(32);
+        Ok(Box::new(t))
+    };
+    let s = stress::Adversarial {
+        one_home: 1_500,
+        capacity: 4_000,
+        churn: 800,
+        batch: 1_500,
+    };
+    stress::crafted_one_home(&small, s)?;
+    stress::crafted_churn(&small, s)?;
+    stress::crafted_growth_and_full_load(&small, s)?;
+    let phase = RandomOps {
+        rounds: 20,
+        max_batch: 3000,
+        range: 4000,
+    };
+    let t = small(TableConfig::new(64).width(2)).map_err(|x| e("open", x))?;
+    stress::random_ops(&*t, phase, 31)
+}
+
 kv_conformance::stress_main! {
     backend: "wgpu",
     open: open_boxed,
@@ -307,5 +342,9 @@ kv_conformance::stress_main! {
         ("tombstone_reuse_with_repeats", tombstone_reuse_with_repeats),
         ("out_of_memory_is_an_error", out_of_memory_is_an_error),
         ("throughput_report", throughput_report),
+        (
+            "crafted_keys_small_budget_many_segments",
+            crafted_keys_small_budget_many_segments
+        ),
     ],
 }

@@ -3,8 +3,10 @@
 //! ([`stress_main!`](crate::stress_main)).
 //!
 //! The shared trials are [`random_ops`] at each width of [`StressSizes::widths`],
-//! [`last_wins_across_chunks`], [`tombstone_churn`] and
-//! [`concurrent_readers_and_writers`]; a backend adds its own trials (device-resident
+//! [`last_wins_across_chunks`], [`tombstone_churn`], [`concurrent_readers_and_writers`] and
+//! the adversarial-key trials ([`crafted_one_home`], [`crafted_churn`],
+//! [`crafted_growth_and_full_load`], keys built with [`crafted_keys`] so that thousands share
+//! one home slot); a backend adds its own trials (device-resident
 //! batches, segments, out-of-memory, a throughput report, ...) as `extra`, written with the
 //! helpers here ([`check`], [`Rng`], [`put_both`], ...). Sizes are a [`StressSizes`], so a
 //! GPU backend can use batches of millions where a software adapter on two cores cannot.
@@ -137,6 +139,17 @@ pub fn put_both(
     Ok(())
 }
 
+/// Deletes `keys` from the table and the model; fails unless the table removed as many as
+/// the model did.
+pub fn delete_both(t: &dyn KvBackend, m: &mut Map, keys: &[u64], ctx: &str) -> R {
+    let got = t.delete(keys).map_err(|x| e("delete", x))?;
+    let want = keys.iter().filter(|k| m.remove(*k).is_some()).count();
+    if got != want {
+        return Err(format!("{ctx}: deleted {got}, expected {want}").into());
+    }
+    Ok(())
+}
+
 /// One phase of [`random_ops`]: `rounds` batches of `1..=max_batch` keys from `0..range`.
 #[derive(Debug, Clone, Copy)]
 pub struct RandomOps {
@@ -170,6 +183,44 @@ pub struct Churn {
     pub rounds: usize,
 }
 
+/// Sizes of the adversarial-key trials ([`crafted_one_home`], [`crafted_churn`],
+/// [`crafted_growth_and_full_load`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Adversarial {
+    /// Keys sharing one home slot (near the table's end, so the chain wraps) put in one batch.
+    pub one_home: usize,
+    /// The capacity of the table they go into.
+    pub capacity: usize,
+    /// Keys sharing slot 0 that are put, half deleted and put back at width 2, in a table
+    /// of twice as many entries.
+    pub churn: usize,
+    /// Crafted keys per batch in the growth and full-load trial.
+    pub batch: usize,
+}
+
+/// The hash seed of every table in the adversarial trials: the keys are computed for it.
+pub const CRAFT_SEED: u64 = 0x5eed_0fad_5e75_a1c3;
+
+/// `count` keys whose hashes under `seed` all have the low 32 bits `low`: in any table of
+/// up to 2^32 slots they share one home slot (`low & mask`), whatever its size, so they
+/// form one chain that growth does not split. None of them is `0..3` or
+/// `u64::MAX - 2..=u64::MAX` (where backends keep sentinels), so every one is in the chain.
+///
+/// ```
+/// use kv_conformance::stress::crafted_keys;
+/// use kv_kernels::layout::home_slot;
+/// let keys = crafted_keys(u32::MAX, 100, 7);
+/// assert!(keys.iter().all(|&k| home_slot(k, 7, 1023) == 1023));
+/// assert!(keys.iter().all(|&k| home_slot(k, 7, (1 << 20) - 1) == (1 << 20) - 1));
+/// ```
+pub fn crafted_keys(low: u32, count: usize, seed: u64) -> Vec<u64> {
+    (1u64..)
+        .map(|hi| kv_kernels::layout::unhash(hi << 32 | u64::from(low), seed))
+        .filter(|k| (3..u64::MAX - 2).contains(k))
+        .take(count)
+        .collect()
+}
+
 /// Threads of [`concurrent_readers_and_writers`].
 #[derive(Debug, Clone, Copy)]
 pub struct Concurrent {
@@ -196,6 +247,8 @@ pub struct StressSizes {
     pub churn: Churn,
     /// [`concurrent_readers_and_writers`].
     pub concurrent: Concurrent,
+    /// The adversarial-key trials.
+    pub adversarial: Adversarial,
 }
 
 impl StressSizes {
@@ -223,6 +276,15 @@ impl StressSizes {
             rounds: 10,
             keys: 5_000,
             initial_capacity: 1 << 12,
+        },
+        // The sizes of the first report of lost keys on lavapipe: 21,846 keys on one home
+        // slot are past 65,535 / 3 loop iterations, and 800 keys on slot 0 with half of
+        // them deleted and put back lost 22 and tore rows.
+        adversarial: Adversarial {
+            one_home: 21_846,
+            capacity: 60_000,
+            churn: 800,
+            batch: 1_500,
         },
     };
 }
@@ -372,6 +434,137 @@ pub fn concurrent_readers_and_writers(open: &Open, s: Concurrent) -> R {
     check(&*t, &m, &all, "after the threads")
 }
 
+/// Keys of one home slot near the table's end (so the chain wraps around to slot 0) put
+/// in one batch, then overwritten in another order, then read back: every key stored once,
+/// `len` and the device's counts exact.
+pub fn crafted_one_home(open: &Open, s: Adversarial) -> R {
+    let t = open_table(open, TableConfig::new(s.capacity).seed(CRAFT_SEED))?;
+    let keys = crafted_keys(u32::MAX - 2, s.one_home, CRAFT_SEED);
+    let mut m = Map::new();
+    put_both(&*t, &mut m, &keys, |i, _| i as u64)?;
+    check(
+        &*t,
+        &m,
+        &keys,
+        &format!("{} keys on one home slot", keys.len()),
+    )?;
+    let mut again = keys.clone();
+    again.reverse();
+    put_both(&*t, &mut m, &again[..keys.len() / 2], |i, _| {
+        1 << 40 | i as u64
+    })?;
+    let mut probe = keys;
+    probe.extend(crafted_keys(u32::MAX - 2, 64, CRAFT_SEED ^ 1));
+    check(&*t, &m, &probe, "overwrites on one home slot")
+}
+
+/// Keys of slot 0 at width 2 in a table of twice as many entries: put, every other one
+/// deleted, those put back twice in one batch (the second wins): no key lost, no row read
+/// from another key or torn.
+pub fn crafted_churn(open: &Open, s: Adversarial) -> R {
+    let t = open_table(
+        open,
+        TableConfig::new(2 * s.churn).width(2).seed(CRAFT_SEED),
+    )?;
+    let keys = crafted_keys(0, s.churn, CRAFT_SEED);
+    let mut m = Map::new();
+    put_both(&*t, &mut m, &keys, |i, j| (i * 2 + j) as u64)?;
+    let gone: Vec<u64> = keys.iter().copied().step_by(2).collect();
+    delete_both(&*t, &mut m, &gone, "half of one chain")?;
+    check(&*t, &m, &keys, "half of one chain deleted")?;
+    let back: Vec<u64> = gone.iter().chain(&gone).copied().collect();
+    put_both(&*t, &mut m, &back, |i, j| 1 << 40 | (i * 2 + j) as u64)?;
+    check(&*t, &m, &keys, "put back over the tombstones")?;
+    // Once more, with overwrites of the keys that stayed in the same batch.
+    delete_both(&*t, &mut m, &gone, "half of one chain again")?;
+    let mixed: Vec<u64> = keys.iter().rev().copied().collect();
+    put_both(&*t, &mut m, &mixed, |i, j| 2 << 40 | (i * 2 + j) as u64)?;
+    check(&*t, &m, &keys, "put back with overwrites")
+}
+
+/// Three crafted chains (on the first, the middle and the last slot of every table size)
+/// mixed with random keys, through puts, deletes, put-backs and overwrites from 64 entries
+/// across several growths; then a table without growth filled to its capacity at max load
+/// 0.95 with crafted keys only, churned at that load.
+pub fn crafted_growth_and_full_load(open: &Open, s: Adversarial) -> R {
+    let lows = [0u32, 1 << 31, u32::MAX];
+    let families: Vec<Vec<u64>> = lows
+        .iter()
+        .map(|&l| crafted_keys(l, 4 * s.batch, CRAFT_SEED))
+        .collect();
+    let t = open_table(open, TableConfig::new(64).width(3).seed(CRAFT_SEED))?;
+    let mut m = Map::new();
+    let mut rng = Rng::new(77);
+    let mut ctx = String::new();
+    for round in 0..8usize {
+        let mut keys: Vec<u64> = Vec::new();
+        for f in &families {
+            let from = (round * s.batch / 2) % f.len();
+            keys.extend(f.iter().cycle().skip(from).take(s.batch / 3));
+        }
+        keys.extend((0..s.batch / 4).map(|_| rng.key(1 << 40)));
+        put_both(&*t, &mut m, &keys, |i, j| {
+            ((round << 32) | (i * 3 + j)) as u64
+        })?;
+        if round % 2 == 1 {
+            let del: Vec<u64> = keys.iter().copied().step_by(3).collect();
+            delete_both(&*t, &mut m, &del, &format!("round {round}"))?;
+        }
+        ctx = format!(
+            "round {round}, {} entries in {} slots",
+            m.len(),
+            t.describe().slots
+        );
+        let probe: Vec<u64> = keys.iter().copied().step_by(7).collect();
+        check(&*t, &m, &probe, &ctx)?;
+    }
+    let all: Vec<u64> = families
+        .iter()
+        .flatten()
+        .copied()
+        .chain(m.keys().copied())
+        .collect();
+    check(&*t, &m, &all, &ctx)?;
+
+    // Full load: capacity entries at 0.95, all of them crafted, then churned.
+    let t = open_table(
+        open,
+        TableConfig::new(s.batch)
+            .max_load_factor(0.95)
+            .growth(false)
+            .seed(CRAFT_SEED),
+    )?;
+    let cap = t.capacity();
+    let keys: Vec<u64> = families
+        .iter()
+        .flat_map(|f| f.iter().take(cap / 3 + 1))
+        .copied()
+        .take(cap)
+        .collect();
+    let mut m = Map::new();
+    put_both(&*t, &mut m, &keys, |i, _| i as u64)?;
+    check(&*t, &m, &keys, "crafted keys at full load")?;
+    for round in 0..3u64 {
+        let del: Vec<u64> = keys
+            .iter()
+            .copied()
+            .skip(round as usize)
+            .step_by(2)
+            .collect();
+        delete_both(&*t, &mut m, &del, &format!("full load round {round}"))?;
+        // Admission counts every key of a batch as new (contract item f), so at full load a
+        // batch holds as many keys as were deleted: half of them back with as many
+        // overwrites of keys that stayed, then the other half.
+        let half = del.len() / 2;
+        let stayed = keys.iter().filter(|k| m.contains_key(k)).take(half);
+        let mixed: Vec<u64> = del[..half].iter().chain(stayed).copied().collect();
+        put_both(&*t, &mut m, &mixed, |i, _| round << 40 | i as u64)?;
+        put_both(&*t, &mut m, &del[half..], |i, _| round << 48 | i as u64)?;
+        check(&*t, &m, &keys, &format!("full load round {round}"))?;
+    }
+    Ok(())
+}
+
 /// Opening 2^32 slots of 16-word values (600 GB) is [`Error::OutOfDeviceMemory`], not a
 /// panic nor an abort.
 pub fn huge_table_is_out_of_memory(open: &Open) -> R {
@@ -429,21 +622,27 @@ pub fn trials(
             Box::new(move || random_ops_width(&*open, &sizes, w)),
         ));
     }
-    let o = open.clone();
-    bodies.push((
-        "last_wins_across_chunks".into(),
-        Box::new(move || last_wins_across_chunks(&*o, sizes.last_wins)),
-    ));
-    let o = open.clone();
-    bodies.push((
-        "tombstone_churn".into(),
-        Box::new(move || tombstone_churn(&*o, sizes.churn)),
-    ));
-    let o = open;
-    bodies.push((
-        "concurrent_readers_and_writers".into(),
-        Box::new(move || concurrent_readers_and_writers(&*o, sizes.concurrent)),
-    ));
+    type Shared = fn(&Open, &StressSizes) -> R;
+    let shared: [(&str, Shared); 6] = [
+        ("last_wins_across_chunks", |o, s| {
+            last_wins_across_chunks(o, s.last_wins)
+        }),
+        ("tombstone_churn", |o, s| tombstone_churn(o, s.churn)),
+        ("concurrent_readers_and_writers", |o, s| {
+            concurrent_readers_and_writers(o, s.concurrent)
+        }),
+        ("crafted_one_home", |o, s| {
+            crafted_one_home(o, s.adversarial)
+        }),
+        ("crafted_churn", |o, s| crafted_churn(o, s.adversarial)),
+        ("crafted_growth_and_full_load", |o, s| {
+            crafted_growth_and_full_load(o, s.adversarial)
+        }),
+    ];
+    for (name, f) in shared {
+        let o = open.clone();
+        bodies.push((name.into(), Box::new(move || f(&*o, &sizes))));
+    }
     for (name, f) in extra {
         bodies.push((name.into(), Box::new(f)));
     }
