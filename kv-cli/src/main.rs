@@ -99,6 +99,10 @@ struct BenchArgs {
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
     device: Option<usize>,
+    /// The hash seed of every table the bench opens (`TableConfig::seed`), for runs that
+    /// place keys alike. Default: a random seed per table, and a fixed one for --resident.
+    #[arg(long)]
+    hash_seed: Option<u64>,
     /// Repetitions per sweep point (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -189,6 +193,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     let mut cfg =
         TableConfig::new(workload::unique_keys(a.items, a.batches) + a.items).width(a.width);
     cfg.device = a.device;
+    cfg.seed = a.hash_seed;
     cfg.validate()?;
     if a.resident {
         return run_resident(a).map(|()| true);
@@ -328,6 +333,7 @@ fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
         a.reps.max(1),
         a.device,
         a.key_order,
+        a.hash_seed.unwrap_or(resident::SEED),
     )?;
     println!(
         "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
@@ -359,6 +365,7 @@ fn run_sweep(a: &BenchArgs, kinds: &[Option<BackendKind>]) -> vramkv::Result<()>
         // Headroom of two batches over the largest fill, for the same reason as in `bench`.
         let mut cfg = TableConfig::new(a.items + 2 * batch).width(a.width);
         cfg.device = a.device;
+        cfg.seed = a.hash_seed;
         let table = match kind {
             Some(k) => vramkv::open_backend(*k, cfg)?,
             None => vramkv::open(cfg)?,

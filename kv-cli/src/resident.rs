@@ -70,22 +70,23 @@ impl std::str::FromStr for KeyOrder {
     }
 }
 
-/// The hash seed of the benchmark's tables: fixed, so that `--key-order` can sort keys by
-/// their home slot and runs place keys alike.
-const SEED: u64 = 0x243f_6a88_85a3_08d3;
+/// The hash seed of the benchmark's tables unless `--seed` says otherwise: fixed, so that
+/// `--key-order` can sort keys by their home slot and runs place keys alike.
+pub const SEED: u64 = 0x243f_6a88_85a3_08d3;
 
 /// Stably sorts `keys` by the region of their home slot in a table of `slots` slots.
-fn order_keys(keys: &mut [u64], slots: usize, order: KeyOrder) {
+fn order_keys(keys: &mut [u64], slots: usize, order: KeyOrder, seed: u64) {
     use rayon::slice::ParallelSliceMut;
     let KeyOrder::Regions(regions) = order else {
         return;
     };
     let mask = slots as u64 - 1;
     let shift = (slots / regions.min(slots)).trailing_zeros();
-    keys.par_sort_by_key(|&k| kv_kernels::layout::home_slot(k, SEED, mask) >> shift);
+    keys.par_sort_by_key(|&k| kv_kernels::layout::home_slot(k, seed, mask) >> shift);
 }
 
-/// Runs the resident benchmark at each occupancy of a table of `slots` slots.
+/// Runs the resident benchmark at each occupancy of a table of `slots` slots whose hash
+/// seed is `seed`.
 pub fn run(
     slots: usize,
     occupancies: &[f64],
@@ -93,6 +94,7 @@ pub fn run(
     reps: usize,
     device: Option<usize>,
     order: KeyOrder,
+    seed: u64,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &occ in occupancies {
@@ -101,7 +103,7 @@ pub fn run(
             .max_load_factor(occ)
             .width(width)
             .growth(false)
-            .seed(SEED);
+            .seed(seed);
         cfg.device = device;
         let t = CudaBackend::open(cfg)?;
         let stream = t.new_stream()?;
@@ -109,7 +111,7 @@ pub fn run(
         let sets: Vec<_> = (0..2u64)
             .map(|s| {
                 let mut keys: Vec<u64> = (0..n as u64).map(|i| mix(i ^ (s << 62))).collect();
-                order_keys(&mut keys, slots, order);
+                order_keys(&mut keys, slots, order, seed);
                 stream.clone_htod(&keys).map_err(drv)
             })
             .collect::<Result<_>>()?;
