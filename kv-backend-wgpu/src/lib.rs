@@ -276,6 +276,16 @@ impl WgpuBackend {
         self.write().budget = steps.max(1);
     }
 
+    /// How many resume rounds this table has run: dispatches that finished probes which had
+    /// used up their [budget](Self::set_probe_budget) (in batches and in rehashes). Zero
+    /// unless some chain is longer than the budget; a diagnostic, and the tests' proof that
+    /// they reached the resumed probes.
+    pub fn resume_rounds(&self) -> u64 {
+        self.read()
+            .resumed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The most segments a table may have on this adapter (its storage-binding limit).
     pub fn max_segments(&self) -> usize {
         self.gpu.max_segments()

@@ -42,7 +42,7 @@
 //! or the whole dispatch past a limit (Mesa's llvmpipe stops an invocation's loops after
 //! about 65,535 iterations; watchdogs and browsers kill long dispatches), and an item cut
 //! short must never be taken as a result. Each item keeps its probe state in the lane's
-//! `probe` buffer (word `4 + 3i`: the slots probed from its home slot, 0 once it is done;
+//! `probe` buffer (word `4 + 3i`: 1 + the slots probed from its home slot, 0 once it is done;
 //! word `5 + 3i`: 1 + the steps to the first tombstone met, 0 for none; word `6 + 3i`,
 //! while claiming: 1 + the steps to the EMPTY slot that ended the probe) and an item that
 //! runs out of budget saves it, counts itself in `probe[0]` and, in a put, raises the
@@ -345,10 +345,11 @@ fn get_flag8(i: u32) -> bool {
 // Probe state of item i (module docs, "Bounded probes").
 fn st_at(i: u32) -> u32 { return PROBE_HDR + PROBE_WORDS * i; }
 
-// The slots item i has probed from its home slot: 0 in a first round.
+// The slots item i has probed from its home slot: 0 in a first round. The state word holds
+// 1 + that, so that 0 means done even for an item saved before its first step.
 fn st_steps(i: u32) -> u32 {
     if p.resume == 0u { return 0u; }
-    return atomicLoad(&probe[st_at(i)]);
+    return atomicLoad(&probe[st_at(i)]) - 1u;
 }
 
 // 1 + the steps from item i's home slot to the first tombstone it met, 0 for none.
@@ -375,9 +376,10 @@ fn st_done(i: u32) {
     atomicStore(&probe[st_at(i)], 0u);
 }
 
-// Item i ran out of budget after `steps` slots (at least 1): save where it is and count it.
+// Item i ran out of budget after `steps` slots: save where it is and count it. An unfinished
+// item has `steps < mask`, so `1 + steps` does not wrap.
 fn st_save(i: u32, steps: u32, tomb: u32, end: u32) {
-    atomicStore(&probe[st_at(i)], steps);
+    atomicStore(&probe[st_at(i)], steps + 1u);
     atomicStore(&probe[st_at(i) + 1u], tomb);
     atomicStore(&probe[st_at(i) + 2u], end);
     atomicAdd(&probe[0], 1u);
@@ -497,7 +499,7 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             }
             if cur == key { outcome = 3u; slot = pos; break; }
             if cur == TOMB && tomb == 0u { tomb = steps + 1u; }
-            if steps == p.mask { outcome = 4u; break; }
+            if steps >= p.mask { outcome = 4u; break; }
             steps += 1u;
             pos = (pos + 1u) & p.mask;
         }
@@ -548,7 +550,7 @@ fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
                     done = true;
                     break;
                 }
-                if cur == EMPTY || steps == p.mask { done = true; break; }
+                if cur == EMPTY || steps >= p.mask { done = true; break; }
                 steps += 1u;
                 pos = (pos + 1u) & p.mask;
             }
@@ -593,7 +595,7 @@ fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             st_done(i);
             return;
         }
-        if steps == p.lmask { atomicAdd(&ctl[8], 1lu); slot_of[i] = pos; st_done(i); return; }
+        if steps >= p.lmask { atomicAdd(&ctl[8], 1lu); slot_of[i] = pos; st_done(i); return; }
         steps += 1u;
         pos = (pos + 1u) & p.lmask;
     }
@@ -629,7 +631,7 @@ fn lookup(i: u32, with_values: bool) {
     for (var b = 0u; b < p.budget; b += 1u) {
         let cur = kload(seg_of(pos), pos & ((1u << p.seg_shift) - 1u));
         if cur == key { found = true; done = true; break; }
-        if cur == EMPTY || steps == p.mask { done = true; break; }
+        if cur == EMPTY || steps >= p.mask { done = true; break; }
         steps += 1u;
         pos = (pos + 1u) & p.mask;
     }
@@ -818,7 +820,7 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
                     done = true;
                     break;
                 }
-                if steps == p.mask { atomicAdd(&wg_cnt[1], 1u); done = true; break; }
+                if steps >= p.mask { atomicAdd(&wg_cnt[1], 1u); done = true; break; }
                 steps += 1u;
                 pos = (pos + 1u) & p.mask;
             }

@@ -231,10 +231,12 @@ pub(crate) fn expect_mapped(gpu: &Gpu, state: &AtomicU8, what: &str) -> Result<(
 /// `max_binding` bytes.
 pub(crate) fn lane_cap(n: usize, width: usize, max_binding: u64) -> usize {
     let by_bytes = chunk_bytes() / (8 * (width + 1));
-    // The values of a chunk and its local table (8 bytes an item, plus the flags) each fit
-    // one binding.
+    // The values of a chunk, its local table (8 bytes an item, plus the flags) and its probe
+    // states (PROBE_WORDS words an item, after a header) each fit one binding.
+    let probe_words = u64::from(PROBE_WORDS);
     let by_binding = (max_binding / (8 * width as u64))
         .min(max_binding.saturating_sub(64) / 8)
+        .min(max_binding.saturating_sub(u64::from(PROBE_HDR) * 4) / (4 * probe_words))
         .min(u32::MAX as u64 / 2) as usize;
     let max = by_bytes.min(by_binding).max(MIN_LANE);
     let max = 1usize << (usize::BITS - 1 - max.leading_zeros());
@@ -290,6 +292,14 @@ struct Pending {
 pub(crate) struct Passes {
     pipes: Vec<(&'static str, Arc<wgpu::ComputePipeline>)>,
     put: bool,
+}
+
+/// The most rounds a probe over `slots` slots with `budget` slots per round can need: each
+/// round takes every unfinished probe `budget` slots further, except one that loses the
+/// EMPTY slot it was claiming (it then goes on as usual, at most once per slot of the
+/// chain), so twice the rounds of a whole table plus a margin. More means a broken table.
+fn round_limit(slots: usize, budget: u32) -> usize {
+    4 + 2 * slots.div_ceil(budget.max(1) as usize)
 }
 
 /// Folds a snapshot of the control words into `counters`: every count only grows during a
@@ -472,7 +482,8 @@ impl Lane {
         self.waited = t0.elapsed();
         if let Some(timer) = self.timer.as_mut() {
             match timer.read(gpu) {
-                Ok(t) => times.add(p.chunk, t),
+                Ok(t) if !discard => times.add(p.chunk, t),
+                Ok(_) => {}
                 Err(e) => {
                     gpu_trace::note_once(&e.to_string());
                     self.timer = None;
@@ -549,9 +560,17 @@ impl Lane {
     ) -> Result<()> {
         let (x, y) = gpu.groups(p.m as u64);
         let mut params = p.params;
-        for (k, (_, pipe)) in passes.pipes.iter().enumerate().skip(first) {
+        let limit = round_limit(st.slots.max(local_slots(p.m)), params.budget);
+        for (k, (name, pipe)) in passes.pipes.iter().enumerate().skip(first) {
             params.resume = u32::from(k == first);
-            loop {
+            for round in 0.. {
+                if round == limit {
+                    return Err(device_error(format!(
+                        "{name}: probes still unfinished after {limit} rounds of {} slots (a table invariant is broken)",
+                        params.budget
+                    )));
+                }
+                st.resumed.fetch_add(1, Ordering::Relaxed);
                 gpu.queue
                     .write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
                 let bg = self.bind_group(gpu, st)?.clone();
@@ -867,6 +886,8 @@ pub(crate) struct State {
     /// The most slots one invocation probes per dispatch (shader module docs, "Bounded
     /// probes").
     pub budget: u32,
+    /// Resume rounds run so far (batches and rehashes), a diagnostic.
+    pub resumed: AtomicU64,
 }
 
 /// Segment shift for a table of `width`-word rows whose bindings hold `max_bytes`.
@@ -958,6 +979,7 @@ impl State {
             spec_len: 0,
             seed,
             budget: gpu.probe_budget,
+            resumed: AtomicU64::new(0),
         })
     }
 
@@ -1112,7 +1134,16 @@ impl State {
             let Some(k) = (c[ctl::STALL] as usize).checked_sub(1) else {
                 break c;
             };
+            let limit = round_limit(slots, params.budget);
+            let mut rounds = 0;
             let c = loop {
+                if rounds == limit {
+                    return Err(device_error(format!(
+                        "rehash into {slots} slots: probes still unfinished after {limit} rounds (a table invariant is broken); table left as it was"
+                    )));
+                }
+                rounds += 1;
+                self.resumed.fetch_add(1, Ordering::Relaxed);
                 let c = self.submit_for_counters(gpu, run(k, true))?;
                 if c[ctl::STALL] == 0 {
                     break c;
