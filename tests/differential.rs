@@ -5,7 +5,8 @@
 //!
 //! Keys include crafted ones: three families of 64 keys whose hashes under the tables' fixed
 //! seed ([`CRAFT_SEED`]) share their low 32 bits, so that each family is one chain on the
-//! first, middle or last slot of every table (wrapping around its end). With the wgpu
+//! first slot, about a third of the way, or on the last slot of every table (wrapping around
+//! its end). With the wgpu
 //! backend compiled in, `differential::wgpu_probe_budget_2` runs the same property on wgpu
 //! tables whose probes stop after 2 slots per dispatch, so that nearly every probe of those
 //! chains is finished in resume rounds.
@@ -46,7 +47,7 @@ struct Scenario {
 
 /// Three chains of 64 crafted keys (see the module docs).
 static CRAFTED: LazyLock<Vec<u64>> = LazyLock::new(|| {
-    [0, 1 << 31, u32::MAX]
+    [0, 0x5555_5555, u32::MAX]
         .iter()
         .flat_map(|&low| crafted_keys(low, 64, CRAFT_SEED))
         .collect()
@@ -305,6 +306,27 @@ fn open_wgpu_budget_2(
     Ok(Box::new(t))
 }
 
+/// The budget reaches the shaders: the crafted chains need resume rounds at 2 slots.
+#[cfg(feature = "wgpu")]
+fn budget_2_resumes() -> Result<(), Failed> {
+    let t = kv_backend_wgpu::WgpuBackend::open(TableConfig::new(1000).seed(CRAFT_SEED))
+        .map_err(|e| Failed::from(format!("opening wgpu: {e}")))?;
+    t.set_probe_budget(2);
+    let keys: &[u64] = &CRAFTED;
+    t.put(keys, keys)
+        .map_err(|e| Failed::from(format!("put: {e}")))?;
+    let (mut v, mut f) = (vec![0; keys.len()], vec![false; keys.len()]);
+    t.get(keys, &mut v, &mut f)
+        .map_err(|e| Failed::from(format!("get: {e}")))?;
+    if v != keys || f.iter().any(|f| !f) {
+        return Err("crafted chains read back wrong at a budget of 2".into());
+    }
+    if t.resume_rounds() == 0 {
+        return Err("crafted chains at a budget of 2 ran no resume round".into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let cases: u32 = std::env::var("PROPTEST_CASES")
@@ -335,7 +357,8 @@ fn main() {
         let name = "differential::wgpu_probe_budget_2";
         match kv_backend_wgpu::unavailable_reason() {
             None => trials.push(Trial::test(name, move || {
-                differential_with(BackendKind::Wgpu, cases.div_ceil(4), open_wgpu_budget_2)
+                differential_with(BackendKind::Wgpu, cases.div_ceil(4), open_wgpu_budget_2)?;
+                budget_2_resumes()
             })),
             Some(e) if require_wgpu => {
                 let msg = format!("VRAMKV_REQUIRE_WGPU=1 but wgpu cannot run: {e}");

@@ -320,7 +320,26 @@ fn crafted_keys_small_budget_many_segments() -> R {
         range: 4000,
     };
     let t = small(TableConfig::new(64).width(2)).map_err(|x| e("open", x))?;
-    stress::random_ops(&*t, phase, 31)
+    stress::random_ops(&*t, phase, 31)?;
+    // The budget reaches the shaders: a chain of 1,500 keys needs resume rounds.
+    let t = WgpuBackend::open_with_limits(
+        TableConfig::new(s.capacity).seed(stress::CRAFT_SEED),
+        seg,
+        3 * seg,
+    )
+    .map_err(|x| e("open", x))?;
+    t.set_probe_budget(32);
+    let keys = stress::crafted_keys(7, s.one_home, stress::CRAFT_SEED);
+    let mut m = Map::new();
+    put_both(&t, &mut m, &keys, |i, _| i as u64)?;
+    check(&t, &m, &keys, "one chain at a budget of 32")?;
+    match t.resume_rounds() {
+        0 => Err("a chain of 1,500 keys at a budget of 32 ran no resume round".into()),
+        r => {
+            println!("  {r} resume rounds for a chain of {} keys", keys.len());
+            Ok(())
+        }
+    }
 }
 
 kv_conformance::stress_main! {

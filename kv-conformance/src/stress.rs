@@ -453,8 +453,8 @@ pub fn crafted_one_home(open: &Open, s: Adversarial) -> R {
     put_both(&*t, &mut m, &again[..keys.len() / 2], |i, _| {
         1 << 40 | i as u64
     })?;
-    let mut probe = keys;
-    probe.extend(crafted_keys(u32::MAX - 2, 64, CRAFT_SEED ^ 1));
+    // Absent keys of the same chain walk all of it before they miss.
+    let probe = crafted_keys(u32::MAX - 2, keys.len() + 64, CRAFT_SEED);
     check(&*t, &m, &probe, "overwrites on one home slot")
 }
 
@@ -482,12 +482,13 @@ pub fn crafted_churn(open: &Open, s: Adversarial) -> R {
     check(&*t, &m, &keys, "put back with overwrites")
 }
 
-/// Three crafted chains (on the first, the middle and the last slot of every table size)
-/// mixed with random keys, through puts, deletes, put-backs and overwrites from 64 entries
-/// across several growths; then a table without growth filled to its capacity at max load
-/// 0.95 with crafted keys only, churned at that load.
+/// Three crafted chains (on the first slot of every table size, about a third of the way,
+/// and on the last) mixed with random keys, through puts, deletes, put-backs and overwrites
+/// from 64 entries across several growths; then a table without growth at max load 0.95
+/// filled with crafted keys only: churned at 80% of its capacity (deleted keys come back
+/// into their tombstones), then at its full capacity (every batch purges the tombstones).
 pub fn crafted_growth_and_full_load(open: &Open, s: Adversarial) -> R {
-    let lows = [0u32, 1 << 31, u32::MAX];
+    let lows = [0u32, 0x5555_5555, u32::MAX];
     let families: Vec<Vec<u64>> = lows
         .iter()
         .map(|&l| crafted_keys(l, 4 * s.batch, CRAFT_SEED))
@@ -542,7 +543,23 @@ pub fn crafted_growth_and_full_load(open: &Open, s: Adversarial) -> R {
         .take(cap)
         .collect();
     let mut m = Map::new();
-    put_both(&*t, &mut m, &keys, |i, _| i as u64)?;
+    // 80% of the capacity: a tenth deleted and put back with half as many overwrites keeps
+    // live keys, tombstones and the batch within the capacity, so nothing is purged and the
+    // keys go back into tombstones of their own chains.
+    let most = &keys[..cap * 4 / 5];
+    put_both(&*t, &mut m, most, |i, _| i as u64)?;
+    for round in 0..3usize {
+        let del: Vec<u64> = most.iter().copied().skip(round).step_by(10).collect();
+        delete_both(&*t, &mut m, &del, &format!("80% round {round}"))?;
+        let stayed = most
+            .iter()
+            .filter(|k| m.contains_key(k))
+            .take(del.len() / 2);
+        let back: Vec<u64> = del.iter().chain(stayed).copied().collect();
+        put_both(&*t, &mut m, &back, |i, _| ((round << 20) | i) as u64)?;
+        check(&*t, &m, most, &format!("80% round {round}"))?;
+    }
+    put_both(&*t, &mut m, &keys[cap * 4 / 5..], |i, _| i as u64)?;
     check(&*t, &m, &keys, "crafted keys at full load")?;
     for round in 0..3u64 {
         let del: Vec<u64> = keys

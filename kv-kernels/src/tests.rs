@@ -667,26 +667,40 @@ fn one_home(home: u64, count: usize) -> Vec<u64> {
 fn crafted_keys_share_one_chain_under_contention() {
     // 400 keys homed at the table's last slot (so the chain wraps to slot 0), put, every
     // other one deleted, then put back by 8 threads racing for the tombstones: no key lost
-    // or doubled, every tombstone accounted for, the last occurrence wins.
-    let slots = 1024u64;
+    // or doubled, every tombstone accounted for, the last occurrence wins. The table is large
+    // enough that the put-back purges nothing: it meets the tombstones.
+    let slots = 4096u64;
     let hot = one_home(slots - 1, 400);
     for threads in [1, REVERSED, 8] {
         let mut sim = Sim::new(slots, 2, threads);
         let vals: Vec<u64> = (0..2 * hot.len() as u64).collect();
         sim.put(&hot, &vals, 128);
-        let gone: Vec<u64> = hot.iter().copied().step_by(2).collect();
-        assert_eq!(sim.delete(&gone), gone.len() as u64);
-        // Back in one chunk, each twice, the second occurrence winning.
-        let again: Vec<u64> = gone.iter().chain(&gone).copied().collect();
-        let vals2: Vec<u64> = (0..2 * again.len() as u64).map(|v| v + 1_000_000).collect();
-        sim.put(&again, &vals2, 1024);
         let mut model = HashMap::new();
         for (i, k) in hot.iter().enumerate() {
             model.insert(*k, vals[2 * i..2 * i + 2].to_vec());
         }
-        for (i, k) in again.iter().enumerate() {
-            model.insert(*k, vals2[2 * i..2 * i + 2].to_vec());
+        for cycle in 0..20u64 {
+            let gone: Vec<u64> = hot
+                .iter()
+                .copied()
+                .skip(cycle as usize % 2)
+                .step_by(2)
+                .collect();
+            assert_eq!(sim.delete(&gone), gone.len() as u64);
+            // Back in one chunk, each twice, the second occurrence winning. The second half is
+            // rotated by one so that the two items of a key run on different threads (`par`
+            // hands item i to thread i % threads) and race each other while claiming.
+            let mut twice = gone.clone();
+            twice.rotate_left(1);
+            let again: Vec<u64> = gone.iter().chain(&twice).copied().collect();
+            let vals2: Vec<u64> = (0..2 * again.len() as u64)
+                .map(|v| v + (cycle + 1) * 1_000_000)
+                .collect();
+            sim.put(&again, &vals2, 1024);
+            for (i, k) in again.iter().enumerate() {
+                model.insert(*k, vals2[2 * i..2 * i + 2].to_vec());
+            }
+            check(&mut sim, &model, &hot);
         }
-        check(&mut sim, &model, &hot);
     }
 }
