@@ -31,7 +31,7 @@
 //! ```
 
 pub use kv_core::{
-    Description, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, PutPlan, Result,
+    Audit, Description, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, PutPlan, Result,
     TableConfig, capacity_of, check_contains, check_get, check_put, plan_put, slots_for,
 };
 
@@ -47,8 +47,10 @@ use std::fmt;
 /// The environment variable that forces a backend.
 pub const BACKEND_ENV: &str = "VRAMKV_BACKEND";
 
-/// The backends vramkv knows, whether or not this build has them.
+/// The backends vramkv knows, whether or not this build has them. More may come, so a
+/// `match` on it needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// The parallel CPU table.
     Cpu,
@@ -103,7 +105,8 @@ impl std::str::FromStr for BackendKind {
 
 /// A table on the backend [`open`] chose, with the record of that choice.
 ///
-/// It implements [`KvBackend`] by handing every call to the chosen backend.
+/// It implements [`KvBackend`] by handing every call to the chosen backend, optional ones
+/// ([`KvBackend::audit`]) included.
 pub struct Table {
     inner: Box<dyn KvBackend>,
     kind: BackendKind,
@@ -161,6 +164,9 @@ impl KvBackend for Table {
     }
     fn describe(&self) -> Description {
         self.inner.describe()
+    }
+    fn audit(&self) -> Result<Audit> {
+        self.inner.audit()
     }
 }
 

@@ -12,9 +12,10 @@
 //! chains is finished in resume rounds.
 //!
 //! `PROPTEST_CASES` sets the sequences per backend (default 1000; a quarter of that for the
-//! small-budget run). A backend that cannot
-//! run here (no GPU, no adapter) prints `skipped: <reason>` and its trial is reported as
-//! ignored; with `VRAMKV_REQUIRE_WGPU=1` a missing wgpu adapter fails instead.
+//! small-budget run). A backend that cannot run here (no GPU, no adapter) prints
+//! `skipped: <reason>` and its trial is reported as ignored; with `VRAMKV_REQUIRE_WGPU=1` or
+//! `VRAMKV_REQUIRE_CUDA=1`, as in the other suites, a missing wgpu adapter or CUDA device
+//! fails instead.
 
 use std::sync::LazyLock;
 
@@ -333,7 +334,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let require_wgpu = std::env::var("VRAMKV_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    let require = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+    let require_wgpu = require("VRAMKV_REQUIRE_WGPU");
+    let require_cuda = require("VRAMKV_REQUIRE_CUDA");
     let mut trials = Vec::new();
     for kind in BackendKind::ALL {
         let name = format!("differential::{kind}");
@@ -342,8 +345,12 @@ fn main() {
         }
         match vramkv::open_backend(kind, TableConfig::new(16)) {
             Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e) if kind == BackendKind::Wgpu && require_wgpu => {
-                let msg = format!("VRAMKV_REQUIRE_WGPU=1 but wgpu cannot run: {e}");
+            Err(e)
+                if (kind == BackendKind::Wgpu && require_wgpu)
+                    || (kind == BackendKind::Cuda && require_cuda) =>
+            {
+                let var = format!("VRAMKV_REQUIRE_{}", kind.name().to_uppercase());
+                let msg = format!("{var}=1 but {kind} cannot run: {e}");
                 trials.push(Trial::test(name, move || Err(msg.into())));
             }
             Err(e) => {

@@ -44,3 +44,28 @@ fn bad_configs_are_refused_before_any_backend_is_tried() {
     let r = vramkv::open_with_choice(None, TableConfig::new(16).width(0));
     assert!(matches!(r, Err(Error::InvalidConfig(_))));
 }
+
+#[test]
+fn the_facade_forwards_audit() {
+    // The CPU backend keeps no tombstone books: its own answer, naming it.
+    let t = vramkv::open_backend(BackendKind::Cpu, TableConfig::new(16)).expect("cpu");
+    assert!(matches!(
+        t.audit(),
+        Err(Error::Unsupported {
+            backend: "cpu",
+            what: "audit"
+        })
+    ));
+    // A GPU backend answers with its device's counts, through the facade.
+    for kind in [BackendKind::Cuda, BackendKind::Wgpu] {
+        let Ok(t) = vramkv::open_backend(kind, TableConfig::new(64)) else {
+            println!("skipped: {kind} cannot run here");
+            continue;
+        };
+        t.put(&[5, 6, 7], &[1, 2, 3]).expect("put");
+        assert_eq!(t.delete(&[6]).expect("delete"), 1);
+        let a: vramkv::Audit = t.audit().expect("a GPU backend audits");
+        assert!(a.agrees(), "{kind}: {a:?}");
+        assert_eq!((a.device_live, a.device_tombstones), (2, 1), "{kind}");
+    }
+}
