@@ -91,10 +91,15 @@ struct BenchArgs {
     /// batch would be (`regions=N`, N a power of two; `slot`: sorted by home slot), to
     /// measure what probing with locality is worth.
     #[cfg(feature = "cuda")]
-    #[arg(long, default_value = "random")]
+    #[arg(long, default_value = "random", requires = "resident")]
     key_order: resident::KeyOrder,
-    /// Occupancies for --resident.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 0.74, 0.9])]
+    /// Occupancies for --resident (refused without it).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = [0.5, 0.74, 0.9],
+        requires = "resident"
+    )]
     occupancy: Vec<f64>,
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
@@ -142,7 +147,28 @@ impl BatchResult {
     }
 }
 
+/// Gives Mesa's Vulkan drivers (lavapipe) a runtime directory when the environment has none:
+/// its window-system loader otherwise prints `error: XDG_RUNTIME_DIR is invalid or not set`
+/// twice, which reads as a failure of vramkv, while this command never opens a window. A
+/// private directory under the temporary one (mode 0700, as the XDG spec asks).
+fn quiet_window_system() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    let dir = std::env::temp_dir().join("vramkv-runtime");
+    let _ = std::fs::create_dir_all(&dir);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    // SAFETY: the first statement of `main`, before any other thread exists, so no thread
+    // reads the environment while it changes.
+    unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+}
+
 fn main() -> ExitCode {
+    quiet_window_system();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Bench(a) => bench(&a),
@@ -167,9 +193,12 @@ fn backends_for(choice: Choice) -> vramkv::Result<Vec<Option<BackendKind>>> {
         Choice::Cpu => vec![Some(BackendKind::Cpu)],
         Choice::Cuda => vec![Some(BackendKind::Cuda)],
         Choice::Wgpu => vec![Some(BackendKind::Wgpu)],
-        Choice::All => vramkv::availability()
+        // Every backend that opens when forced: a software adapter (lavapipe) runs too, as
+        // with `--backend wgpu`, although automatic choice passes it over.
+        Choice::All => BackendKind::ALL
             .into_iter()
-            .filter_map(|(k, r)| match r {
+            .filter(|k| k.compiled_in())
+            .filter_map(|k| match vramkv::open_backend(k, TableConfig::new(16)) {
                 Ok(_) => Some(Some(k)),
                 Err(why) => {
                     eprintln!("skipped: {k}: {why}");
@@ -190,8 +219,11 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     // Room for every distinct key, plus one batch: a put is admitted while
     // len + batch <= capacity (every key of a batch counts as new), so without the extra
     // batch the last one would measure a growth rehash instead of steady-state puts.
+    // Saturating: an impossible --items gives a capacity that `validate` refuses, never one
+    // that wrapped around.
     let mut cfg =
-        TableConfig::new(workload::unique_keys(a.items, a.batches) + a.items).width(a.width);
+        TableConfig::new(workload::unique_keys(a.items, a.batches).saturating_add(a.items))
+            .width(a.width);
     cfg.device = a.device;
     cfg.seed = a.hash_seed;
     cfg.validate()?;
@@ -220,6 +252,9 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Redrawn on a timer, not only per batch, so that the spinner and the elapsed time move
+    // while a long batch runs; the message names the step in progress.
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let mut all_ok = true;
     let mut table_rows: Vec<(String, Vec<BatchResult>)> = Vec::new();
     for kind in kinds {
@@ -231,7 +266,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         if !a.json {
             bar.suspend(|| {
                 for (k, why) in table.skipped() {
-                    println!("skipped {k}: {why}");
+                    println!("skipped: {k}: {why}");
                 }
                 println!(
                     "backend {} on {} — {} items/batch, width {}",
@@ -243,12 +278,14 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         let mut out = vec![0u64; a.items * a.width];
         let mut found = vec![false; a.items];
         for b in 0..a.batches {
-            bar.set_message(format!("{}: batch {}", d.backend, b + 1));
+            bar.set_message(format!("{}: batch {}, generating", d.backend, b + 1));
             let batch = Batch::new(b, a.items, a.width, a.seed);
+            bar.set_message(format!("{}: batch {}, put", d.backend, b + 1));
             let t0 = Instant::now();
             table.put(&batch.keys, &batch.values)?;
             let put = t0.elapsed().as_secs_f64();
             out.fill(u64::MAX);
+            bar.set_message(format!("{}: batch {}, get", d.backend, b + 1));
             let t0 = Instant::now();
             table.get(&batch.keys, &mut out, &mut found)?;
             let get = t0.elapsed().as_secs_f64();
@@ -322,10 +359,6 @@ fn run_pinned(_: &BenchArgs, _: TableConfig) -> vramkv::Result<bool> {
 #[cfg(feature = "cuda")]
 fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
     let slots = resident::slots_for_items(a.items);
-    println!(
-        "device-resident on cuda: {slots} slots, width {}, median of {} after a warm-up",
-        a.width, a.reps
-    );
     let rows = resident::run(
         slots,
         &a.occupancy,
@@ -335,6 +368,11 @@ fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
         a.key_order,
         a.hash_seed.unwrap_or(resident::SEED),
     )?;
+    // After the run, so that a failure (no CUDA device) prints no half-report.
+    println!(
+        "device-resident on cuda: {slots} slots, width {}, median of {} after a warm-up",
+        a.width, a.reps
+    );
     println!(
         "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
         "occupancy", "keys", "insert G/s", "find G/s", "B/entry", "found"
@@ -437,9 +475,16 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn print_side_by_side(rows: &[(String, Vec<&BatchResult>)]) {
+    // With --batches 1 the only batch is the warm-up: say so rather than call it a median
+    // after one.
+    let what = if rows.iter().all(|(_, rs)| rs.len() > 1) {
+        "backend (median after warm-up)"
+    } else {
+        "backend (the warm-up batch alone)"
+    };
     println!(
         "\n{:<48} {:>14} {:>14} {:>8}",
-        "backend (median after warm-up)", "PUT M ops/s", "GET M ops/s", "valid"
+        what, "PUT M ops/s", "GET M ops/s", "valid"
     );
     for (name, rs) in rows {
         let steady: &[&BatchResult] = if rs.len() > 1 { &rs[1..] } else { rs };

@@ -33,8 +33,10 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// The largest power-of-two slot count that holds at most `items` keys at 0.74.
 pub fn slots_for_items(items: usize) -> usize {
     let mut s = 16usize;
-    while ((s * 2) as f64 * 0.74) <= items as f64 {
-        s *= 2;
+    while let Some(d) = s.checked_mul(2)
+        && (d as f64 * 0.74) <= items as f64
+    {
+        s = d;
     }
     s
 }

@@ -37,7 +37,7 @@ fn value(seed: u64, pos: usize, word: usize) -> u64 {
 /// Distinct keys over `batches` batches of `n` (to size the table).
 pub fn unique_keys(n: usize, batches: usize) -> usize {
     let m = distinct_per_batch(n);
-    m + (m / 2) * batches.saturating_sub(1)
+    m.saturating_add((m / 2).saturating_mul(batches.saturating_sub(1)))
 }
 
 fn distinct_per_batch(n: usize) -> usize {
