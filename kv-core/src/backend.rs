@@ -135,7 +135,8 @@ pub trait KvBackend: Send + Sync {
     /// Writes whether each key is present into `found_out`.
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()>;
 
-    /// Entries in the table.
+    /// Entries in the table, between whole batches (item d): never a count taken while a
+    /// batch runs.
     fn len(&self) -> usize;
 
     /// Whether the table holds no entry.
@@ -146,7 +147,8 @@ pub trait KvBackend: Send + Sync {
     /// Entries the table holds before it must grow (see semantics f).
     fn capacity(&self) -> usize;
 
-    /// Removes every entry; capacity is kept.
+    /// Removes every entry; capacity is kept. A batch of its own for item d: other threads
+    /// see the table before or after it, never half cleared.
     fn clear(&self) -> Result<()>;
 
     /// Backend, device and memory use.

@@ -5,8 +5,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in a vramkv call.
 ///
-/// Every variant leaves the table exactly as it was before the call: a batch is
-/// checked (and, for GPU backends, its memory reserved) before anything changes.
+/// Bad input and refused batches leave the table exactly as it was before the call: a batch
+/// is checked (and, for GPU backends, its memory reserved) before anything changes. The one
+/// exception is [`Error::Device`] from a put or delete whose device or driver failed while
+/// the batch ran: that batch may have been applied in part (contract item g of
+/// [`KvBackend`](crate::KvBackend)), and nothing outside it changed.
 ///
 /// ```
 /// use kv_core::Error;
