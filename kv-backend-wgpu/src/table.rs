@@ -302,6 +302,27 @@ fn round_limit(slots: usize, budget: u32) -> usize {
     4 + 2 * slots.div_ceil(budget.max(1) as usize)
 }
 
+/// Runs `round` (one resume round, `Ok(true)` once no probe is left unfinished) until it is
+/// done, counting each in `resumed`; past `limit` rounds (see [`round_limit`]) an
+/// `Error::Device` saying what did not finish, as a broken table would.
+fn resume_rounds(
+    limit: usize,
+    resumed: &AtomicU64,
+    what: impl FnOnce() -> String,
+    mut round: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    for _ in 0..limit {
+        resumed.fetch_add(1, Ordering::Relaxed);
+        if round()? {
+            return Ok(());
+        }
+    }
+    Err(device_error(format!(
+        "{}: probes still unfinished after {limit} rounds (a table invariant is broken)",
+        what()
+    )))
+}
+
 /// Folds a snapshot of the control words into `counters`: every count only grows during a
 /// batch, so the word-wise maximum of the snapshots is the latest.
 fn merge(counters: &mut Option<[u64; ctl::LEN]>, snap: [u64; ctl::LEN]) {
@@ -563,14 +584,9 @@ impl Lane {
         let limit = round_limit(st.slots.max(local_slots(p.m)), params.budget);
         for (k, (name, pipe)) in passes.pipes.iter().enumerate().skip(first) {
             params.resume = u32::from(k == first);
-            for round in 0.. {
-                if round == limit {
-                    return Err(device_error(format!(
-                        "{name}: probes still unfinished after {limit} rounds of {} slots (a table invariant is broken)",
-                        params.budget
-                    )));
-                }
-                st.resumed.fetch_add(1, Ordering::Relaxed);
+            let budget = params.budget;
+            let what = || format!("{name}, {budget} slots a round");
+            resume_rounds(limit, &st.resumed, what, || {
                 gpu.queue
                     .write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
                 let bg = self.bind_group(gpu, st)?.clone();
@@ -592,11 +608,9 @@ impl Lane {
                 if counts {
                     merge(counters, snap);
                 }
-                if left == 0 {
-                    break;
-                }
                 params.resume = 1;
-            }
+                Ok(left == 0)
+            })?;
         }
         Ok(())
     }
@@ -1124,6 +1138,7 @@ impl State {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         enc.clear_buffer(&self.ctl, 0, None);
         gpu.queue.submit([enc.finish()]);
+        let limit = round_limit(slots, params.budget);
         let mut from = 0;
         let c = loop {
             for k in from..pieces.len() {
@@ -1134,21 +1149,12 @@ impl State {
             let Some(k) = (c[ctl::STALL] as usize).checked_sub(1) else {
                 break c;
             };
-            let limit = round_limit(slots, params.budget);
-            let mut rounds = 0;
-            let c = loop {
-                if rounds == limit {
-                    return Err(device_error(format!(
-                        "rehash into {slots} slots: probes still unfinished after {limit} rounds (a table invariant is broken); table left as it was"
-                    )));
-                }
-                rounds += 1;
-                self.resumed.fetch_add(1, Ordering::Relaxed);
-                let c = self.submit_for_counters(gpu, run(k, true))?;
-                if c[ctl::STALL] == 0 {
-                    break c;
-                }
-            };
+            let mut c = [0; ctl::LEN];
+            let what = || format!("rehash into {slots} slots (table left as it was)");
+            resume_rounds(limit, &self.resumed, what, || {
+                c = self.submit_for_counters(gpu, run(k, true))?;
+                Ok(c[ctl::STALL] == 0)
+            })?;
             from = k + 1;
             if from == pieces.len() {
                 break c;
@@ -1422,7 +1428,32 @@ pub(crate) fn run_host_batch(
 
 #[cfg(test)]
 mod tests {
-    use super::Packing;
+    use super::{Packing, resume_rounds, round_limit};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn resume_rounds_stop_when_done_and_fail_past_the_limit() {
+        let resumed = AtomicU64::new(0);
+        let mut left = 3;
+        let r = resume_rounds(
+            10,
+            &resumed,
+            || "never".into(),
+            || {
+                left -= 1;
+                Ok(left == 0)
+            },
+        );
+        assert!(r.is_ok());
+        assert_eq!(resumed.load(Ordering::Relaxed), 3);
+        // A probe that never finishes (a broken table) is an error, not a hang.
+        let limit = round_limit(64, 8);
+        assert_eq!(limit, 4 + 2 * 8);
+        let r = resume_rounds(limit, &resumed, || "kv_get".into(), || Ok(false));
+        let e = r.expect_err("no end").to_string();
+        assert!(e.contains("kv_get") && e.contains("20 rounds"), "{e}");
+        assert_eq!(resumed.load(Ordering::Relaxed), 3 + 20);
+    }
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
