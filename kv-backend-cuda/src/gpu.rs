@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUdeviceptr, CUfunction, CUresult};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result};
 use kv_core::{Error, Result};
-use kv_kernels::layout::{BatchArgs, FillArgs, RehashArgs, TableArgs};
+use kv_kernels::layout::{BatchArgs, RehashArgs, TableArgs};
 
 pub(crate) const BACKEND: &str = "cuda";
 
@@ -283,7 +283,6 @@ pub(crate) struct Kernels {
     pub contains: Kernel<BatchArgs>,
     pub delete: Kernel<BatchArgs>,
     pub rehash: Kernel<RehashArgs>,
-    pub fill: Kernel<FillArgs>,
     pub count: Kernel<TableArgs>,
 }
 
@@ -321,7 +320,7 @@ impl Gpu {
             result::launch_kernel(
                 k.f,
                 (grid, 1, 1),
-                (kv_kernels::BLOCK_SIZE, 1, 1),
+                (kv_kernels::layout::WORKGROUP, 1, 1),
                 0,
                 stream.cu_stream(),
                 &mut params,
@@ -440,7 +439,6 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         contains: k(f(n::CONTAINS)?),
         delete: k(f(n::DELETE)?),
         rehash: k(f(n::REHASH)?),
-        fill: k(f(n::FILL_U64)?),
         count: k(f(n::COUNT)?),
     };
     Ok(Gpu {

@@ -38,8 +38,8 @@
 //!
 //! # Table layout
 //!
-//! Structure of arrays in device memory: `keys: u64[slots]` (EMPTY = `u64::MAX`,
-//! TOMBSTONE = `u64::MAX - 1`), `values: u64[slots * width]`, a small special area for the
+//! Structure of arrays in device memory: `keys: u64[slots]` (EMPTY = `0`,
+//! TOMBSTONE = `1`, as on every GPU backend: `kv_kernels::layout`), `values: u64[slots * width]`, a small special area for the
 //! two user keys equal to the sentinels (handled inside the kernels, so device-resident
 //! batches need no host help), and a counter block. Linear probing from a murmur3-`fmix64`
 //! home slot. One allocation per array, made at creation and at each growth; growth
@@ -550,7 +550,7 @@ impl KvBackend for CudaBackend {
     fn clear(&self) -> Result<()> {
         self.gpu.bind()?;
         let mut st = self.write();
-        st.clear(&self.gpu)?;
+        st.clear()?;
         st.len = 0;
         st.tombs = 0;
         st.spec_len = 0;

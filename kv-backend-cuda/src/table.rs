@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Error, Result};
 use kv_kernels::layout::{
-    BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag, local_slots, special_words,
+    BatchArgs, RehashArgs, TableArgs, counter, flag, local_slots, special_words,
 };
 use kv_staging::copy::{PAR_MIN, par_bools, par_copy};
 
@@ -489,7 +489,7 @@ impl State {
             spec_len: 0,
             seed,
         };
-        st.clear(gpu)?;
+        st.clear()?;
         Ok(st)
     }
 
@@ -516,8 +516,8 @@ impl State {
     }
 
     /// Empties the table: keys to EMPTY, sentinel keys absent. Synchronous.
-    pub fn clear(&self, gpu: &Gpu) -> Result<()> {
-        fill_empty(gpu, &self.keys, self.slots, &self.main)?;
+    pub fn clear(&self) -> Result<()> {
+        fill_empty(&self.keys, self.slots, &self.main)?;
         self.special.memset(0, self.special.bytes(), &self.main)?;
         self.counters.memset(0, self.counters.bytes(), &self.main)?;
         self.main.synchronize().drv("cuStreamSynchronize")
@@ -544,7 +544,7 @@ impl State {
     pub fn rehash(&mut self, gpu: &Gpu, slots: usize, width: usize) -> Result<()> {
         let keys = DevBuf::new(gpu, array_bytes(slots, 1)?)?;
         let values = DevBuf::new(gpu, array_bytes(slots, width)?)?;
-        fill_empty(gpu, &keys, slots, &self.main)?;
+        fill_empty(&keys, slots, &self.main)?;
         self.reset_counters()?;
         let a = RehashArgs {
             table: TableArgs {
@@ -591,13 +591,10 @@ impl State {
     }
 }
 
-fn fill_empty(gpu: &Gpu, keys: &DevBuf, slots: usize, stream: &CudaStream) -> Result<()> {
-    let a = FillArgs {
-        dst: keys.ptr(),
-        value: kv_kernels::layout::EMPTY,
-        n: slots as u64,
-    };
-    gpu.launch(&gpu.k.fill, &a, slots as u64, stream)
+/// Enqueues the fill of a key array with EMPTY (zero: one byte fill).
+fn fill_empty(keys: &DevBuf, slots: usize, stream: &CudaStream) -> Result<()> {
+    const _: () = assert!(kv_kernels::layout::EMPTY == 0);
+    keys.memset(0, slots * 8, stream)
 }
 
 /// Runs a host batch through `lanes` (all of capacity `cap`, with the host buffers of

@@ -89,7 +89,7 @@ use kv_staging::LanePool;
 
 pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};
-use shader::ctl;
+use kv_kernels::layout::counter;
 pub use table::{CHUNK_MIB_ENV, REGION_ORDER_ENV, REGION_ORDER_MIN_SLOTS, TRACE_ENV};
 use table::{Lane, Op, State};
 
@@ -311,7 +311,7 @@ impl WgpuBackend {
         st: &State,
         keys: &[u64],
         mut op: Op<'_>,
-    ) -> Result<Option<[u64; ctl::LEN]>> {
+    ) -> Result<Option<[u64; counter::LEN]>> {
         self.gpu.check()?;
         let cap = table::lane_cap(keys.len(), self.cfg.width, self.max_seg_bytes);
         let count = keys.len().div_ceil(cap).min(table::LANES);
@@ -354,16 +354,16 @@ impl KvBackend for WgpuBackend {
         let c = self
             .host_batch(&st, keys, Op::Put { values })?
             .unwrap_or_default();
-        let inserted = c[ctl::INSERTED] as usize;
-        let reused = inserted - (c[ctl::FROM_EMPTY] as usize).min(inserted);
-        let spec = c[ctl::SPEC_INSERTED] as usize;
+        let inserted = c[counter::INSERTED] as usize;
+        let reused = inserted - (c[counter::FROM_EMPTY] as usize).min(inserted);
+        let spec = c[counter::SPEC_INSERTED] as usize;
         st.len += inserted + spec;
         st.spec_len += spec;
         st.tombs -= reused.min(st.tombs);
-        if c[ctl::ERRORS] != 0 {
+        if c[counter::ERRORS] != 0 {
             return Err(gpu::device_error(format!(
                 "{} keys found no slot (table invariant broken)",
-                c[ctl::ERRORS]
+                c[counter::ERRORS]
             )));
         }
         Ok(())
@@ -392,7 +392,7 @@ impl KvBackend for WgpuBackend {
         }
         let mut st = self.write();
         let c = self.host_batch(&st, keys, Op::Delete)?.unwrap_or_default();
-        let (removed, spec) = (c[ctl::REMOVED] as usize, c[ctl::SPEC_REMOVED] as usize);
+        let (removed, spec) = (c[counter::REMOVED] as usize, c[counter::SPEC_REMOVED] as usize);
         st.len -= (removed + spec).min(st.len);
         st.spec_len -= spec.min(st.spec_len);
         st.tombs += removed;

@@ -73,39 +73,6 @@
 
 use std::fmt::Write as _;
 
-/// Threads per workgroup of every batch kernel.
-pub(crate) const WORKGROUP: u32 = 256;
-
-/// Indices of the u64 words of a table's control buffer (the shaders use the same numbers).
-///
-/// Words 0 and 1 are unused (the per-chunk flags of a put live in the lane's local table);
-/// 12 and 13 take the counts a pass does not keep.
-pub(crate) mod ctl {
-    /// The code of a put pass (or rehash piece) that left items unfinished, 0 for none
-    /// ("Bounded probes" in the module docs).
-    pub const STALL: usize = 2;
-    /// Keys newly placed in the key array (from EMPTY or a tombstone).
-    pub const INSERTED: usize = 3;
-    /// Of those, the ones that took an EMPTY slot.
-    pub const FROM_EMPTY: usize = 4;
-    /// Keys turned into tombstones.
-    pub const REMOVED: usize = 5;
-    /// Special keys that became present.
-    pub const SPEC_INSERTED: usize = 6;
-    /// Special keys removed.
-    pub const SPEC_REMOVED: usize = 7;
-    /// Probes that went round the whole table (a broken invariant).
-    pub const ERRORS: usize = 8;
-    /// Keys moved by a rehash.
-    pub const MOVED: usize = 9;
-    /// Live keys counted by `count`.
-    pub const LIVE: usize = 10;
-    /// Tombstones counted by `count`.
-    pub const TOMBS: usize = 11;
-    /// Words in the control buffer.
-    pub const LEN: usize = 16;
-}
-
 /// Which segments are declared atomic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Flavour {
@@ -143,14 +110,14 @@ pub(crate) const PROBE_WORDS: u32 = 3;
 /// rely on.
 pub(crate) const REGIONS: u32 = WORKGROUP;
 
+pub(crate) use kv_kernels::layout::WORKGROUP;
+
 /// Items each thread of the region histogram and scatter kernels handles.
 pub(crate) const ORDER_ITEMS: u32 = 16;
 
-/// The declarations every module shares; `{C1}` and `{C2}` are filled in by [`common`].
+/// The declarations every module shares, after [`constants`]; `{C1}` and `{C2}` are filled
+/// in by [`common`].
 const COMMON: &str = r#"
-const EMPTY: u64 = 0lu;
-const TOMB: u64 = 1lu;
-
 struct Params {
     n: u32,
     width: u32,
@@ -188,12 +155,12 @@ fn home(key: u64) -> u32 {
 // Whether a put pass (or rehash piece) of code `code` must do nothing: an earlier one left
 // items unfinished (module docs, "Bounded probes").
 fn stalled(code: u32) -> bool {
-    let s = atomicLoad(&ctl[2]);
+    let s = atomicLoad(&ctl[C_STALL]);
     return s != 0lu && s < u64(code);
 }
 
 fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
+    return (wid.y * nwg.x + wid.x) * WG + lid;
 }
 
 fn seg_of(slot: u32) -> u32 {
@@ -202,20 +169,54 @@ fn seg_of(slot: u32) -> u32 {
 
 // The chunk's flags after its local table: DUP (a key repeats in the chunk), then 1 + the
 // last index of each special key (0 when absent).
-fn dup_flag() -> u32 { return p.lmask + 1u; }
-fn spec_flag(k: u32) -> u32 { return p.lmask + 2u + k; }
+fn dup_flag() -> u32 { return p.lmask + 1u + F_DUP; }
+fn spec_flag(k: u32) -> u32 { return p.lmask + 1u + F_SPEC_WIN + k; }
 
 fn row_of(slot: u32) -> u32 {
     return (slot & ((1u << p.seg_shift) - 1u)) * p.width;
 }
 "#;
 
-/// [`COMMON`] with the hash's constants from [`kv_kernels::layout`], the one definition of
-/// the table's hash.
+/// The WGSL constants of the table's layout and protocol, generated from
+/// [`kv_kernels::layout`], their one definition: the sentinels, the workgroup size, the
+/// counter numbering, the put chunk's flag words and the special area's layout.
+fn constants() -> String {
+    use kv_kernels::layout::{self as l, counter as c, flag as f};
+    let mut out = String::new();
+    let u64s = [("EMPTY", l::EMPTY), ("TOMB", l::TOMBSTONE)];
+    for (name, v) in u64s {
+        let _ = writeln!(out, "const {name}: u64 = {v}lu;");
+    }
+    let u32s = [
+        ("WG", l::WORKGROUP as usize),
+        ("C_INSERTED", c::INSERTED),
+        ("C_FROM_EMPTY", c::FROM_EMPTY),
+        ("C_REMOVED", c::REMOVED),
+        ("C_SPEC_INSERTED", c::SPEC_INSERTED),
+        ("C_SPEC_REMOVED", c::SPEC_REMOVED),
+        ("C_ERRORS", c::ERRORS),
+        ("C_MOVED", c::MOVED),
+        ("C_LIVE", c::LIVE),
+        ("C_TOMBS", c::TOMBS),
+        ("C_STALL", c::STALL),
+        ("C_DISCARD", c::DISCARD),
+        ("F_DUP", f::DUP),
+        ("F_SPEC_WIN", f::SPEC_WIN),
+        ("SPECIAL_ROW0", l::special_row(0, 1) as usize),
+    ];
+    for (name, v) in u32s {
+        let _ = writeln!(out, "const {name}: u32 = {v}u;");
+    }
+    out
+}
+
+/// [`constants`], then [`COMMON`] with the hash's constants from [`kv_kernels::layout`], the
+/// one definition of the table's hash.
 fn common() -> String {
-    COMMON
-        .replace("{C1}", &format!("{:#x}", kv_kernels::layout::FMIX_C1))
-        .replace("{C2}", &format!("{:#x}", kv_kernels::layout::FMIX_C2))
+    constants()
+        + &COMMON
+            .replace("{C1}", &format!("{:#x}", kv_kernels::layout::FMIX_C1))
+            .replace("{C2}", &format!("{:#x}", kv_kernels::layout::FMIX_C2))
 }
 
 /// Emits `fn {name}(seg: u32, off: u32{extra_params}) {ret} { switch seg { ... } }` where
@@ -422,9 +423,9 @@ fn put_specials() {
         if win != 0u {
             let i = win - 1u;
             for (var j = 0u; j < w; j += 1u) {
-                atomicStore(&special[2u + k * w + j], vals_io[i * w + j]);
+                atomicStore(&special[SPECIAL_ROW0 + k * w + j], vals_io[i * w + j]);
             }
-            if atomicExchange(&special[k], 1lu) == 0lu { atomicAdd(&ctl[6], 1lu); }
+            if atomicExchange(&special[k], 1lu) == 0lu { atomicAdd(&ctl[C_SPEC_INSERTED], 1lu); }
         }
     }
 }
@@ -432,7 +433,7 @@ fn put_specials() {
 // Put pass 2: if item i is the last occurrence of its key in the chunk, place the key
 // (claim the first tombstone met or the EMPTY slot that ends the probe, or find it) and
 // write its row. At most p.budget slots per item (module docs, "Bounded probes").
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let code = p.code + 1u;
     let skip = stalled(code);
@@ -505,7 +506,7 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         }
         if outcome == 0u {
             st_save(i, steps, tomb, end);
-            atomicMax(&ctl[2], u64(code));
+            atomicMax(&ctl[C_STALL], u64(code));
         } else {
             st_done(i);
         }
@@ -522,12 +523,12 @@ fn kv_put_place(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             }
         }
     }
-    flush(lid, 3u, 4u, 12u, 8u);
+    flush(lid, C_INSERTED, C_FROM_EMPTY, C_DISCARD, C_ERRORS);
 }
 
 // Delete: a repeated key is removed (and counted) once, the second CAS meets a tombstone.
 // At most p.budget slots per item.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
     var i = j;
@@ -557,14 +558,14 @@ fn kv_delete(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             if done { st_done(i); } else { st_save(i, steps, 0u, 0u); }
         }
     }
-    flush(lid, 5u, 7u, 12u, 13u);
+    flush(lid, C_REMOVED, C_SPEC_REMOVED, C_DISCARD, C_DISCARD);
 }
 "#;
 
 const PLAIN_PASSES: &str = r#"
 // Put pass 1: record key i in the chunk's local table (see the module docs). At most
 // p.budget slots per item.
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let code = p.code;
     let i = item(wid, nwg, lid);
@@ -595,12 +596,12 @@ fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             st_done(i);
             return;
         }
-        if steps >= p.lmask { atomicAdd(&ctl[8], 1lu); slot_of[i] = pos; st_done(i); return; }
+        if steps >= p.lmask { atomicAdd(&ctl[C_ERRORS], 1lu); slot_of[i] = pos; st_done(i); return; }
         steps += 1u;
         pos = (pos + 1u) & p.lmask;
     }
     st_save(i, steps, 0u, 0u);
-    atomicMax(&ctl[2], u64(code));
+    atomicMax(&ctl[C_STALL], u64(code));
 }
 
 // Get or contains of item i: at most p.budget slots; an unfinished item writes nothing
@@ -616,7 +617,7 @@ fn lookup(i: u32, with_values: bool) {
         if with_values {
             for (var j = 0u; j < w; j += 1u) {
                 var v = 0lu;
-                if present { v = atomicLoad(&special[2u + k * w + j]); }
+                if present { v = atomicLoad(&special[SPECIAL_ROW0 + k * w + j]); }
                 vals_io[i * w + j] = v;
             }
         }
@@ -656,13 +657,13 @@ fn lookup(i: u32, with_values: bool) {
     }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_get(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
     if j < p.n { lookup(at(j), true); }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_contains(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
     if j < p.n { lookup(at(j), false); }
@@ -690,7 +691,7 @@ fn order_item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, k: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * (REGIONS * ORDER_ITEMS) + k * REGIONS + lid;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_region_hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     atomicStore(&wg_reg[lid], 0u);
     workgroupBarrier();
@@ -703,7 +704,7 @@ fn kv_region_hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     if c != 0u { atomicAdd(&rcnt[lid], c); }
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_region_scan(@builtin(local_invocation_index) lid: u32) {
     let c = atomicLoad(&rcnt[lid]);
     wg_base[lid] = c;
@@ -719,7 +720,7 @@ fn kv_region_scan(@builtin(local_invocation_index) lid: u32) {
     atomicStore(&rcnt[REGIONS + lid], wg_base[lid] - c);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_region_scatter(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     atomicStore(&wg_reg[lid], 0u);
     workgroupBarrier();
@@ -744,7 +745,7 @@ fn kv_region_scatter(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
 }
 
 // Live keys and tombstones of slots base .. base + n (checks).
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let i = item(wid, nwg, lid);
     if i < p.n {
@@ -753,7 +754,7 @@ fn kv_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         if k > TOMB { atomicAdd(&wg_cnt[0], 1u); }
         if k == TOMB { atomicAdd(&wg_cnt[1], 1u); }
     }
-    flush(lid, 10u, 11u, 12u, 13u);
+    flush(lid, C_LIVE, C_TOMBS, C_DISCARD, C_DISCARD);
 }
 "#;
 
@@ -792,7 +793,7 @@ pub(crate) fn rehash_module(segs: usize) -> String {
         r#"
 var<workgroup> wg_cnt: array<atomic<u32>, 2>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let l = item(wid, nwg, lid);
     var live = l < p.n && !stalled(p.code);
@@ -827,7 +828,7 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
             if done {
                 steps = 0u;
             } else {
-                atomicMax(&ctl[2], u64(p.code));
+                atomicMax(&ctl[C_STALL], u64(p.code));
             }
         }
         rprobe[l] = steps;
@@ -836,8 +837,8 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     if lid == 0u {
         let a = atomicLoad(&wg_cnt[0]);
         let b = atomicLoad(&wg_cnt[1]);
-        if a != 0u { atomicAdd(&ctl[9], u64(a)); }
-        if b != 0u { atomicAdd(&ctl[8], u64(b)); }
+        if a != 0u { atomicAdd(&ctl[C_MOVED], u64(a)); }
+        if b != 0u { atomicAdd(&ctl[C_ERRORS], u64(b)); }
     }
 }
 "#,

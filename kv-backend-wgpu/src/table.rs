@@ -21,7 +21,8 @@ use rayon::prelude::*;
 
 use crate::gpu::{Gpu, device_error, oom};
 use crate::gpu_trace::{self, BatchTimes, LaneTimer};
-use crate::shader::{ORDER_ITEMS, PROBE_HDR, PROBE_WORDS, REGIONS, ctl};
+use crate::shader::{ORDER_ITEMS, PROBE_HDR, PROBE_WORDS, REGIONS};
+use kv_kernels::layout::{self, counter};
 
 /// Staging lanes used by one host batch.
 pub(crate) const LANES: usize = 3;
@@ -119,7 +120,7 @@ pub(crate) const POOL_MAX: usize = 2 * LANES;
 /// Bytes at the start of an upload buffer reserved for the chunk's parameters.
 const UP_HDR: u64 = 256;
 /// Bytes at the start of a readback buffer that take the table's control words.
-const RB_CTL: u64 = (ctl::LEN * 8) as u64;
+const RB_CTL: u64 = (counter::LEN * 8) as u64;
 /// Bytes at the start of a readback buffer reserved for the control words, then the
 /// lane's probe header (the count of unfinished items).
 const RB_HDR: u64 = RB_CTL + PROBE_HDR as u64 * 4;
@@ -168,16 +169,15 @@ pub(crate) struct Params {
     pub pad: [u32; 3],
 }
 
-/// Slots of the local table of a put chunk of `n` items: the power of two >= 2n (load at
-/// most 1/2), as the CUDA kernels' `local_slots`.
+/// Slots of the local table of a put chunk of `n` items ([`layout::local_slots`]).
 pub(crate) fn local_slots(n: usize) -> usize {
-    (2 * n).next_power_of_two().max(64)
+    layout::local_slots(n as u64) as usize
 }
 
-/// Bytes of the local table of a chunk of `n` items and the chunk's flags after it (DUP,
-/// the last index of each special key, one spare word).
+/// Bytes of the local table of a chunk of `n` items and the chunk's flags after it
+/// ([`layout::flag`]: DUP, the last index of each special key, one spare word).
 fn local_bytes(n: usize) -> u64 {
-    (local_slots(n) as u64 + 4) * 4
+    (local_slots(n) + layout::flag::LEN) as u64 * 4
 }
 
 const MAPPED: u8 = 1;
@@ -325,8 +325,8 @@ fn resume_rounds(
 
 /// Folds a snapshot of the control words into `counters`: every count only grows during a
 /// batch, so the word-wise maximum of the snapshots is the latest.
-fn merge(counters: &mut Option<[u64; ctl::LEN]>, snap: [u64; ctl::LEN]) {
-    let c = counters.get_or_insert([0; ctl::LEN]);
+fn merge(counters: &mut Option<[u64; counter::LEN]>, snap: [u64; counter::LEN]) {
+    let c = counters.get_or_insert([0; counter::LEN]);
     for (a, b) in c.iter_mut().zip(snap) {
         *a = (*a).max(b);
     }
@@ -489,7 +489,7 @@ impl Lane {
         st: &State,
         passes: &Passes,
         op: &mut Op<'_>,
-        counters: &mut Option<[u64; ctl::LEN]>,
+        counters: &mut Option<[u64; counter::LEN]>,
         times: &mut BatchTimes,
         discard: bool,
     ) -> Result<Option<usize>> {
@@ -524,7 +524,7 @@ impl Lane {
         if unfinished != 0 {
             self.unmap_readback();
             let first = if passes.put {
-                (snap[ctl::STALL] as u32).saturating_sub(p.params.code) as usize
+                (snap[counter::STALL] as u32).saturating_sub(p.params.code) as usize
             } else {
                 0
             };
@@ -577,7 +577,7 @@ impl Lane {
         counts: bool,
         p: &Pending,
         first: usize,
-        counters: &mut Option<[u64; ctl::LEN]>,
+        counters: &mut Option<[u64; counter::LEN]>,
     ) -> Result<()> {
         let (x, y) = gpu.groups(p.m as u64);
         let mut params = p.params;
@@ -593,7 +593,7 @@ impl Lane {
                 let mut enc = gpu.device.create_command_encoder(&Default::default());
                 enc.clear_buffer(&self.probe, 0, Some(u64::from(PROBE_HDR) * 4));
                 if passes.put {
-                    enc.clear_buffer(&st.ctl, ctl::STALL as u64 * 8, Some(8));
+                    enc.clear_buffer(&st.ctl, counter::STALL as u64 * 8, Some(8));
                 }
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
@@ -647,12 +647,12 @@ impl Lane {
     }
 
     /// The control words and the count of unfinished items from the mapped readback header.
-    fn read_header(&self) -> Result<([u64; ctl::LEN], u32)> {
+    fn read_header(&self) -> Result<([u64; counter::LEN], u32)> {
         let view = self
             .readback
             .get_mapped_range(..RB_HDR)
             .map_err(|e| device_error(format!("readback: {e}")))?;
-        let mut c = [0u64; ctl::LEN];
+        let mut c = [0u64; counter::LEN];
         copy_words(&mut c, &view[..RB_CTL as usize]);
         let left: u32 = bytemuck::pod_read_unaligned(&view[RB_CTL as usize..RB_CTL as usize + 4]);
         Ok((c, left))
@@ -880,7 +880,7 @@ pub(crate) struct State {
     max_buffer: u64,
     /// `present[2]` then the value rows of the user keys 0 and 1.
     pub special: wgpu::Buffer,
-    /// Control words (`shader::ctl`).
+    /// Control words (`kv_kernels::layout::counter`).
     pub ctl: wgpu::Buffer,
     /// Parameters of table-wide kernels (rehash).
     params: wgpu::Buffer,
@@ -1029,13 +1029,13 @@ impl State {
         &self,
         gpu: &Gpu,
         mut enc: wgpu::CommandEncoder,
-    ) -> Result<[u64; ctl::LEN]> {
+    ) -> Result<[u64; counter::LEN]> {
         enc.copy_buffer_to_buffer(&self.ctl, 0, &self.readback, 0, RB_CTL);
         let idx = gpu.queue.submit([enc.finish()]);
         map(&self.readback, wgpu::MapMode::Read, &self.rb_state);
         gpu.wait(idx)?;
         expect_mapped(gpu, &self.rb_state, "readback")?;
-        let mut c = [0u64; ctl::LEN];
+        let mut c = [0u64; counter::LEN];
         {
             let view = self
                 .readback
@@ -1124,7 +1124,7 @@ impl State {
                 .write_buffer(&self.params, 0, bytemuck::bytes_of(&p));
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             if resume {
-                enc.clear_buffer(&self.ctl, ctl::STALL as u64 * 8, Some(8));
+                enc.clear_buffer(&self.ctl, counter::STALL as u64 * 8, Some(8));
             }
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
@@ -1146,14 +1146,14 @@ impl State {
             }
             let empty = gpu.device.create_command_encoder(&Default::default());
             let c = self.submit_for_counters(gpu, empty)?;
-            let Some(k) = (c[ctl::STALL] as usize).checked_sub(1) else {
+            let Some(k) = (c[counter::STALL] as usize).checked_sub(1) else {
                 break c;
             };
-            let mut c = [0; ctl::LEN];
+            let mut c = [0; counter::LEN];
             let what = || format!("rehash into {slots} slots (table left as it was)");
             resume_rounds(limit, &self.resumed, what, || {
                 c = self.submit_for_counters(gpu, run(k, true))?;
-                Ok(c[ctl::STALL] == 0)
+                Ok(c[counter::STALL] == 0)
             })?;
             from = k + 1;
             if from == pieces.len() {
@@ -1161,11 +1161,11 @@ impl State {
             }
         };
         let want = self.table_len() as u64;
-        if c[ctl::ERRORS] != 0 || c[ctl::MOVED] != want {
+        if c[counter::ERRORS] != 0 || c[counter::MOVED] != want {
             return Err(device_error(format!(
                 "rehash into {slots} slots moved {} of {want} keys ({} probe overflows); table left as it was",
-                c[ctl::MOVED],
-                c[ctl::ERRORS]
+                c[counter::MOVED],
+                c[counter::ERRORS]
             )));
         }
         self.segs = new.segs;
@@ -1200,8 +1200,8 @@ impl State {
                 pass.dispatch_workgroups(x, y, 1);
             }
             let c = self.submit_for_counters(gpu, enc)?;
-            live += c[ctl::LIVE];
-            tombs += c[ctl::TOMBS];
+            live += c[counter::LIVE];
+            tombs += c[counter::TOMBS];
             base += n;
         }
         Ok((live, tombs))
@@ -1240,7 +1240,7 @@ pub(crate) fn run_host_batch(
     cap: usize,
     keys: &[u64],
     op: &mut Op<'_>,
-) -> Result<Option<[u64; ctl::LEN]>> {
+) -> Result<Option<[u64; counter::LEN]>> {
     let n = keys.len();
     let w = st.width;
     let chunks = n.div_ceil(cap);

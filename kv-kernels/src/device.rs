@@ -13,7 +13,7 @@
 use core::arch::asm;
 use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 
-use crate::layout::{BatchArgs, FillArgs, RehashArgs, TableArgs, counter, flag};
+use crate::layout::{BatchArgs, RehashArgs, TableArgs, counter, flag};
 use crate::ops::{self, Mem};
 
 /// PTX memory operations.
@@ -331,17 +331,6 @@ pub unsafe extern "ptx-kernel" fn kv_rehash(a: RehashArgs) {
     }
     count(&a.table, counter::MOVED, moved);
     count(&a.table, counter::ERRORS, overflow);
-}
-
-/// Fill: `dst[0..n] = value` (clearing a key array to EMPTY).
-#[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn kv_fill_u64(a: FillArgs) {
-    let (mut i, stride) = grid();
-    while i < a.n {
-        // SAFETY: the host passes a buffer of n words.
-        unsafe { ops::fill_item::<Ptx>(&a, i) };
-        i += stride;
-    }
 }
 
 /// Count: live keys and tombstones of the key array (for checks and diagnostics).

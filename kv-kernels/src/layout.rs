@@ -1,24 +1,35 @@
-//! The table layout, hashing and probe sequence, shared bit for bit by the host and the kernels.
+//! The table's layout and protocol constants, once for every backend: the slot encoding
+//! (sentinels and the special area), the hash and the probe sequence, the value-row layout,
+//! the counter numbering, the workgroup size, and the `#[repr(C)]` kernel argument structs.
 //!
-//! Everything here is plain `const fn`/`#[repr(C)]` data, compiled for both targets, so the
-//! host and the device cannot disagree about where a key lives or how arguments are laid out.
+//! Everything here is plain `const fn`/`#[repr(C)]` data, compiled for the host and for
+//! `nvptx64`, so the host and the device cannot disagree about where a key lives or how
+//! arguments are laid out. The CPU backend calls [`hash`]; the CUDA kernels are compiled
+//! from this module; the wgpu backend generates its WGSL constants from it
+//! (`kv-backend-wgpu/src/shader.rs`, `constants()`). docs/protocol.md states the put
+//! protocols built on it.
 
-/// Key-slot marker of a slot that never held a key. Probes stop here.
-pub const EMPTY: u64 = u64::MAX;
+/// Key-slot marker of a slot that never held a key. Probes stop here. Zero, so that zeroed
+/// memory (a fresh wgpu buffer, a `cuMemsetD8`) is an empty key array.
+pub const EMPTY: u64 = 0;
 /// Key-slot marker of a slot whose key was deleted. Probes go past it; puts may reuse it.
-pub const TOMBSTONE: u64 = u64::MAX - 1;
+pub const TOMBSTONE: u64 = 1;
 
 /// Whether a user key equals one of the two sentinels (it then lives in the special area).
 #[inline(always)]
 pub const fn is_sentinel(key: u64) -> bool {
-    key >= TOMBSTONE
+    key <= TOMBSTONE
 }
 
-/// Index in the special area of a sentinel-valued user key: `u64::MAX - 1` → 0, `u64::MAX` → 1.
+/// Index in the special area of a sentinel-valued user key: `0` → 0, `1` → 1.
 #[inline(always)]
 pub const fn special_index(key: u64) -> u64 {
-    key.wrapping_sub(TOMBSTONE)
+    key
 }
+
+/// Threads per block (CUDA) or workgroup (WGSL) of every kernel: a multiple of 32, since
+/// the kernels reduce their counters per warp or per workgroup.
+pub const WORKGROUP: u32 = 256;
 
 /// First multiplier of MurmurHash3's 64-bit finaliser (`fmix64`).
 pub const FMIX_C1: u64 = 0xff51_afd7_ed55_8ccd;
@@ -124,9 +135,10 @@ pub const fn special_row(index: u64, width: u32) -> u64 {
     2 + index * width as u64
 }
 
-/// Indices of the u64 counters in a table's counter buffer. Kernels add to them with
-/// device-scope atomics (warp-aggregated); the host zeroes them before a batch and reads
-/// them back after it.
+/// Indices of the u64 words of a table's counter buffer, the same on every GPU backend.
+/// Kernels add to them with device-scope atomics (warp- or workgroup-aggregated); the host
+/// zeroes them before a batch and reads them back after it, and turns them into the counts
+/// that `kv_core::Books` takes.
 pub mod counter {
     /// Keys newly placed in the key array by a put (claimed from EMPTY or TOMBSTONE).
     pub const INSERTED: usize = 0;
@@ -146,11 +158,18 @@ pub mod counter {
     pub const LIVE: usize = 7;
     /// Tombstones counted by `kv_count`.
     pub const TOMBS: usize = 8;
+    /// wgpu only: the code of a put pass (or rehash piece) that left probes unfinished, 0
+    /// for none (docs/protocol.md, "Bounded probes").
+    pub const STALL: usize = 9;
+    /// A word no one reads: where a kernel adds the counts it does not keep, so that one
+    /// reduction routine serves every kernel.
+    pub const DISCARD: usize = 15;
     /// Length of the counter buffer in u64 words.
     pub const LEN: usize = 16;
 }
 
-/// Indices of the u32 per-chunk flags of a put (one flag buffer per staging lane).
+/// Indices of the u32 per-chunk flags of a put (one flag buffer per staging lane on CUDA;
+/// on wgpu the words after the chunk-local table).
 pub mod flag {
     /// Set by the dedup pass when some key occurs more than once in the chunk: the rewrite
     /// pass then has the last occurrence of each repeated key write its row again.
@@ -224,7 +243,7 @@ pub struct BatchArgs {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RehashArgs {
-    /// The destination table (keys already filled with EMPTY).
+    /// The destination table (keys already zeroed: EMPTY).
     pub table: TableArgs,
     /// `u64[old_slots]` old keys.
     pub old_keys: u64,
@@ -234,19 +253,6 @@ pub struct RehashArgs {
     pub old_slots: u64,
 }
 
-/// Arguments of `kv_fill_u64`: `dst[0..n] = value`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FillArgs {
-    /// `u64[n]` destination.
-    pub dst: u64,
-    /// The word to store.
-    pub value: u64,
-    /// Words to fill.
-    pub n: u64,
-}
-
 const _: () = assert!(core::mem::size_of::<TableArgs>() == 56);
 const _: () = assert!(core::mem::size_of::<BatchArgs>() == 56 + 8 * 8);
 const _: () = assert!(core::mem::size_of::<RehashArgs>() == 56 + 3 * 8);
-const _: () = assert!(core::mem::size_of::<FillArgs>() == 24);

@@ -85,12 +85,10 @@ pub mod names {
     pub const DELETE: &str = "kv_delete";
     /// Rehash (`RehashArgs`).
     pub const REHASH: &str = "kv_rehash";
-    /// Fill a u64 array (`FillArgs`).
-    pub const FILL_U64: &str = "kv_fill_u64";
     /// Count live keys and tombstones (`TableArgs`).
     pub const COUNT: &str = "kv_count";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 9] = [
         PUT_PLACE,
         PUT_SETTLE,
         PUT_DEDUP,
@@ -99,13 +97,10 @@ pub mod names {
         CONTAINS,
         DELETE,
         REHASH,
-        FILL_U64,
         COUNT,
     ];
 }
 
-/// Threads per block of every launch (a multiple of 32: the kernels reduce counters per warp).
-pub const BLOCK_SIZE: u32 = 256;
 
 /// The grid size for `n` items on a GPU with `sm_count` multiprocessors: one full wave of
 /// resident blocks (the kernels are grid-stride loops), never more than the items need, at
@@ -122,7 +117,7 @@ pub const BLOCKS_PER_SM: u32 = 4;
 
 /// [`grid_size`] with `per_sm` blocks per multiprocessor at most.
 pub const fn grid_size_per_sm(n: u64, sm_count: u32, per_sm: u32) -> u32 {
-    let needed = n.div_ceil(BLOCK_SIZE as u64);
+    let needed = n.div_ceil(layout::WORKGROUP as u64);
     let cap = sm_count as u64 * per_sm as u64;
     let g = if needed < cap { needed } else { cap };
     if g == 0 { 1 } else { g as u32 }

@@ -7,6 +7,9 @@
 //!
 //! # The put protocol (per chunk; chunks of a batch run one after the other)
 //!
+//! docs/protocol.md states it next to the wgpu backend's, with the invariants the audit
+//! checks.
+//!
 //! Every item first places its key in the table directly. Only a chunk in which some item
 //! found its key already there (an overwrite, or a key that repeats in the chunk) then
 //! resolves its repeats, in a small chunk-local table (lane scratch, `u32[local_slots(n)]`:
@@ -18,8 +21,9 @@
 //!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
 //!    is taken as is ("found": the FOUND flag is raised); on EMPTY, the key is claimed with
 //!    a CAS, at the first tombstone met on the way if there was one, else at the EMPTY slot.
-//!    A failed CAS on a tombstone restarts the probe; a failed CAS on EMPTY reads the
-//!    winner's key. Items of a chunk that share a key therefore agree on one slot: exactly
+//!    A tombstone lost to another key sends the probe on from the slot after it, claiming
+//!    the next tombstone or that EMPTY slot (never back to the home slot); a failed CAS on
+//!    EMPTY reads the winner's key. Items of a chunk that share a key therefore agree on one slot: exactly
 //!    one claims it (so INSERTED counts each new key once) and the others find it. A slot
 //!    is loaded before the CAS: probing with the CAS itself made this pass 0.9x as fast on
 //!    the H100 (a failed atomic on an occupied slot costs more than a load; PERF.md, "Host
@@ -42,7 +46,7 @@
 //!    pass 1.
 
 use crate::layout::{
-    BatchArgs, EMPTY, FillArgs, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
+    BatchArgs, EMPTY, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
     is_sentinel, next_slot, row, special_index, special_row,
 };
 
@@ -537,16 +541,6 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
         pos = next_slot(pos, t.mask);
         steps += 1;
     }
-}
-
-/// Fill for word `i`.
-///
-/// # Safety
-/// `i < a.n` and `a.dst` holds `a.n` words.
-#[inline(always)]
-pub unsafe fn fill_item<M: Mem>(a: &FillArgs, i: u64) {
-    // SAFETY: forwarded.
-    unsafe { M::store(w64(a.dst, i), a.value) }
 }
 
 /// Classifies slot `s` for `kv_count`: (live, tombstone).

@@ -366,6 +366,7 @@ impl Rng {
             0 => u64::MAX,
             1 => u64::MAX - 1,
             2 => 0,
+            3 => 1,
             _ => self.next() % range,
         }
     }
@@ -459,9 +460,10 @@ fn hash_is_a_bijection_on_a_sample_and_spreads() {
 
 #[test]
 fn sentinels_and_layout() {
-    assert!(is_sentinel(u64::MAX) && is_sentinel(u64::MAX - 1) && !is_sentinel(u64::MAX - 2));
-    assert_eq!(special_index(u64::MAX - 1), 0);
-    assert_eq!(special_index(u64::MAX), 1);
+    assert!(is_sentinel(0) && is_sentinel(1) && !is_sentinel(2) && !is_sentinel(u64::MAX));
+    assert_eq!((EMPTY, TOMBSTONE), (0, 1));
+    assert_eq!(special_index(0), 0);
+    assert_eq!(special_index(1), 1);
     assert_eq!(next_slot(15, 15), 0);
     assert_eq!(special_row(1, 4), 6);
     assert_eq!(special_words(16), 34);
@@ -477,10 +479,10 @@ fn sentinels_and_layout() {
 fn put_last_wins_within_a_chunk() {
     for threads in [1, REVERSED, 4] {
         let mut sim = Sim::new(64, 2, threads);
-        let keys = [5, 7, 5, u64::MAX, 5, u64::MAX, 7, u64::MAX - 1];
+        let keys = [5, 7, 5, 0, 5, 0, 7, 1];
         let vals: Vec<u64> = (1..=16).collect();
         sim.put(&keys, &vals, 1024);
-        let (v, f) = sim.get(&[5, 7, u64::MAX, u64::MAX - 1, 9]);
+        let (v, f) = sim.get(&[5, 7, 0, 1, 9]);
         assert_eq!(f, [true, true, true, true, false]);
         assert_eq!(v, [9, 10, 13, 14, 11, 12, 15, 16, 0, 0]);
         assert_eq!(sim.len, 4);
@@ -490,12 +492,12 @@ fn put_last_wins_within_a_chunk() {
 #[test]
 fn delete_counts_repeats_once_and_reuses_tombstones() {
     let mut sim = Sim::new(16, 1, 1);
-    sim.put(&[1, 2, 3, u64::MAX], &[10, 20, 30, 40], 16);
-    assert_eq!(sim.delete(&[1, 1, 2, 9, u64::MAX, u64::MAX]), 3);
+    sim.put(&[2, 3, 4, 0], &[10, 20, 30, 40], 16);
+    assert_eq!(sim.delete(&[2, 2, 3, 9, 0, 0]), 3);
     assert_eq!(sim.tombs, 2);
-    sim.put(&[1, 4], &[11, 44], 16);
+    sim.put(&[2, 5], &[11, 44], 16);
     assert_eq!(sim.len, 3);
-    let (v, f) = sim.get(&[1, 2, 3, 4, u64::MAX]);
+    let (v, f) = sim.get(&[2, 3, 4, 5, 0]);
     assert_eq!(f, [true, false, true, true, false]);
     assert_eq!(v, [11, 0, 30, 44, 0]);
 }
@@ -525,7 +527,7 @@ fn differential_threaded_growth() {
 fn overwrite_only_chunks_raise_no_dup() {
     for threads in [1, 4] {
         let mut sim = Sim::new(4096, 2, threads);
-        let keys: Vec<u64> = (0..1000).map(|k| k * 7 + 1).collect();
+        let keys: Vec<u64> = (0..1000).map(|k| k * 7 + 2).collect();
         let vals: Vec<u64> = (0..2000).collect();
         let st = sim.put_chunk(&keys, &vals);
         assert_eq!(
@@ -562,7 +564,7 @@ fn heavy_repeats_last_wins_and_count_once() {
         // One key 5000 times, another every 7th item, a sentinel every 11th.
         let keys: Vec<u64> = (0..5000u64)
             .map(|i| match i {
-                _ if i % 11 == 3 => u64::MAX,
+                _ if i % 11 == 3 => 1,
                 _ if i % 7 == 0 => 42,
                 _ => 9,
             })
@@ -577,9 +579,9 @@ fn heavy_repeats_last_wins_and_count_once() {
         );
         assert_eq!(sim.len, 3);
         let last = |k: u64| keys.iter().rposition(|x| *x == k).expect("in the chunk") as u64 + 1;
-        let (v, f) = sim.get(&[9, 42, u64::MAX]);
+        let (v, f) = sim.get(&[9, 42, 1]);
         assert_eq!(f, [true, true, true]);
-        assert_eq!(v, [last(9), last(42), last(u64::MAX)]);
+        assert_eq!(v, [last(9), last(42), last(1)]);
         // Again: every key is an overwrite and repeats.
         let st = sim.put_chunk(&keys, &vals.iter().map(|v| v + 1).collect::<Vec<_>>());
         assert_eq!(
@@ -623,11 +625,11 @@ fn local_table_collisions_wrap_around() {
 fn repeats_reuse_tombstones_once() {
     for threads in [1, REVERSED, 4] {
         let mut sim = Sim::new(64, 1, threads);
-        sim.put(&[1, 2, 3, 4], &[10, 20, 30, 40], 16);
-        assert_eq!(sim.delete(&[1, 2, 3]), 3);
+        sim.put(&[11, 12, 13, 14], &[10, 20, 30, 40], 16);
+        assert_eq!(sim.delete(&[11, 12, 13]), 3);
         assert_eq!(sim.tombs, 3);
-        // 2 and 3 come back (twice each), 5 is new and repeated, 4 is overwritten.
-        let st = sim.put_chunk(&[2, 5, 3, 2, 4, 5, 3], &[21, 51, 31, 22, 41, 52, 32]);
+        // 12 and 13 come back (twice each), 15 is new and repeated, 14 is overwritten.
+        let st = sim.put_chunk(&[12, 15, 13, 12, 14, 15, 13], &[21, 51, 31, 22, 41, 52, 32]);
         assert_eq!(
             (st.dup, st.inserted, st.found, st.placed, st.rewrote),
             (true, 3, 4, 7, 3)
@@ -635,7 +637,7 @@ fn repeats_reuse_tombstones_once() {
         assert_eq!(sim.len, 4);
         let tombs = sim.keys.iter().filter(|k| **k == TOMBSTONE).count() as u64;
         assert_eq!(tombs, sim.tombs);
-        let (v, f) = sim.get(&[1, 2, 3, 4, 5]);
+        let (v, f) = sim.get(&[11, 12, 13, 14, 15]);
         assert_eq!(f, [false, true, true, true, true]);
         assert_eq!(v, [0, 22, 32, 41, 52]);
     }
