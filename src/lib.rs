@@ -13,7 +13,10 @@
 //! [`open`] picks the best backend available: CUDA, then wgpu on a discrete GPU, then
 //! CPU, and records why each better one was skipped ([`Table::skipped`]). The
 //! environment variable `VRAMKV_BACKEND=cpu|cuda|wgpu` forces one; a forced backend
-//! that cannot be used is an error, never a silent fallback.
+//! that cannot be used is an error, never a silent fallback. [`open_with`] takes
+//! [`Options`] instead: the backend to force, and each GPU backend's tuning
+//! ([`Options::from_env`] reads them all from `VRAMKV_*` variables, as the `vramkv` CLI
+//! does; the library reads no tuning from the environment on its own).
 //!
 //! ```
 //! use vramkv::{KvBackend, TableConfig};
@@ -31,9 +34,11 @@
 //! ```
 
 pub use kv_core::{
-    Audit, Description, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, PutPlan, Result,
-    TableConfig, capacity_of, check_contains, check_get, check_put, plan_put, slots_for,
+    Audit, Description, DriverError, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH,
+    PutPlan, Result, TableConfig, capacity_of, check_contains, check_get, check_put, plan_put,
+    slots_for,
 };
+pub use kv_staging::trace::Tracer;
 
 #[cfg(feature = "cpu")]
 pub use kv_backend_cpu as cpu;
@@ -170,7 +175,75 @@ impl KvBackend for Table {
     }
 }
 
-/// Opens a table on the best available backend, or on the one `VRAMKV_BACKEND` forces.
+/// How [`open_with`] opens a table: the backend to force (none: the best available), and
+/// the options of each GPU backend compiled in.
+///
+/// ```
+/// use vramkv::{BackendKind, Options, TableConfig};
+/// let options = Options::default().backend(BackendKind::Cpu);
+/// let t = vramkv::open_with(TableConfig::new(16), &options)?;
+/// assert_eq!(t.kind(), BackendKind::Cpu);
+/// # Ok::<(), vramkv::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// The backend to use, with no fallback; `None` chooses the best available.
+    pub backend: Option<BackendKind>,
+    /// The CUDA backend's options.
+    #[cfg(feature = "cuda")]
+    pub cuda: kv_backend_cuda::CudaOptions,
+    /// The wgpu backend's options.
+    #[cfg(feature = "wgpu")]
+    pub wgpu: kv_backend_wgpu::WgpuOptions,
+}
+
+impl Options {
+    /// Forces `kind`.
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.backend = Some(kind);
+        self
+    }
+
+    /// Sets the CUDA backend's options.
+    #[cfg(feature = "cuda")]
+    pub fn with_cuda(mut self, cuda: kv_backend_cuda::CudaOptions) -> Self {
+        self.cuda = cuda;
+        self
+    }
+
+    /// Sets the wgpu backend's options.
+    #[cfg(feature = "wgpu")]
+    pub fn with_wgpu(mut self, wgpu: kv_backend_wgpu::WgpuOptions) -> Self {
+        self.wgpu = wgpu;
+        self
+    }
+
+    /// The options the environment asks for: `VRAMKV_BACKEND` (`cpu`, `cuda`, `wgpu`, or
+    /// `auto` / unset for the best available) and every compiled-in GPU backend's
+    /// `from_env` (`VRAMKV_CUDA_*`, `VRAMKV_WGPU_*`, `VRAMKV_HOST_COPY`, ...). A value that
+    /// does not parse is [`Error::InvalidConfig`] naming its variable.
+    pub fn from_env() -> Result<Options> {
+        Ok(Options {
+            backend: parse_choice(std::env::var(BACKEND_ENV).ok().as_deref())?,
+            #[cfg(feature = "cuda")]
+            cuda: kv_backend_cuda::CudaOptions::from_env()?,
+            #[cfg(feature = "wgpu")]
+            wgpu: kv_backend_wgpu::WgpuOptions::from_env()?,
+        })
+    }
+}
+
+/// A `VRAMKV_BACKEND` value: `None`, `""` or `"auto"` choose automatically.
+fn parse_choice(choice: Option<&str>) -> Result<Option<BackendKind>> {
+    match choice.map(str::trim) {
+        Some(v) if !v.is_empty() && !v.eq_ignore_ascii_case("auto") => Ok(Some(v.parse()?)),
+        _ => Ok(None),
+    }
+}
+
+/// Opens a table on the best available backend, or on the one `VRAMKV_BACKEND` forces,
+/// with every backend's default options.
 ///
 /// Automatic choice tries CUDA, then wgpu on a discrete GPU, then CPU, and keeps the
 /// reason each better backend was skipped. A forced backend that cannot be used is an
@@ -179,43 +252,21 @@ pub fn open(cfg: TableConfig) -> Result<Table> {
     open_with_choice(std::env::var(BACKEND_ENV).ok().as_deref(), cfg)
 }
 
-/// [`open`] with the value of `VRAMKV_BACKEND` passed in: `None`, `""` or `"auto"` choose
-/// automatically; a backend name forces that backend.
-///
-/// ```
-/// use vramkv::{BackendKind, Error, TableConfig};
-/// let t = vramkv::open_with_choice(Some("cpu"), TableConfig::new(16))?;
-/// assert_eq!(t.kind(), BackendKind::Cpu);
-/// let r = vramkv::open_with_choice(Some("tpu"), TableConfig::new(16));
-/// assert!(matches!(r, Err(Error::InvalidConfig(_))));
-/// # Ok::<(), Error>(())
-/// ```
-pub fn open_with_choice(choice: Option<&str>, cfg: TableConfig) -> Result<Table> {
-    match choice.map(str::trim) {
-        Some(v) if !v.is_empty() && !v.eq_ignore_ascii_case("auto") => {
-            open_backend(v.parse()?, cfg)
-        }
-        _ => open_auto(cfg),
+/// Opens a table as `options` say: on their backend (no fallback), or on the best
+/// available one, with each backend's options.
+pub fn open_with(cfg: TableConfig, options: &Options) -> Result<Table> {
+    cfg.validate()?;
+    if let Some(kind) = options.backend {
+        let inner = open_kind(kind, cfg, false, options)?;
+        return Ok(Table {
+            inner,
+            kind,
+            skipped: Vec::new(),
+        });
     }
-}
-
-/// Opens a table on exactly this backend; no fallback.
-pub fn open_backend(kind: BackendKind, cfg: TableConfig) -> Result<Table> {
-    cfg.validate()?;
-    let inner = open_kind(kind, cfg, false)?;
-    Ok(Table {
-        inner,
-        kind,
-        skipped: Vec::new(),
-    })
-}
-
-/// Opens a table on the best available backend, ignoring `VRAMKV_BACKEND`.
-pub fn open_auto(cfg: TableConfig) -> Result<Table> {
-    cfg.validate()?;
     let mut skipped = Vec::new();
     for kind in BackendKind::ALL {
-        match open_kind(kind, cfg.clone(), true) {
+        match open_kind(kind, cfg.clone(), true, options) {
             Ok(inner) => {
                 return Ok(Table {
                     inner,
@@ -236,6 +287,35 @@ pub fn open_auto(cfg: TableConfig) -> Result<Table> {
     })
 }
 
+/// [`open`] with the value of `VRAMKV_BACKEND` passed in: `None`, `""` or `"auto"` choose
+/// automatically; a backend name forces that backend.
+///
+/// ```
+/// use vramkv::{BackendKind, Error, TableConfig};
+/// let t = vramkv::open_with_choice(Some("cpu"), TableConfig::new(16))?;
+/// assert_eq!(t.kind(), BackendKind::Cpu);
+/// let r = vramkv::open_with_choice(Some("tpu"), TableConfig::new(16));
+/// assert!(matches!(r, Err(Error::InvalidConfig(_))));
+/// # Ok::<(), Error>(())
+/// ```
+pub fn open_with_choice(choice: Option<&str>, cfg: TableConfig) -> Result<Table> {
+    let options = Options {
+        backend: parse_choice(choice)?,
+        ..Options::default()
+    };
+    open_with(cfg, &options)
+}
+
+/// Opens a table on exactly this backend, with its default options; no fallback.
+pub fn open_backend(kind: BackendKind, cfg: TableConfig) -> Result<Table> {
+    open_with(cfg, &Options::default().backend(kind))
+}
+
+/// Opens a table on the best available backend, ignoring `VRAMKV_BACKEND`.
+pub fn open_auto(cfg: TableConfig) -> Result<Table> {
+    open_with(cfg, &Options::default())
+}
+
 fn not_compiled(kind: BackendKind) -> Error {
     Error::BackendUnavailable {
         backend: kind.name(),
@@ -244,15 +324,23 @@ fn not_compiled(kind: BackendKind) -> Error {
 }
 
 #[allow(unused_variables)]
-fn open_kind(kind: BackendKind, cfg: TableConfig, auto: bool) -> Result<Box<dyn KvBackend>> {
+fn open_kind(
+    kind: BackendKind,
+    cfg: TableConfig,
+    auto: bool,
+    options: &Options,
+) -> Result<Box<dyn KvBackend>> {
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBackend::open(cfg)?)),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBackend::open(cfg)?)),
+        BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBackend::open_with(
+            cfg,
+            &options.cuda,
+        )?)),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
-            let t = kv_backend_wgpu::WgpuBackend::open(cfg)?;
+            let t = kv_backend_wgpu::WgpuBackend::open_with(cfg, &options.wgpu)?;
             if auto && !t.is_discrete_gpu() {
                 return Err(Error::BackendUnavailable {
                     backend: "wgpu",
@@ -271,7 +359,7 @@ pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)>
     BackendKind::ALL
         .into_iter()
         .map(|kind| {
-            let r = open_kind(kind, TableConfig::new(16), true)
+            let r = open_kind(kind, TableConfig::new(16), true, &Options::default())
                 .map(|t| t.describe().device)
                 .map_err(|e| e.to_string());
             (kind, r)

@@ -116,9 +116,17 @@ impl Expected {
         if keys.is_empty() {
             return Ok(());
         }
+        // Admission counts the batch's distinct new keys (contract item f).
+        let found = self.model.contains(keys);
+        let new: std::collections::HashSet<u64> = keys
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| !**f)
+            .map(|(k, _)| *k)
+            .collect();
         let plan = vramkv::plan_put(
             self.model.len(),
-            keys.len(),
+            new.len(),
             self.slots,
             self.cfg.max_load_factor,
             self.cfg.growth,

@@ -24,8 +24,8 @@
 mod part;
 
 use kv_core::{
-    Description, Error, KvBackend, PutPlan, Result, TableConfig, check_contains, check_get,
-    check_put,
+    Applied, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig,
+    check_contains, check_get, check_put, count_distinct, prepare_put,
 };
 use part::{Part, hash};
 use rayon::prelude::*;
@@ -49,11 +49,11 @@ pub struct CpuBackend {
 }
 
 struct State {
-    /// The slot count the shared sizing rules see (capacity = slots * max load).
-    slots: usize,
+    /// The books: the slot count the shared sizing rules see (capacity = slots * max load)
+    /// and the entries. The partitions reuse and purge their deleted slots themselves.
+    books: Books,
     bits: u32,
     parts: Vec<Part>,
-    len: usize,
     /// The table's hash seed (`TableConfig::seed`).
     seed: u64,
     /// Regrouping buffers, kept between batches so that steady-state batches allocate nothing.
@@ -74,22 +74,23 @@ fn part_of(h: u64, bits: u32) -> usize {
 }
 
 impl State {
-    fn new(slots: usize, cfg: &TableConfig, seed: u64) -> Result<Self> {
-        let bits = part_bits(slots);
-        let per = slots >> bits;
+    fn new(cfg: &TableConfig, seed: u64) -> Result<Self> {
+        let books = Books::purging_itself(cfg);
+        let bits = part_bits(books.slots());
+        let per = books.slots() >> bits;
         let parts = try_parts(1 << bits, per, cfg, seed)?;
         Ok(Self {
-            slots,
+            books,
             bits,
             parts,
-            len: 0,
             seed,
             scratch: Default::default(),
         })
     }
 
     /// Rebuilds into `slots` slots; the new partitions are allocated before the old go,
-    /// so a failed allocation leaves the table as it was.
+    /// so a failed allocation leaves the table as it was. The books are updated by
+    /// [`prepare_put`].
     fn grow_to(&mut self, slots: usize, cfg: &TableConfig) -> Result<()> {
         let bits = part_bits(slots);
         let per = slots >> bits;
@@ -112,13 +113,12 @@ impl State {
         for g in groups {
             parts.extend(g?);
         }
-        self.slots = slots;
         self.bits = bits;
         self.parts = parts;
         Ok(())
     }
 
-    fn apply_put(&mut self, keys: &[u64], values: &[u64], cfg: &TableConfig) {
+    fn apply_put(&mut self, keys: &[u64], values: &[u64], cfg: &TableConfig) -> Result<()> {
         let w = cfg.width;
         let load = cfg.max_load_factor;
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -141,9 +141,15 @@ impl State {
                 added
             })
             .sum();
-        self.len += added;
         drop(sorted);
         self.scratch = scratch;
+        let added = added as u64;
+        let applied = Applied {
+            inserted: added,
+            from_empty: added,
+            ..Applied::default()
+        };
+        self.books.apply_put(applied, "cpu")
     }
 
     fn apply_delete(&mut self, keys: &[u64]) -> usize {
@@ -162,10 +168,16 @@ impl State {
                 removed
             })
             .sum();
-        self.len -= removed;
         drop(sorted);
         self.scratch = scratch;
-        removed
+        self.books.apply_delete(removed as u64, 0)
+    }
+
+    /// Writes whether each key is present into `found_out`.
+    fn contains_into(&self, keys: &[u64], found_out: &mut [bool]) {
+        keys.par_chunks(RUN)
+            .zip(found_out.par_chunks_mut(RUN))
+            .for_each(|(k, f)| self.lookup_run(k, |j, row| f[j] = row.is_some()));
     }
 
     /// Looks up a run of keys as a software pipeline: the home slot of key `j + HOME_AHEAD`
@@ -381,12 +393,37 @@ impl<'a> Sorted<'a> {
     }
 }
 
+/// What [`prepare_put`] needs from the CPU table while a put of `keys` is being prepared.
+struct Prep<'a> {
+    st: &'a mut State,
+    cfg: &'a TableConfig,
+    keys: &'a [u64],
+}
+
+impl Housekeeping for Prep<'_> {
+    fn books(&mut self) -> &mut Books {
+        &mut self.st.books
+    }
+    fn rehash(&mut self, slots: usize) -> Result<()> {
+        self.st.grow_to(slots, self.cfg)
+    }
+    fn count_new(&mut self) -> Result<usize> {
+        let mut found = vec![false; self.keys.len()];
+        self.st.contains_into(self.keys, &mut found);
+        Ok(count_distinct(self.keys, &found))
+    }
+}
+
 impl CpuBackend {
     /// Opens an empty table.
+    ///
+    /// The host is the CPU backend's one device: [`TableConfig::device`] may be unset or
+    /// `0`; another ordinal is [`Error::InvalidConfig`], as on every backend.
     pub fn open(cfg: TableConfig) -> Result<Self> {
         cfg.validate()?;
+        cfg.device_among(1, "cpu")?;
         let seed = cfg.table_seed();
-        let state = State::new(cfg.initial_slots(), &cfg, seed)?;
+        let state = State::new(&cfg, seed)?;
         Ok(Self {
             cfg,
             state: RwLock::new(state),
@@ -413,21 +450,18 @@ impl KvBackend for CpuBackend {
             return Ok(());
         }
         let mut st = self.write();
-        if let PutPlan::Grow { slots } = kv_core::plan_put(
-            st.len,
-            keys.len(),
-            st.slots,
-            self.cfg.max_load_factor,
-            self.cfg.growth,
-        )? {
-            st.grow_to(slots, &self.cfg)?;
-        }
+        let mut prep = Prep {
+            st: &mut st,
+            cfg: &self.cfg,
+            keys,
+        };
+        prepare_put(&mut prep, keys.len())?;
         let w = self.cfg.width;
         for (k, v) in keys
             .chunks(MAX_SUB_BATCH)
             .zip(values.chunks(MAX_SUB_BATCH * w))
         {
-            st.apply_put(k, v, &self.cfg);
+            st.apply_put(k, v, &self.cfg)?;
         }
         Ok(())
     }
@@ -462,25 +496,22 @@ impl KvBackend for CpuBackend {
 
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
         check_contains(keys, found_out)?;
-        let st = self.read();
-        keys.par_chunks(RUN)
-            .zip(found_out.par_chunks_mut(RUN))
-            .for_each(|(k, f)| st.lookup_run(k, |j, row| f[j] = row.is_some()));
+        self.read().contains_into(keys, found_out);
         Ok(())
     }
 
     fn len(&self) -> usize {
-        self.read().len
+        self.read().books.len()
     }
 
     fn capacity(&self) -> usize {
-        kv_core::capacity_of(self.read().slots, self.cfg.max_load_factor)
+        self.read().books.capacity()
     }
 
     fn clear(&self) -> Result<()> {
         let mut st = self.write();
         st.parts.par_iter_mut().for_each(Part::clear);
-        st.len = 0;
+        st.books.cleared();
         Ok(())
     }
 
@@ -490,7 +521,7 @@ impl KvBackend for CpuBackend {
             backend: "cpu",
             device: format!("host CPU ({} threads)", rayon::current_num_threads()),
             bytes_in_use: st.bytes(),
-            slots: st.slots,
+            slots: st.books.slots(),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The driver layer: finding the driver, the per-device context and kernels, and the
-//! device and pinned host buffers the table and its staging lanes are made of.
+//! The driver layer: finding the driver and the devices, the per-device context and
+//! kernels, and a table's view of its device ([`Device`]: its kernels, launch shape and
+//! options).
 //!
 //! Everything here talks to the driver through cudarc's `result`/`sys` layers (plain
 //! `CUresult`s, no panics) and turns every failure into a [`kv_core::Error`].
@@ -8,34 +9,17 @@ use std::ffi::{CString, c_void};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{self, CUdevice_attribute, CUdeviceptr, CUfunction, CUresult};
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, result};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction, CUresult};
+use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 use kv_core::{Error, Result};
 use kv_kernels::layout::{BatchArgs, RehashArgs, TableArgs};
+use kv_staging::copy::CopyMode;
+use kv_staging::trace::Tracer;
+
+use crate::options::CudaOptions;
+use crate::plan::Shapes;
 
 pub(crate) const BACKEND: &str = "cuda";
-
-/// Set this environment variable (to anything but `0`) to make the CUDA backend report
-/// itself unavailable, e.g. to exercise the CPU fallback on a GPU machine.
-pub const DISABLE_ENV: &str = "VRAMKV_CUDA_DISABLE";
-
-/// Kernel development knobs, read once when a device is opened (unset: the defaults).
-///
-/// - `VRAMKV_PTX=<file>`: load this PTX instead of the built-in kernels (same entry points
-///   and argument layout; for comparing kernel variants with one binary).
-/// - `VRAMKV_BLOCKS_PER_SM=<n>`: grid cap of every launch in blocks per multiprocessor
-///   (default [`kv_kernels::BLOCKS_PER_SM`]).
-/// - `VRAMKV_L2_FETCH_BYTES=<n>`: the context's L2 fetch granularity limit
-///   (`CU_LIMIT_MAX_L2_FETCH_GRANULARITY`; the driver's default when unset).
-pub const PTX_ENV: &str = "VRAMKV_PTX";
-/// See [`PTX_ENV`].
-pub const BLOCKS_PER_SM_ENV: &str = "VRAMKV_BLOCKS_PER_SM";
-/// See [`PTX_ENV`].
-pub const L2_FETCH_ENV: &str = "VRAMKV_L2_FETCH_BYTES";
-
-fn env_u32(name: &str) -> Option<u32> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
 
 /// Every driver entry point vramkv may call (directly or through cudarc). They are looked
 /// up before the first call so that an old driver is reported as unavailable instead of
@@ -100,10 +84,12 @@ pub(crate) fn drv(what: &str, e: DriverError) -> Error {
         .error_string()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Error::Device {
-        backend: BACKEND,
-        message: format!("{what}: {name} ({text})"),
-    }
+    Error::driver(BACKEND, format!("{what}: {name} ({text})"), e)
+}
+
+/// An [`Error::Device`] for a broken invariant or misuse the backend found itself.
+pub(crate) fn device_error(message: impl Into<String>) -> Error {
+    Error::device(BACKEND, message)
 }
 
 /// Extension to map driver results with a context string.
@@ -125,9 +111,6 @@ struct Registry {
 
 fn registry() -> Result<&'static Registry> {
     static REG: OnceLock<std::result::Result<Registry, String>> = OnceLock::new();
-    if std::env::var_os(DISABLE_ENV).is_some_and(|v| v != "0") {
-        return Err(unavailable(format!("disabled by {DISABLE_ENV}")));
-    }
     let reg = REG.get_or_init(|| {
         // cudarc panics when the library or a symbol is missing; we check first, and still
         // catch a panic so that no driver oddity can take the process down.
@@ -255,10 +238,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
 }
 
 fn poisoned() -> Error {
-    Error::Device {
-        backend: BACKEND,
-        message: "a CUDA backend lock was poisoned by a panic".into(),
-    }
+    device_error("a CUDA backend lock was poisoned by a panic")
 }
 
 /// A kernel whose single parameter is an `A` (the `#[repr(C)]` struct shared with the device).
@@ -286,21 +266,88 @@ pub(crate) struct Kernels {
     pub count: Kernel<TableArgs>,
 }
 
-/// An open device: its (primary) context, the loaded kernels and what launches need.
+/// An open device: its (primary) context, the built-in kernels and what launches need.
 pub(crate) struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub ordinal: usize,
     pub name: String,
     pub sm_count: u32,
-    /// Grid cap in blocks per multiprocessor.
-    pub blocks_per_sm: u32,
-    pub k: Kernels,
+    /// The kernels of kv-kernels' PTX.
+    builtin: Arc<Kernels>,
+    /// Kernels loaded from other PTX ([`CudaOptions::ptx`](crate::CudaOptions::ptx)), by source.
+    loaded: Mutex<Vec<(Arc<str>, Arc<Kernels>)>>,
 }
 
 impl Gpu {
     /// Makes this device's context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().drv("cuCtxSetCurrent")
+    }
+
+    /// The built-in kernels, or those of `ptx` (loaded once per device and source).
+    pub fn kernels(&self, ptx: Option<&Arc<str>>) -> Result<Arc<Kernels>> {
+        let Some(ptx) = ptx else {
+            return Ok(self.builtin.clone());
+        };
+        let mut loaded = self.loaded.lock().map_err(|_| poisoned())?;
+        if let Some((_, k)) = loaded.iter().find(|(src, _)| **src == **ptx) {
+            return Ok(k.clone());
+        }
+        self.bind()?;
+        let k = Arc::new(load_kernels(ptx)?);
+        loaded.push((ptx.clone(), k.clone()));
+        Ok(k)
+    }
+
+    /// Sets the context's L2 fetch granularity limit (context-wide).
+    pub fn set_l2_fetch(&self, bytes: u32) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the device's context is current on this thread; a limit is a plain value.
+        unsafe {
+            sys::cuCtxSetLimit(
+                sys::CUlimit::CU_LIMIT_MAX_L2_FETCH_GRANULARITY,
+                bytes as usize,
+            )
+        }
+        .result()
+        .map_err(|e| drv("cuCtxSetLimit(MAX_L2_FETCH_GRANULARITY)", e))
+    }
+}
+
+/// A table's view of its device, from its options: the device, the kernels it launches,
+/// its grid cap, its pipeline's shapes, its host copies' mode and its tracer.
+pub(crate) struct Device {
+    pub gpu: Arc<Gpu>,
+    pub k: Arc<Kernels>,
+    /// Grid cap in blocks per multiprocessor.
+    pub blocks_per_sm: u32,
+    pub shapes: Shapes,
+    pub copy: CopyMode,
+    pub trace: Option<Tracer>,
+}
+
+impl std::ops::Deref for Device {
+    type Target = Gpu;
+    fn deref(&self) -> &Gpu {
+        &self.gpu
+    }
+}
+
+impl Device {
+    /// The device `gpu` as a table with `options` sees it (loading its kernels if they are
+    /// not the built-in ones, and setting the context's L2 fetch limit if they ask).
+    pub fn new(gpu: Arc<Gpu>, o: &CudaOptions) -> Result<Device> {
+        if let Some(bytes) = o.l2_fetch_bytes {
+            gpu.set_l2_fetch(bytes)?;
+        }
+        Ok(Device {
+            k: gpu.kernels(o.ptx.as_ref())?,
+            gpu,
+            blocks_per_sm: o.blocks_per_sm.unwrap_or(kv_kernels::BLOCKS_PER_SM),
+            shapes: Shapes::new(o),
+            copy: o.host_copy,
+            trace: o.trace.clone(),
+        })
     }
 
     /// Launches `k` with `args` over `items` items (grid-stride) on `stream`.
@@ -330,17 +377,11 @@ impl Gpu {
     }
 }
 
-/// The open device for `cfg_device` (or the default: the supported GPU with the most free
+/// The open device for `cfg`'s device (or the default: the supported GPU with the most free
 /// memory, chosen once per process).
-pub(crate) fn gpu(cfg_device: Option<usize>) -> Result<Arc<Gpu>> {
+pub(crate) fn gpu(cfg: &kv_core::TableConfig) -> Result<Arc<Gpu>> {
     let reg = registry()?;
-    let ordinal = match cfg_device {
-        Some(o) if o >= reg.count => {
-            return Err(Error::InvalidConfig(format!(
-                "CUDA device {o} does not exist; this machine has {} (ordinals 0..{})",
-                reg.count, reg.count
-            )));
-        }
+    let ordinal = match cfg.device_among(reg.count, "CUDA")? {
         Some(o) => o,
         None => match reg.default.get() {
             Some(o) => *o,
@@ -398,25 +439,20 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
     )?
     .max(1) as u32;
-    if let Some(bytes) = env_u32(L2_FETCH_ENV) {
-        // SAFETY: the device's context is current on this thread; a limit is a plain value.
-        unsafe {
-            sys::cuCtxSetLimit(
-                sys::CUlimit::CU_LIMIT_MAX_L2_FETCH_GRANULARITY,
-                bytes as usize,
-            )
-        }
-        .result()
-        .map_err(|e| drv("cuCtxSetLimit(MAX_L2_FETCH_GRANULARITY)", e))?;
-    }
-    let module = match std::env::var_os(PTX_ENV) {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| unavailable(format!("{PTX_ENV}={}: {e}", path.to_string_lossy())))?;
-            load_module(&text)?
-        }
-        None => load_module(kv_kernels::PTX)?,
-    };
+    let builtin = Arc::new(load_kernels(kv_kernels::PTX)?);
+    Ok(Gpu {
+        ctx,
+        ordinal,
+        name: info.name,
+        sm_count,
+        builtin,
+        loaded: Mutex::new(Vec::new()),
+    })
+}
+
+/// Loads `ptx` in the current context and looks every kernel up.
+fn load_kernels(ptx: &str) -> Result<Kernels> {
+    let module = load_module(ptx)?;
     let f = |name: &str| -> Result<CUfunction> {
         let c = CString::new(name).map_err(|_| unavailable("bad kernel name"))?;
         // SAFETY: module is a loaded module of the current context.
@@ -441,16 +477,7 @@ fn open_gpu(ordinal: usize) -> Result<Gpu> {
         rehash: k(f(n::REHASH)?),
         count: k(f(n::COUNT)?),
     };
-    Ok(Gpu {
-        ctx,
-        ordinal,
-        name: info.name,
-        sm_count,
-        blocks_per_sm: env_u32(BLOCKS_PER_SM_ENV)
-            .filter(|b| *b > 0)
-            .unwrap_or(kv_kernels::BLOCKS_PER_SM),
-        k: kernels,
-    })
+    Ok(kernels)
 }
 
 /// Loads the PTX (JIT-compiled by the driver for this GPU), keeping the JIT's error log.
@@ -482,173 +509,17 @@ fn load_module(ptx: &str) -> Result<sys::CUmodule> {
             let text = String::from_utf8_lossy(&log[..end]);
             let err = drv("cuModuleLoadDataEx (JIT of kv-kernels' PTX)", e);
             Err(match err {
-                Error::Device { backend, message } => Error::Device {
+                Error::Device {
+                    backend,
+                    message,
+                    source,
+                } => Error::Device {
                     backend,
                     message: format!("{message}: {text}"),
+                    source,
                 },
                 other => other,
             })
         }
     }
-}
-
-/// A device allocation (freed on drop).
-pub(crate) struct DevBuf {
-    ptr: CUdeviceptr,
-    bytes: usize,
-    ctx: Arc<CudaContext>,
-}
-
-impl DevBuf {
-    /// Allocates `bytes` (at least 8) of device memory; OOM becomes [`Error::OutOfDeviceMemory`].
-    pub fn new(gpu: &Gpu, bytes: usize) -> Result<Self> {
-        let bytes = bytes.max(8);
-        gpu.bind()?;
-        // SAFETY: plain allocation in the current context.
-        match unsafe { result::malloc_sync(bytes) } {
-            Ok(ptr) => Ok(DevBuf {
-                ptr,
-                bytes,
-                ctx: gpu.ctx.clone(),
-            }),
-            Err(e) if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfDeviceMemory {
-                backend: BACKEND,
-                requested_bytes: bytes as u64,
-            }),
-            Err(e) => Err(drv("cuMemAlloc", e)),
-        }
-    }
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-    /// Enqueues a byte fill of the first `bytes` bytes.
-    pub fn memset(&self, byte: u8, bytes: usize, stream: &CudaStream) -> Result<()> {
-        debug_assert!(bytes <= self.bytes);
-        // SAFETY: the range lies inside this allocation.
-        unsafe {
-            result::memset_d8_async(self.ptr, byte, bytes.min(self.bytes), stream.cu_stream())
-        }
-        .drv("cuMemsetD8Async")
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: ptr came from cuMemAlloc and is freed once; no work using it is in flight
-        // (every batch synchronizes before returning).
-        let _ = unsafe { result::free_sync(self.ptr) };
-    }
-}
-
-/// Page-locked host memory for staging (freed on drop).
-pub(crate) struct Pinned<T: Copy> {
-    ptr: *mut T,
-    len: usize,
-    ctx: Arc<CudaContext>,
-}
-
-// SAFETY: the buffer is plain memory owned by this value; access is through &/&mut self.
-unsafe impl<T: Copy + Send> Send for Pinned<T> {}
-// SAFETY: as above.
-unsafe impl<T: Copy + Sync> Sync for Pinned<T> {}
-
-impl<T: Copy> Pinned<T> {
-    /// `len` elements of page-locked memory; `write_combined` for buffers the host only writes.
-    pub fn new(gpu: &Gpu, len: usize, write_combined: bool) -> Result<Self> {
-        let len = len.max(1);
-        let bytes = len * std::mem::size_of::<T>();
-        gpu.bind()?;
-        let flags = if write_combined {
-            sys::CU_MEMHOSTALLOC_WRITECOMBINED
-        } else {
-            0
-        };
-        // SAFETY: plain allocation of page-locked host memory.
-        let ptr = unsafe { result::malloc_host(bytes, flags) }.map_err(|e| {
-            drv(
-                &format!("cuMemHostAlloc of {bytes} bytes of pinned host memory"),
-                e,
-            )
-        })?;
-        // Zero it so the slices below are always initialised.
-        // SAFETY: ptr points to `bytes` writable bytes.
-        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
-        Ok(Pinned {
-            ptr: ptr as *mut T,
-            len,
-            ctx: gpu.ctx.clone(),
-        })
-    }
-    /// The context the memory is page-locked for.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-    pub fn as_slice(&self) -> &[T] {
-        // SAFETY: ptr holds len initialised elements (zeroed at allocation). Callers only
-        // read after the lane's event says the device finished writing.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-    pub fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: as above; callers only write after the lane's event says the device
-        // finished reading.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-    /// Enqueues a copy of the first `n` elements to `dst` on `stream`.
-    pub fn htod(&self, dst: u64, n: usize, stream: &CudaStream) -> Result<()> {
-        let n = n.min(self.len);
-        htod_slice(dst, &self.as_slice()[..n], stream)
-    }
-    /// Enqueues a copy of `n` elements from `src` into the first `n` elements on `stream`.
-    pub fn dtoh(&mut self, src: u64, n: usize, stream: &CudaStream) -> Result<()> {
-        let n = n.min(self.len);
-        dtoh_slice(&mut self.as_mut_slice()[..n], src, stream)
-    }
-}
-
-/// Enqueues a copy of `src` to the device address `dst` on `stream`.
-///
-/// Callers (this crate only) pass page-locked memory (a [`Pinned`] buffer's elements) that
-/// stays allocated and unwritten until the stream has passed the copy, and a `dst` that
-/// holds `src.len()` elements.
-pub(crate) fn htod_slice<T: Copy>(dst: u64, src: &[T], stream: &CudaStream) -> Result<()> {
-    if src.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: see above: the source is page-locked and outlives the copy (callers wait for
-    // the stream before releasing or rewriting it); dst holds src.len() elements.
-    unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }.drv("cuMemcpyHtoDAsync")
-}
-
-/// Enqueues a copy from the device address `src` into `dst` on `stream`.
-///
-/// As for [`htod_slice`]: `dst` is page-locked and is neither read nor released until the
-/// stream has passed the copy; `src` holds `dst.len()` elements.
-pub(crate) fn dtoh_slice<T: Copy>(dst: &mut [T], src: u64, stream: &CudaStream) -> Result<()> {
-    if dst.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: see above.
-    unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.drv("cuMemcpyDtoHAsync")
-}
-
-impl<T: Copy> Drop for Pinned<T> {
-    fn drop(&mut self) {
-        let _ = self.ctx.bind_to_thread();
-        // SAFETY: ptr came from cuMemHostAlloc and is freed once; no copy is in flight.
-        let _ = unsafe { result::free_host(self.ptr as *mut c_void) };
-    }
-}
-
-/// A new non-blocking stream.
-pub(crate) fn stream(gpu: &Gpu) -> Result<Arc<CudaStream>> {
-    gpu.ctx.new_stream().drv("cuStreamCreate")
-}
-
-/// A new event (timing disabled).
-pub(crate) fn event(gpu: &Gpu) -> Result<CudaEvent> {
-    gpu.ctx.new_event(None).drv("cuEventCreate")
 }

@@ -34,7 +34,6 @@
 //! [`TableConfig::device`] if set, else on the GPU with the most free memory (chosen once
 //! per process). One context per device per process (the driver's primary context), shared
 //! by every table and thread. GPUs of compute capability 7.0 (Volta) or newer are supported.
-//! Set `VRAMKV_CUDA_DISABLE=1` to make the backend report itself unavailable.
 //!
 //! # Table layout
 //!
@@ -44,8 +43,9 @@
 //! batches need no host help), and a counter block. Linear probing from a murmur3-`fmix64`
 //! home slot. One allocation per array, made at creation and at each growth; growth
 //! rehashes on the device into arrays allocated *before* the old ones are released, so a
-//! failed allocation leaves the table as it was. Tombstones are purged by an in-place
-//! rehash when live + tombstones + batch would pass the max load factor.
+//! failed allocation leaves the table as it was. Admission, growth and tombstone purges
+//! follow [`kv_core::prepare_put`], and the counts of every batch go to the table's
+//! [`kv_core::Books`], as on every backend (docs/protocol.md).
 //!
 //! # Host batches
 //!
@@ -64,13 +64,15 @@
 //! chunk's); those of get, contains and delete run concurrently. Staging lanes are pooled
 //! and reused, so a steady stream of batches allocates no pinned or device memory. The host
 //! waits only to reuse a lane and once at the end of the batch (to read the counters that
-//! keep `len()` exact). `VRAMKV_CUDA_LANES` (1..=16) and `VRAMKV_CUDA_CHUNK_MIB` (the
-//! largest chunk) change the pipeline's shape, for measurements; they are read once per
-//! process. `VRAMKV_HOST_COPY=stream|cached` picks how the host copies write (see
-//! [`kv_staging::copy`]): with non-temporal stores, which skip the read for ownership of
-//! each destination line (the default on x86-64), or with ordinary ones.
-//! `VRAMKV_CUDA_TRACE=1` prints, per batch, where the time went: for a host batch the
-//! host's waits and copies, for a device-resident one the device time of each step.
+//! keep `len()` exact).
+//!
+//! [`CudaOptions`], passed to [`CudaBackend::open_with`], change the pipeline's shape
+//! (lanes, largest chunk), the launches' grid, how the host copies write (see
+//! [`kv_staging::copy`]: with non-temporal stores, which skip the read for ownership of each
+//! destination line, the default on x86-64, or with ordinary ones), and turn on a trace of
+//! where each batch's time went: for a host batch the host's waits and copies, for a
+//! device-resident one the device time of each step. [`CudaOptions::from_env`] reads them
+//! from `VRAMKV_*` variables, for tools; the library never reads the environment itself.
 //!
 //! To skip the host's copies altogether, borrow a [`PinnedBatch`] from the table
 //! ([`CudaBackend::pinned_batch`]), write keys and values into it, and call
@@ -85,37 +87,46 @@
 //! chunk repeats) then records the last occurrence of every key in a small chunk-local
 //! table (lane scratch, 4 bytes a slot, mostly L2-resident), and only when a key repeats
 //! does its last occurrence write its row again. A chunk of fresh keys costs one pass over
-//! the table (see `kv_kernels::ops`).
+//! the table (see `kv_kernels::ops` and docs/protocol.md).
 //!
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+/// The cudarc this backend is built with: device-resident batches
+/// ([`CudaBackend::put_device`]) are its device slices, on [`CudaBackend::context`].
+pub use cudarc;
+
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
-    Audit, Description, Error, KvBackend, Result, TableConfig, capacity_of, check_contains,
-    check_get, check_put, prepare_put,
+    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, check_contains,
+    check_get, check_get_len, check_put, check_put_len, count_distinct, prepare_put,
 };
-use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 
 mod gpu;
+mod lane;
+mod memory;
+mod options;
 mod pinned;
-mod table;
+mod pipeline;
+mod plan;
+mod state;
 mod trace;
 
-use gpu::{BACKEND, Drv, Gpu};
-pub use gpu::{DISABLE_ENV, DeviceInfo, devices, is_available};
+use gpu::{BACKEND, Device, Drv, device_error};
+pub use gpu::{DeviceInfo, devices, is_available};
+use lane::Lane;
+pub use options::{BLOCKS_PER_SM_ENV, CHUNK_ENV, CudaOptions, L2_FETCH_ENV, LANES_ENV, TRACE_ENV};
 pub use pinned::PinnedBatch;
-pub use table::{CHUNK_ENV, LANES_ENV};
-use table::{HostBatch, Lane, Op, State};
+use pipeline::{HostBatch, Op};
+use state::State;
 use trace::Marks;
-pub use trace::TRACE_ENV;
 
 /// A vramkv table in the memory of one NVIDIA GPU.
 pub struct CudaBackend {
-    gpu: Arc<Gpu>,
+    dev: Device,
     cfg: TableConfig,
     state: RwLock<State>,
     /// Staging lanes between batches (taken out by a batch, put back after).
@@ -125,52 +136,84 @@ pub struct CudaBackend {
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
-            .field("device", &self.gpu.name)
+            .field("device", &self.dev.name)
             .field("cfg", &self.cfg)
             .finish()
     }
 }
 
-fn device_mismatch() -> Error {
-    Error::Device {
-        backend: BACKEND,
-        message: "the device buffers belong to another CUDA context".into(),
+/// What [`prepare_put`] needs from a CUDA table while a put is being prepared: the
+/// table, its state under the write lock, and how to count the new keys of the batch.
+struct Prep<'a> {
+    table: &'a CudaBackend,
+    st: &'a mut State,
+    count: &'a mut dyn FnMut(&CudaBackend, &mut State) -> Result<usize>,
+}
+
+impl Housekeeping for Prep<'_> {
+    fn books(&mut self) -> &mut Books {
+        &mut self.st.books
+    }
+    fn rehash(&mut self, slots: usize) -> Result<()> {
+        self.st.rehash(&self.table.dev, slots, self.table.cfg.width)
+    }
+    fn count_new(&mut self) -> Result<usize> {
+        (self.count)(self.table, self.st)
     }
 }
 
 impl CudaBackend {
-    /// Creates a table on the GPU `cfg.device` (default: the one with the most free memory).
+    /// Creates a table on the GPU `cfg.device` (default: the one with the most free memory),
+    /// with the default [`CudaOptions`].
     ///
     /// Fails with [`Error::InvalidConfig`] for a bad config, [`Error::BackendUnavailable`]
     /// when there is no driver or no usable GPU, [`Error::OutOfDeviceMemory`] when the table
     /// does not fit.
     pub fn open(cfg: TableConfig) -> Result<Self> {
+        Self::open_with(cfg, &CudaOptions::default())
+    }
+
+    /// [`open`](Self::open) with `options`; a bad option is [`Error::InvalidConfig`].
+    ///
+    /// ```no_run
+    /// use kv_backend_cuda::{CudaBackend, CudaOptions};
+    /// use kv_core::TableConfig;
+    /// use kv_staging::trace::Tracer;
+    ///
+    /// let tracer = Tracer::kept();
+    /// let options = CudaOptions::default().lanes(4).trace(tracer.clone());
+    /// let table = CudaBackend::open_with(TableConfig::new(1 << 20), &options)?;
+    /// # Ok::<(), kv_core::Error>(())
+    /// ```
+    pub fn open_with(cfg: TableConfig, options: &CudaOptions) -> Result<Self> {
         cfg.validate()?;
-        let gpu = gpu::gpu(cfg.device)?;
+        options.validate()?;
+        let gpu = gpu::gpu(&cfg)?;
         gpu.bind()?;
-        let state = State::new(&gpu, cfg.initial_slots(), cfg.width, cfg.table_seed())?;
+        let dev = Device::new(gpu, options)?;
+        let state = State::new(&dev, &cfg, cfg.table_seed())?;
         Ok(CudaBackend {
-            gpu,
+            pool: LanePool::new(dev.shapes.pool_max()),
+            dev,
             cfg,
             state: RwLock::new(state),
-            pool: LanePool::new(table::pool_max()),
         })
     }
 
     /// The CUDA context the table lives in (for allocating device-resident batches).
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.gpu.ctx
+        &self.dev.ctx
     }
 
     /// A new stream on the table's context, e.g. to allocate and fill device-resident batches.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
-        self.gpu.bind()?;
-        self.gpu.ctx.new_stream().drv("cuStreamCreate")
+        self.dev.bind()?;
+        self.dev.ctx.new_stream().drv("cuStreamCreate")
     }
 
     /// The device's ordinal.
     pub fn ordinal(&self) -> usize {
-        self.gpu.ordinal
+        self.dev.ordinal
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -184,20 +227,21 @@ impl CudaBackend {
     /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
     fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
         self.pool
-            .take(count, cap, || Lane::new(&self.gpu, cap, self.cfg.width))
+            .take(count, cap, || Lane::new(&self.dev, cap, self.cfg.width))
     }
 
     /// Runs a host batch on the current state, with pooled lanes.
     fn host_batch(&self, st: &State, mut batch: HostBatch<'_>, after_main: bool) -> Result<()> {
         let n = batch.keys.len();
-        let cap = table::lane_cap(n, self.cfg.width, batch.pinned);
-        let count = n.div_ceil(cap).min(table::shape(batch.pinned).lanes);
+        let shapes = &self.dev.shapes;
+        let cap = shapes.lane_cap(n, self.cfg.width, batch.pinned);
+        let count = n.div_ceil(cap).min(shapes.of(batch.pinned).lanes);
         let mut lanes = self.take_lanes(count, cap)?;
         // Every buffer is allocated before the first chunk: a failure leaves the table as it was.
         let needs = batch.needs();
         if let Err(e) = lanes
             .iter_mut()
-            .try_for_each(|l| l.ensure_host(&self.gpu, needs))
+            .try_for_each(|l| l.ensure_host(&self.dev, needs))
         {
             self.pool.give_back(lanes);
             return Err(e);
@@ -208,8 +252,8 @@ impl CudaBackend {
         } else {
             None
         };
-        let r = table::run_host_batch(
-            &self.gpu,
+        let r = pipeline::run_host_batch(
+            &self.dev,
             st.table_args(self.cfg.width),
             &mut lanes,
             cap,
@@ -228,48 +272,35 @@ impl CudaBackend {
         r
     }
 
-    /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
-    fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
-        let used = st.table_len() + st.tombs;
-        let (len, slots) = (st.len, st.slots);
-        let c = &self.cfg;
-        prepare_put(len, used, n, slots, c.max_load_factor, c.growth, |s| {
-            st.rehash(&self.gpu, s, c.width)
-        })
+    /// How many distinct keys of `keys` (in host memory) are not in the table: a lookup of
+    /// them, then [`count_distinct`].
+    fn count_new_keys(&self, st: &State, keys: &[u64]) -> Result<usize> {
+        let mut found = vec![false; keys.len()];
+        let batch = HostBatch {
+            keys,
+            op: Op::Contains { found: &mut found },
+            pinned: false,
+        };
+        self.host_batch(st, batch, false)?;
+        Ok(count_distinct(keys, &found))
     }
 
-    /// Applies a finished delete's counters to the host-side lengths; returns the keys
-    /// removed.
-    fn finish_delete(st: &mut State) -> Result<usize> {
-        let c = st.read_counters()?;
-        let (removed, spec) = (
-            c[counter::REMOVED] as usize,
-            c[counter::SPEC_REMOVED] as usize,
-        );
-        st.len -= (removed + spec).min(st.len);
-        st.spec_len -= spec.min(st.spec_len);
-        st.tombs += removed;
-        Ok(removed + spec)
-    }
-
-    /// Applies a finished put's counters to the host-side lengths.
-    fn finish_put(st: &mut State) -> Result<()> {
-        let c = st.read_counters()?;
-        let inserted = c[counter::INSERTED] as usize;
-        let reused = inserted - (c[counter::FROM_EMPTY] as usize).min(inserted);
-        st.len += inserted + c[counter::SPEC_INSERTED] as usize;
-        st.spec_len += c[counter::SPEC_INSERTED] as usize;
-        st.tombs -= reused.min(st.tombs);
-        if c[counter::ERRORS] != 0 {
-            return Err(Error::Device {
-                backend: BACKEND,
-                message: format!(
-                    "{} keys found no slot (table invariant broken)",
-                    c[counter::ERRORS]
-                ),
-            });
-        }
-        Ok(())
+    /// Readies the table for a put of `n` keys ([`prepare_put`]): admission, growth or a
+    /// tombstone purge, the new keys counted by `count` where it must.
+    fn prepare_put(
+        &self,
+        st: &mut State,
+        n: usize,
+        mut count: impl FnMut(&CudaBackend, &mut State) -> Result<usize>,
+    ) -> Result<()> {
+        prepare_put(
+            &mut Prep {
+                table: self,
+                st,
+                count: &mut count,
+            },
+            n,
+        )
     }
 
     /// Puts a batch whose keys (`u64[n]`) and values (`u64[n * width]`) are already in this
@@ -280,23 +311,23 @@ impl CudaBackend {
         values: &impl DevicePtr<u64>,
     ) -> Result<()> {
         let (n, w) = (keys.len(), self.cfg.width);
-        if values.len() != n * w {
-            return Err(Error::LengthMismatch {
-                what: "values",
-                expected: n * w,
-                got: values.len(),
-            });
-        }
+        check_put_len(w, n, values.len())?;
         if n == 0 {
             return Ok(());
         }
         self.check_context(keys.stream())?;
         self.check_context(values.stream())?;
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let mut st = self.write();
-        self.prepare_put(&mut st, n)?;
+        self.prepare_put(&mut st, n, |t, st| {
+            // Exact admission needs the keys on the host: copy them back (this path only
+            // runs for a batch that would not fit with every key counted as new).
+            let host = st.main.clone_dtoh(keys).drv("cuMemcpyDtoH (keys)")?;
+            st.main.synchronize().drv("cuStreamSynchronize")?;
+            t.count_new_keys(st, &host)
+        })?;
         st.reset_counters()?;
-        let cap = table::device_cap(n, w);
+        let cap = plan::device_cap(n, w);
         let mut lanes = self.take_lanes(1, cap)?;
         let lane = &lanes[0];
         st.ready.record(&st.main).drv("cuEventRecord")?;
@@ -305,7 +336,7 @@ impl CudaBackend {
             let (kp, _kg) = keys.device_ptr(&lane.stream);
             let (vp, _vg) = values.device_ptr(&lane.stream);
             let table = st.table_args(w);
-            let mut marks = Marks::start(&self.gpu, &lane.stream)?;
+            let mut marks = Marks::start(&self.dev, self.dev.trace.as_ref(), &lane.stream)?;
             let mut start = 0;
             while start < n {
                 let m = cap.min(n - start);
@@ -316,7 +347,7 @@ impl CudaBackend {
                     0,
                     m,
                 );
-                lane.enqueue_put(&self.gpu, &a, marks.as_mut())?;
+                lane.enqueue_put(&self.dev, &a, marks.as_mut())?;
                 start += m;
             }
             Ok(marks)
@@ -330,8 +361,8 @@ impl CudaBackend {
             self.pool.give_back(std::mem::take(&mut lanes));
         }
         // Even after a fault part-way, count what the chunks that ran applied.
-        let finished = Self::finish_put(&mut st);
-        done.and(finished)
+        let counted = st.count_put();
+        done.and(counted)
     }
 
     /// Looks up keys already in device memory: writes value rows (zeros when missing) to
@@ -344,41 +375,28 @@ impl CudaBackend {
         found_out: &mut impl DevicePtrMut<u8>,
     ) -> Result<()> {
         let (n, w) = (keys.len(), self.cfg.width);
-        if values_out.len() != n * w {
-            return Err(Error::LengthMismatch {
-                what: "values_out",
-                expected: n * w,
-                got: values_out.len(),
-            });
-        }
-        if found_out.len() != n {
-            return Err(Error::LengthMismatch {
-                what: "found_out",
-                expected: n,
-                got: found_out.len(),
-            });
-        }
+        check_get_len(w, n, values_out.len(), found_out.len())?;
         if n == 0 {
             return Ok(());
         }
         self.check_context(keys.stream())?;
         self.check_context(values_out.stream())?;
         self.check_context(found_out.stream())?;
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let st = self.read();
         // A lookup needs no scratch: one launch over the whole batch, on a pooled lane's stream.
-        let lanes = self.take_lanes(1, table::device_cap(1, w))?;
+        let lanes = self.take_lanes(1, plan::device_cap(1, w))?;
         let lane = &lanes[0];
         let r = {
             let (kp, _kg) = keys.device_ptr(&lane.stream);
             let (vp, _vg) = values_out.device_ptr_mut(&lane.stream);
             let (fp, _fg) = found_out.device_ptr_mut(&lane.stream);
             let a = lane.args(st.table_args(w), kp, vp, fp, n);
-            Marks::start(&self.gpu, &lane.stream).and_then(|mut marks| {
-                self.gpu
-                    .launch(&self.gpu.k.get, &a, n as u64, &lane.stream)?;
+            Marks::start(&self.dev, self.dev.trace.as_ref(), &lane.stream).and_then(|mut marks| {
+                self.dev
+                    .launch(&self.dev.k.get, &a, n as u64, &lane.stream)?;
                 if let Some(m) = marks.as_mut() {
-                    m.mark(&self.gpu, "get", &lane.stream)?;
+                    m.mark(&self.dev, "get", &lane.stream)?;
                 }
                 Ok(marks)
             })
@@ -400,8 +418,8 @@ impl CudaBackend {
     ///
     /// Fails with an error (never a panic) when the driver refuses the page-locked allocation.
     pub fn pinned_batch(&self, n: usize) -> Result<PinnedBatch> {
-        self.gpu.bind()?;
-        PinnedBatch::new(&self.gpu, n, self.cfg.width)
+        self.dev.bind()?;
+        PinnedBatch::new(&self.dev, n, self.cfg.width)
     }
 
     fn check_batch(&self, batch: &PinnedBatch) -> Result<()> {
@@ -413,11 +431,10 @@ impl CudaBackend {
                 got: batch.values().len(),
             });
         }
-        if batch.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
-            return Err(Error::Device {
-                backend: BACKEND,
-                message: "the pinned batch belongs to another CUDA device".into(),
-            });
+        if batch.context().cu_ctx() != self.dev.ctx.cu_ctx() {
+            return Err(device_error(
+                "the pinned batch belongs to another CUDA device",
+            ));
         }
         Ok(())
     }
@@ -438,7 +455,7 @@ impl CudaBackend {
         if batch.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let st = self.read();
         let (keys, values, found) = batch.parts_for_get();
         let hb = HostBatch {
@@ -454,9 +471,9 @@ impl CudaBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let mut st = self.write();
-        self.prepare_put(&mut st, keys.len())?;
+        self.prepare_put(&mut st, keys.len(), |t, st| t.count_new_keys(st, keys))?;
         st.reset_counters()?;
         let batch = HostBatch {
             keys,
@@ -465,13 +482,15 @@ impl CudaBackend {
         };
         let r = self.host_batch(&st, batch, true);
         // Even after a fault part-way, count what the chunks that ran applied.
-        let finished = Self::finish_put(&mut st);
-        r.and(finished)
+        let counted = st.count_put();
+        r.and(counted)
     }
 
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
-        if stream.context().cu_ctx() != self.gpu.ctx.cu_ctx() {
-            Err(device_mismatch())
+        if stream.context().cu_ctx() != self.dev.ctx.cu_ctx() {
+            Err(device_error(
+                "the device buffers belong to another CUDA context",
+            ))
         } else {
             Ok(())
         }
@@ -493,7 +512,7 @@ impl KvBackend for CudaBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let st = self.read();
         let batch = HostBatch {
             keys,
@@ -510,7 +529,7 @@ impl KvBackend for CudaBackend {
         if keys.is_empty() {
             return Ok(0);
         }
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let mut st = self.write();
         st.reset_counters()?;
         let batch = HostBatch {
@@ -520,7 +539,7 @@ impl KvBackend for CudaBackend {
         };
         let r = self.host_batch(&st, batch, true);
         // Even after a fault part-way, count what the chunks that ran removed.
-        let removed = Self::finish_delete(&mut st);
+        let removed = st.count_delete();
         r.and(removed)
     }
 
@@ -529,7 +548,7 @@ impl KvBackend for CudaBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let st = self.read();
         let batch = HostBatch {
             keys,
@@ -540,35 +559,25 @@ impl KvBackend for CudaBackend {
     }
 
     fn len(&self) -> usize {
-        self.read().len
+        self.read().books.len()
     }
 
     fn capacity(&self) -> usize {
-        capacity_of(self.read().slots, self.cfg.max_load_factor)
+        self.read().books.capacity()
     }
 
     fn clear(&self) -> Result<()> {
-        self.gpu.bind()?;
-        let mut st = self.write();
-        st.clear()?;
-        st.len = 0;
-        st.tombs = 0;
-        st.spec_len = 0;
-        Ok(())
+        self.dev.bind()?;
+        self.write().clear()
     }
 
     /// Counts live keys and tombstones in the key array with a kernel and returns them
-    /// next to the host's `(len, tombstones)`.
+    /// next to the host's books.
     fn audit(&self) -> Result<Audit> {
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let mut st = self.write();
-        let (device_live, device_tombstones) = st.count(&self.gpu, self.cfg.width)?;
-        Ok(Audit {
-            device_live,
-            device_tombstones,
-            host_live: st.table_len(),
-            host_tombstones: st.tombs,
-        })
+        let (live, tombs) = st.count(&self.dev, self.cfg.width)?;
+        Ok(st.books.audit(live, tombs))
     }
 
     fn describe(&self) -> Description {
@@ -578,9 +587,9 @@ impl KvBackend for CudaBackend {
             .with_idle(|l| l.iter().map(Lane::device_bytes).sum());
         Description {
             backend: BACKEND,
-            device: self.gpu.name.clone(),
+            device: self.dev.name.clone(),
             bytes_in_use: (st.bytes() + lanes) as u64,
-            slots: st.slots,
+            slots: st.books.slots(),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use cudarc::driver::CudaContext;
 use kv_core::{Error, Result};
 
-use crate::gpu::{Gpu, Pinned};
+use crate::gpu::Gpu;
+use crate::memory::Pinned;
 
 /// A batch of keys, value rows and found flags in page-locked ("pinned") host memory owned
 /// by the library, made by [`CudaBackend::pinned_batch`](crate::CudaBackend::pinned_batch).
@@ -107,37 +108,51 @@ impl PinnedBatch {
 
     /// The keys, `u64[len]`.
     pub fn keys(&self) -> &[u64] {
-        &self.keys.as_slice()[..self.len]
+        // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+        // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+        unsafe { &self.keys.as_slice()[..self.len] }
     }
 
     /// The keys, to fill in.
     pub fn keys_mut(&mut self) -> &mut [u64] {
-        &mut self.keys.as_mut_slice()[..self.len]
+        // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+        // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+        unsafe { &mut self.keys.as_mut_slice()[..self.len] }
     }
 
     /// The value rows, `u64[len * width]`: a put's input, a get's output (zeros for a
     /// missing key).
     pub fn values(&self) -> &[u64] {
-        &self.values.as_slice()[..self.len * self.width]
+        // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+        // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+        unsafe { &self.values.as_slice()[..self.len * self.width] }
     }
 
     /// The value rows, to fill in.
     pub fn values_mut(&mut self) -> &mut [u64] {
-        &mut self.values.as_mut_slice()[..self.len * self.width]
+        // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+        // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+        unsafe { &mut self.values.as_mut_slice()[..self.len * self.width] }
     }
 
     /// Keys and value rows together, to fill both at once.
     pub fn keys_values_mut(&mut self) -> (&mut [u64], &mut [u64]) {
         let (n, w) = (self.len, self.width);
         (
-            &mut self.keys.as_mut_slice()[..n],
-            &mut self.values.as_mut_slice()[..n * w],
+            // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+            // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+            unsafe { &mut self.keys.as_mut_slice()[..n] },
+            // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+            // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+            unsafe { &mut self.values.as_mut_slice()[..n * w] },
         )
     }
 
     /// A get's found flags, `u8[len]`: 1 where the key was found, 0 where not.
     pub fn found(&self) -> &[u8] {
-        &self.found.as_slice()[..self.len]
+        // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+        // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+        unsafe { &self.found.as_slice()[..self.len] }
     }
 
     pub(crate) fn context(&self) -> &Arc<CudaContext> {
@@ -147,9 +162,15 @@ impl PinnedBatch {
     pub(crate) fn parts_for_get(&mut self) -> (&[u64], &mut [u64], &mut [u8]) {
         let (n, w) = (self.len, self.width);
         (
-            &self.keys.as_slice()[..n],
-            &mut self.values.as_mut_slice()[..n * w],
-            &mut self.found.as_mut_slice()[..n],
+            // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+            // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+            unsafe { &self.keys.as_slice()[..n] },
+            // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+            // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+            unsafe { &mut self.values.as_mut_slice()[..n * w] },
+            // SAFETY: no copy into or out of the batch is in flight: the calls that take it
+            // (`put_pinned`, `get_pinned`) wait for all of theirs before they return.
+            unsafe { &mut self.found.as_mut_slice()[..n] },
         )
     }
 }

@@ -4,9 +4,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use kv_core::{Error, Result};
+use kv_core::{Error, Result, TableConfig};
 
-use crate::gpu_trace;
 use crate::shader::{self, BATCH_FIXED, Flavour, REHASH_FIXED};
 
 /// The backend's name in errors and descriptions.
@@ -20,6 +19,12 @@ const REQUIRED: [(wgpu::Features, &str); 2] = [
         "SHADER_INT64_ATOMIC_ALL_OPS",
     ),
 ];
+
+/// The device features a traced table's GPU timestamps need (`gpu_trace`): timestamp
+/// queries, written on encoders (between copies and between compute passes). A device is
+/// created with them where the adapter offers them; only traced tables use them.
+pub(crate) const TIMESTAMPS: wgpu::Features =
+    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
 
 /// The probe budget on a software adapter (Mesa's llvmpipe/lavapipe, which stops an
 /// invocation's loops after about 65,535 iterations in all): well below that, with room for
@@ -150,10 +155,7 @@ pub(crate) fn unavailable(reason: String) -> Error {
 }
 
 pub(crate) fn device_error(message: impl Into<String>) -> Error {
-    Error::Device {
-        backend: BACKEND,
-        message: message.into(),
-    }
+    Error::device(BACKEND, message)
 }
 
 pub(crate) fn oom(requested_bytes: u64) -> Error {
@@ -163,22 +165,17 @@ pub(crate) fn oom(requested_bytes: u64) -> Error {
     }
 }
 
-/// The adapter a table opens on: `ordinal` if given, else the first discrete GPU with the
-/// features, else the first adapter with them.
-fn choose(ordinal: Option<usize>) -> Result<usize> {
+/// The adapter a table with `cfg` opens on: its device if set, else the first discrete GPU
+/// with the features, else the first adapter with them.
+fn choose(cfg: &TableConfig) -> Result<usize> {
     let infos = adapter_infos();
     if infos.is_empty() {
         return Err(unavailable(
             "no wgpu adapter (no Vulkan, Metal or DX12 driver found)".into(),
         ));
     }
-    if let Some(i) = ordinal {
-        let Some(a) = infos.get(i) else {
-            return Err(unavailable(format!(
-                "adapter #{i} does not exist ({} adapters)",
-                infos.len()
-            )));
-        };
+    if let Some(i) = cfg.device_among(infos.len(), "wgpu")? {
+        let a = &infos[i];
         if !a.missing.is_empty() {
             return Err(unavailable(format!(
                 "adapter #{i} {} lacks {}",
@@ -205,9 +202,9 @@ fn choose(ordinal: Option<usize>) -> Result<usize> {
     )))
 }
 
-/// The shared device of the adapter `ordinal` chooses (created once per process).
-pub(crate) fn gpu(ordinal: Option<usize>) -> Result<Arc<Gpu>> {
-    let index = choose(ordinal)?;
+/// The shared device of the adapter `cfg` chooses (created once per process).
+pub(crate) fn gpu(cfg: &TableConfig) -> Result<Arc<Gpu>> {
+    let index = choose(cfg)?;
     let reg = registry();
     let mut devices = lock(&reg.devices);
     if let Some(g) = devices.get(&index) {
@@ -253,8 +250,7 @@ pub(crate) struct Gpu {
     /// The default probe budget of a table on this device: the most slots one invocation
     /// probes per dispatch (shader module docs, "Bounded probes").
     pub probe_budget: u32,
-    /// Whether the device was created with timestamp queries (only when tracing; see
-    /// `gpu_trace`).
+    /// Whether the device was created with timestamp queries (see `gpu_trace`).
     pub timestamps: bool,
     /// Set when the device is lost (with the driver's message).
     lost: Arc<Mutex<Option<String>>>,
@@ -274,7 +270,7 @@ impl Gpu {
         let features = REQUIRED
             .iter()
             .fold(wgpu::Features::empty(), |a, f| a | f.0)
-            | gpu_trace::features(crate::table::tracing(), adapter);
+            | (adapter.features() & TIMESTAMPS);
         let desc = wgpu::DeviceDescriptor {
             label: Some("vramkv"),
             required_features: features,
@@ -297,7 +293,7 @@ impl Gpu {
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             lock(&u).get_or_insert_with(|| error_chain(&e));
         }));
-        let timestamps = device.features().contains(gpu_trace::FEATURES);
+        let timestamps = device.features().contains(TIMESTAMPS);
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size)

@@ -1,7 +1,8 @@
-//! GPU timestamps of the steps of each chunk, for [`TRACE_ENV`](crate::TRACE_ENV).
+//! GPU timestamps of the steps of each chunk, for a table traced with
+//! [`WgpuOptions::trace`](crate::WgpuOptions::trace).
 //!
-//! When tracing is on and the adapter offers [`FEATURES`], the device is created with them
-//! and every staging lane gets a [`LaneTimer`]: a query set of [`MARKS`] timestamps, a
+//! Devices are created with [`TIMESTAMPS`](crate::gpu::TIMESTAMPS) where the adapter
+//! offers them, and every staging lane of a traced table gets a [`LaneTimer`]: a query set of [`MARKS`] timestamps, a
 //! buffer they are resolved into and a small buffer they are copied to for reading. A
 //! chunk's encoder writes a timestamp before its first command and one after each step:
 //! the copy of the upload buffer into the chunk's device buffers, the clears (the put's
@@ -22,20 +23,16 @@
 //! kernels share one pass, as they always did.
 //!
 //! A timer that cannot be created or read never fails a batch: it is dropped with a note
-//! on stderr and the host-side trace goes on without it.
+//! in the trace and the host-side trace goes on without it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use kv_core::Result;
+use kv_staging::trace::Tracer;
 
 use crate::gpu::{Gpu, device_error};
-use crate::table::{MAP_PENDING, expect_mapped, map};
-
-/// The device features the GPU trace needs: timestamp queries, written on encoders
-/// (between copies and between compute passes).
-pub(crate) const FEATURES: wgpu::Features =
-    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+use crate::mapping::{MAP_PENDING, expect_mapped, map};
 
 /// Timestamps per chunk at most: the start, then the ends of the upload copy, the clears,
 /// the region order (when on), at most two kernels and the readback copy (one spare).
@@ -44,29 +41,13 @@ pub(crate) const MARKS: u32 = 8;
 /// Bytes of the resolved timestamps of one chunk.
 const BYTES: u64 = MARKS as u64 * wgpu::QUERY_SIZE as u64;
 
-/// Prints `message` on stderr, prefixed as the trace's notes, the first time any note is
-/// printed in the process (a failing timer would otherwise repeat it for every lane).
-pub(crate) fn note_once(message: &str) {
-    static NOTED: AtomicBool = AtomicBool::new(false);
-    if !NOTED.swap(true, Ordering::Relaxed) {
-        eprintln!("vramkv wgpu trace: {message}; GPU step times left out");
-    }
-}
-
-/// The features to request at device creation: [`FEATURES`] when `tracing` is on and the
-/// adapter offers them, else none (with a note when tracing is on).
-pub(crate) fn features(tracing: bool, adapter: &wgpu::Adapter) -> wgpu::Features {
-    if !tracing {
-        return wgpu::Features::empty();
-    }
-    if adapter.features().contains(FEATURES) {
-        return FEATURES;
-    }
-    note_once(&format!(
-        "adapter {} offers no timestamp queries on encoders (TIMESTAMP_QUERY and TIMESTAMP_QUERY_INSIDE_ENCODERS)",
-        adapter.get_info().name
-    ));
-    wgpu::Features::empty()
+/// Writes `message` into the trace, once per tracer (a failing timer would otherwise
+/// repeat it for every lane).
+pub(crate) fn note_once(tracer: &Tracer, message: &str) {
+    tracer.once(
+        "gpu timestamps",
+        format_args!("vramkv wgpu trace: {message}; GPU step times left out"),
+    );
 }
 
 /// A lane's timestamp queries: what one chunk in flight needs.
@@ -85,16 +66,27 @@ pub(crate) struct LaneTimer {
 }
 
 impl LaneTimer {
-    /// A timer for one lane, or `None` (with a note) when the device has no timestamp
-    /// queries or creating the query set or buffers failed.
-    pub fn new(gpu: &Gpu) -> Option<LaneTimer> {
+    /// A timer for one lane of a table traced to `tracer`, or `None`: untraced, or (with a
+    /// note) the device has no timestamp queries or creating the query set or buffers failed.
+    pub fn new(gpu: &Gpu, tracer: Option<&Tracer>) -> Option<LaneTimer> {
+        let tracer = tracer?;
         if !gpu.timestamps {
+            note_once(
+                tracer,
+                &format!(
+                    "adapter {} offers no timestamp queries on encoders (TIMESTAMP_QUERY and TIMESTAMP_QUERY_INSIDE_ENCODERS)",
+                    gpu.name
+                ),
+            );
             return None;
         }
         match Self::create(gpu) {
             Ok(t) => Some(t),
             Err(e) => {
-                note_once(&format!("timestamp queries could not be set up: {e}"));
+                note_once(
+                    tracer,
+                    &format!("timestamp queries could not be set up: {e}"),
+                );
                 None
             }
         }

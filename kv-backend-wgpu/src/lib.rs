@@ -49,14 +49,13 @@
 //! on the device) and the probing kernels take them in that order, so that the threads
 //! running at once touch a few regions of the table. On the H100 this took the place pass
 //! of a 100M-key put from 193 to 19 ms and the lookup from 130 to 19 ms (a 2^29-slot
-//! table). The environment variable `VRAMKV_WGPU_REGION_ORDER=0|1` ([`REGION_ORDER_ENV`],
-//! read once per process) forces it off or on for every table, to compare both with one
+//! table). [`WgpuOptions::region_order`] forces it off or on, to compare both with one
 //! binary.
 //!
-//! Growth follows [`prepare_put`] like every backend and rehashes on the device into buffers
-//! allocated before the old ones are released (a failed allocation leaves the table as it
-//! was). Tombstones are purged by a rehash in place when live keys, tombstones and the batch
-//! would pass the max load factor.
+//! Admission, growth and tombstone purges follow [`kv_core::prepare_put`] like every
+//! backend, and the counts of every batch go to the table's [`kv_core::Books`]
+//! (docs/protocol.md); a rehash runs on the device into buffers allocated before the old
+//! ones are released (a failed allocation leaves the table as it was).
 //!
 //! # Batches
 //!
@@ -72,26 +71,48 @@
 //! other (lookups share the lock).
 //!
 //! Errors never panic: device loss, out-of-memory and validation errors come back as
-//! [`Error::Device`] or [`Error::OutOfDeviceMemory`].
+//! [`Error::Device`] or [`Error::OutOfDeviceMemory`]. A put or delete that fails part-way
+//! still counts what it applied when the device can report it (contract item g).
+//!
+//! # Options
+//!
+//! [`WgpuOptions`], passed to [`WgpuBackend::open_with`], set the staging chunk size, the
+//! segment and buffer sizes of the table's arrays, region order, the probe budget, and turn
+//! on a trace of where each batch's time went. [`WgpuOptions::from_env`] reads them from
+//! `VRAMKV_WGPU_*` variables, for tools; the library never reads the environment itself.
 
 mod gpu;
 mod gpu_trace;
+mod lane;
+mod mapping;
+mod op;
+mod options;
+mod pipeline;
+mod plan;
 mod shader;
-mod table;
+mod state;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
-    Audit, Description, Error, KvBackend, Result, TableConfig, capacity_of, check_contains,
-    check_get, check_put, prepare_put,
+    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, check_contains,
+    check_get, check_put, count_distinct, prepare_put,
 };
+use kv_kernels::layout::counter;
 use kv_staging::LanePool;
+use kv_staging::trace::Recorder;
 
 pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};
-use kv_kernels::layout::counter;
-pub use table::{CHUNK_MIB_ENV, REGION_ORDER_ENV, REGION_ORDER_MIN_SLOTS, TRACE_ENV};
-use table::{Lane, Op, State};
+use lane::Lane;
+use op::Op;
+pub use options::{
+    CHUNK_MIB_ENV, PROBE_BUDGET_ENV, REGION_ORDER_ENV, SEGMENT_MIB_ENV, TABLE_BUFFER_MIB_ENV,
+    TRACE_ENV, WgpuOptions,
+};
+use plan::Plan;
+pub use plan::REGION_ORDER_MIN_SLOTS;
+use state::State;
 
 /// The environment variable that makes a missing wgpu adapter a test failure instead of a
 /// skip (CI sets it, with lavapipe installed).
@@ -111,19 +132,12 @@ pub fn adapters() -> Vec<AdapterInfo> {
 /// Why the wgpu backend cannot run here, or `None` if it can (some adapter offers 64-bit
 /// atomics and a device opens on it). Used by the tests to skip on machines without one.
 pub fn unavailable_reason() -> Option<String> {
-    match gpu::gpu(None) {
+    match gpu::gpu(&TableConfig::default()) {
         Ok(_) => None,
         Err(Error::BackendUnavailable { reason, .. }) => Some(reason),
         Err(e) => Some(e.to_string()),
     }
 }
-
-/// Environment variable capping the size of a table segment in MiB (see [`WgpuBackend::open`]).
-pub const SEGMENT_MIB_ENV: &str = "VRAMKV_WGPU_SEGMENT_MIB";
-
-/// Environment variable capping the bytes of each buffer holding table segments, in MiB
-/// (see [`WgpuBackend::open`]).
-pub const TABLE_BUFFER_MIB_ENV: &str = "VRAMKV_WGPU_TABLE_BUFFER_MIB";
 
 /// Bytes of each buffer holding table segments at most, by default. Measured on an H100
 /// through Vulkan (docs/PERF.md, "The wgpu slow mode"): random probes into a table whose
@@ -131,19 +145,12 @@ pub const TABLE_BUFFER_MIB_ENV: &str = "VRAMKV_WGPU_TABLE_BUFFER_MIB";
 /// array) 5x slower, and into one 4 GiB buffer per array 2.5x slower than into 1 GiB ones.
 pub const DEFAULT_TABLE_BUFFER_BYTES: u64 = 2 << 30;
 
-/// The positive number of MiB in the environment variable `name`, in bytes; else `default`.
-fn env_mib(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&m| m > 0)
-        .map_or(default, |m| m.saturating_mul(1 << 20))
-}
-
 /// A vramkv table in the memory of a GPU driven through wgpu.
 pub struct WgpuBackend {
     gpu: Arc<Gpu>,
     cfg: TableConfig,
+    options: WgpuOptions,
+    plan: Plan,
     max_seg_bytes: u64,
     state: RwLock<State>,
     /// Staging lanes between batches (taken out by a batch, put back after).
@@ -159,68 +166,78 @@ impl std::fmt::Debug for WgpuBackend {
     }
 }
 
+/// What [`prepare_put`] needs from a wgpu table while a put of `keys` is being prepared.
+struct Prep<'a> {
+    table: &'a WgpuBackend,
+    st: &'a mut State,
+    keys: &'a [u64],
+}
+
+impl Housekeeping for Prep<'_> {
+    fn books(&mut self) -> &mut Books {
+        &mut self.st.books
+    }
+    fn rehash(&mut self, slots: usize) -> Result<()> {
+        self.st.rehash(&self.table.gpu, slots)
+    }
+    fn count_new(&mut self) -> Result<usize> {
+        let mut found = vec![false; self.keys.len()];
+        let op = Op::Contains { found: &mut found };
+        self.table.host_batch(self.st, self.keys, op, &mut None)?;
+        Ok(count_distinct(self.keys, &found))
+    }
+}
+
 impl WgpuBackend {
     /// Creates a table on adapter `cfg.device` (default: the first discrete GPU with 64-bit
-    /// atomics, else the first adapter with them).
+    /// atomics, else the first adapter with them), with the default [`WgpuOptions`].
     ///
     /// Fails with [`Error::InvalidConfig`] for a bad config, [`Error::BackendUnavailable`]
     /// when no adapter (or not the chosen one) offers the needed features,
     /// [`Error::OutOfDeviceMemory`] when the table does not fit.
-    ///
-    /// The environment variable `VRAMKV_WGPU_SEGMENT_MIB=<n>` caps segments at `n` MiB (a
-    /// development knob for measuring the cost of multi-segment tables on a real GPU).
-    ///
-    /// The environment variable `VRAMKV_WGPU_TABLE_BUFFER_MIB=<n>` caps each buffer
-    /// holding segments at `n` MiB, rounded down to a whole number of segments and at least
-    /// one (default: [`DEFAULT_TABLE_BUFFER_BYTES`], or the adapter's largest buffer if
-    /// smaller). A development knob for measuring the cost of many allocations against few. Set to the segment size, every value segment
-    /// is its own buffer; key segments are `width` times smaller and share buffers unless
-    /// `n` is at most their size (`1` gives every segment of 1 MiB or more its own buffer,
-    /// the layout of one allocation per segment).
     pub fn open(cfg: TableConfig) -> Result<Self> {
-        Self::open_with_max_segment_bytes(cfg, env_mib(SEGMENT_MIB_ENV, u64::MAX))
+        Self::open_with(cfg, &WgpuOptions::default())
     }
 
-    /// [`open`](Self::open), with the key and value arrays split into segments (storage
-    /// bindings) of at most `bytes` bytes, below what the adapter allows. Tests use it to
-    /// exercise multi-segment tables at small sizes. The buffers holding the segments are
-    /// capped as [`open`](Self::open) says.
-    pub fn open_with_max_segment_bytes(cfg: TableConfig, bytes: u64) -> Result<Self> {
-        Self::open_with_limits(
-            cfg,
-            bytes,
-            env_mib(TABLE_BUFFER_MIB_ENV, DEFAULT_TABLE_BUFFER_BYTES),
-        )
-    }
-
-    /// [`open`](Self::open), with the key and value arrays split into segments of at most
-    /// `segment_bytes` bytes, held in buffers of at most `buffer_bytes` bytes (a whole
-    /// number of segments each, at least one), both below what the adapter allows; the
-    /// environment is not read. Tests use it to exercise several segments per buffer and
-    /// several buffers per array at small sizes.
-    pub fn open_with_limits(
-        cfg: TableConfig,
-        segment_bytes: u64,
-        buffer_bytes: u64,
-    ) -> Result<Self> {
+    /// [`open`](Self::open) with `options`; a bad option is [`Error::InvalidConfig`].
+    ///
+    /// ```no_run
+    /// use kv_backend_wgpu::{WgpuBackend, WgpuOptions};
+    /// use kv_core::TableConfig;
+    ///
+    /// // Segments of 1 MiB in buffers of 4 MiB, to exercise a many-segment table.
+    /// let options = WgpuOptions::default()
+    ///     .segment_bytes(1 << 20)
+    ///     .table_buffer_bytes(4 << 20);
+    /// let table = WgpuBackend::open_with(TableConfig::new(1 << 20), &options)?;
+    /// assert!(table.segments() > 1);
+    /// # Ok::<(), kv_core::Error>(())
+    /// ```
+    pub fn open_with(cfg: TableConfig, options: &WgpuOptions) -> Result<Self> {
         cfg.validate()?;
-        let gpu = gpu::gpu(cfg.device)?;
-        let max_seg_bytes = segment_bytes.min(gpu.max_binding).max(8 * cfg.width as u64);
-        let state = State::new(
-            &gpu,
-            cfg.initial_slots(),
-            cfg.width,
-            max_seg_bytes,
-            buffer_bytes,
-            cfg.table_seed(),
-        )?;
+        options.validate()?;
+        let gpu = gpu::gpu(&cfg)?;
+        let max_seg_bytes = options
+            .segment_bytes
+            .unwrap_or(u64::MAX)
+            .min(gpu.max_binding)
+            .max(8 * cfg.width as u64);
+        let buffer_bytes = options
+            .table_buffer_bytes
+            .unwrap_or(DEFAULT_TABLE_BUFFER_BYTES);
+        let mut state = State::new(&gpu, &cfg, max_seg_bytes, buffer_bytes, cfg.table_seed())?;
+        if let Some(b) = options.probe_budget {
+            state.budget = b.max(1);
+        }
         gpu.check()?;
         Ok(WgpuBackend {
             gpu,
             cfg,
+            plan: Plan::new(options),
+            options: options.clone(),
             max_seg_bytes,
             state: RwLock::new(state),
-            pool: LanePool::new(table::POOL_MAX),
+            pool: LanePool::new(plan::POOL_MAX),
         })
     }
 
@@ -301,22 +318,30 @@ impl WgpuBackend {
 
     /// Takes `count` lanes of at least `cap` items from the pool, allocating what is missing.
     fn take_lanes(&self, count: usize, cap: usize) -> Result<Vec<Lane>> {
-        self.pool
-            .take(count, cap, || Lane::new(&self.gpu, cap, self.cfg.width))
+        self.pool.take(count, cap, || {
+            Lane::new(&self.gpu, cap, self.cfg.width, self.options.trace.as_ref())
+        })
     }
 
-    /// Runs a host batch on the current state with pooled lanes.
+    /// Runs a host batch on the current state with pooled lanes. A put's or delete's
+    /// control words go to `counters`, as far as the batch got.
     fn host_batch(
         &self,
         st: &State,
         keys: &[u64],
         mut op: Op<'_>,
-    ) -> Result<Option<[u64; counter::LEN]>> {
+        counters: &mut Option<[u64; counter::LEN]>,
+    ) -> Result<()> {
         self.gpu.check()?;
-        let cap = table::lane_cap(keys.len(), self.cfg.width, self.max_seg_bytes);
-        let count = keys.len().div_ceil(cap).min(table::LANES);
+        let cap = self
+            .plan
+            .lane_cap(keys.len(), self.cfg.width, self.max_seg_bytes);
+        let count = keys.len().div_ceil(cap).min(plan::LANES);
         let mut lanes = self.take_lanes(count, cap)?;
-        let r = table::run_host_batch(&self.gpu, st, &mut lanes, cap, keys, &mut op);
+        let rec = Recorder::new(self.options.trace.as_ref());
+        let r = pipeline::run_host_batch(
+            &self.gpu, st, &self.plan, &rec, &mut lanes, cap, keys, &mut op, counters,
+        );
         if r.is_err() {
             // Leave nothing in flight; the lanes are dropped, not pooled.
             for l in &mut lanes {
@@ -328,14 +353,23 @@ impl WgpuBackend {
         r
     }
 
-    /// Makes room for a put of `n` keys (growth or tombstone purge), as every backend decides.
-    fn prepare_put(&self, st: &mut State, n: usize) -> Result<()> {
-        let used = st.table_len() + st.tombs;
-        let (len, slots) = (st.len, st.slots);
-        let c = &self.cfg;
-        prepare_put(len, used, n, slots, c.max_load_factor, c.growth, |s| {
-            st.rehash(&self.gpu, s)
-        })
+    /// Runs a put or delete, then reads the control words it left: after a failure
+    /// part-way too, where the device can still report them (contract item g).
+    fn counted_batch(
+        &self,
+        st: &State,
+        keys: &[u64],
+        op: Op<'_>,
+    ) -> (Result<()>, Option<[u64; counter::LEN]>) {
+        let mut counters = None;
+        let r = self.host_batch(st, keys, op, &mut counters);
+        if r.is_err() && counters.is_some() {
+            // Some chunk ran: the control words hold what the batch applied.
+            if let Ok(c) = st.read_counters(&self.gpu) {
+                lane::merge(&mut counters, c);
+            }
+        }
+        (r, counters)
     }
 }
 
@@ -350,23 +384,20 @@ impl KvBackend for WgpuBackend {
             return Ok(());
         }
         let mut st = self.write();
-        self.prepare_put(&mut st, keys.len())?;
-        let c = self
-            .host_batch(&st, keys, Op::Put { values })?
-            .unwrap_or_default();
-        let inserted = c[counter::INSERTED] as usize;
-        let reused = inserted - (c[counter::FROM_EMPTY] as usize).min(inserted);
-        let spec = c[counter::SPEC_INSERTED] as usize;
-        st.len += inserted + spec;
-        st.spec_len += spec;
-        st.tombs -= reused.min(st.tombs);
-        if c[counter::ERRORS] != 0 {
-            return Err(gpu::device_error(format!(
-                "{} keys found no slot (table invariant broken)",
-                c[counter::ERRORS]
-            )));
-        }
-        Ok(())
+        prepare_put(
+            &mut Prep {
+                table: self,
+                st: &mut st,
+                keys,
+            },
+            keys.len(),
+        )?;
+        let (r, counters) = self.counted_batch(&st, keys, Op::Put { values });
+        let counted = match counters {
+            Some(c) => st.count_put(&c),
+            None => Ok(()),
+        };
+        r.and(counted)
     }
 
     fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
@@ -375,15 +406,11 @@ impl KvBackend for WgpuBackend {
             return Ok(());
         }
         let st = self.read();
-        self.host_batch(
-            &st,
-            keys,
-            Op::Get {
-                values: values_out,
-                found: found_out,
-            },
-        )
-        .map(|_| ())
+        let op = Op::Get {
+            values: values_out,
+            found: found_out,
+        };
+        self.host_batch(&st, keys, op, &mut None)
     }
 
     fn delete(&self, keys: &[u64]) -> Result<usize> {
@@ -391,12 +418,9 @@ impl KvBackend for WgpuBackend {
             return Ok(0);
         }
         let mut st = self.write();
-        let c = self.host_batch(&st, keys, Op::Delete)?.unwrap_or_default();
-        let (removed, spec) = (c[counter::REMOVED] as usize, c[counter::SPEC_REMOVED] as usize);
-        st.len -= (removed + spec).min(st.len);
-        st.spec_len -= spec.min(st.spec_len);
-        st.tombs += removed;
-        Ok(removed + spec)
+        let (r, counters) = self.counted_batch(&st, keys, Op::Delete);
+        let removed = counters.map_or(0, |c| st.count_delete(&c));
+        r.map(|()| removed)
     }
 
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
@@ -405,16 +429,15 @@ impl KvBackend for WgpuBackend {
             return Ok(());
         }
         let st = self.read();
-        self.host_batch(&st, keys, Op::Contains { found: found_out })
-            .map(|_| ())
+        self.host_batch(&st, keys, Op::Contains { found: found_out }, &mut None)
     }
 
     fn len(&self) -> usize {
-        self.read().len
+        self.read().books.len()
     }
 
     fn capacity(&self) -> usize {
-        capacity_of(self.read().slots, self.cfg.max_load_factor)
+        self.read().books.capacity()
     }
 
     fn clear(&self) -> Result<()> {
@@ -423,19 +446,15 @@ impl KvBackend for WgpuBackend {
     }
 
     /// Counts live keys and tombstones in the key array with a compute pass and returns
-    /// them next to the host's `(len, tombstones)`.
+    /// them next to the host's books.
     fn audit(&self) -> Result<Audit> {
-        let mut st = self.write();
-        let mut lanes = self.take_lanes(1, table::MIN_LANE)?;
-        let dev = st.count(&self.gpu, &mut lanes[0]);
+        // The write lock: a count between whole batches (item d).
+        let st = self.write();
+        let mut lanes = self.take_lanes(1, plan::MIN_LANE)?;
+        let dev = lanes[0].count(&self.gpu, &st);
         self.pool.give_back(lanes);
-        let (device_live, device_tombstones) = dev?;
-        Ok(Audit {
-            device_live,
-            device_tombstones,
-            host_live: st.table_len(),
-            host_tombstones: st.tombs,
-        })
+        let (live, tombs) = dev?;
+        Ok(st.books.audit(live, tombs))
     }
 
     fn describe(&self) -> Description {
@@ -445,7 +464,7 @@ impl KvBackend for WgpuBackend {
             backend: BACKEND,
             device: self.gpu.name.clone(),
             bytes_in_use: st.bytes() + lanes,
-            slots: st.slots,
+            slots: st.books.slots(),
         }
     }
 }

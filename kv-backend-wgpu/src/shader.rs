@@ -1,5 +1,9 @@
 //! WGSL sources of the table's compute shaders, generated for a number of table segments.
 //!
+//! The table's layout and protocol constants (sentinels, counter numbering, flag words,
+//! workgroup size, the hash) come from `kv_kernels::layout`, their one definition:
+//! [`constants`] and [`common`] emit them into every module.
+//!
 //! The key and value arrays are split into `segs` storage bindings (segments) of
 //! `1 << seg_shift` slots each, bound as separate bindings, because one storage binding is
 //! limited in size (128 MiB on lavapipe, near 2 GiB on Vulkan drivers). WGSL cannot index
@@ -13,8 +17,8 @@
 //!
 //! # Put protocol (per chunk; the chunks of a batch run in order)
 //!
-//! Unlike the CUDA kernels (`kv-kernels/src/ops.rs`, which place first and resolve repeats
-//! only when a key was found), a chunk is first resolved against itself in the lane's
+//! Dedup first (docs/protocol.md states it next to the CUDA kernels' place first, and
+//! why they differ): a chunk is first resolved against itself in the lane's
 //! *local table* (`ltab`, `u32[L]` with `L` the power of two >= 2n, zeroed
 //! before the chunk, followed by the chunk's flags), then only the last occurrence of each
 //! key touches the table.
@@ -57,7 +61,7 @@
 //!
 //! # Region order
 //!
-//! On large tables (`table::region_order`) the probing kernels (place, get, contains,
+//! On large tables (`plan::Plan::region_order`) the probing kernels (place, get, contains,
 //! delete) take the chunk's items grouped by table region: thread `j` handles item
 //! `perm[j]`, a permutation that the `kv_region_*` kernels build per chunk before them (a
 //! counting sort of the item indices by `home(key) >> rshift`). Every output stays indexed
@@ -72,6 +76,8 @@
 //! value rows.
 
 use std::fmt::Write as _;
+
+use bytemuck::{Pod, Zeroable};
 
 /// Which segments are declared atomic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -91,6 +97,36 @@ impl Flavour {
         }
     }
 }
+
+/// Kernel parameters, as the WGSL `Params` struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct Params {
+    pub n: u32,
+    pub width: u32,
+    pub mask: u32,
+    pub seg_shift: u32,
+    pub base: u32,
+    /// Slots of the chunk's local table less one (put).
+    pub lmask: u32,
+    /// Region order: a key's region is its home slot shifted right by `rshift`.
+    pub rshift: u32,
+    /// Region order: the table's regions, or 0 for probing in item order.
+    pub nreg: u32,
+    /// The table's hash seed, low and high half.
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    /// The most slots one invocation probes per dispatch.
+    pub budget: u32,
+    /// The code of the dispatch's first pass (shader module docs, "Bounded probes").
+    pub code: u32,
+    /// 1 in a resume round: only unfinished items run, from their saved state.
+    pub resume: u32,
+    pub pad: [u32; 3],
+}
+
+/// Bytes of a kernel parameter block.
+pub(crate) const PARAMS_BYTES: u64 = std::mem::size_of::<Params>() as u64;
 
 /// First binding of the key segments in the batch layout (values follow the keys).
 pub(crate) const BATCH_FIXED: u32 = 11;

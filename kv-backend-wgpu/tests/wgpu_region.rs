@@ -1,20 +1,18 @@
-//! `VRAMKV_WGPU_REGION_ORDER=1`: with region-order probing forced on (it is on by default
-//! only for tables beyond 2^28 slots, which the tests cannot allocate), puts with repeats
-//! within and across chunks, the special keys, gets, contains and deletes must match a
-//! `HashMap`, and the GPU trace (where the adapter has timestamp queries) must show the
-//! `order` step.
-//!
-//! The knob is read once per process, so the batches run in a child process of this binary
-//! with the variable set (as in `wgpu_trace.rs`). Without an adapter the test is reported as
-//! ignored (after `skipped: ...`), unless `VRAMKV_REQUIRE_WGPU=1`.
+//! Region order (`WgpuOptions::region_order`): with region-order probing forced on (it is on
+//! by default only for tables beyond 2^28 slots, which the tests cannot allocate), puts with
+//! repeats within and across chunks, the special keys, gets, contains and deletes must
+//! match a `HashMap`, and the GPU trace (where the adapter has timestamp queries) must show
+//! the `order` step. Without an adapter the test is reported as ignored (after
+//! `skipped: ...`), unless `VRAMKV_REQUIRE_WGPU=1`.
 
 mod common;
 
 use std::collections::HashMap;
 
-use kv_backend_wgpu::{CHUNK_MIB_ENV, REGION_ORDER_ENV, TRACE_ENV, WgpuBackend};
+use kv_backend_wgpu::{WgpuBackend, WgpuOptions};
 use kv_conformance::libtest_mimic::Failed;
 use kv_core::{KvBackend, TableConfig};
+use kv_staging::trace::Tracer;
 
 /// Words per value row.
 const W: usize = 2;
@@ -56,10 +54,15 @@ fn check(t: &WgpuBackend, m: &HashMap<u64, [u64; W]>, probe: &[u64]) -> Result<(
     Ok(())
 }
 
-/// The child's work: batches of several chunks against a `HashMap`.
-fn batches() -> Result<(), String> {
-    let t =
-        WgpuBackend::open(TableConfig::new(1 << 16).width(W)).map_err(|e| format!("open: {e}"))?;
+/// Batches of several chunks (of 1 MiB) in region order against a `HashMap`, traced to
+/// `tracer`.
+fn batches(tracer: &Tracer) -> Result<(), String> {
+    let options = WgpuOptions::default()
+        .region_order(true)
+        .chunk_mib(1)
+        .trace(tracer.clone());
+    let t = WgpuBackend::open_with(TableConfig::new(1 << 16).width(W), &options)
+        .map_err(|e| format!("open: {e}"))?;
     let mut m: HashMap<u64, [u64; W]> = HashMap::new();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let range = 150_000u64;
@@ -96,18 +99,16 @@ fn batches() -> Result<(), String> {
 }
 
 fn region_order_matches_model() -> Result<(), Failed> {
-    let stderr = common::run_child(&[
-        (REGION_ORDER_ENV, "1"),
-        (TRACE_ENV, "1"),
-        (CHUNK_MIB_ENV, "1"),
-    ])?;
-    let gpu: Vec<&str> = stderr
-        .lines()
+    let tracer = Tracer::kept();
+    batches(&tracer)?;
+    let lines = tracer.lines();
+    let gpu: Vec<&String> = lines
+        .iter()
         .filter(|l| l.starts_with("vramkv wgpu gpu: "))
         .collect();
     if gpu.is_empty() {
-        if !stderr.contains("GPU step times left out") {
-            return Err(format!("no GPU trace lines and no note: {stderr}").into());
+        if !lines.iter().any(|l| l.contains("GPU step times left out")) {
+            return Err(format!("no GPU trace lines and no note: {lines:?}").into());
         }
         println!("no GPU timestamps on this adapter");
     } else if let Some(l) = gpu.iter().find(|l| !l.contains(", order ")) {
@@ -122,7 +123,6 @@ fn main() {
     common::main(
         "wgpu::region_order_matches_model",
         "wgpu region-order test",
-        batches,
         region_order_matches_model,
     );
 }

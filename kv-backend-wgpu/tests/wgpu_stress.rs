@@ -8,7 +8,7 @@
 //! reported as ignored (after `skipped: no wgpu adapter ...`), unless
 //! `VRAMKV_REQUIRE_WGPU=1`.
 
-use kv_backend_wgpu::WgpuBackend;
+use kv_backend_wgpu::{WgpuBackend, WgpuOptions};
 use kv_conformance::stress::{
     self, Map, R, RandomOps, Rng, StressSizes, check, check_audit, e, put_both,
 };
@@ -33,12 +33,11 @@ fn many_segments() -> R {
     for (w, seed, segs_per_buffer) in [(1usize, 11u64, u64::MAX), (3, 12, 3), (16, 13, 0)] {
         // The largest table reached must stay within the adapter's binding limit.
         let seg_bytes = 4096u64.max((w as u64 * 8 * 16_384).div_ceil(max as u64));
-        let t = WgpuBackend::open_with_limits(
-            TableConfig::new(64).width(w),
-            seg_bytes,
-            seg_bytes.saturating_mul(segs_per_buffer).max(1),
-        )
-        .map_err(|x| e("open", x))?;
+        let options = WgpuOptions::default()
+            .segment_bytes(seg_bytes)
+            .table_buffer_bytes(seg_bytes.saturating_mul(segs_per_buffer).max(1));
+        let t = WgpuBackend::open_with(TableConfig::new(64).width(w), &options)
+            .map_err(|x| e("open", x))?;
         let phase = RandomOps {
             rounds: 25,
             max_batch: 2000,
@@ -301,9 +300,11 @@ fn crafted_keys_small_budget_many_segments() -> R {
     // with segments rounded down to a power of two of slots.
     let seg = 4096u64.max(2 * ((3 * 8u64) << 15).div_ceil(max));
     let small = move |cfg: TableConfig| -> kv_core::Result<Box<dyn KvBackend>> {
-        let t = WgpuBackend::open_with_limits(cfg, seg, 3 * seg)?;
-        t.set_probe_budget(32);
-        Ok(Box::new(t))
+        let options = WgpuOptions::default()
+            .segment_bytes(seg)
+            .table_buffer_bytes(3 * seg)
+            .probe_budget(32);
+        Ok(Box::new(WgpuBackend::open_with(cfg, &options)?))
     };
     let s = stress::Adversarial {
         one_home: 1_500,
@@ -322,13 +323,15 @@ fn crafted_keys_small_budget_many_segments() -> R {
     let t = small(TableConfig::new(64).width(2)).map_err(|x| e("open", x))?;
     stress::random_ops(&*t, phase, 31)?;
     // The budget reaches the shaders: a chain of 1,500 keys needs resume rounds.
-    let t = WgpuBackend::open_with_limits(
+    let options = WgpuOptions::default()
+        .segment_bytes(seg)
+        .table_buffer_bytes(3 * seg)
+        .probe_budget(32);
+    let t = WgpuBackend::open_with(
         TableConfig::new(s.capacity).seed(stress::CRAFT_SEED),
-        seg,
-        3 * seg,
+        &options,
     )
     .map_err(|x| e("open", x))?;
-    t.set_probe_budget(32);
     let keys = stress::crafted_keys(7, s.one_home, stress::CRAFT_SEED);
     let mut m = Map::new();
     put_both(&t, &mut m, &keys, |i, _| i as u64)?;

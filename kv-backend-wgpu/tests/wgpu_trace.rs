@@ -1,17 +1,14 @@
-//! `VRAMKV_WGPU_TRACE=1`: a put and a get over several chunks with tracing on must work and
-//! print the host trace line, plus either the GPU line (adapters with timestamp queries) or
-//! the note saying why the GPU step times are left out.
-//!
-//! The trace knob is read once per process and decides the device's features, so the test
-//! runs the batches in a child process of this binary with the variable set, and checks its
-//! stderr. Without an adapter the test is reported as ignored (after `skipped: ...`),
-//! unless `VRAMKV_REQUIRE_WGPU=1`.
+//! The trace (`WgpuOptions::trace`): a put and a get over several chunks with a tracer must
+//! work and write the host trace line, plus either the GPU line (adapters with timestamp
+//! queries) or the note saying why the GPU step times are left out. Without an adapter the
+//! test is reported as ignored (after `skipped: ...`), unless `VRAMKV_REQUIRE_WGPU=1`.
 
 mod common;
 
-use kv_backend_wgpu::{CHUNK_MIB_ENV, TRACE_ENV, WgpuBackend};
+use kv_backend_wgpu::{WgpuBackend, WgpuOptions};
 use kv_conformance::libtest_mimic::Failed;
 use kv_core::{KvBackend, TableConfig};
+use kv_staging::trace::Tracer;
 
 /// Keys per put: with [`W`]-word rows and 1 MiB chunks, 4 chunks of 16,384 keys (the last
 /// one partly full), so that a lane is reused within the batch; the get of twice as many
@@ -20,9 +17,12 @@ const N: usize = 50_000;
 /// Words per value row.
 const W: usize = 4;
 
-/// The child's work: a put of `N` keys, then a get of them and of as many absent keys.
-fn batches() -> Result<(), String> {
-    let t = WgpuBackend::open(TableConfig::new(N).width(W)).map_err(|e| format!("open: {e}"))?;
+/// A put of `N` keys, then a get of them and of as many absent keys, in chunks of 1 MiB,
+/// traced to `tracer`.
+fn batches(tracer: &Tracer) -> Result<(), String> {
+    let options = WgpuOptions::default().chunk_mib(1).trace(tracer.clone());
+    let t = WgpuBackend::open_with(TableConfig::new(N).width(W), &options)
+        .map_err(|e| format!("open: {e}"))?;
     let keys: Vec<u64> = (0..N as u64).map(|i| i * 3 + 5).collect();
     let values: Vec<u64> = (0..(W * N) as u64).map(|i| i ^ 0x5555).collect();
     t.put(&keys, &values).map_err(|e| format!("put: {e}"))?;
@@ -46,20 +46,24 @@ fn batches() -> Result<(), String> {
 }
 
 fn trace_put_get() -> Result<(), Failed> {
-    let stderr = common::run_child(&[(TRACE_ENV, "1"), (CHUNK_MIB_ENV, "1")])?;
-    println!("{stderr}");
-    let host = stderr
-        .lines()
+    let tracer = Tracer::kept();
+    batches(&tracer)?;
+    let lines = tracer.lines();
+    for l in &lines {
+        println!("{l}");
+    }
+    let host = lines
+        .iter()
         .filter(|l| l.starts_with("vramkv wgpu trace: kv_"))
         .count();
     if host != 2 {
         return Err(format!("{host} host trace lines, want 2 (put, get)").into());
     }
-    let gpu: Vec<&str> = stderr
-        .lines()
+    let gpu: Vec<&String> = lines
+        .iter()
         .filter(|l| l.starts_with("vramkv wgpu gpu: "))
         .collect();
-    let note = stderr.contains("GPU step times left out");
+    let note = lines.iter().any(|l| l.contains("GPU step times left out"));
     match (gpu.len(), note) {
         (0, true) => println!("no GPU timestamps on this adapter"),
         (2, false) => {
@@ -91,10 +95,5 @@ fn trace_put_get() -> Result<(), Failed> {
 }
 
 fn main() {
-    common::main(
-        "wgpu::trace_put_get",
-        "wgpu trace test",
-        batches,
-        trace_put_get,
-    );
+    common::main("wgpu::trace_put_get", "wgpu trace test", trace_put_get);
 }

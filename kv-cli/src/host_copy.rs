@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use kv_staging::copy::{CopyMode, par_copy_with};
+use kv_staging::copy::{CopyMode, par_copy};
 use rayon::prelude::*;
 use vramkv::{Error, Result};
 
@@ -28,16 +28,16 @@ fn rate(mode: CopyMode, dst: &mut [u64], src: &[u64], reps: usize) -> Result<f64
     for r in 0..=reps {
         dst.par_iter_mut().for_each(|d| *d = !0);
         let t0 = Instant::now();
-        par_copy_with(mode, dst, src);
+        par_copy(mode, dst, src);
         let secs = t0.elapsed().as_secs_f64();
         if dst != src {
-            return Err(Error::Device {
-                backend: "host",
-                message: format!(
+            return Err(Error::device(
+                "host",
+                format!(
                     "the {mode} copy of {} words differs from its source",
                     src.len()
                 ),
-            });
+            ));
         }
         if r > 0 {
             rates.push(bytes / secs / 1e9);

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::Instant;
-use vramkv::{BackendKind, KvBackend, TableConfig};
+use vramkv::{BackendKind, KvBackend, Options, TableConfig};
 use workload::Batch;
 
 #[derive(Parser)]
@@ -187,7 +187,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn backends_for(choice: Choice) -> vramkv::Result<Vec<Option<BackendKind>>> {
+/// The options of every table the CLI opens: what the environment asks for
+/// ([`Options::from_env`]: `VRAMKV_BACKEND` and each backend's tuning variables), and, for
+/// comparing kernel variants with one binary, the CUDA kernels of the PTX file that
+/// `VRAMKV_PTX` names (a development switch of this command; the library never reads it).
+fn options() -> vramkv::Result<Options> {
+    #[allow(unused_mut)]
+    let mut o = Options::from_env()?;
+    #[cfg(feature = "cuda")]
+    if let Some(path) = std::env::var_os(PTX_ENV) {
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            vramkv::Error::InvalidConfig(format!("{PTX_ENV}={}: {e}", path.to_string_lossy()))
+        })?;
+        o.cuda.ptx = Some(text.into());
+    }
+    Ok(o)
+}
+
+/// The environment variable naming a PTX file whose kernels the CUDA tables load instead of
+/// the built-in ones (same entry points and argument layout).
+#[cfg(feature = "cuda")]
+const PTX_ENV: &str = "VRAMKV_PTX";
+
+/// The options to open `kind` with (`None`: as `options` choose).
+fn for_kind(options: &Options, kind: Option<BackendKind>) -> Options {
+    match kind {
+        Some(k) => options.clone().backend(k),
+        None => options.clone(),
+    }
+}
+
+fn backends_for(choice: Choice, options: &Options) -> vramkv::Result<Vec<Option<BackendKind>>> {
     Ok(match choice {
         Choice::Auto => vec![None],
         Choice::Cpu => vec![Some(BackendKind::Cpu)],
@@ -198,11 +228,13 @@ fn backends_for(choice: Choice) -> vramkv::Result<Vec<Option<BackendKind>>> {
         Choice::All => BackendKind::ALL
             .into_iter()
             .filter(|k| k.compiled_in())
-            .filter_map(|k| match vramkv::open_backend(k, TableConfig::new(16)) {
-                Ok(_) => Some(Some(k)),
-                Err(why) => {
-                    eprintln!("skipped: {k}: {why}");
-                    None
+            .filter_map(|k| {
+                match vramkv::open_with(TableConfig::new(16), &for_kind(options, Some(k))) {
+                    Ok(_) => Some(Some(k)),
+                    Err(why) => {
+                        eprintln!("skipped: {k}: {why}");
+                        None
+                    }
                 }
             })
             .collect(),
@@ -227,8 +259,9 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     cfg.device = a.device;
     cfg.seed = a.hash_seed;
     cfg.validate()?;
+    let options = options()?;
     if a.resident {
-        return run_resident(a).map(|()| true);
+        return run_resident(a, &options).map(|()| true);
     }
     if a.host_copy {
         return host_copy::run(a).map(|()| true);
@@ -239,11 +272,11 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
                 "--pinned runs on the CUDA backend only".into(),
             ));
         }
-        return run_pinned(a, cfg);
+        return run_pinned(a, cfg, &options);
     }
-    let kinds = backends_for(a.backend)?;
+    let kinds = backends_for(a.backend, &options)?;
     if a.sweep {
-        return run_sweep(a, &kinds).map(|()| true);
+        return run_sweep(a, &kinds, &options).map(|()| true);
     }
     let bar = ProgressBar::new((kinds.len() * a.batches) as u64);
     bar.set_style(
@@ -258,10 +291,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     let mut all_ok = true;
     let mut table_rows: Vec<(String, Vec<BatchResult>)> = Vec::new();
     for kind in kinds {
-        let table = match kind {
-            Some(k) => vramkv::open_backend(k, cfg.clone())?,
-            None => vramkv::open(cfg.clone())?,
-        };
+        let table = vramkv::open_with(cfg.clone(), &for_kind(&options, kind))?;
         let d = table.describe();
         if !a.json {
             bar.suspend(|| {
@@ -333,8 +363,8 @@ fn print_batch(r: &BatchResult, json: bool) {
 }
 
 #[cfg(feature = "cuda")]
-fn run_pinned(a: &BenchArgs, cfg: TableConfig) -> vramkv::Result<bool> {
-    let (name, results) = pinned::run(a, cfg)?;
+fn run_pinned(a: &BenchArgs, cfg: TableConfig, options: &Options) -> vramkv::Result<bool> {
+    let (name, results) = pinned::run(a, cfg, &options.cuda)?;
     if !a.json {
         print_side_by_side(&[(name, results.iter().collect())]);
     }
@@ -349,7 +379,7 @@ fn run_pinned(a: &BenchArgs, cfg: TableConfig) -> vramkv::Result<bool> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_pinned(_: &BenchArgs, _: TableConfig) -> vramkv::Result<bool> {
+fn run_pinned(_: &BenchArgs, _: TableConfig, _: &Options) -> vramkv::Result<bool> {
     Err(vramkv::Error::BackendUnavailable {
         backend: "cuda",
         reason: "--pinned needs the CUDA backend; build with --features cuda".into(),
@@ -357,7 +387,7 @@ fn run_pinned(_: &BenchArgs, _: TableConfig) -> vramkv::Result<bool> {
 }
 
 #[cfg(feature = "cuda")]
-fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
+fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
     let slots = resident::slots_for_items(a.items);
     let rows = resident::run(
         slots,
@@ -367,6 +397,7 @@ fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
         a.device,
         a.key_order,
         a.hash_seed.unwrap_or(resident::SEED),
+        &options.cuda,
     )?;
     // After the run, so that a failure (no CUDA device) prints no half-report.
     println!(
@@ -388,14 +419,18 @@ fn run_resident(a: &BenchArgs) -> vramkv::Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_resident(_: &BenchArgs) -> vramkv::Result<()> {
+fn run_resident(_: &BenchArgs, _: &Options) -> vramkv::Result<()> {
     Err(vramkv::Error::BackendUnavailable {
         backend: "cuda",
         reason: "--resident needs the CUDA backend; build with --features cuda".into(),
     })
 }
 
-fn run_sweep(a: &BenchArgs, kinds: &[Option<BackendKind>]) -> vramkv::Result<()> {
+fn run_sweep(
+    a: &BenchArgs,
+    kinds: &[Option<BackendKind>],
+    options: &Options,
+) -> vramkv::Result<()> {
     let sizes = sweep::decades(a.items);
     let batch = a.items.min(1 << 20);
     let reps = a.reps.max(1);
@@ -404,10 +439,7 @@ fn run_sweep(a: &BenchArgs, kinds: &[Option<BackendKind>]) -> vramkv::Result<()>
         let mut cfg = TableConfig::new(a.items + 2 * batch).width(a.width);
         cfg.device = a.device;
         cfg.seed = a.hash_seed;
-        let table = match kind {
-            Some(k) => vramkv::open_backend(*k, cfg)?,
-            None => vramkv::open(cfg)?,
-        };
+        let table = vramkv::open_with(cfg, &for_kind(options, *kind))?;
         let d = table.describe();
         println!(
             "sweep on {} ({}), width {}, median of {reps}",

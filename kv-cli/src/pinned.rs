@@ -7,7 +7,7 @@ use crate::workload::Batch;
 use crate::{BatchResult, BenchArgs, print_batch};
 use rayon::prelude::*;
 use std::time::Instant;
-use vramkv::cuda::CudaBackend;
+use vramkv::cuda::{CudaBackend, CudaOptions};
 use vramkv::{KvBackend, Result, TableConfig};
 
 fn par_fill(dst: &mut [u64], src: &[u64]) {
@@ -17,8 +17,12 @@ fn par_fill(dst: &mut [u64], src: &[u64]) {
 }
 
 /// Runs the batches; returns the table's name and one result per batch.
-pub fn run(a: &BenchArgs, cfg: TableConfig) -> Result<(String, Vec<BatchResult>)> {
-    let table = CudaBackend::open(cfg)?;
+pub fn run(
+    a: &BenchArgs,
+    cfg: TableConfig,
+    options: &CudaOptions,
+) -> Result<(String, Vec<BatchResult>)> {
+    let table = CudaBackend::open_with(cfg, options)?;
     let d = table.describe();
     if !a.json {
         println!(

@@ -4,7 +4,7 @@
 
 use crate::workload::mix;
 use std::time::Instant;
-use vramkv::cuda::CudaBackend;
+use vramkv::cuda::{CudaBackend, CudaOptions};
 use vramkv::{Error, KvBackend, Result, TableConfig};
 
 /// One occupancy's result.
@@ -18,11 +18,8 @@ pub struct Row {
     pub found: usize,
 }
 
-fn drv(e: impl std::fmt::Display) -> Error {
-    Error::Device {
-        backend: "cuda",
-        message: e.to_string(),
-    }
+fn drv(e: vramkv::cuda::cudarc::driver::DriverError) -> Error {
+    Error::driver("cuda", e.to_string(), e)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -89,6 +86,7 @@ fn order_keys(keys: &mut [u64], slots: usize, order: KeyOrder, seed: u64) {
 
 /// Runs the resident benchmark at each occupancy of a table of `slots` slots whose hash
 /// seed is `seed`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     slots: usize,
     occupancies: &[f64],
@@ -97,6 +95,7 @@ pub fn run(
     device: Option<usize>,
     order: KeyOrder,
     seed: u64,
+    options: &CudaOptions,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &occ in occupancies {
@@ -107,7 +106,7 @@ pub fn run(
             .growth(false)
             .seed(seed);
         cfg.device = device;
-        let t = CudaBackend::open(cfg)?;
+        let t = CudaBackend::open_with(cfg, options)?;
         let stream = t.new_stream()?;
         // Two key sets, used in turn, so that no repetition finds the last one's lines in L2.
         let sets: Vec<_> = (0..2u64)
@@ -141,10 +140,13 @@ pub fn run(
             let f: Vec<u8> = stream.clone_dtoh(&found).map_err(drv)?;
             found_count = f.iter().filter(|&&x| x == 1).count();
             if found_count != n || t.len() != n {
-                return Err(drv(format!(
-                    "resident validation failed at occupancy {occ}: {found_count} of {n} keys found, len {}",
-                    t.len()
-                )));
+                return Err(Error::device(
+                    "bench",
+                    format!(
+                        "resident validation failed at occupancy {occ}: {found_count} of {n} keys found, len {}",
+                        t.len()
+                    ),
+                ));
             }
         }
         let d = t.describe();

@@ -128,10 +128,10 @@ pub fn by_table(
 fn check_all_found(found: &[bool]) -> Result<()> {
     let missing = found.iter().filter(|f| !**f).count();
     if missing > 0 {
-        return Err(vramkv::Error::Device {
-            backend: "bench",
-            message: format!("sweep validation failed: {missing} keys put were not found"),
-        });
+        return Err(vramkv::Error::device(
+            "bench",
+            format!("sweep validation failed: {missing} keys put were not found"),
+        ));
     }
     Ok(())
 }

@@ -30,6 +30,7 @@ pub fn all() -> Vec<Case> {
         widths_1_2_16,
         growth_keeps_every_entry,
         growth_off_refuses_whole_batch,
+        admission_counts_new_keys_only,
         bad_lengths_change_nothing,
         empty_batches_are_noops,
         clear_keeps_capacity,
@@ -310,6 +311,65 @@ pub fn growth_off_refuses_whole_batch(o: &Open) {
         .expect("an exact fit is admitted");
 }
 
+/// Admission counts only a batch's new keys (item f): overwrites fit a full table and never
+/// grow it, repeats of a new key count once, and one key past the capacity is refused.
+pub fn admission_counts_new_keys_only(o: &Open) {
+    for growth in [false, true] {
+        let t = open(o, TableConfig::new(100).growth(growth));
+        let cap = t.capacity();
+        let keys: Vec<u64> = (0..cap as u64).collect();
+        let mut m = Model::new(1);
+        t.put(&keys, &keys).expect("an exact fit is admitted");
+        m.put(&keys, &keys);
+        // Overwrites only, twice each, on a full table.
+        let again: Vec<u64> = keys.iter().chain(&keys).copied().collect();
+        let vals: Vec<u64> = (0..again.len() as u64).map(|v| v + 7).collect();
+        t.put(&again, &vals)
+            .unwrap_or_else(|e| panic!("growth {growth}: overwrites refused: {e}"));
+        m.put(&again, &vals);
+        assert_eq!(
+            t.capacity(),
+            cap,
+            "growth {growth}: overwrites grew the table"
+        );
+        // Room for three: three new keys, four times each, among overwrites.
+        assert_eq!(t.delete(&keys[..3]).expect("delete"), 3);
+        m.delete(&keys[..3]);
+        let fresh = [cap as u64 + 10, cap as u64 + 11, cap as u64 + 12];
+        let mixed: Vec<u64> = fresh
+            .iter()
+            .cycle()
+            .take(12)
+            .chain(&keys[3..50])
+            .copied()
+            .collect();
+        t.put(&mixed, &mixed)
+            .unwrap_or_else(|e| panic!("growth {growth}: an exact fit refused: {e}"));
+        m.put(&mixed, &mixed);
+        assert_eq!((t.len(), t.capacity()), (cap, cap), "growth {growth}");
+        // One new key more.
+        let one = [cap as u64 + 100];
+        match (growth, t.put(&one, &one)) {
+            (
+                false,
+                Err(Error::CapacityExceeded {
+                    requested,
+                    capacity,
+                }),
+            ) => {
+                assert_eq!((requested, capacity), (cap + 1, cap))
+            }
+            (true, Ok(())) => {
+                assert!(t.capacity() > cap);
+                m.put(&one, &one);
+            }
+            (g, other) => panic!("growth {g}: one key past the capacity gave {other:?}"),
+        }
+        let probe: Vec<u64> = (0..cap as u64 + 110).collect();
+        assert_same(&*t, &m, &probe, &format!("growth {growth}"));
+    }
+}
+
 /// Length and width mismatches are errors that change nothing.
 pub fn bad_lengths_change_nothing(o: &Open) {
     let t = open(o, TableConfig::new(64).width(2));
@@ -391,6 +451,7 @@ pub fn invalid_configs_are_refused(o: &Open) {
         TableConfig::new(16).max_load_factor(0.0),
         TableConfig::new(16).max_load_factor(0.99),
         TableConfig::new(16).max_load_factor(f64::NAN),
+        TableConfig::new(16).device(usize::MAX),
     ] {
         assert!(
             matches!(o(cfg.clone()), Err(Error::InvalidConfig(_))),

@@ -116,20 +116,42 @@ macro_rules! conformance_main {
 }
 
 /// A minimal backend for the crate's doc example: a mutex around [`Model`], with the
-/// shared sizing rules. It is what the contract looks like with nothing GPU about it.
+/// shared books and sizing rules (`kv_core::Books`, `kv_core::prepare_put`). It is what the
+/// contract looks like with nothing GPU about it.
 pub fn doc_backend(cfg: kv_core::TableConfig) -> kv_core::Result<impl kv_core::KvBackend> {
     cfg.validate()?;
+    cfg.device_among(1, "model")?;
     Ok(ModelBackend {
         cfg: cfg.clone(),
-        slots: std::sync::Mutex::new(cfg.initial_slots()),
+        books: std::sync::Mutex::new(kv_core::Books::purging_itself(&cfg)),
         m: Default::default(),
     })
 }
 
 struct ModelBackend {
     cfg: kv_core::TableConfig,
-    slots: std::sync::Mutex<usize>,
+    books: std::sync::Mutex<kv_core::Books>,
     m: std::sync::Mutex<Option<Model>>,
+}
+
+/// What `prepare_put` needs from the model backend: its books and the batch's keys.
+struct ModelPrep<'a> {
+    backend: &'a ModelBackend,
+    books: &'a mut kv_core::Books,
+    keys: &'a [u64],
+}
+
+impl kv_core::Housekeeping for ModelPrep<'_> {
+    fn books(&mut self) -> &mut kv_core::Books {
+        self.books
+    }
+    fn rehash(&mut self, _slots: usize) -> kv_core::Result<()> {
+        Ok(())
+    }
+    fn count_new(&mut self) -> kv_core::Result<usize> {
+        let found = self.backend.with(|m| m.contains(self.keys));
+        Ok(kv_core::count_distinct(self.keys, &found))
+    }
 }
 
 impl ModelBackend {
@@ -148,19 +170,24 @@ impl kv_core::KvBackend for ModelBackend {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let len = self.len();
-        if let kv_core::PutPlan::Grow { slots: s } = kv_core::plan_put(
-            len,
-            keys.len(),
-            *slots,
-            self.cfg.max_load_factor,
-            self.cfg.growth,
-        )? {
-            *slots = s;
-        }
-        self.with(|m| m.put(keys, values));
-        Ok(())
+        let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        let mut prep = ModelPrep {
+            backend: self,
+            books: &mut books,
+            keys,
+        };
+        kv_core::prepare_put(&mut prep, keys.len())?;
+        let added = self.with(|m| {
+            let before = m.len();
+            m.put(keys, values);
+            (m.len() - before) as u64
+        });
+        let applied = kv_core::Applied {
+            inserted: added,
+            from_empty: added,
+            ..Default::default()
+        };
+        books.apply_put(applied, "model")
     }
     fn get(
         &self,
@@ -175,7 +202,9 @@ impl kv_core::KvBackend for ModelBackend {
         Ok(())
     }
     fn delete(&self, keys: &[u64]) -> kv_core::Result<usize> {
-        Ok(self.with(|m| m.delete(keys)))
+        let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = self.with(|m| m.delete(keys));
+        Ok(books.apply_delete(removed as u64, 0))
     }
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> kv_core::Result<()> {
         kv_core::check_contains(keys, found_out)?;
@@ -186,17 +215,19 @@ impl kv_core::KvBackend for ModelBackend {
         self.with(|m| m.len())
     }
     fn capacity(&self) -> usize {
-        kv_core::capacity_of(
-            *self.slots.lock().unwrap_or_else(|p| p.into_inner()),
-            self.cfg.max_load_factor,
-        )
+        self.books
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .capacity()
     }
     fn clear(&self) -> kv_core::Result<()> {
+        let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
         self.with(|m| m.clear());
+        books.cleared();
         Ok(())
     }
     fn describe(&self) -> kv_core::Description {
-        let slots = *self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.books.lock().unwrap_or_else(|p| p.into_inner()).slots();
         kv_core::Description {
             backend: "model",
             device: "host".into(),

@@ -63,11 +63,13 @@ impl Audit {
 ///    fit, returns an error and leaves the table exactly as it was. An empty batch is a
 ///    no-op.
 ///
-/// f. **Growth.** A put of `n` keys is admitted when `len() + n <= capacity()`, counting
-///    every key of the batch as new so that the decision is made before anything
-///    changes. Otherwise, with growth on, the table first rehashes into a larger one
-///    (see [`plan_put`](crate::plan_put)); with growth off the put is refused whole with
-///    [`Error::CapacityExceeded`].
+/// f. **Growth.** A put is admitted when `len()` plus its new keys (distinct keys not yet
+///    in the table) is at most `capacity()`, decided before anything changes: a batch of
+///    overwrites always fits. Otherwise, with growth on, the table first rehashes into a
+///    larger one (see [`plan_put`](crate::plan_put)); with growth off the put is refused
+///    whole with [`Error::CapacityExceeded`]. Counting the new keys costs a lookup pass over
+///    the batch, so it is only done for a batch that would not fit with every key counted
+///    as new ([`prepare_put`](crate::prepare_put)).
 ///
 /// g. **Device faults.** A put or delete that fails with [`Error::Device`] part-way (the
 ///    device or its driver failed while the batch ran) may have been applied in part:
@@ -172,22 +174,44 @@ pub trait KvBackend: Send + Sync {
 
 /// Checks the argument lengths of a put; every backend calls it first.
 pub fn check_put(width: usize, keys: &[u64], values: &[u64]) -> Result<()> {
-    check_rows("values", width, keys.len(), values.len())
+    check_put_len(width, keys.len(), values.len())
 }
 
 /// Checks the argument lengths of a get.
 pub fn check_get(width: usize, keys: &[u64], values_out: &[u64], found_out: &[bool]) -> Result<()> {
-    check_rows("values_out", width, keys.len(), values_out.len())?;
-    check_contains(keys, found_out)
+    check_get_len(width, keys.len(), values_out.len(), found_out.len())
 }
 
 /// Checks the argument lengths of a contains.
 pub fn check_contains(keys: &[u64], found_out: &[bool]) -> Result<()> {
-    if found_out.len() != keys.len() {
+    check_found("found_out", keys.len(), found_out.len())
+}
+
+/// [`check_put`] by lengths: `keys` keys and `values` value words, for batches a backend
+/// knows only by their lengths (device-resident ones, say).
+///
+/// ```
+/// use kv_core::{Error, check_put_len};
+/// assert!(check_put_len(2, 3, 6).is_ok());
+/// assert!(matches!(check_put_len(2, 3, 4), Err(Error::LengthMismatch { .. })));
+/// assert!(matches!(check_put_len(2, 3, 5), Err(Error::WidthMismatch { .. })));
+/// ```
+pub fn check_put_len(width: usize, keys: usize, values: usize) -> Result<()> {
+    check_rows("values", width, keys, values)
+}
+
+/// [`check_get`] by lengths: `keys` keys, `values_out` value words and `found_out` flags.
+pub fn check_get_len(width: usize, keys: usize, values_out: usize, found_out: usize) -> Result<()> {
+    check_rows("values_out", width, keys, values_out)?;
+    check_found("found_out", keys, found_out)
+}
+
+fn check_found(what: &'static str, keys: usize, found: usize) -> Result<()> {
+    if found != keys {
         return Err(Error::LengthMismatch {
-            what: "found_out",
-            expected: keys.len(),
-            got: found_out.len(),
+            what,
+            expected: keys,
+            got: found,
         });
     }
     Ok(())

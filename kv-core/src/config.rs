@@ -34,7 +34,8 @@ pub struct TableConfig {
     /// or is refused with [`Error::CapacityExceeded`] (`false`).
     pub growth: bool,
     /// Which device to use, by the backend's own ordinal; `None` lets the backend choose
-    /// (the GPU with the most free memory).
+    /// (the GPU with the most free memory). An ordinal the backend does not have is
+    /// [`Error::InvalidConfig`] on every backend (the CPU backend has one device, `0`).
     pub device: Option<usize>,
     /// The seed of the table's hash; `None` (the default) draws a random one per table.
     ///
@@ -115,6 +116,27 @@ impl TableConfig {
             let n = DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             std::hash::RandomState::new().hash_one(n)
         })
+    }
+
+    /// The device ordinal to open on, checked against the `count` devices `backend` has
+    /// here: `None` (the backend chooses) or `Some(d)` with `d < count`; an ordinal past them
+    /// is [`Error::InvalidConfig`], the one rule for every backend.
+    ///
+    /// ```
+    /// use kv_core::{Error, TableConfig};
+    /// assert_eq!(TableConfig::new(8).device(1).device_among(2, "cuda"), Ok(Some(1)));
+    /// assert!(matches!(
+    ///     TableConfig::new(8).device(1).device_among(1, "cpu"),
+    ///     Err(Error::InvalidConfig(_))
+    /// ));
+    /// ```
+    pub fn device_among(&self, count: usize, backend: &str) -> Result<Option<usize>> {
+        match self.device {
+            Some(d) if d >= count => Err(Error::InvalidConfig(format!(
+                "{backend} device {d} does not exist; this machine has {count} (ordinals 0..{count})"
+            ))),
+            d => Ok(d),
+        }
     }
 
     /// Checks the config; every backend calls this before allocating.
@@ -216,54 +238,5 @@ pub fn plan_put(
             slots: needed.max(slots.saturating_mul(2).min(MAX_SLOTS)),
         }),
         None => Err(refuse),
-    }
-}
-
-/// Readies an open-addressing table with tombstones for a put of `batch` keys, calling
-/// `rehash(slots)` (move every live entry into fresh arrays of `slots` slots, leaving the
-/// table as it was on error) where needed:
-///
-/// - grows as [`plan_put`] decides, from `len` entries in `slots` slots;
-/// - otherwise, when the `used` slots (live keys in the probed arrays plus tombstones) and
-///   the batch would pass the capacity, purges the tombstones with a rehash at the same
-///   size; a purge that finds no memory is skipped while the probes still end on an EMPTY
-///   slot (`used + batch < slots`).
-///
-/// The GPU backends share it, so that they grow and purge at the same points.
-///
-/// ```
-/// use kv_core::{prepare_put, Error};
-/// let mut rehashed = Vec::new();
-/// let mut record = |s| {
-///     rehashed.push(s);
-///     Ok(())
-/// };
-/// // Grows: 10 + 10 entries pass 0.75 of 16 slots.
-/// prepare_put(10, 10, 10, 16, 0.75, true, &mut record).unwrap();
-/// // Purges: 2 live entries and 9 tombstones plus 2 new keys pass 12.
-/// prepare_put(2, 11, 2, 16, 0.75, true, &mut record).unwrap();
-/// // A purge without memory is skipped while an EMPTY slot remains.
-/// let oom = |_| Err(Error::OutOfDeviceMemory { backend: "doc", requested_bytes: 1 });
-/// prepare_put(2, 11, 2, 16, 0.75, true, oom).unwrap();
-/// assert_eq!(rehashed, [32, 16]);
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn prepare_put(
-    len: usize,
-    used: usize,
-    batch: usize,
-    slots: usize,
-    max_load_factor: f64,
-    growth: bool,
-    mut rehash: impl FnMut(usize) -> Result<()>,
-) -> Result<()> {
-    match plan_put(len, batch, slots, max_load_factor, growth)? {
-        PutPlan::Grow { slots } => rehash(slots),
-        PutPlan::Fits if used + batch <= capacity_of(slots, max_load_factor) => Ok(()),
-        PutPlan::Fits => match rehash(slots) {
-            // No memory for a purge: go on if the probes still end on an EMPTY slot.
-            Err(Error::OutOfDeviceMemory { .. }) if used + batch < slots => Ok(()),
-            r => r,
-        },
     }
 }

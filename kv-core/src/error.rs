@@ -46,7 +46,7 @@ pub enum Error {
     /// The batch cannot fit: growth is off, or the table would pass the largest size vramkv supports.
     #[error("capacity exceeded: {requested} entries requested, capacity is {capacity}")]
     CapacityExceeded {
-        /// `len()` plus the number of keys in the refused batch.
+        /// `len()` plus the new keys of the refused batch (distinct keys not in the table).
         requested: usize,
         /// The table's capacity when the batch was refused.
         capacity: usize,
@@ -72,8 +72,12 @@ pub enum Error {
     Device {
         /// The backend that failed.
         backend: &'static str,
-        /// The driver's own message.
+        /// What failed, with the driver's own message.
         message: String,
+        /// The driver's error itself, where there is one: [`std::error::Error::source`]
+        /// returns it.
+        #[source]
+        source: Option<DriverError>,
     },
     /// An optional capability that this backend does not offer.
     #[error("{backend} does not support {what}")]
@@ -84,3 +88,71 @@ pub enum Error {
         what: &'static str,
     },
 }
+
+impl Error {
+    /// An [`Error::Device`] without a driver error behind it (a broken invariant the backend
+    /// found, say).
+    ///
+    /// ```
+    /// let e = kv_core::Error::device("cuda", "2 keys found no slot");
+    /// assert_eq!(e.to_string(), "cuda device error: 2 keys found no slot");
+    /// ```
+    pub fn device(backend: &'static str, message: impl Into<String>) -> Error {
+        Error::Device {
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Device`] that keeps the driver's error `err` as its source.
+    ///
+    /// ```
+    /// use std::error::Error as _;
+    /// let io = std::io::Error::other("link down");
+    /// let e = kv_core::Error::driver("wgpu", "waiting for the GPU: link down", io);
+    /// assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("link down"));
+    /// ```
+    pub fn driver(
+        backend: &'static str,
+        message: impl Into<String>,
+        err: impl std::error::Error + Send + Sync + 'static,
+    ) -> Error {
+        Error::Device {
+            backend,
+            message: message.into(),
+            source: Some(DriverError(std::sync::Arc::new(err))),
+        }
+    }
+}
+
+/// A driver's error kept inside an [`Error::Device`] (shared, so that [`Error`] stays
+/// `Clone`; two are equal when they read the same).
+#[derive(Clone)]
+pub struct DriverError(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl std::fmt::Debug for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for DriverError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for DriverError {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for DriverError {}

@@ -2,19 +2,28 @@
 //!
 //! [`KvBackend`] is the trait every backend (CPU, CUDA, wgpu, or your own) implements;
 //! [`TableConfig`] describes a table; [`Error`] is the one error type; the sizing
-//! rules ([`plan_put`], [`slots_for`], [`capacity_of`]) are shared so that every
-//! backend grows and refuses batches at exactly the same points.
+//! rules ([`plan_put`], [`slots_for`], [`capacity_of`]) and the host's bookkeeping of a
+//! table ([`Books`], [`prepare_put`]) are shared so that every backend admits, grows,
+//! purges and refuses batches at exactly the same points.
 //!
 //! Backends check their arguments with [`check_put`], [`check_get`] and
-//! [`check_contains`] before touching the table.
+//! [`check_contains`] (or, for batches whose slices they only know by length,
+//! [`check_put_len`] and [`check_get_len`]) before touching the table.
 
 mod backend;
+mod books;
 mod config;
 mod error;
+mod options;
 
-pub use backend::{Audit, Description, KvBackend, check_contains, check_get, check_put};
+pub use backend::{
+    Audit, Description, KvBackend, check_contains, check_get, check_get_len, check_put,
+    check_put_len,
+};
+pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
 pub use config::{
     MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,
-    prepare_put, slots_for,
+    slots_for,
 };
-pub use error::{Error, Result};
+pub use error::{DriverError, Error, Result};
+pub use options::{check_option, env_flag, env_value};

@@ -101,7 +101,6 @@ pub mod names {
     ];
 }
 
-
 /// The grid size for `n` items on a GPU with `sm_count` multiprocessors: one full wave of
 /// resident blocks (the kernels are grid-stride loops), never more than the items need, at
 /// least one.
@@ -111,7 +110,7 @@ pub const fn grid_size(n: u64, sm_count: u32) -> u32 {
 
 /// Blocks per multiprocessor of a full grid (a cap: small batches launch fewer): 4 blocks of
 /// 256 threads are the 2048 threads an SM holds at once on Volta to Hopper, so the grid is
-/// one wave. On the H100, device-resident insert measured 1.11x and find 1.04x of a grid of
+/// one wave. On the H100, device-resident insert measured 1.10x and find 1.04x of a grid of
 /// 32 blocks per SM (docs/PERF.md).
 pub const BLOCKS_PER_SM: u32 = 4;
 

@@ -27,23 +27,21 @@
 //!
 //! # Choosing the mode
 //!
-//! [`copy_mode`] reads [`HOST_COPY_ENV`] (`VRAMKV_HOST_COPY`) once per process: `stream`
-//! or `cached`. Unset, or any other value, means the default, [`CopyMode::DEFAULT`]:
-//! streaming on x86-64, cached elsewhere. Streaming needs x86-64: elsewhere `stream` reads
-//! as `cached`, and [`par_copy_with`] copies with ordinary stores in either mode. The knob
-//! lets one binary compare both modes on the same machine.
+//! Every copy names its mode; a backend takes it from its options (whose `from_env` reads
+//! [`HOST_COPY_ENV`], `VRAMKV_HOST_COPY=stream|cached`), so that one binary can compare both
+//! modes on the same machine. The default, [`CopyMode::DEFAULT`], is streaming on x86-64 and
+//! cached elsewhere. Streaming needs x86-64: elsewhere [`par_copy`] copies with ordinary
+//! stores in either mode.
 //!
 //! ```
-//! use kv_staging::copy::{CopyMode, par_bools, par_copy, par_copy_with};
+//! use kv_staging::copy::{CopyMode, par_bools, par_copy};
 //!
 //! let src: Vec<u64> = (0..1_000_000).collect();
 //! let mut dst = vec![0u64; src.len()];
-//! // The process's mode (`VRAMKV_HOST_COPY`)...
-//! par_copy(&mut dst, &src);
+//! par_copy(CopyMode::DEFAULT, &mut dst, &src);
 //! assert_eq!(dst, src);
-//! // ...or an explicit one, e.g. to compare them.
 //! let mut again = vec![0u64; src.len()];
-//! par_copy_with(CopyMode::Cached, &mut again, &src);
+//! par_copy(CopyMode::parse("cached").expect("a mode"), &mut again, &src);
 //! assert_eq!(again, src);
 //!
 //! // Found flags come back from the device as bytes.
@@ -53,12 +51,12 @@
 //! ```
 
 use std::fmt;
-use std::sync::OnceLock;
 
 use bytemuck::Pod;
 use rayon::prelude::*;
 
-/// Environment variable that picks the [`CopyMode`] of [`par_copy`]: `stream` or `cached`.
+/// The environment variable that the backends' `Options::from_env` read the [`CopyMode`]
+/// from: `stream` or `cached`.
 pub const HOST_COPY_ENV: &str = "VRAMKV_HOST_COPY";
 
 /// Copies of fewer elements than this run on the calling thread with ordinary stores.
@@ -74,7 +72,7 @@ const STREAM_MIN_BYTES: usize = 4 << 10;
 /// Flags per rayon task in [`par_bools`].
 const BOOLS_PIECE: usize = 1 << 15;
 
-/// How [`par_copy_with`] writes the destination.
+/// How [`par_copy`] writes the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CopyMode {
     /// Non-temporal (streaming) stores on x86-64, which skip the read for ownership of each
@@ -102,16 +100,6 @@ impl CopyMode {
         }
     }
 
-    /// The mode for a value of [`HOST_COPY_ENV`] (`None`: unset): the one it names, else
-    /// [`DEFAULT`](Self::DEFAULT); `stream` reads as `cached` where streaming stores are not
-    /// implemented (not x86-64).
-    pub fn from_env_value(value: Option<&str>) -> CopyMode {
-        match value.and_then(CopyMode::parse).unwrap_or(CopyMode::DEFAULT) {
-            CopyMode::Streaming if !cfg!(target_arch = "x86_64") => CopyMode::Cached,
-            m => m,
-        }
-    }
-
     /// The mode's name, as [`HOST_COPY_ENV`] spells it: `stream` or `cached`.
     pub fn name(self) -> &'static str {
         match self {
@@ -127,30 +115,11 @@ impl fmt::Display for CopyMode {
     }
 }
 
-/// The process's copy mode: [`HOST_COPY_ENV`], read once (see
-/// [`CopyMode::from_env_value`]).
-pub fn copy_mode() -> CopyMode {
-    static MODE: OnceLock<CopyMode> = OnceLock::new();
-    *MODE.get_or_init(|| {
-        let value = std::env::var(HOST_COPY_ENV).ok();
-        CopyMode::from_env_value(value.as_deref())
-    })
-}
-
-/// Copies `src` into `dst` in the process's [`copy_mode`], on all cores when it is large.
+/// Copies `src` into `dst` in `mode`, on all cores when it is large.
 ///
 /// The lengths should be equal (checked in debug builds); otherwise the first
 /// `min(dst.len(), src.len())` elements are copied and the rest of `dst` is left as it was.
-pub fn par_copy<T: Pod + Send + Sync>(dst: &mut [T], src: &[T]) {
-    par_copy_with(copy_mode(), dst, src);
-}
-
-/// Copies `src` into `dst` in `mode`, on all cores when it is large: [`par_copy`] with the
-/// mode given, e.g. to compare the modes in one process.
-///
-/// The lengths should be equal (checked in debug builds); otherwise the first
-/// `min(dst.len(), src.len())` elements are copied and the rest of `dst` is left as it was.
-pub fn par_copy_with<T: Pod + Send + Sync>(mode: CopyMode, dst: &mut [T], src: &[T]) {
+pub fn par_copy<T: Pod + Send + Sync>(mode: CopyMode, dst: &mut [T], src: &[T]) {
     debug_assert_eq!(dst.len(), src.len(), "par_copy: lengths differ");
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
@@ -281,7 +250,7 @@ mod tests {
         v
     }
 
-    /// `par_copy_with` agrees with `copy_from_slice` for every mode, length and start
+    /// `par_copy` agrees with `copy_from_slice` for every mode, length and start
     /// offset (0..4 elements) of source and destination alike.
     fn check<T: Pod + Send + Sync + PartialEq + fmt::Debug>(make: impl Fn(usize) -> T) {
         let max = lengths::<T>().into_iter().max().unwrap_or(0) + 8;
@@ -294,7 +263,7 @@ mod tests {
                     let (end, guard) = (d_off + len, (d_off + len + 16).min(max));
                     dst[..guard].fill(zero);
                     let s = &src[s_off..s_off + len];
-                    par_copy_with(mode, &mut dst[d_off..end], s);
+                    par_copy(mode, &mut dst[d_off..end], s);
                     let at = format!("{mode} len {len} offsets {d_off}/{s_off}");
                     assert!(dst[d_off..end] == *s, "{at}");
                     // Nothing next to the destination was touched.
@@ -347,7 +316,7 @@ mod tests {
             .collect();
         for mode in MODES {
             let mut dst = vec![[0u64; 5]; src.len()];
-            par_copy_with(mode, &mut dst, &src);
+            par_copy(mode, &mut dst, &src);
             assert!(dst == src, "{mode}");
         }
     }
@@ -357,16 +326,8 @@ mod tests {
         let src = vec![(); PAR_MIN * 2];
         let mut dst = vec![(); PAR_MIN * 2];
         for mode in MODES {
-            par_copy_with(mode, &mut dst, &src);
+            par_copy(mode, &mut dst, &src);
         }
-    }
-
-    #[test]
-    fn process_mode_copies() {
-        let src: Vec<u64> = (0..300_000).collect();
-        let mut dst = vec![0; src.len()];
-        par_copy(&mut dst, &src);
-        assert_eq!(dst, src);
     }
 
     #[cfg(not(debug_assertions))]
@@ -375,17 +336,17 @@ mod tests {
         for mode in MODES {
             let src: Vec<u64> = (1..=PAR_MIN as u64 * 2).collect();
             let mut dst = vec![0u64; PAR_MIN + 5];
-            par_copy_with(mode, &mut dst, &src);
+            par_copy(mode, &mut dst, &src);
             assert_eq!(dst, src[..dst.len()]);
             let mut dst = vec![0u64; src.len() + 9];
-            par_copy_with(mode, &mut dst, &src);
+            par_copy(mode, &mut dst, &src);
             assert_eq!(dst[..src.len()], src);
             assert!(dst[src.len()..].iter().all(|x| *x == 0));
         }
     }
 
     #[test]
-    fn mode_from_env_values() {
+    fn modes_parse_by_name() {
         assert_eq!(CopyMode::parse("stream"), Some(CopyMode::Streaming));
         assert_eq!(CopyMode::parse(" cached\n"), Some(CopyMode::Cached));
         assert_eq!(CopyMode::parse("Stream"), None);
@@ -396,16 +357,10 @@ mod tests {
             CopyMode::Cached
         };
         assert_eq!(CopyMode::DEFAULT, stream);
-        assert_eq!(CopyMode::from_env_value(None), stream);
-        assert_eq!(CopyMode::from_env_value(Some("stream")), stream);
-        assert_eq!(CopyMode::from_env_value(Some("junk")), stream);
-        assert_eq!(CopyMode::from_env_value(Some("cached")), CopyMode::Cached);
         for m in MODES {
             assert_eq!(CopyMode::parse(m.name()), Some(m));
             assert_eq!(m.to_string(), m.name());
         }
-        // The process's mode is one of them, and stays the same.
-        assert_eq!(copy_mode(), copy_mode());
     }
 
     #[test]

@@ -1,0 +1,182 @@
+//! The table's device state: its key and value arrays, the special area and the counters
+//! in VRAM, with the host's [`Books`] of them; and the table-wide work on them (clear,
+//! rehash, count).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaStream};
+use kv_core::{Applied, Books, Error, Result, TableConfig};
+use kv_kernels::layout::{RehashArgs, TableArgs, counter, special_words};
+
+use crate::gpu::{BACKEND, Device, Drv, Gpu, device_error};
+use crate::memory::{DevBuf, Pinned, event, stream};
+
+/// The table's device state (behind the backend's RwLock).
+pub(crate) struct State {
+    pub keys: DevBuf,
+    pub values: DevBuf,
+    pub special: DevBuf,
+    pub counters: DevBuf,
+    h_counters: Pinned<u64>,
+    /// Stream for table-wide work (clear, rehash, counters); lanes wait on `ready`.
+    pub main: Arc<CudaStream>,
+    pub ready: CudaEvent,
+    /// The host's books: slots, entries, tombstones, special keys.
+    pub books: Books,
+    /// The table's hash seed (`TableConfig::seed`).
+    pub seed: u64,
+}
+
+fn array_bytes(slots: usize, words: usize) -> Result<usize> {
+    slots
+        .checked_mul(words)
+        .and_then(|w| w.checked_mul(8))
+        .ok_or(Error::OutOfDeviceMemory {
+            backend: BACKEND,
+            requested_bytes: u64::MAX,
+        })
+}
+
+impl State {
+    pub fn new(gpu: &Gpu, cfg: &TableConfig, seed: u64) -> Result<State> {
+        let books = Books::new(cfg);
+        let (slots, width) = (books.slots(), cfg.width);
+        let keys = DevBuf::new(gpu, array_bytes(slots, 1)?)?;
+        let values = DevBuf::new(gpu, array_bytes(slots, width)?)?;
+        let special = DevBuf::new(gpu, special_words(width as u32) as usize * 8)?;
+        let counters = DevBuf::new(gpu, counter::LEN * 8)?;
+        let mut st = State {
+            keys,
+            values,
+            special,
+            counters,
+            h_counters: Pinned::new(gpu, counter::LEN, false)?,
+            main: stream(gpu)?,
+            ready: event(gpu)?,
+            books,
+            seed,
+        };
+        st.clear()?;
+        Ok(st)
+    }
+
+    pub fn table_args(&self, width: usize) -> TableArgs {
+        TableArgs {
+            keys: self.keys.ptr(),
+            values: self.values.ptr(),
+            special: self.special.ptr(),
+            counters: self.counters.ptr(),
+            mask: self.books.slots() as u64 - 1,
+            width: width as u32,
+            pad: 0,
+            seed: self.seed,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.keys.bytes() + self.values.bytes() + self.special.bytes() + self.counters.bytes()
+    }
+
+    /// Empties the table: keys to EMPTY, sentinel keys absent. Synchronous.
+    pub fn clear(&mut self) -> Result<()> {
+        fill_empty(&self.keys, self.books.slots(), &self.main)?;
+        self.special.memset(0, self.special.bytes(), &self.main)?;
+        self.counters.memset(0, self.counters.bytes(), &self.main)?;
+        self.main.synchronize().drv("cuStreamSynchronize")?;
+        self.books.cleared();
+        Ok(())
+    }
+
+    pub fn reset_counters(&self) -> Result<()> {
+        self.counters.memset(0, counter::LEN * 8, &self.main)
+    }
+
+    /// Reads the counters back (waits for the main stream; callers have already waited
+    /// for the lanes).
+    pub fn read_counters(&mut self) -> Result<[u64; counter::LEN]> {
+        // SAFETY: the counter buffer holds counter::LEN words; h_counters is read only after
+        // the stream synchronized below.
+        unsafe {
+            self.h_counters
+                .dtoh(self.counters.ptr(), counter::LEN, &self.main)?;
+        }
+        self.main.synchronize().drv("cuStreamSynchronize")?;
+        let mut out = [0u64; counter::LEN];
+        // SAFETY: the copy into h_counters is done (synchronized above).
+        out.copy_from_slice(unsafe { &self.h_counters.as_slice()[..counter::LEN] });
+        Ok(out)
+    }
+
+    /// Hands the counts of the put that ran (whole or, after a fault, in part) to the books.
+    pub fn count_put(&mut self) -> Result<()> {
+        let c = self.read_counters()?;
+        let applied = Applied {
+            inserted: c[counter::INSERTED],
+            from_empty: c[counter::FROM_EMPTY],
+            special: c[counter::SPEC_INSERTED],
+            lost: c[counter::ERRORS],
+        };
+        self.books.apply_put(applied, BACKEND)
+    }
+
+    /// Hands the counts of the delete that ran to the books; returns the entries removed.
+    pub fn count_delete(&mut self) -> Result<usize> {
+        let c = self.read_counters()?;
+        Ok(self
+            .books
+            .apply_delete(c[counter::REMOVED], c[counter::SPEC_REMOVED]))
+    }
+
+    /// Moves every entry into fresh arrays of `slots` slots (growth, or a tombstone purge
+    /// when `slots` is unchanged). The new arrays are allocated first: on any error the
+    /// table is left as it was. The books are updated by `kv_core::prepare_put`.
+    pub fn rehash(&mut self, dev: &Device, slots: usize, width: usize) -> Result<()> {
+        let keys = DevBuf::new(dev, array_bytes(slots, 1)?)?;
+        let values = DevBuf::new(dev, array_bytes(slots, width)?)?;
+        fill_empty(&keys, slots, &self.main)?;
+        self.reset_counters()?;
+        let a = RehashArgs {
+            table: TableArgs {
+                keys: keys.ptr(),
+                values: values.ptr(),
+                mask: slots as u64 - 1,
+                ..self.table_args(width)
+            },
+            old_keys: self.keys.ptr(),
+            old_values: self.values.ptr(),
+            old_slots: self.books.slots() as u64,
+        };
+        dev.launch(&dev.k.rehash, &a, self.books.slots() as u64, &self.main)?;
+        let c = self.read_counters()?;
+        let want = self.books.table_len() as u64;
+        if c[counter::ERRORS] != 0 || c[counter::MOVED] != want {
+            return Err(device_error(format!(
+                "rehash into {slots} slots moved {} of {want} keys ({} probe overflows); table left as it was",
+                c[counter::MOVED],
+                c[counter::ERRORS]
+            )));
+        }
+        self.keys = keys;
+        self.values = values;
+        Ok(())
+    }
+
+    /// Live keys and tombstones as the device counts them (checks and diagnostics).
+    pub fn count(&mut self, dev: &Device, width: usize) -> Result<(u64, u64)> {
+        self.reset_counters()?;
+        dev.launch(
+            &dev.k.count,
+            &self.table_args(width),
+            self.books.slots() as u64,
+            &self.main,
+        )?;
+        let c = self.read_counters()?;
+        Ok((c[counter::LIVE], c[counter::TOMBS]))
+    }
+}
+
+/// Enqueues the fill of a key array with EMPTY (zero: one byte fill).
+fn fill_empty(keys: &DevBuf, slots: usize, stream: &CudaStream) -> Result<()> {
+    const _: () = assert!(kv_kernels::layout::EMPTY == 0);
+    keys.memset(0, slots * 8, stream)
+}
