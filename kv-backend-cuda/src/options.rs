@@ -46,6 +46,8 @@ pub struct CudaOptions {
     /// Kernel code to load instead of the built-in PTX, with the same entry points and
     /// argument layout: a development switch for comparing kernel variants with one binary
     /// (the `vramkv` CLI reads it from a file named by `VRAMKV_PTX`; `from_env` does not).
+    /// It must be built from kv-kernels sources with this version's table layout
+    /// (`kv_kernels::layout`: EMPTY = 0, TOMBSTONE = 1); only the entry points are checked.
     pub ptx: Option<Arc<str>>,
 }
 

@@ -364,11 +364,14 @@ impl WgpuBackend {
         let mut counters = None;
         let r = self.host_batch(st, keys, op, &mut counters);
         if r.is_err() && counters.is_some() {
-            // Some chunk ran: the control words hold what the batch applied.
+            // Some chunk was submitted: the control words hold what the batch applied.
             if let Ok(c) = st.read_counters(&self.gpu) {
                 lane::merge(&mut counters, c);
             }
         }
+        // Leave the control words zeroed, so that a batch whose first chunk never runs
+        // reads no counts of this one.
+        st.zero_counters(&self.gpu);
         (r, counters)
     }
 }

@@ -436,6 +436,13 @@ impl State {
         Ok(())
     }
 
+    /// Zeroes the control words (submitted, not waited for: the next submission runs after).
+    pub fn zero_counters(&self, gpu: &Gpu) {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.ctl, 0, None);
+        gpu.queue.submit([enc.finish()]);
+    }
+
     /// The control words as they are now (after a batch that failed part-way, if the device
     /// can still report them).
     pub fn read_counters(&self, gpu: &Gpu) -> Result<[u64; counter::LEN]> {
