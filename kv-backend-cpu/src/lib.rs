@@ -407,6 +407,11 @@ impl Housekeeping for Prep<'_> {
     fn rehash(&mut self, slots: usize) -> Result<()> {
         self.st.grow_to(slots, self.cfg)
     }
+    fn count_missing(&mut self) -> Result<usize> {
+        let mut found = vec![false; self.keys.len()];
+        self.st.contains_into(self.keys, &mut found);
+        Ok(found.par_iter().filter(|f| !**f).count())
+    }
     fn count_new(&mut self) -> Result<usize> {
         let mut found = vec![false; self.keys.len()];
         self.st.contains_into(self.keys, &mut found);

@@ -103,6 +103,7 @@ use kv_core::{
     Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, check_contains,
     check_get, check_get_len, check_put, check_put_len, count_distinct, prepare_put,
 };
+use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 
 mod gpu;
@@ -142,12 +143,17 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
+/// How a put being prepared counts its keys that the table does not hold.
+type Count<'a> = &'a mut dyn FnMut(&CudaBackend, &mut State) -> Result<usize>;
+
 /// What [`prepare_put`] needs from a CUDA table while a put is being prepared: the
-/// table, its state under the write lock, and how to count the new keys of the batch.
+/// table, its state under the write lock, and how to count the keys of the batch that the
+/// table does not hold (every occurrence, on the device; then the distinct ones).
 struct Prep<'a> {
     table: &'a CudaBackend,
     st: &'a mut State,
-    count: &'a mut dyn FnMut(&CudaBackend, &mut State) -> Result<usize>,
+    missing: Count<'a>,
+    new: Count<'a>,
 }
 
 impl Housekeeping for Prep<'_> {
@@ -157,8 +163,11 @@ impl Housekeeping for Prep<'_> {
     fn rehash(&mut self, slots: usize) -> Result<()> {
         self.st.rehash(&self.table.dev, slots, self.table.cfg.width)
     }
+    fn count_missing(&mut self) -> Result<usize> {
+        (self.missing)(self.table, self.st)
+    }
     fn count_new(&mut self) -> Result<usize> {
-        (self.count)(self.table, self.st)
+        (self.new)(self.table, self.st)
     }
 }
 
@@ -285,19 +294,57 @@ impl CudaBackend {
         Ok(count_distinct(keys, &found))
     }
 
+    /// How many of `keys` (in host memory) are not in the table, every occurrence counted:
+    /// a lookup pass on the device that only adds to a counter.
+    fn count_missing_keys(&self, st: &mut State, keys: &[u64]) -> Result<usize> {
+        st.reset_counters()?;
+        let batch = HostBatch {
+            keys,
+            op: Op::CountMissing,
+            pinned: false,
+        };
+        // After the main stream (the counters' reset).
+        self.host_batch(st, batch, true)?;
+        Ok(st.read_counters()?[counter::MISSING] as usize)
+    }
+
+    /// [`count_missing_keys`](Self::count_missing_keys) of keys in this table's device
+    /// memory: one launch over the batch.
+    fn count_missing_device(&self, st: &mut State, keys: &impl DevicePtr<u64>) -> Result<usize> {
+        let (n, w) = (keys.len(), self.cfg.width);
+        st.reset_counters()?;
+        let lanes = self.take_lanes(1, plan::device_cap(1, w))?;
+        let lane = &lanes[0];
+        st.ready.record(&st.main).drv("cuEventRecord")?;
+        lane.stream.wait(&st.ready).drv("cuStreamWaitEvent")?;
+        let r = {
+            let (kp, _kg) = keys.device_ptr(&lane.stream);
+            let a = lane.args(st.table_args(w), kp, 0, 0, n);
+            self.dev
+                .launch(&self.dev.k.count_missing, &a, n as u64, &lane.stream)
+        };
+        let synced = lane.stream.synchronize().drv("cuStreamSynchronize");
+        r.and(synced)?;
+        self.pool.give_back(lanes);
+        Ok(st.read_counters()?[counter::MISSING] as usize)
+    }
+
     /// Readies the table for a put of `n` keys ([`prepare_put`]): admission, growth or a
-    /// tombstone purge, the new keys counted by `count` where it must.
+    /// tombstone purge, the keys the table does not hold counted by `missing` (every
+    /// occurrence) and `new` (the distinct ones) where it must.
     fn prepare_put(
         &self,
         st: &mut State,
         n: usize,
-        mut count: impl FnMut(&CudaBackend, &mut State) -> Result<usize>,
+        mut missing: impl FnMut(&CudaBackend, &mut State) -> Result<usize>,
+        mut new: impl FnMut(&CudaBackend, &mut State) -> Result<usize>,
     ) -> Result<()> {
         prepare_put(
             &mut Prep {
                 table: self,
                 st,
-                count: &mut count,
+                missing: &mut missing,
+                new: &mut new,
             },
             n,
         )
@@ -319,13 +366,18 @@ impl CudaBackend {
         self.check_context(values.stream())?;
         self.dev.bind()?;
         let mut st = self.write();
-        self.prepare_put(&mut st, n, |t, st| {
-            // Exact admission needs the keys on the host: copy them back (this path only
-            // runs for a batch that would not fit with every key counted as new).
-            let host = st.main.clone_dtoh(keys).drv("cuMemcpyDtoH (keys)")?;
-            st.main.synchronize().drv("cuStreamSynchronize")?;
-            t.count_new_keys(st, &host)
-        })?;
+        self.prepare_put(
+            &mut st,
+            n,
+            |t, st| t.count_missing_device(st, keys),
+            |t, st| {
+                // The distinct new keys are counted on the host: copy the keys back (only
+                // for a batch whose missing keys, counted on the device, do not fit).
+                let host = st.main.clone_dtoh(keys).drv("cuMemcpyDtoH (keys)")?;
+                st.main.synchronize().drv("cuStreamSynchronize")?;
+                t.count_new_keys(st, &host)
+            },
+        )?;
         st.reset_counters()?;
         let cap = plan::device_cap(n, w);
         let mut lanes = self.take_lanes(1, cap)?;
@@ -473,7 +525,12 @@ impl CudaBackend {
         }
         self.dev.bind()?;
         let mut st = self.write();
-        self.prepare_put(&mut st, keys.len(), |t, st| t.count_new_keys(st, keys))?;
+        self.prepare_put(
+            &mut st,
+            keys.len(),
+            |t, st| t.count_missing_keys(st, keys),
+            |t, st| t.count_new_keys(st, keys),
+        )?;
         st.reset_counters()?;
         let batch = HostBatch {
             keys,

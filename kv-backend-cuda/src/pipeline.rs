@@ -48,6 +48,8 @@ pub(crate) enum Op<'a> {
         found: &'a mut [bool],
     },
     Delete,
+    /// Counts the keys not in the table (every occurrence) into `counter::MISSING`.
+    CountMissing,
 }
 
 impl Op<'_> {
@@ -68,6 +70,7 @@ impl Op<'_> {
                 found: Default::default(),
             },
             Op::Delete => Op::Delete,
+            Op::CountMissing => Op::CountMissing,
         }
     }
 
@@ -79,6 +82,7 @@ impl Op<'_> {
             Op::GetPinned { .. } => "get (lent)",
             Op::Contains { .. } => "contains",
             Op::Delete => "delete",
+            Op::CountMissing => "count missing",
         }
     }
 }
@@ -305,7 +309,7 @@ fn copy_chunk(
             );
             Ok(())
         }
-        Op::Delete => {
+        Op::Delete | Op::CountMissing => {
             let hk = staged(&mut lane.h_keys)?;
             let _t = tr.phase(Phase::CopyIn);
             // SAFETY: see above.
@@ -416,6 +420,10 @@ fn launch_chunk(
             lane.pending = Some((start, m));
         }
         Op::Delete => dev.launch(&dev.k.delete, &a, m as u64, &lane.stream)?,
+        Op::CountMissing => {
+            let a = BatchArgs { values: 0, ..a };
+            dev.launch(&dev.k.count_missing, &a, m as u64, &lane.stream)?
+        }
     }
     lane.done.record(&lane.stream).drv("cuEventRecord")
 }
@@ -469,7 +477,7 @@ fn drain_from(
             let hf = unsafe { &staged_ref(h_found)?.as_slice()[..m] };
             par_bools(&mut found[start..start + m], hf)
         }
-        Op::Put { .. } | Op::GetPinned { .. } | Op::Delete => {}
+        Op::Put { .. } | Op::GetPinned { .. } | Op::Delete | Op::CountMissing => {}
     }
     Ok(())
 }

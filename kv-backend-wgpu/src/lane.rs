@@ -287,7 +287,7 @@ impl Lane {
                     );
                 }
                 Op::Contains { found } => copy_bools(&mut found[start..start + m], flags),
-                Op::Put { .. } | Op::Delete => {}
+                Op::Put { .. } | Op::Delete | Op::CountMissing => {}
             }
         }
         self.unmap_readback();

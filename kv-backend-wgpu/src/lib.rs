@@ -180,6 +180,14 @@ impl Housekeeping for Prep<'_> {
     fn rehash(&mut self, slots: usize) -> Result<()> {
         self.st.rehash(&self.table.gpu, slots)
     }
+    fn count_missing(&mut self) -> Result<usize> {
+        let (r, counters) = self
+            .table
+            .counted_batch(self.st, self.keys, Op::CountMissing);
+        r?;
+        let c = counters.ok_or_else(|| gpu::device_error("count-missing read no counters"))?;
+        Ok(c[counter::MISSING] as usize)
+    }
     fn count_new(&mut self) -> Result<usize> {
         let mut found = vec![false; self.keys.len()];
         let op = Op::Contains { found: &mut found };

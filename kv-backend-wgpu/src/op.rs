@@ -13,11 +13,13 @@ pub(crate) enum Op<'a> {
         found: &'a mut [bool],
     },
     Delete,
+    /// Counts the keys not in the table (every occurrence) into `counter::MISSING`.
+    CountMissing,
 }
 
 impl Op<'_> {
     /// Whether the batch changes the table and so keeps counts (a put or a delete).
     pub fn counts(&self) -> bool {
-        matches!(self, Op::Put { .. } | Op::Delete)
+        matches!(self, Op::Put { .. } | Op::Delete | Op::CountMissing)
     }
 }

@@ -30,6 +30,7 @@ fn entries(op: &Op<'_>) -> &'static [&'static str] {
         Op::Get { .. } => &["kv_get"],
         Op::Contains { .. } => &["kv_contains"],
         Op::Delete => &["kv_delete"],
+        Op::CountMissing => &["kv_count_missing"],
     }
 }
 

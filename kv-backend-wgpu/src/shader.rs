@@ -235,6 +235,7 @@ fn constants() -> String {
         ("C_LIVE", c::LIVE),
         ("C_TOMBS", c::TOMBS),
         ("C_STALL", c::STALL),
+        ("C_MISSING", c::MISSING),
         ("C_DISCARD", c::DISCARD),
         ("F_DUP", f::DUP),
         ("F_SPEC_WIN", f::SPEC_WIN),
@@ -640,15 +641,26 @@ fn kv_put_dedup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     atomicMax(&ctl[C_STALL], u64(code));
 }
 
-// Get or contains of item i: at most p.budget slots; an unfinished item writes nothing
-// but its probe state.
-fn lookup(i: u32, with_values: bool) {
+// Get (mode GET), contains (CONTAINS) or count-missing (MISSING) of item i: at most
+// p.budget slots; an unfinished item writes nothing but its probe state. Count-missing
+// adds to the workgroup's counter instead of writing a flag.
+const CONTAINS: u32 = 0u;
+const GET: u32 = 1u;
+const MISSING: u32 = 2u;
+
+fn lookup(i: u32, mode: u32) {
     if !st_active(i) { return; }
     let key = keys_in[i];
     let w = p.width;
+    let with_values = mode == GET;
     if key <= TOMB {
         let k = u32(key);
         let present = atomicLoad(&special[k]) != 0lu;
+        if mode == MISSING {
+            if !present { atomicAdd(&wg_cnt[0], 1u); }
+            st_done(i);
+            return;
+        }
         if present { set_flag8(i); }
         if with_values {
             for (var j = 0u; j < w; j += 1u) {
@@ -677,6 +689,10 @@ fn lookup(i: u32, with_values: bool) {
         return;
     }
     st_done(i);
+    if mode == MISSING {
+        if !found { atomicAdd(&wg_cnt[0], 1u); }
+        return;
+    }
     if found { set_flag8(i); }
     if with_values {
         if found {
@@ -696,13 +712,22 @@ fn lookup(i: u32, with_values: bool) {
 @compute @workgroup_size(WG)
 fn kv_get(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
-    if j < p.n { lookup(at(j), true); }
+    if j < p.n { lookup(at(j), GET); }
 }
 
 @compute @workgroup_size(WG)
 fn kv_contains(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = item(wid, nwg, lid);
-    if j < p.n { lookup(at(j), false); }
+    if j < p.n { lookup(at(j), CONTAINS); }
+}
+
+// Count-missing: the keys of the batch not in the table, every occurrence, into
+// ctl[C_MISSING] (the first step of exact admission).
+@compute @workgroup_size(WG)
+fn kv_count_missing(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = item(wid, nwg, lid);
+    if j < p.n { lookup(at(j), MISSING); }
+    flush(lid, C_MISSING, C_DISCARD, C_DISCARD, C_DISCARD);
 }
 
 // Region order (see `region_order` in table.rs): the probing kernels visit the chunk's

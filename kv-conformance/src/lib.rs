@@ -148,6 +148,10 @@ impl kv_core::Housekeeping for ModelPrep<'_> {
     fn rehash(&mut self, _slots: usize) -> kv_core::Result<()> {
         Ok(())
     }
+    fn count_missing(&mut self) -> kv_core::Result<usize> {
+        let found = self.backend.with(|m| m.contains(self.keys));
+        Ok(found.iter().filter(|f| !**f).count())
+    }
     fn count_new(&mut self) -> kv_core::Result<usize> {
         let found = self.backend.with(|m| m.contains(self.keys));
         Ok(kv_core::count_distinct(self.keys, &found))

@@ -64,9 +64,15 @@ pub trait Housekeeping {
     /// the books after a rehash that succeeded.
     fn rehash(&mut self, slots: usize) -> Result<()>;
 
-    /// How many distinct keys of the batch being prepared are not in the table. Called
-    /// only when the batch does not fit with every key counted as new; [`count_distinct`]
-    /// does the counting part for keys in host memory.
+    /// How many keys of the batch being prepared are not in the table, each occurrence
+    /// counted: an upper bound of its new keys, cheap to compute where the batch is (one
+    /// lookup pass on the device that only adds to a counter). Called only when the batch
+    /// does not fit with every key counted as new.
+    fn count_missing(&mut self) -> Result<usize>;
+
+    /// How many distinct keys of the batch being prepared are not in the table. Called only
+    /// when the batch does not fit with [`count_missing`](Self::count_missing)'s bound
+    /// either; [`count_distinct`] does the counting part for keys in host memory.
     fn count_new(&mut self) -> Result<usize>;
 }
 
@@ -208,10 +214,12 @@ enum Step {
 /// Readies `table` for a put of `batch` keys, as every backend does it:
 ///
 /// 1. **Admission.** With every key of the batch counted as new, a put is admitted when
-///    `len + batch <= capacity`. When it is not, the table counts the batch's distinct new
-///    keys ([`Housekeeping::count_new`]: one lookup pass over the batch, then a count of
-///    the distinct keys it did not find) and admission is decided on that exact number: a
-///    batch of overwrites is never refused and never grows a table.
+///    `len + batch <= capacity`. When it is not, the table counts the keys of the batch it
+///    does not hold, every occurrence ([`Housekeeping::count_missing`], one lookup pass that
+///    adds to a counter); when even those do not fit, it counts the distinct ones
+///    ([`Housekeeping::count_new`]: a lookup, then a count of the distinct keys it did not
+///    find). Admission, growth and refusal are decided on that exact number: a batch of
+///    overwrites is never refused and never grows a table.
 /// 2. **Growth.** A batch that does not fit grows the table as [`plan_put`](crate::plan_put)
 ///    decides, or is refused with [`Error::CapacityExceeded`] when growth is off.
 /// 3. **Purge.** When the slots in use (live keys and tombstones) and the new keys would
@@ -229,6 +237,8 @@ enum Step {
 /// impl Housekeeping for Table {
 ///     fn books(&mut self) -> &mut Books { &mut self.books }
 ///     fn rehash(&mut self, slots: usize) -> Result<()> { self.rehashes.push(slots); Ok(()) }
+///     // Say every missing key occurs twice in the batch.
+///     fn count_missing(&mut self) -> Result<usize> { Ok(2 * self.new_keys) }
 ///     fn count_new(&mut self) -> Result<usize> { Ok(self.new_keys) }
 /// }
 /// let cfg = TableConfig::new(12).max_load_factor(0.75).growth(false);
@@ -246,15 +256,23 @@ enum Step {
 /// # Ok::<(), kv_core::Error>(())
 /// ```
 pub fn prepare_put(table: &mut impl Housekeeping, batch: usize) -> Result<()> {
-    let step = match table.books().plan(batch) {
+    let (new, step) = match table.books().plan(batch) {
         Ok(Step::Nothing) => return Ok(()),
-        // Every key counted as new does not fit: count the new keys.
+        // Every key counted as new does not fit: count the keys the table does not hold.
         _ => {
-            let new = table.count_new()?.min(batch);
-            (new, table.books().plan(new)?)
+            let missing = table.count_missing()?.min(batch);
+            match table.books().plan(missing) {
+                Ok(Step::Nothing) => return Ok(()),
+                // A purge leaves the capacity as it is, so the bound decides it as well.
+                Ok(step @ Step::Rehash { purge: true, .. }) => (missing, step),
+                // Growth and refusal change what the caller sees: decide them exactly.
+                _ => {
+                    let new = table.count_new()?.min(missing);
+                    (new, table.books().plan(new)?)
+                }
+            }
         }
     };
-    let (new, step) = step;
     let Step::Rehash { slots, purge } = step else {
         return Ok(());
     };
@@ -299,7 +317,10 @@ mod tests {
     struct Fake {
         books: Books,
         new: usize,
+        /// Occurrences per new key in the batch.
+        repeats: usize,
         counted: usize,
+        bounded: usize,
         rehashes: Vec<usize>,
         oom: bool,
     }
@@ -318,6 +339,10 @@ mod tests {
             self.rehashes.push(slots);
             Ok(())
         }
+        fn count_missing(&mut self) -> Result<usize> {
+            self.bounded += 1;
+            Ok(self.new * self.repeats)
+        }
         fn count_new(&mut self) -> Result<usize> {
             self.counted += 1;
             Ok(self.new)
@@ -328,7 +353,9 @@ mod tests {
         Fake {
             books: Books::new(&cfg),
             new: 0,
+            repeats: 1,
             counted: 0,
+            bounded: 0,
             rehashes: vec![],
             oom: false,
         }
@@ -352,9 +379,9 @@ mod tests {
         for growth in [false, true] {
             let mut t = fake(TableConfig::new(12).max_load_factor(0.75).growth(growth));
             fill(&mut t, 12);
-            // A batch of 12 overwrites on a full table.
+            // A batch of 12 overwrites on a full table: the bound alone admits it.
             prepare_put(&mut t, 12).expect("ok");
-            assert_eq!((t.counted, t.books.slots()), (1, 16));
+            assert_eq!((t.bounded, t.counted, t.books.slots()), (1, 0, 16));
             assert!(t.rehashes.is_empty());
         }
     }
@@ -363,7 +390,7 @@ mod tests {
     fn a_batch_that_fits_as_new_keys_is_not_counted() {
         let mut t = fake(TableConfig::new(12).max_load_factor(0.75));
         prepare_put(&mut t, 12).expect("ok");
-        assert_eq!(t.counted, 0);
+        assert_eq!((t.bounded, t.counted), (0, 0));
     }
 
     #[test]
@@ -384,6 +411,18 @@ mod tests {
         t.new = 3;
         prepare_put(&mut t, 100).expect("ok");
         assert_eq!((t.rehashes.clone(), t.books.slots()), (vec![32], 32));
+    }
+
+    #[test]
+    fn repeated_new_keys_are_counted_exactly_before_growth() {
+        // 10 of 12, then 2 new keys 5 times each: the bound (10) does not fit, the exact
+        // count (2) does.
+        let mut t = fake(TableConfig::new(12).max_load_factor(0.75).growth(false));
+        fill(&mut t, 10);
+        (t.new, t.repeats) = (2, 5);
+        prepare_put(&mut t, 10).expect("fits exactly");
+        assert_eq!((t.bounded, t.counted), (1, 1));
+        assert!(t.rehashes.is_empty());
     }
 
     #[test]

@@ -300,6 +300,19 @@ pub unsafe extern "ptx-kernel" fn kv_contains(a: BatchArgs) {
     }
 }
 
+/// Count-missing: count the keys not in the table (every occurrence), for admission.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_count_missing(a: BatchArgs) {
+    let (mut i, stride) = grid();
+    let mut missing = 0u32;
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        missing += unsafe { ops::missing_item::<Ptx>(&a, i) } as u32;
+        i += stride;
+    }
+    count(&a.table, counter::MISSING, missing);
+}
+
 /// Delete: tombstone every key found; count removals.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_delete(a: BatchArgs) {

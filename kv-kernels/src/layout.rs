@@ -161,6 +161,8 @@ pub mod counter {
     /// wgpu only: the code of a put pass (or rehash piece) that left probes unfinished, 0
     /// for none (docs/protocol.md, "Bounded probes").
     pub const STALL: usize = 9;
+    /// Keys of a batch not in the table, each occurrence counted, by `kv_count_missing`.
+    pub const MISSING: usize = 10;
     /// A word no one reads: where a kernel adds the counts it does not keep, so that one
     /// reduction routine serves every kernel.
     pub const DISCARD: usize = 15;

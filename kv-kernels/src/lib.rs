@@ -81,6 +81,8 @@ pub mod names {
     pub const GET: &str = "kv_get";
     /// Contains (`BatchArgs`).
     pub const CONTAINS: &str = "kv_contains";
+    /// Count the keys not in the table, every occurrence (`BatchArgs`).
+    pub const COUNT_MISSING: &str = "kv_count_missing";
     /// Delete (`BatchArgs`).
     pub const DELETE: &str = "kv_delete";
     /// Rehash (`RehashArgs`).
@@ -88,13 +90,14 @@ pub mod names {
     /// Count live keys and tombstones (`TableArgs`).
     pub const COUNT: &str = "kv_count";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         PUT_PLACE,
         PUT_SETTLE,
         PUT_DEDUP,
         PUT_REWRITE,
         GET,
         CONTAINS,
+        COUNT_MISSING,
         DELETE,
         REHASH,
         COUNT,

@@ -461,6 +461,27 @@ pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
     src.is_some()
 }
 
+/// Count-missing for item `i`: whether its key is not in the table (the special area
+/// included). A key that repeats in the batch is counted at each occurrence, so the sum is
+/// an upper bound of the batch's new keys: the first step of exact admission
+/// (docs/protocol.md, "The books and admission").
+///
+/// # Safety
+/// `a` describes valid device buffers and `i < a.n`.
+#[inline(always)]
+pub unsafe fn missing_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
+    let t = &a.table;
+    // SAFETY: i < n.
+    let key = unsafe { M::load(w64(a.keys_in, i)) };
+    if is_sentinel(key) {
+        // SAFETY: the special area holds special_words(width) words.
+        unsafe { M::load(w64(t.special, special_index(key))) == 0 }
+    } else {
+        // SAFETY: forwarded.
+        unsafe { find::<M>(t, key) }.is_none()
+    }
+}
+
 /// What [`delete_item`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Removed {

@@ -329,6 +329,21 @@ impl Sim {
         assert!(found.iter().all(|f| *f <= 1));
         (vals, found.iter().map(|f| *f == 1).collect())
     }
+    fn count_missing(&mut self, keys: &[u64]) -> u64 {
+        let a = BatchArgs {
+            table: self.table(),
+            keys_in: keys.as_ptr() as u64,
+            n: keys.len() as u64,
+            ..Default::default()
+        };
+        let missing = AtomicU64::new(0);
+        par(keys.len() as u64, self.threads, |i| {
+            // SAFETY: the buffers are live and sized as the args say.
+            let m = unsafe { ops::missing_item::<Host>(&a, i) };
+            missing.fetch_add(m as u64, Relaxed);
+        });
+        missing.into_inner()
+    }
     fn delete(&mut self, keys: &[u64]) -> u64 {
         let a = BatchArgs {
             table: self.table(),
@@ -486,6 +501,18 @@ fn put_last_wins_within_a_chunk() {
         assert_eq!(f, [true, true, true, true, false]);
         assert_eq!(v, [9, 10, 13, 14, 11, 12, 15, 16, 0, 0]);
         assert_eq!(sim.len, 4);
+    }
+}
+
+#[test]
+fn count_missing_counts_every_absent_occurrence() {
+    for threads in [1, 4] {
+        let mut sim = Sim::new(64, 1, threads);
+        sim.put(&[2, 3, 4, 0], &[10, 20, 30, 40], 16);
+        assert_eq!(sim.delete(&[3]), 1);
+        // 3 (deleted) twice, 5 twice, 1 (a special key, absent) once; 2, 4 and 0 present.
+        assert_eq!(sim.count_missing(&[2, 3, 5, 3, 4, 0, 1, 5]), 5);
+        assert_eq!(sim.count_missing(&[]), 0);
     }
 }
 
