@@ -37,8 +37,10 @@
 //!
 //! # Table layout
 //!
-//! Structure of arrays in device memory: `keys: u64[slots]` (EMPTY = `0`,
-//! TOMBSTONE = `1`, as on every GPU backend: `kv_kernels::layout`), `values: u64[slots * width]`, a small special area for the
+//! One slot array in device memory, made of buckets of four slots: their four keys (EMPTY =
+//! `0`, TOMBSTONE = `1`, as on every GPU backend), then their four value rows
+//! (`kv_kernels::layout::{key_word, row_word}`; 64 bytes a bucket at width 1), so that a
+//! probe that finds its key reads the row from the same block. A small special area for the
 //! two user keys equal to the sentinels (handled inside the kernels, so device-resident
 //! batches need no host help), and a counter block. Linear probing from a murmur3-`fmix64`
 //! home slot. One allocation per array, made at creation and at each growth; growth

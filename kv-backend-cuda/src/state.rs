@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Applied, Books, Error, Result, TableConfig};
-use kv_kernels::layout::{RehashArgs, TableArgs, counter, special_words};
+use kv_kernels::layout::{RehashArgs, TableArgs, bucket_shift, counter, special_words};
 
 use crate::gpu::{BACKEND, Device, Drv, Gpu, device_error};
 use crate::memory::{DevBuf, Pinned, event, stream};
 
 /// The table's device state (behind the backend's RwLock).
 pub(crate) struct State {
-    pub keys: DevBuf,
-    pub values: DevBuf,
+    /// The slot array: buckets of keys, then their value rows (`kv_kernels::layout`).
+    pub slots: DevBuf,
     pub special: DevBuf,
     pub counters: DevBuf,
     h_counters: Pinned<u64>,
@@ -27,6 +27,7 @@ pub(crate) struct State {
     pub seed: u64,
 }
 
+/// Bytes of `slots` slots of `words` words each (a key and its row: `width + 1`).
 fn array_bytes(slots: usize, words: usize) -> Result<usize> {
     slots
         .checked_mul(words)
@@ -41,13 +42,11 @@ impl State {
     pub fn new(gpu: &Gpu, cfg: &TableConfig, seed: u64) -> Result<State> {
         let books = Books::new(cfg);
         let (slots, width) = (books.slots(), cfg.width);
-        let keys = DevBuf::new(gpu, array_bytes(slots, 1)?)?;
-        let values = DevBuf::new(gpu, array_bytes(slots, width)?)?;
+        let array = DevBuf::new(gpu, array_bytes(slots, width + 1)?)?;
         let special = DevBuf::new(gpu, special_words(width as u32) as usize * 8)?;
         let counters = DevBuf::new(gpu, counter::LEN * 8)?;
         let mut st = State {
-            keys,
-            values,
+            slots: array,
             special,
             counters,
             h_counters: Pinned::new(gpu, counter::LEN, false)?,
@@ -62,24 +61,28 @@ impl State {
 
     pub fn table_args(&self, width: usize) -> TableArgs {
         TableArgs {
-            keys: self.keys.ptr(),
-            values: self.values.ptr(),
+            slots: self.slots.ptr(),
             special: self.special.ptr(),
             counters: self.counters.ptr(),
             mask: self.books.slots() as u64 - 1,
             width: width as u32,
-            pad: 0,
+            bucket_shift: self.bucket_shift(self.books.slots()),
             seed: self.seed,
         }
     }
 
+    /// The bucket shift of this table's slot array at `slots` slots.
+    fn bucket_shift(&self, slots: usize) -> u32 {
+        bucket_shift(slots as u64)
+    }
+
     pub fn bytes(&self) -> usize {
-        self.keys.bytes() + self.values.bytes() + self.special.bytes() + self.counters.bytes()
+        self.slots.bytes() + self.special.bytes() + self.counters.bytes()
     }
 
     /// Empties the table: keys to EMPTY, sentinel keys absent. Synchronous.
     pub fn clear(&mut self) -> Result<()> {
-        fill_empty(&self.keys, self.books.slots(), &self.main)?;
+        fill_empty(&self.slots, &self.main)?;
         self.special.memset(0, self.special.bytes(), &self.main)?;
         self.counters.memset(0, self.counters.bytes(), &self.main)?;
         self.main.synchronize().drv("cuStreamSynchronize")?;
@@ -131,19 +134,18 @@ impl State {
     /// when `slots` is unchanged). The new arrays are allocated first: on any error the
     /// table is left as it was. The books are updated by `kv_core::prepare_put`.
     pub fn rehash(&mut self, dev: &Device, slots: usize, width: usize) -> Result<()> {
-        let keys = DevBuf::new(dev, array_bytes(slots, 1)?)?;
-        let values = DevBuf::new(dev, array_bytes(slots, width)?)?;
-        fill_empty(&keys, slots, &self.main)?;
+        let array = DevBuf::new(dev, array_bytes(slots, width + 1)?)?;
+        fill_empty(&array, &self.main)?;
         self.reset_counters()?;
         let a = RehashArgs {
             table: TableArgs {
-                keys: keys.ptr(),
-                values: values.ptr(),
+                slots: array.ptr(),
                 mask: slots as u64 - 1,
+                bucket_shift: self.bucket_shift(slots),
                 ..self.table_args(width)
             },
-            old_keys: self.keys.ptr(),
-            old_values: self.values.ptr(),
+            old: self.slots.ptr(),
+            old_bucket_shift: u64::from(self.bucket_shift(self.books.slots())),
             old_slots: self.books.slots() as u64,
         };
         dev.launch(&dev.k.rehash, &a, self.books.slots() as u64, &self.main)?;
@@ -156,8 +158,7 @@ impl State {
                 c[counter::ERRORS]
             )));
         }
-        self.keys = keys;
-        self.values = values;
+        self.slots = array;
         Ok(())
     }
 
@@ -175,8 +176,8 @@ impl State {
     }
 }
 
-/// Enqueues the fill of a key array with EMPTY (zero: one byte fill).
-fn fill_empty(keys: &DevBuf, slots: usize, stream: &CudaStream) -> Result<()> {
+/// Enqueues the fill of a slot array with zeros: every key EMPTY (one byte fill).
+fn fill_empty(array: &DevBuf, stream: &CudaStream) -> Result<()> {
     const _: () = assert!(kv_kernels::layout::EMPTY == 0);
-    keys.memset(0, slots * 8, stream)
+    array.memset(0, array.bytes(), stream)
 }

@@ -195,7 +195,7 @@ fn options() -> vramkv::Result<Options> {
     #[allow(unused_mut)]
     let mut o = Options::from_env()?;
     #[cfg(feature = "cuda")]
-    if let Some(path) = std::env::var_os(PTX_ENV) {
+    if let Some(path) = std::env::var_os(PTX_ENV).filter(|p| !p.is_empty()) {
         let text = std::fs::read_to_string(&path).map_err(|e| {
             vramkv::Error::InvalidConfig(format!("{PTX_ENV}={}: {e}", path.to_string_lossy()))
         })?;

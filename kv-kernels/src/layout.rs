@@ -117,10 +117,46 @@ pub const fn local_slots(n: u64) -> u64 {
     if s < 64 { 64 } else { s }
 }
 
-/// Offset in u64 words of the value row of `slot` in a table of `width`-word values.
+/// log2 of the slots per bucket of most tables. The slot array is made of buckets: each
+/// holds its slots' keys side by side, then their value rows (64 bytes at width 1: four keys,
+/// four values). A probe reads keys until it finds its key, then its row from the same
+/// 64-byte block, where separate key and value arrays put the two in different DRAM blocks.
+/// Probing stays linear over slot numbers, so a key's slot is the same in every layout.
+pub const BUCKET_SHIFT: u32 = 2;
+
+/// The bucket shift of a table of `slots` slots (a power of two): [`BUCKET_SHIFT`]. The
+/// kernels take it as a parameter (`TableArgs::bucket_shift`), so that other layouts can be
+/// measured with the same kernels: `log2(slots)` gives one bucket of every slot, a key array
+/// followed by a value array.
+pub const fn bucket_shift(slots: u64) -> u32 {
+    let log2 = slots.trailing_zeros();
+    if BUCKET_SHIFT < log2 {
+        BUCKET_SHIFT
+    } else {
+        log2
+    }
+}
+
+/// Words of the slot array of `slots` slots: a key and a row each.
 #[inline(always)]
-pub const fn row(slot: u64, width: u32) -> u64 {
-    slot * width as u64
+pub const fn slot_array_words(slots: u64, width: u32) -> u64 {
+    slots * (1 + width as u64)
+}
+
+/// Offset in u64 words, in a slot array of buckets of `1 << shift` slots, of the key of
+/// `slot`.
+#[inline(always)]
+pub const fn key_word(slot: u64, width: u32, shift: u32) -> u64 {
+    (slot >> shift) * ((1 + width as u64) << shift) + (slot & ((1u64 << shift) - 1))
+}
+
+/// Offset in u64 words, in a slot array of buckets of `1 << shift` slots, of the value row
+/// of `slot`.
+#[inline(always)]
+pub const fn row_word(slot: u64, width: u32, shift: u32) -> u64 {
+    (slot >> shift) * ((1 + width as u64) << shift)
+        + (1u64 << shift)
+        + (slot & ((1u64 << shift) - 1)) * width as u64
 }
 
 /// Words of the special area: `present[2]` then `values[2][width]`.
@@ -196,10 +232,9 @@ pub const REPEAT: u32 = 1 << 31;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableArgs {
-    /// `u64[slots]` keys (or EMPTY / TOMBSTONE).
-    pub keys: u64,
-    /// `u64[slots * width]` value rows.
-    pub values: u64,
+    /// `u64[slot_array_words(slots, width)]`: the buckets of `1 << bucket_shift` slots, each
+    /// its keys (or EMPTY / TOMBSTONE) then their value rows ([`key_word`], [`row_word`]).
+    pub slots: u64,
     /// `u64[special_words(width)]`: presence words then value rows of the two sentinel keys.
     pub special: u64,
     /// `u64[counter::LEN]` counters.
@@ -208,8 +243,8 @@ pub struct TableArgs {
     pub mask: u64,
     /// Value width in u64 words.
     pub width: u32,
-    /// Padding, always 0 (keeps the layout explicit).
-    pub pad: u32,
+    /// log2 of the slots per bucket ([`bucket_shift`]).
+    pub bucket_shift: u32,
     /// The table's hash seed ([`hash`]).
     pub seed: u64,
 }
@@ -241,20 +276,20 @@ pub struct BatchArgs {
     pub n: u64,
 }
 
-/// Arguments of `kv_rehash`: move every live key of an old key/value array into `table`.
+/// Arguments of `kv_rehash`: move every live key of an old slot array into `table`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RehashArgs {
-    /// The destination table (keys already zeroed: EMPTY).
+    /// The destination table (zeroed: every key EMPTY).
     pub table: TableArgs,
-    /// `u64[old_slots]` old keys.
-    pub old_keys: u64,
-    /// `u64[old_slots * width]` old values.
-    pub old_values: u64,
-    /// Slots of the old arrays.
+    /// The old slot array, of the table's width.
+    pub old: u64,
+    /// Slots of the old array.
     pub old_slots: u64,
+    /// log2 of the slots per bucket of the old array.
+    pub old_bucket_shift: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<TableArgs>() == 56);
-const _: () = assert!(core::mem::size_of::<BatchArgs>() == 56 + 8 * 8);
-const _: () = assert!(core::mem::size_of::<RehashArgs>() == 56 + 3 * 8);
+const _: () = assert!(core::mem::size_of::<TableArgs>() == 48);
+const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 8 * 8);
+const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);

@@ -47,7 +47,7 @@
 
 use crate::layout::{
     BatchArgs, EMPTY, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
-    is_sentinel, next_slot, row, special_index, special_row,
+    is_sentinel, key_word, next_slot, row_word, special_index, special_row,
 };
 
 /// The memory operations the algorithms need. Addresses are device (or host) addresses as u64.
@@ -85,6 +85,18 @@ pub unsafe trait Mem {
     unsafe fn max_u32(addr: u64, v: u32);
     /// Atomic add (u64).
     unsafe fn add(addr: u64, v: u64);
+}
+
+/// The address of `slot`'s key in the table's slot array.
+#[inline(always)]
+const fn key_at(t: &TableArgs, slot: u64) -> u64 {
+    w64(t.slots, key_word(slot, t.width, t.bucket_shift))
+}
+
+/// The address of `slot`'s value row in the table's slot array.
+#[inline(always)]
+const fn row_at(t: &TableArgs, slot: u64) -> u64 {
+    w64(t.slots, row_word(slot, t.width, t.bucket_shift))
 }
 
 #[inline(always)]
@@ -223,7 +235,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
     let mut steps = 0u64;
     let slot = loop {
         // SAFETY: pos <= mask < slots.
-        let mut cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        let mut cur = unsafe { M::load_sync(key_at(t, pos)) };
         if end != u64::MAX {
             // Claiming: a tombstone lost to another key sent us on from the slot after it.
             // During a put, slots only go from EMPTY or TOMBSTONE to a key, so the key is
@@ -233,7 +245,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
             let want = if pos == end { EMPTY } else { TOMBSTONE };
             if cur == want {
                 // SAFETY: pos < slots.
-                let old = unsafe { M::cas(w64(t.keys, pos), want, key) };
+                let old = unsafe { M::cas(key_at(t, pos), want, key) };
                 if old == want {
                     out.inserted = true;
                     out.from_empty = want == EMPTY;
@@ -253,7 +265,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
             if cur == EMPTY {
                 if first_tomb != u64::MAX {
                     // SAFETY: first_tomb < slots.
-                    let old = unsafe { M::cas(w64(t.keys, first_tomb), TOMBSTONE, key) };
+                    let old = unsafe { M::cas(key_at(t, first_tomb), TOMBSTONE, key) };
                     if old == TOMBSTONE {
                         out.inserted = true;
                         break first_tomb;
@@ -275,7 +287,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
                     continue;
                 }
                 // SAFETY: pos < slots.
-                let old = unsafe { M::cas(w64(t.keys, pos), EMPTY, key) };
+                let old = unsafe { M::cas(key_at(t, pos), EMPTY, key) };
                 if old == EMPTY {
                     out.inserted = true;
                     out.from_empty = true;
@@ -300,7 +312,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
         }
     };
     // SAFETY: rows are in bounds (slot < slots, i < n).
-    unsafe { copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w) };
+    unsafe { copy_row::<M>(row_at(t, slot), w64(a.values, i * w as u64), w) };
     out
 }
 
@@ -397,7 +409,7 @@ pub unsafe fn put_rewrite<M: Mem>(a: &BatchArgs, i: u64) -> Rewritten {
     match unsafe { find::<M>(t, key) } {
         Some(slot) => {
             // SAFETY: rows are in bounds (slot < slots, i < n).
-            unsafe { copy_row::<M>(w64(t.values, row(slot, w)), w64(a.values, i * w as u64), w) };
+            unsafe { copy_row::<M>(row_at(t, slot), w64(a.values, i * w as u64), w) };
             out.rewrote = true;
         }
         None => out.missing = true,
@@ -412,7 +424,7 @@ unsafe fn find<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
-        let cur = unsafe { M::load(w64(t.keys, pos)) };
+        let cur = unsafe { M::load(key_at(t, pos)) };
         if cur == key {
             return Some(pos);
         }
@@ -445,7 +457,7 @@ pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
         }
     } else {
         // SAFETY: forwarded.
-        unsafe { find::<M>(t, key) }.map(|slot| w64(t.values, row(slot, w)))
+        unsafe { find::<M>(t, key) }.map(|slot| row_at(t, slot))
     };
     // SAFETY: found_out holds n bytes; values (when set) holds n rows.
     unsafe {
@@ -511,10 +523,10 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
-        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        let cur = unsafe { M::load_sync(key_at(t, pos)) };
         if cur == key {
             // SAFETY: pos < slots.
-            out.table = unsafe { M::cas(w64(t.keys, pos), key, TOMBSTONE) } == key;
+            out.table = unsafe { M::cas(key_at(t, pos), key, TOMBSTONE) } == key;
             return out;
         }
         if cur == EMPTY || steps >= t.mask {
@@ -534,8 +546,9 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
 #[inline(always)]
 pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
     let t = &a.table;
+    let shift = a.old_bucket_shift as u32;
     // SAFETY: s < old_slots.
-    let key = unsafe { M::load(w64(a.old_keys, s)) };
+    let key = unsafe { M::load(w64(a.old, key_word(s, t.width, shift))) };
     if is_sentinel(key) {
         return Some(false);
     }
@@ -543,14 +556,14 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
     let mut steps = 0u64;
     loop {
         // SAFETY: pos < slots.
-        let cur = unsafe { M::load_sync(w64(t.keys, pos)) };
+        let cur = unsafe { M::load_sync(key_at(t, pos)) };
         // SAFETY: pos < slots.
-        if cur == EMPTY && unsafe { M::cas(w64(t.keys, pos), EMPTY, key) } == EMPTY {
+        if cur == EMPTY && unsafe { M::cas(key_at(t, pos), EMPTY, key) } == EMPTY {
             // SAFETY: rows in bounds of both tables.
             unsafe {
                 copy_row::<M>(
-                    w64(t.values, row(pos, t.width)),
-                    w64(a.old_values, row(s, t.width)),
+                    row_at(t, pos),
+                    w64(a.old, row_word(s, t.width, shift)),
                     t.width,
                 )
             };
@@ -571,6 +584,6 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
 #[inline(always)]
 pub unsafe fn count_item<M: Mem>(t: &TableArgs, s: u64) -> (bool, bool) {
     // SAFETY: s < slots.
-    let k = unsafe { M::load(w64(t.keys, s)) };
+    let k = unsafe { M::load(key_at(t, s)) };
     (!is_sentinel(k), k == TOMBSTONE)
 }

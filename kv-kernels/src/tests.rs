@@ -124,8 +124,10 @@ struct ChunkStats {
 struct Sim {
     width: u32,
     slots: u64,
-    keys: Vec<u64>,
-    values: Vec<u64>,
+    /// The slot array: buckets of keys, then their value rows.
+    arr: Vec<u64>,
+    /// log2 of the slots per bucket.
+    shift: u32,
     special: Vec<u64>,
     counters: Vec<u64>,
     threads: u64,
@@ -142,8 +144,8 @@ impl Sim {
         Sim {
             width,
             slots,
-            keys: vec![EMPTY; slots as usize],
-            values: vec![0; (slots * width as u64) as usize],
+            arr: vec![EMPTY; slot_array_words(slots, width) as usize],
+            shift: BUCKET_SHIFT.min(slots.trailing_zeros()),
             special: vec![0; special_words(width) as usize],
             counters: vec![0; counter::LEN],
             threads,
@@ -152,15 +154,20 @@ impl Sim {
             seed: SEED,
         }
     }
+    /// The key of every slot, in slot order.
+    fn keys(&self) -> Vec<u64> {
+        (0..self.slots)
+            .map(|s| self.arr[key_word(s, self.width, self.shift) as usize])
+            .collect()
+    }
     fn table(&mut self) -> TableArgs {
         TableArgs {
-            keys: self.keys.as_mut_ptr() as u64,
-            values: self.values.as_mut_ptr() as u64,
+            slots: self.arr.as_mut_ptr() as u64,
             special: self.special.as_mut_ptr() as u64,
             counters: self.counters.as_mut_ptr() as u64,
             mask: self.slots - 1,
             width: self.width,
-            pad: 0,
+            bucket_shift: self.shift,
             seed: self.seed,
         }
     }
@@ -169,8 +176,8 @@ impl Sim {
         new.special = std::mem::take(&mut self.special);
         let a = RehashArgs {
             table: new.table(),
-            old_keys: self.keys.as_ptr() as u64,
-            old_values: self.values.as_ptr() as u64,
+            old: self.arr.as_ptr() as u64,
+            old_bucket_shift: self.shift as u64,
             old_slots: self.slots,
         };
         let moved = AtomicU64::new(0);
@@ -179,7 +186,7 @@ impl Sim {
             let m = unsafe { ops::rehash_item::<Host>(&a, s) }.expect("room in the new table");
             moved.fetch_add(m as u64, Relaxed);
         });
-        let live = self.keys.iter().filter(|k| !is_sentinel(**k)).count() as u64;
+        let live = self.keys().iter().filter(|k| !is_sentinel(**k)).count() as u64;
         assert_eq!(live, moved.load(Relaxed));
         new.len = self.len;
         *self = new;
@@ -403,12 +410,12 @@ fn check(sim: &mut Sim, model: &HashMap<u64, Vec<u64>>, probe: &[u64]) {
         }
     }
     assert_eq!(sim.len, model.len() as u64);
-    let live = sim.keys.iter().filter(|k| !is_sentinel(**k)).count() as u64
+    let live = sim.keys().iter().filter(|k| !is_sentinel(**k)).count() as u64
         + sim.special[0]
         + sim.special[1];
     assert_eq!(live, sim.len);
     assert_eq!(
-        sim.keys.iter().filter(|k| **k == TOMBSTONE).count() as u64,
+        sim.keys().iter().filter(|k| **k == TOMBSTONE).count() as u64,
         sim.tombs
     );
 }
@@ -471,6 +478,55 @@ fn hash_is_a_bijection_on_a_sample_and_spreads() {
         "{:?}",
         buckets.iter().max()
     );
+}
+
+#[test]
+fn buckets_hold_their_keys_then_their_rows() {
+    for w in [1u32, 2, 16] {
+        let slots = 64u64;
+        for shift in [0, BUCKET_SHIFT, 6] {
+            let per = 1u64 << shift;
+            let bucket = (1 + w as u64) << shift;
+            let mut seen = vec![false; slot_array_words(slots, w) as usize];
+            for s in 0..slots {
+                let k = key_word(s, w, shift) as usize;
+                let r = row_word(s, w, shift) as usize;
+                // One bucket: its keys, then their rows.
+                assert_eq!(k as u64 / bucket, s / per);
+                assert_eq!(r as u64 / bucket, s / per);
+                assert!((k as u64 % bucket) < per && (r as u64 % bucket) >= per);
+                for x in std::iter::once(k).chain(r..r + w as usize) {
+                    assert!(!seen[x], "word {x} used twice");
+                    seen[x] = true;
+                }
+            }
+            assert!(seen.iter().all(|x| *x), "every word is a key or a row word");
+        }
+    }
+    // Width 1: four keys, then four values, in 64 bytes.
+    assert_eq!((key_word(5, 1, 2), row_word(5, 1, 2)), (9, 13));
+    // One bucket of every slot: a key array, then a value array.
+    assert_eq!((key_word(5, 2, 6), row_word(5, 2, 6)), (5, 64 + 10));
+    assert_eq!(bucket_shift(1 << 20), BUCKET_SHIFT);
+    assert_eq!(bucket_shift(2), 1);
+}
+
+#[test]
+fn differential_one_bucket_layout() {
+    // One bucket of every slot: a key array, then a value array.
+    let mut sim = Sim::new(1 << 12, 2, 4);
+    sim.shift = 12;
+    let keys: Vec<u64> = (0..3000u64).map(|k| k * 13 + 2).collect();
+    let vals: Vec<u64> = (0..6000u64).collect();
+    sim.put(&keys, &vals, 1024);
+    let (v, f) = sim.get(&keys);
+    assert!(f.iter().all(|f| *f));
+    assert_eq!(v, vals);
+    assert_eq!(sim.delete(&keys[..1000]), 1000);
+    sim.rehash(1 << 13);
+    let (v, f) = sim.get(&keys[1000..]);
+    assert!(f.iter().all(|f| *f));
+    assert_eq!(v, vals[2000..]);
 }
 
 #[test]
@@ -662,7 +718,7 @@ fn repeats_reuse_tombstones_once() {
             (true, 3, 4, 7, 3)
         );
         assert_eq!(sim.len, 4);
-        let tombs = sim.keys.iter().filter(|k| **k == TOMBSTONE).count() as u64;
+        let tombs = sim.keys().iter().filter(|k| **k == TOMBSTONE).count() as u64;
         assert_eq!(tombs, sim.tombs);
         let (v, f) = sim.get(&[11, 12, 13, 14, 15]);
         assert_eq!(f, [false, true, true, true, true]);
