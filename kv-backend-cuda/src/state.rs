@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream};
-use kv_core::{Applied, Books, Error, Result, TableConfig};
+use kv_core::{Books, Error, Result, TableConfig};
 use kv_kernels::layout::{RehashArgs, TableArgs, bucket_shift, counter, special_words};
+use kv_staging::counts;
 
 use crate::gpu::{BACKEND, Device, Drv, Gpu, device_error};
 use crate::memory::{DevBuf, Pinned, event, stream};
@@ -113,21 +114,13 @@ impl State {
     /// Hands the counts of the put that ran (whole or, after a fault, in part) to the books.
     pub fn count_put(&mut self) -> Result<()> {
         let c = self.read_counters()?;
-        let applied = Applied {
-            inserted: c[counter::INSERTED],
-            from_empty: c[counter::FROM_EMPTY],
-            special: c[counter::SPEC_INSERTED],
-            lost: c[counter::ERRORS],
-        };
-        self.books.apply_put(applied, BACKEND)
+        counts::apply_put(&mut self.books, &c, BACKEND)
     }
 
     /// Hands the counts of the delete that ran to the books; returns the entries removed.
     pub fn count_delete(&mut self) -> Result<usize> {
         let c = self.read_counters()?;
-        Ok(self
-            .books
-            .apply_delete(c[counter::REMOVED], c[counter::SPEC_REMOVED]))
+        Ok(counts::apply_delete(&mut self.books, &c))
     }
 
     /// Moves every entry into fresh arrays of `slots` slots (growth, or a tombstone purge

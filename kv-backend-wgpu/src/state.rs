@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use kv_core::{Applied, Books, Result, TableConfig};
+use kv_core::{Books, Result, TableConfig};
 use kv_kernels::layout::{counter, special_words};
+use kv_staging::counts;
 
 use crate::gpu::{BACKEND, Gpu, device_error, oom};
 use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map};
@@ -453,19 +454,12 @@ impl State {
     /// Hands the counts of a put (whole or, after a fault, in part: `c` as read back) to the
     /// books.
     pub fn count_put(&mut self, c: &[u64; counter::LEN]) -> Result<()> {
-        let applied = Applied {
-            inserted: c[counter::INSERTED],
-            from_empty: c[counter::FROM_EMPTY],
-            special: c[counter::SPEC_INSERTED],
-            lost: c[counter::ERRORS],
-        };
-        self.books.apply_put(applied, BACKEND)
+        counts::apply_put(&mut self.books, c, BACKEND)
     }
 
     /// Hands the counts of a delete to the books; returns the entries removed.
     pub fn count_delete(&mut self, c: &[u64; counter::LEN]) -> usize {
-        self.books
-            .apply_delete(c[counter::REMOVED], c[counter::SPEC_REMOVED])
+        counts::apply_delete(&mut self.books, c)
     }
 }
 
