@@ -398,6 +398,20 @@ struct Prep<'a> {
     st: &'a mut State,
     cfg: &'a TableConfig,
     keys: &'a [u64],
+    /// The lookup of `keys`, once made: `count_new` follows `count_missing` with the table
+    /// unchanged in between.
+    found: Option<Vec<bool>>,
+}
+
+impl Prep<'_> {
+    fn found(&mut self) -> &[bool] {
+        let (st, keys) = (&*self.st, self.keys);
+        self.found.get_or_insert_with(|| {
+            let mut found = vec![false; keys.len()];
+            st.contains_into(keys, &mut found);
+            found
+        })
+    }
 }
 
 impl Housekeeping for Prep<'_> {
@@ -408,14 +422,11 @@ impl Housekeeping for Prep<'_> {
         self.st.grow_to(slots, self.cfg)
     }
     fn count_missing(&mut self) -> Result<usize> {
-        let mut found = vec![false; self.keys.len()];
-        self.st.contains_into(self.keys, &mut found);
-        Ok(found.par_iter().filter(|f| !**f).count())
+        Ok(self.found().par_iter().filter(|f| !**f).count())
     }
     fn count_new(&mut self) -> Result<usize> {
-        let mut found = vec![false; self.keys.len()];
-        self.st.contains_into(self.keys, &mut found);
-        Ok(count_distinct(self.keys, &found))
+        let keys = self.keys;
+        Ok(count_distinct(keys, self.found()))
     }
 }
 
@@ -459,6 +470,7 @@ impl KvBackend for CpuBackend {
             st: &mut st,
             cfg: &self.cfg,
             keys,
+            found: None,
         };
         prepare_put(&mut prep, keys.len())?;
         let w = self.cfg.width;

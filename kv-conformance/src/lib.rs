@@ -139,6 +139,16 @@ struct ModelPrep<'a> {
     backend: &'a ModelBackend,
     books: &'a mut kv_core::Books,
     keys: &'a [u64],
+    /// The lookup of `keys`, once made (the model does not change between the two counts).
+    found: Option<Vec<bool>>,
+}
+
+impl ModelPrep<'_> {
+    fn found(&mut self) -> &[bool] {
+        let (backend, keys) = (self.backend, self.keys);
+        self.found
+            .get_or_insert_with(|| backend.with(|m| m.contains(keys)))
+    }
 }
 
 impl kv_core::Housekeeping for ModelPrep<'_> {
@@ -149,12 +159,11 @@ impl kv_core::Housekeeping for ModelPrep<'_> {
         Ok(())
     }
     fn count_missing(&mut self) -> kv_core::Result<usize> {
-        let found = self.backend.with(|m| m.contains(self.keys));
-        Ok(found.iter().filter(|f| !**f).count())
+        Ok(self.found().iter().filter(|f| !**f).count())
     }
     fn count_new(&mut self) -> kv_core::Result<usize> {
-        let found = self.backend.with(|m| m.contains(self.keys));
-        Ok(kv_core::count_distinct(self.keys, &found))
+        let keys = self.keys;
+        Ok(kv_core::count_distinct(keys, self.found()))
     }
 }
 
@@ -179,6 +188,7 @@ impl kv_core::KvBackend for ModelBackend {
             backend: self,
             books: &mut books,
             keys,
+            found: None,
         };
         kv_core::prepare_put(&mut prep, keys.len())?;
         let added = self.with(|m| {
