@@ -256,6 +256,8 @@ unsafe impl<A> Sync for Kernel<A> {}
 /// The kernels of kv-kernels' PTX, loaded in one context.
 pub(crate) struct Kernels {
     pub put_place: Kernel<BatchArgs>,
+    /// Put pass 1 for rows of `COOP_WIDTH` words or more (each written by a warp).
+    pub put_place_wide: Kernel<BatchArgs>,
     pub put_settle: Kernel<BatchArgs>,
     pub put_dedup: Kernel<BatchArgs>,
     pub put_rewrite: Kernel<BatchArgs>,
@@ -469,6 +471,7 @@ fn load_kernels(ptx: &str) -> Result<Kernels> {
     }
     let kernels = Kernels {
         put_place: k(f(n::PUT_PLACE)?),
+        put_place_wide: k(f(n::PUT_PLACE_WIDE)?),
         put_settle: k(f(n::PUT_SETTLE)?),
         put_dedup: k(f(n::PUT_DEDUP)?),
         put_rewrite: k(f(n::PUT_REWRITE)?),

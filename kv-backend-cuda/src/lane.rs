@@ -172,8 +172,13 @@ impl Lane {
         let n = a.n;
         // Fresh keys need only the first pass; the other three read a flag and exit unless
         // the chunk found keys in the table (kv_kernels::ops, "The put protocol").
+        let place = if a.table.width >= kv_kernels::layout::COOP_WIDTH {
+            &dev.k.put_place_wide
+        } else {
+            &dev.k.put_place
+        };
         let passes = [
-            (&dev.k.put_place, "place"),
+            (place, "place"),
             (&dev.k.put_settle, "settle"),
             (&dev.k.put_dedup, "dedup"),
             (&dev.k.put_rewrite, "rewrite"),

@@ -37,13 +37,16 @@
 //!
 //! # Table layout
 //!
-//! One slot array in device memory, made of buckets of four slots: their four keys (EMPTY =
-//! `0`, TOMBSTONE = `1`, as on every GPU backend), then their four value rows
-//! (`kv_kernels::layout::{key_word, row_word}`; 64 bytes a bucket at width 1), so that a
-//! probe that finds its key reads the row from the same block. A small special area for the
+//! One slot array in device memory, made of buckets: their keys (EMPTY = `0`, TOMBSTONE =
+//! `1`, as on every GPU backend), then their value rows (`kv_kernels::layout::{key_word,
+//! row_word}`). At width 1 a bucket is two keys and their two values, 32 bytes, one DRAM
+//! sector; wider tables use buckets of four keys (one sector) then four rows. Probes read a
+//! window of keys at once (a bucket of two, or four keys) and a key found in its home window
+//! is read with its value in one trip to memory at width 1. A small special area for the
 //! two user keys equal to the sentinels (handled inside the kernels, so device-resident
-//! batches need no host help), and a counter block. Linear probing from a murmur3-`fmix64`
-//! home slot. One allocation per array, made at creation and at each growth; growth
+//! batches need no host help), and a counter block. Linear probing over windows, from the
+//! one holding a murmur3-`fmix64` home slot. One allocation per array, made at creation
+//! and at each growth; growth
 //! rehashes on the device into arrays allocated *before* the old ones are released, so a
 //! failed allocation leaves the table as it was. Admission, growth and tombstone purges
 //! follow [`kv_core::prepare_put`], and the counts of every batch go to the table's
@@ -315,7 +318,10 @@ impl CudaBackend {
     fn count_missing_device(&self, st: &mut State, keys: &impl DevicePtr<u64>) -> Result<usize> {
         let (n, w) = (keys.len(), self.cfg.width);
         st.reset_counters()?;
-        let lanes = self.take_lanes(1, plan::device_cap(1, w))?;
+        let lanes = self.take_lanes(
+            1,
+            plan::device_cap(1, w, self.dev.shapes.copy.max_chunk_bytes),
+        )?;
         let lane = &lanes[0];
         st.ready.record(&st.main).drv("cuEventRecord")?;
         lane.stream.wait(&st.ready).drv("cuStreamWaitEvent")?;
@@ -381,7 +387,7 @@ impl CudaBackend {
             },
         )?;
         st.reset_counters()?;
-        let cap = plan::device_cap(n, w);
+        let cap = plan::device_cap(n, w, self.dev.shapes.copy.max_chunk_bytes);
         let mut lanes = self.take_lanes(1, cap)?;
         let lane = &lanes[0];
         st.ready.record(&st.main).drv("cuEventRecord")?;
@@ -439,7 +445,10 @@ impl CudaBackend {
         self.dev.bind()?;
         let st = self.read();
         // A lookup needs no scratch: one launch over the whole batch, on a pooled lane's stream.
-        let lanes = self.take_lanes(1, plan::device_cap(1, w))?;
+        let lanes = self.take_lanes(
+            1,
+            plan::device_cap(1, w, self.dev.shapes.copy.max_chunk_bytes),
+        )?;
         let lane = &lanes[0];
         let r = {
             let (kp, _kg) = keys.device_ptr(&lane.stream);

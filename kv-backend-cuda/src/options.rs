@@ -27,8 +27,9 @@ pub struct CudaOptions {
     /// Staging lanes per host batch, `1..=16` (default: 3 for a batch copied through the
     /// lanes, 4 for a lent page-locked batch). `VRAMKV_CUDA_LANES`.
     pub lanes: Option<usize>,
-    /// The largest chunk of a host batch in MiB of keys and values, `1..=256` (default: 32
-    /// for a batch copied through the lanes, 16 for a lent batch). `VRAMKV_CUDA_CHUNK_MIB`.
+    /// The largest chunk of a batch in MiB of keys and values, `1..=256` (default: 32 for a
+    /// batch copied through the lanes and for a device-resident put, 16 for a lent batch).
+    /// `VRAMKV_CUDA_CHUNK_MIB`.
     pub chunk_mib: Option<usize>,
     /// The grid cap of every launch in blocks per multiprocessor, `1..=64` (default:
     /// [`kv_kernels::BLOCKS_PER_SM`]). `VRAMKV_BLOCKS_PER_SM`.

@@ -80,9 +80,10 @@ fn pow2_floor(x: usize) -> usize {
     1usize << (usize::BITS - 1 - x.max(1).leading_zeros())
 }
 
-/// Items per chunk of a device-resident put (the chunk only bounds the lane's scratch).
-pub(crate) fn device_cap(n: usize, width: usize) -> usize {
-    copy_cap(n, width, COPY_CHUNK_BYTES)
+/// Items per chunk of a device-resident put, at most `max_chunk_bytes` of keys and values
+/// (the chunk only bounds the lane's scratch).
+pub(crate) fn device_cap(n: usize, width: usize, max_chunk_bytes: usize) -> usize {
+    copy_cap(n, width, max_chunk_bytes)
 }
 
 /// Items per chunk of a batch copied through the lanes: `n / 3` rounded up to a power of
@@ -179,7 +180,7 @@ mod tests {
         assert_eq!(copy_cap(2_000_000, 1, max), 1 << 20);
         assert_eq!(copy_cap(100_000_000, 1, max), 1 << 21); // 32 MiB / 16 B
         assert_eq!(copy_cap(100_000_000, 16, max), 1 << 17);
-        assert_eq!(device_cap(100_000_000, 1), 1 << 21);
+        assert_eq!(device_cap(100_000_000, 1, COPY_CHUNK_BYTES), 1 << 21);
         for w in 1..=16 {
             for n in [1, 5000, 1 << 20, 123_456_789] {
                 let c = copy_cap(n, w, max);

@@ -67,14 +67,14 @@ impl State {
             counters: self.counters.ptr(),
             mask: self.books.slots() as u64 - 1,
             width: width as u32,
-            bucket_shift: self.bucket_shift(self.books.slots()),
+            bucket_shift: self.bucket_shift(self.books.slots(), width),
             seed: self.seed,
         }
     }
 
     /// The bucket shift of this table's slot array at `slots` slots.
-    fn bucket_shift(&self, slots: usize) -> u32 {
-        bucket_shift(slots as u64)
+    fn bucket_shift(&self, slots: usize, width: usize) -> u32 {
+        bucket_shift(slots as u64, width as u32)
     }
 
     pub fn bytes(&self) -> usize {
@@ -134,11 +134,11 @@ impl State {
             table: TableArgs {
                 slots: array.ptr(),
                 mask: slots as u64 - 1,
-                bucket_shift: self.bucket_shift(slots),
+                bucket_shift: self.bucket_shift(slots, width),
                 ..self.table_args(width)
             },
             old: self.slots.ptr(),
-            old_bucket_shift: u64::from(self.bucket_shift(self.books.slots())),
+            old_bucket_shift: u64::from(self.bucket_shift(self.books.slots(), width)),
             old_slots: self.books.slots() as u64,
         };
         dev.launch(&dev.k.rehash, &a, self.books.slots() as u64, &self.main)?;

@@ -389,7 +389,7 @@ fn run_pinned(_: &BenchArgs, _: TableConfig, _: &Options) -> vramkv::Result<bool
 #[cfg(feature = "cuda")]
 fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
     let slots = resident::slots_for_items(a.items);
-    let rows = resident::run(
+    let (rows, hbm) = resident::run(
         slots,
         &a.occupancy,
         a.width,
@@ -408,11 +408,25 @@ fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
         "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
         "occupancy", "keys", "insert G/s", "find G/s", "B/entry", "found"
     );
-    for r in rows {
-        let _ = r.slots;
+    for r in &rows {
         println!(
             "{:>9.2} {:>12} {:>12.2} {:>12.2} {:>10.1} {:>12}",
             r.occupancy, r.keys, r.insert_gops, r.find_gops, r.bytes_per_entry, r.found
+        );
+    }
+    let (ins_b, find_b) = resident::bytes_per_op(a.width);
+    let (ins_bound, find_bound) = (hbm / ins_b, hbm / find_b);
+    println!(
+        "bound: HBM copy {:.0} GB/s (read + write); an insert moves at least {ins_b:.0} B \
+         ({ins_bound:.1} G/s), a find {find_b:.0} B ({find_bound:.1} G/s)",
+        hbm
+    );
+    for r in &rows {
+        println!(
+            "  at occupancy {:.2}: insert {:.2} of its bound, find {:.2}",
+            r.occupancy,
+            r.insert_gops / ins_bound,
+            r.find_gops / find_bound
         );
     }
     Ok(())

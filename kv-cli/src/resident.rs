@@ -11,7 +11,6 @@ use vramkv::{Error, KvBackend, Result, TableConfig};
 pub struct Row {
     pub occupancy: f64,
     pub keys: usize,
-    pub slots: usize,
     pub insert_gops: f64,
     pub find_gops: f64,
     pub bytes_per_entry: f64,
@@ -20,6 +19,62 @@ pub struct Row {
 
 fn drv(e: vramkv::cuda::cudarc::driver::DriverError) -> Error {
     Error::driver("cuda", e.to_string(), e)
+}
+
+/// Bytes that one insert and one find of a `width`-word row must move between the SMs and
+/// HBM in the table's layout (`kv_kernels::layout::bucket_shift`), counted in 32-byte
+/// sectors, the unit DRAM is read and written in: the key (and row) streamed in and out,
+/// the key's sector read (and, by an insert, written back), and the row's sectors (read
+/// by a find; written by an insert, and read first where the row covers a sector only in
+/// part). A probe that needs more than one window, and every cache miss of the streams,
+/// moves more: this is a floor of the traffic, so the rate it allows is a ceiling.
+pub fn bytes_per_op(width: usize) -> (f64, f64) {
+    const SECTOR: usize = 32;
+    let w = width;
+    if w == 1 {
+        // Buckets of two: both keys and both values in one sector.
+        return ((16 + 2 * SECTOR) as f64, (8 + SECTOR + 8 + 1) as f64);
+    }
+    // Buckets of four: the four keys' sector, then the rows; averaged over the bucket's
+    // four rows, which start at byte 32 + 8 * w * s of a sector-aligned bucket.
+    let (mut touched, mut partial) = (0usize, 0usize);
+    for s in 0..4 {
+        let (start, end) = (SECTOR + 8 * w * s, SECTOR + 8 * w * (s + 1));
+        for sector in start / SECTOR..end.div_ceil(SECTOR) {
+            touched += 1;
+            let (a, b) = (sector * SECTOR, (sector + 1) * SECTOR);
+            if start > a || end < b {
+                partial += 1;
+            }
+        }
+    }
+    let (touched, partial) = (touched as f64 / 4.0, partial as f64 / 4.0);
+    let sector = SECTOR as f64;
+    let row = 8.0 * w as f64;
+    let insert = 8.0 + row + 2.0 * sector + (touched + partial) * sector;
+    let find = 8.0 + sector + touched * sector + row + 1.0;
+    (insert, find)
+}
+
+/// The device's copy rate in GB/s, read plus write: the median of 5 device-to-device
+/// copies of 1 GiB after a warm-up.
+pub fn hbm_copy_gbs(
+    stream: &std::sync::Arc<vramkv::cuda::cudarc::driver::CudaStream>,
+) -> Result<f64> {
+    let words = 1usize << 27;
+    let src = stream.alloc_zeros::<u64>(words).map_err(drv)?;
+    let mut dst = stream.alloc_zeros::<u64>(words).map_err(drv)?;
+    let mut rates = Vec::new();
+    for r in 0..6 {
+        stream.synchronize().map_err(drv)?;
+        let t0 = Instant::now();
+        stream.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        stream.synchronize().map_err(drv)?;
+        if r > 0 {
+            rates.push(2.0 * (words * 8) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+        }
+    }
+    Ok(median(rates))
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -96,8 +151,9 @@ pub fn run(
     order: KeyOrder,
     seed: u64,
     options: &CudaOptions,
-) -> Result<Vec<Row>> {
+) -> Result<(Vec<Row>, f64)> {
     let mut rows = Vec::new();
+    let mut hbm = 0.0;
     for &occ in occupancies {
         let n = (occ * slots as f64).floor() as usize;
         let mut cfg = TableConfig::new(n)
@@ -108,6 +164,9 @@ pub fn run(
         cfg.device = device;
         let t = CudaBackend::open_with(cfg, options)?;
         let stream = t.new_stream()?;
+        if rows.is_empty() {
+            hbm = hbm_copy_gbs(&stream)?;
+        }
         // Two key sets, used in turn, so that no repetition finds the last one's lines in L2.
         let sets: Vec<_> = (0..2u64)
             .map(|s| {
@@ -153,12 +212,30 @@ pub fn run(
         rows.push(Row {
             occupancy: occ,
             keys: n,
-            slots: d.slots,
             insert_gops: median(ins),
             find_gops: median(fin),
             bytes_per_entry: d.bytes_in_use as f64 / n as f64,
             found: found_count,
         });
     }
-    Ok(rows)
+    Ok((rows, hbm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_per_op_counts_sectors() {
+        // Width 1: one sector holds the bucket's keys and values.
+        assert_eq!(bytes_per_op(1), (80.0, 49.0));
+        // Width 2: each 16-byte row covers half a sector, read before it is written.
+        assert_eq!(
+            bytes_per_op(2),
+            (8.0 + 16.0 + 64.0 + 64.0, 8.0 + 32.0 + 32.0 + 16.0 + 1.0)
+        );
+        // Widths 4 and 16: rows of whole sectors.
+        assert_eq!(bytes_per_op(4), (136.0, 105.0));
+        assert_eq!(bytes_per_op(16), (328.0, 297.0));
+    }
 }

@@ -13,8 +13,8 @@
 use core::arch::asm;
 use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 
-use crate::layout::{BatchArgs, RehashArgs, TableArgs, counter, flag};
-use crate::ops::{self, Mem};
+use crate::layout::{BatchArgs, COOP_WIDTH, RehashArgs, TableArgs, counter, flag};
+use crate::ops::{self, Found, Mem};
 
 /// PTX memory operations.
 struct Ptx;
@@ -22,22 +22,36 @@ struct Ptx;
 // SAFETY: each method performs exactly the named PTX operation on the given address.
 unsafe impl Mem for Ptx {
     #[inline(always)]
-    unsafe fn load_sync(addr: u64) -> u64 {
-        let v: u64;
-        // SAFETY: the caller guarantees a valid, aligned global address.
-        unsafe {
-            asm!(
-                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; ld.relaxed.gpu.global.u64 {v}, [ga]; }}",
-                a = in(reg64) addr, v = out(reg64) v,
-                options(nostack, readonly)
-            )
-        };
-        v
-    }
-    #[inline(always)]
     unsafe fn load(addr: u64) -> u64 {
         // SAFETY: the caller guarantees a valid, aligned address.
         unsafe { core::ptr::read(addr as *const u64) }
+    }
+    #[inline(always)]
+    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
+        let (a, b): (u64, u64);
+        // SAFETY: the caller guarantees a valid, 16-byte aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {p}; ld.relaxed.gpu.global.v2.u64 {{{a}, {b}}}, [ga]; }}",
+                p = in(reg64) addr, a = out(reg64) a, b = out(reg64) b,
+                options(nostack, readonly)
+            )
+        };
+        [a, b]
+    }
+    #[inline(always)]
+    unsafe fn load2(addr: u64) -> [u64; 2] {
+        let (a, b): (u64, u64);
+        // SAFETY: the caller guarantees a valid, 16-byte aligned global address of data that
+        // the running kernel does not write.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {p}; ld.global.v2.u64 {{{a}, {b}}}, [ga]; }}",
+                p = in(reg64) addr, a = out(reg64) a, b = out(reg64) b,
+                options(nostack, readonly)
+            )
+        };
+        [a, b]
     }
     #[inline(always)]
     unsafe fn store(addr: u64, v: u64) {
@@ -181,6 +195,74 @@ fn lane() -> u32 {
     l
 }
 
+/// `v` of lane `src` (every lane may ask for another). All 32 lanes must call it.
+#[inline(always)]
+fn shfl_u64(v: u64, src: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: full-warp shuffles; callers run in warp-uniform control flow.
+    unsafe {
+        asm!(
+            "shfl.sync.idx.b32 {l}, {vl}, {s}, 31, -1;",
+            "shfl.sync.idx.b32 {h}, {vh}, {s}, 31, -1;",
+            l = out(reg32) lo, h = out(reg32) hi,
+            vl = in(reg32) v as u32, vh = in(reg32) (v >> 32) as u32, s = in(reg32) src,
+            options(nostack, nomem)
+        )
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Runs `f(i, valid)` over this thread's items of a grid-stride loop in turns that are the
+/// same for every lane of its warp (lanes past `n` get `valid == false`), so that `f` may
+/// use full-warp operations.
+#[inline(always)]
+fn for_warp_items(n: u64, mut f: impl FnMut(u64, bool)) {
+    let (first, stride) = grid();
+    let mut base = first - lane() as u64;
+    while base < n {
+        let i = base + lane() as u64;
+        f(i, i < n);
+        base += stride;
+    }
+}
+
+/// Copies every lane's row of `width` words from `src` to `dst` (word addresses; `dst == 0`:
+/// no row; `src == 0`: a row of zeros) with the whole warp: `32 / width` rows at a time
+/// (one per group of `width` lanes, each lane a word), or one row at a time for rows wider
+/// than 32 words, so that each load and store is a coalesced run of a row. All 32 lanes
+/// must call it, with the same `width`.
+#[inline(always)]
+fn warp_copy_rows(dst: u64, src: u64, width: u32) {
+    // Rows are at least one word wide (the host refuses width 0); max(1) spares the
+    // divisions below a zero check.
+    let width = width.max(1);
+    let me = lane();
+    let (group, word, groups) = if width <= 32 {
+        (me / width, (me % width) as u64, 32 / width)
+    } else {
+        (0, me as u64, 1)
+    };
+    let mut r = 0u32;
+    while r < 32 {
+        // Lanes past the last group ask for lane 31's row and copy nothing.
+        let owner = (r + group).min(31);
+        let (d, s) = (shfl_u64(dst, owner), shfl_u64(src, owner));
+        if group < groups && r + group < 32 && d != 0 {
+            let mut j = word;
+            while j < width as u64 {
+                // SAFETY: the owner lane's row is valid for `width` words (its caller's
+                // guarantee), and j < width.
+                unsafe {
+                    let v = if s == 0 { 0 } else { Ptx::load(s + j * 8) };
+                    Ptx::store(d + j * 8, v);
+                }
+                j += if width <= 32 { width as u64 } else { 32 };
+            }
+        }
+        r += groups;
+    }
+}
+
 /// Adds the warp's total of `v` to counter `index` (one atomic per warp).
 #[inline(always)]
 fn count(t: &TableArgs, index: usize, v: u32) {
@@ -191,21 +273,48 @@ fn count(t: &TableArgs, index: usize, v: u32) {
     }
 }
 
-/// Put pass 1: every key places itself and writes its row; sentinel keys record their last
-/// index; raise FOUND if some key was already in the table.
+/// Put pass 1: every key places itself and writes its row (by itself, for rows narrower
+/// than [`COOP_WIDTH`] words); sentinel keys record their last index; raise FOUND if some
+/// key was already in the table.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_put_place(a: BatchArgs) {
-    let (mut i, stride) = grid();
+    // SAFETY: forwarded.
+    unsafe { place::<false>(a) }
+}
+
+/// [`kv_put_place`] for rows of [`COOP_WIDTH`] words or more, written by the whole warp.
+/// A kernel of its own, so that the narrow one keeps fewer registers.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_put_place_wide(a: BatchArgs) {
+    // SAFETY: forwarded.
+    unsafe { place::<true>(a) }
+}
+
+/// Put pass 1, rows copied by their thread or (`COOP`) by the warp.
+#[inline(always)]
+unsafe fn place<const COOP: bool>(a: BatchArgs) {
     let (mut inserted, mut from_empty, mut found, mut overflow) = (0u32, 0u32, 0u32, 0u32);
-    while i < a.n {
-        // SAFETY: the host passes valid buffers for n items and zeroed flags.
-        let p = unsafe { ops::put_place::<Ptx>(&a, i) };
-        inserted += p.inserted as u32;
-        from_empty += p.from_empty as u32;
-        found += p.found as u32;
-        overflow += p.overflow as u32;
-        i += stride;
-    }
+    let width = a.table.width;
+    for_warp_items(a.n, |i, valid| {
+        let mut row = (0, 0);
+        if valid {
+            // SAFETY: the host passes valid buffers for n items and zeroed flags.
+            let p = unsafe { ops::put_place::<Ptx>(&a, i) };
+            inserted += p.inserted as u32;
+            from_empty += p.from_empty as u32;
+            found += p.found as u32;
+            overflow += p.overflow as u32;
+            if let Some(slot) = p.slot {
+                row = ops::put_row(&a, i, slot);
+            }
+        }
+        if COOP {
+            warp_copy_rows(row.0, row.1, width);
+        } else if row.0 != 0 {
+            // SAFETY: both rows are in bounds (slot < slots, i < n).
+            unsafe { ops::copy_row::<Ptx>(row.0, row.1, width) };
+        }
+    });
     if warp_sum(found) != 0 && lane() == 0 {
         // SAFETY: the flag buffer holds flag::LEN words.
         unsafe { ops::raise_flag::<Ptx>(&a, flag::FOUND) };
@@ -271,7 +380,13 @@ pub unsafe extern "ptx-kernel" fn kv_put_rewrite(a: BatchArgs) {
     let mut missing = 0u32;
     while i < a.n {
         // SAFETY: the host passes valid buffers for n items; pass 3 ran.
-        missing += unsafe { ops::put_rewrite::<Ptx>(&a, i) }.missing as u32;
+        let r = unsafe { ops::put_rewrite::<Ptx>(&a, i) };
+        missing += r.missing as u32;
+        if let Some(slot) = r.slot {
+            let (dst, src) = ops::put_row(&a, i, slot);
+            // SAFETY: both rows are in bounds (slot < slots, i < n).
+            unsafe { ops::copy_row::<Ptx>(dst, src, a.table.width) };
+        }
         i += stride;
     }
     count(&a.table, counter::ERRORS, missing);
@@ -280,12 +395,30 @@ pub unsafe extern "ptx-kernel" fn kv_put_rewrite(a: BatchArgs) {
 /// Get: value rows (zeros when missing) and found flags.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_get(a: BatchArgs) {
-    let (mut i, stride) = grid();
-    while i < a.n {
-        // SAFETY: the host passes valid buffers for n items.
-        unsafe { ops::get_item::<Ptx>(&a, i) };
-        i += stride;
+    let width = a.table.width;
+    if width < COOP_WIDTH {
+        let (mut i, stride) = grid();
+        while i < a.n {
+            // SAFETY: the host passes valid buffers for n items.
+            unsafe {
+                let f = ops::get_item::<Ptx>(&a, i);
+                ops::write_found::<Ptx>(&a, i, f);
+            }
+            i += stride;
+        }
+        return;
     }
+    for_warp_items(a.n, |i, valid| {
+        let (mut dst, mut src) = (0, 0);
+        if valid {
+            // SAFETY: the host passes valid buffers for n items.
+            if let Found::Row(s) = unsafe { ops::get_item::<Ptx>(&a, i) } {
+                src = s;
+            }
+            dst = ops::get_row_out(&a, i);
+        }
+        warp_copy_rows(dst, src, width);
+    });
 }
 
 /// Contains: found flags only (`a.values` is 0).
@@ -295,7 +428,7 @@ pub unsafe extern "ptx-kernel" fn kv_contains(a: BatchArgs) {
     let (mut i, stride) = grid();
     while i < a.n {
         // SAFETY: the host passes valid buffers for n items.
-        unsafe { ops::get_item::<Ptx>(&a, i) };
+        let _ = unsafe { ops::get_item::<Ptx>(&a, i) };
         i += stride;
     }
 }

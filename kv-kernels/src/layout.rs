@@ -103,6 +103,28 @@ pub const fn home_slot(key: u64, seed: u64, mask: u64) -> u64 {
     hash(key, seed) & mask
 }
 
+/// The first slot a table probe reads for `key` (a table of `mask + 1` slots whose probes
+/// read windows of `window` slots, [`window_slots`]): the first slot of the window holding
+/// its home slot. The probe reads the window's keys at once and goes on window by window,
+/// so a key may take any free slot of its home window. That is linear probing over slot
+/// numbers from a window-aligned start (bucketized linear probing), whose probes at high
+/// load are a few windows long where probing slot by slot from the home slot runs through
+/// whole clusters.
+///
+/// ```
+/// use kv_kernels::layout::{home_slot, probe_start};
+/// let (seed, mask) = (7, 1023);
+/// for key in 2..100u64 {
+///     let start = probe_start(key, seed, mask, 4);
+///     assert_eq!(start % 4, 0);
+///     assert!(start <= home_slot(key, seed, mask) && home_slot(key, seed, mask) < start + 4);
+/// }
+/// ```
+#[inline(always)]
+pub const fn probe_start(key: u64, seed: u64, mask: u64, window: u64) -> u64 {
+    home_slot(key, seed, mask) & !(window - 1)
+}
+
 /// The slot probed after `slot` (linear probing, wrapping).
 #[inline(always)]
 pub const fn next_slot(slot: u64, mask: u64) -> u64 {
@@ -117,25 +139,49 @@ pub const fn local_slots(n: u64) -> u64 {
     if s < 64 { 64 } else { s }
 }
 
-/// log2 of the slots per bucket of most tables. The slot array is made of buckets: each
-/// holds its slots' keys side by side, then their value rows (64 bytes at width 1: four keys,
-/// four values). A probe reads keys until it finds its key, then its row from the same
-/// 64-byte block, where separate key and value arrays put the two in different DRAM blocks.
-/// Probing stays linear over slot numbers, so a key's slot is the same in every layout.
+/// log2 of the slots per bucket of a table of one-word values: two keys then their two
+/// values, 32 bytes, one DRAM sector. A probe that finds its key in its home bucket reads
+/// one sector, value included, and an insert writes its key and value into that sector.
+pub const NARROW_BUCKET_SHIFT: u32 = 1;
+
+/// log2 of the slots per bucket of a table of wider values: four keys (one 32-byte sector),
+/// then their four rows. A probe reads the four keys at once, then the one row it wants.
 pub const BUCKET_SHIFT: u32 = 2;
 
-/// The bucket shift of a table of `slots` slots (a power of two): [`BUCKET_SHIFT`]. The
-/// kernels take it as a parameter (`TableArgs::bucket_shift`), so that other layouts can be
-/// measured with the same kernels: `log2(slots)` gives one bucket of every slot, a key array
-/// followed by a value array.
-pub const fn bucket_shift(slots: u64) -> u32 {
+/// The bucket shift of a table of `slots` slots (a power of two, at least 4) and `width`-word
+/// values: [`NARROW_BUCKET_SHIFT`] at width 1, else [`BUCKET_SHIFT`]. The kernels take it
+/// as a parameter (`TableArgs::bucket_shift`), so that other layouts can be measured with
+/// the same kernels: `log2(slots)` gives one bucket of every slot, a key array followed by a
+/// value array.
+///
+/// Measured on the H200 (docs/perf-log/2026-12-h200.md): at width 1, buckets of two made
+/// find 1.35x as fast as buckets of four at occupancy 0.5 and insert 1.09x; at widths 4 and
+/// 16 buckets of four were faster.
+pub const fn bucket_shift(slots: u64, width: u32) -> u32 {
     let log2 = slots.trailing_zeros();
-    if BUCKET_SHIFT < log2 {
-        BUCKET_SHIFT
+    let want = if width == 1 {
+        NARROW_BUCKET_SHIFT
     } else {
-        log2
-    }
+        BUCKET_SHIFT
+    };
+    if want < log2 { want } else { log2 }
 }
+
+/// Slots whose keys a probe reads at once in buckets of `1 << shift` slots: one bucket's
+/// keys when it holds two or four, else four (16 or 32 bytes, read with 16-byte loads
+/// issued together). Windows never cross a bucket of four or more slots, so their keys are
+/// contiguous.
+#[inline(always)]
+pub const fn window_slots(shift: u32) -> u64 {
+    if shift == 1 { 2 } else { 4 }
+}
+
+/// Value width (u64 words) from which the kernels copy value rows with a whole warp, a
+/// group of lanes per row and a lane per word, where narrower rows are copied by the
+/// thread that found their slot. A warp's 32 threads each copying their own scattered
+/// 128-byte row touch each row's sectors again and again; copied by the warp, each load
+/// and store is one coalesced run of a row.
+pub const COOP_WIDTH: u32 = 4;
 
 /// Words of the slot array of `slots` slots: a key and a row each.
 #[inline(always)]

@@ -69,6 +69,9 @@ pub mod names {
     /// Put pass 1 (`BatchArgs`): every key placed and its row written; raise FOUND when a
     /// key was already in the table.
     pub const PUT_PLACE: &str = "kv_put_place";
+    /// [`PUT_PLACE`] for rows of [`crate::layout::COOP_WIDTH`] words or more, each written
+    /// by a whole warp.
+    pub const PUT_PLACE_WIDE: &str = "kv_put_place_wide";
     /// Put pass 2 (`BatchArgs`): sentinel keys; zero the chunk-local table when FOUND.
     pub const PUT_SETTLE: &str = "kv_put_settle";
     /// Put pass 3 (`BatchArgs`, works only when FOUND): keys into the chunk-local table,
@@ -90,8 +93,9 @@ pub mod names {
     /// Count live keys and tombstones (`TableArgs`).
     pub const COUNT: &str = "kv_count";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         PUT_PLACE,
+        PUT_PLACE_WIDE,
         PUT_SETTLE,
         PUT_DEDUP,
         PUT_REWRITE,

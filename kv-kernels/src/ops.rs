@@ -18,17 +18,20 @@
 //! keys costs one pass over the table; the three later passes read a flag and exit.
 //!
 //! 1. [`put_place`] (every key): a sentinel key records `1 + i` with an atomic max in its
-//!    chunk flag. Any other key probes linearly from its home slot: a slot holding the key
-//!    is taken as is ("found": the FOUND flag is raised); on EMPTY, the key is claimed with
-//!    a CAS, at the first tombstone met on the way if there was one, else at the EMPTY slot.
-//!    A tombstone lost to another key sends the probe on from the slot after it, claiming
-//!    the next tombstone or that EMPTY slot (never back to the home slot); a failed CAS on
-//!    EMPTY reads the winner's key. Items of a chunk that share a key therefore agree on one slot: exactly
-//!    one claims it (so INSERTED counts each new key once) and the others find it. A slot
-//!    is loaded before the CAS: probing with the CAS itself made this pass 0.9x as fast on
-//!    the H100 (a failed atomic on an occupied slot costs more than a load; PERF.md, "Host
-//!    copies and CAS-first probes"). Every item then writes its row; items that share a key
-//!    race on it, which pass 4 repairs.
+//!    chunk flag. Any other key probes linearly from the first slot of its home window
+//!    ([`probe_start`]), reading a window's keys at once ([`window_slots`]): a slot holding
+//!    the key is taken as is ("found": the FOUND flag is raised); on EMPTY, the key is
+//!    claimed with a CAS, at the first tombstone met on the way if there was one, else at
+//!    the EMPTY slot. A tombstone lost to another key sends the probe on from the slot after
+//!    it, claiming the next tombstone or that EMPTY slot (never back to the start); a failed
+//!    CAS on EMPTY reads the winner's key. Items of a chunk that share a key therefore agree
+//!    on one slot: exactly one claims it (so INSERTED counts each new key once) and the
+//!    others find it. A window's keys are loaded before the CAS: probing with the CAS
+//!    itself made this pass 0.9x as fast on the H100 (a failed atomic on an occupied slot
+//!    costs more than a load; PERF.md, "Host copies and CAS-first probes"). A key loaded
+//!    there may since have been claimed; slots only go from EMPTY or TOMBSTONE to a key
+//!    during a put, and the CAS sees the slot as it is. The caller then writes the item's
+//!    row ([`put_row`]); items that share a key race on it, which pass 4 repairs.
 //! 2. [`put_specials`] (thread 0 of the settle pass): the last occurrence of each sentinel
 //!    key writes its row and sets its presence word. When FOUND is raised, the same pass
 //!    zeroes the chunk-local table ([`clear_local`]).
@@ -47,7 +50,8 @@
 
 use crate::layout::{
     BatchArgs, EMPTY, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
-    is_sentinel, key_word, next_slot, row_word, special_index, special_row,
+    is_sentinel, key_word, next_slot, probe_start, row_word, special_index, special_row,
+    window_slots,
 };
 
 /// The memory operations the algorithms need. Addresses are device (or host) addresses as u64.
@@ -59,10 +63,14 @@ use crate::layout::{
 /// method below).
 #[allow(clippy::missing_safety_doc)]
 pub unsafe trait Mem {
-    /// A load that observes the latest value at device scope (never a stale L1 line).
-    unsafe fn load_sync(addr: u64) -> u64;
     /// A plain load (data not written concurrently by the running kernel).
     unsafe fn load(addr: u64) -> u64;
+    /// Two adjacent words (16-byte aligned) in one load that observes the latest values at
+    /// device scope.
+    unsafe fn load2_sync(addr: u64) -> [u64; 2];
+    /// Two adjacent words (16-byte aligned) in one load, of data not written concurrently by
+    /// the running kernel.
+    unsafe fn load2(addr: u64) -> [u64; 2];
     /// A plain store.
     unsafe fn store(addr: u64, v: u64);
     /// A plain u32 load.
@@ -109,26 +117,119 @@ const fn w32(base: u64, index: u64) -> u64 {
     base + index * 4
 }
 
-/// Copies `width` words from `src` to `dst` (word addresses).
+/// Copies `width` words from `src` to `dst` (word addresses), four loads in flight at a
+/// time (a load, then its store, then the next load would wait for memory once a word).
+///
+/// # Safety
+/// Both rows are valid for `width` words and do not overlap.
 #[inline(always)]
-unsafe fn copy_row<M: Mem>(dst: u64, src: u64, width: u32) {
+pub unsafe fn copy_row<M: Mem>(dst: u64, src: u64, width: u32) {
+    let w = width as u64;
     let mut j = 0u64;
-    while j < width as u64 {
-        // SAFETY: the caller guarantees both rows are valid for `width` words.
+    while j + 4 <= w {
+        // SAFETY: the caller guarantees both rows are valid for `width` words; j + 3 < w.
+        let v = unsafe {
+            [
+                M::load(w64(src, j)),
+                M::load(w64(src, j + 1)),
+                M::load(w64(src, j + 2)),
+                M::load(w64(src, j + 3)),
+            ]
+        };
+        let mut k = 0;
+        while k < 4 {
+            // SAFETY: as above.
+            unsafe { M::store(w64(dst, j + k as u64), v[k]) };
+            k += 1;
+        }
+        j += 4;
+    }
+    while j < w {
+        // SAFETY: as above; j < w.
         unsafe { M::store(w64(dst, j), M::load(w64(src, j))) };
         j += 1;
     }
 }
 
 /// Writes `width` zero words at `dst`.
+///
+/// # Safety
+/// The row is valid for `width` words.
 #[inline(always)]
-unsafe fn zero_row<M: Mem>(dst: u64, width: u32) {
+pub unsafe fn zero_row<M: Mem>(dst: u64, width: u32) {
     let mut j = 0u64;
     while j < width as u64 {
         // SAFETY: the caller guarantees the row is valid for `width` words.
         unsafe { M::store(w64(dst, j), 0) };
         j += 1;
     }
+}
+
+/// The keys of the window of slots `start .. start + W` (`start` a multiple of `W`, the
+/// table's [`window_slots`]), read with 16-byte loads issued together. `sync` reads at
+/// device scope (for passes in which other threads write keys).
+///
+/// # Safety
+/// `start + W <= slots` and `W` is the table's window.
+#[inline(always)]
+unsafe fn window<M: Mem, const W: usize>(t: &TableArgs, start: u64, sync: bool) -> [u64; W] {
+    // SAFETY: forwarded; a window's keys are contiguous and 16-byte aligned.
+    unsafe { pairs::<M, W>(key_at(t, start), sync) }
+}
+
+/// `W` (even) words at `at` (16-byte aligned), read as pairs.
+///
+/// # Safety
+/// The words are valid.
+#[inline(always)]
+unsafe fn pairs<M: Mem, const W: usize>(at: u64, sync: bool) -> [u64; W] {
+    let mut out = [0u64; W];
+    let mut j = 0;
+    while j < W {
+        // SAFETY: the caller guarantees W valid words at `at`.
+        let p = unsafe {
+            if sync {
+                M::load2_sync(at + 8 * j as u64)
+            } else {
+                M::load2(at + 8 * j as u64)
+            }
+        };
+        out[j] = p[0];
+        out[j + 1] = p[1];
+        j += 2;
+    }
+    out
+}
+
+/// `w[j]` for `j < W`, as selects rather than an indexed access (which would put the
+/// window in local memory on the device).
+#[inline(always)]
+fn pick<const W: usize>(w: &[u64; W], j: u64) -> u64 {
+    let mut v = w[0];
+    let mut k = 1;
+    while k < W {
+        if j == k as u64 {
+            v = w[k];
+        }
+        k += 1;
+    }
+    v
+}
+
+/// The slot of `key` in the window `w` (starting at slot `start`), then whether the window
+/// holds an EMPTY slot.
+#[inline(always)]
+fn scan<const W: usize>(w: &[u64; W], start: u64, key: u64) -> (Option<u64>, bool) {
+    let (mut hit, mut empty) = (None, false);
+    let mut k = 0;
+    while k < W {
+        if w[k] == key {
+            hit = Some(start + k as u64);
+        }
+        empty |= w[k] == EMPTY;
+        k += 1;
+    }
+    (hit, empty)
 }
 
 /// What [`put_dedup`] found for one key.
@@ -204,16 +305,31 @@ pub struct Placed {
     pub found: bool,
     /// The probe went round the whole table without finding room (broken invariant).
     pub overflow: bool,
+    /// The slot the key took or found: the caller writes the item's value row there
+    /// ([`put_row`]).
+    pub slot: Option<u64>,
 }
 
-/// Put pass 1 for item `i`: place its key and write its value row (see the module docs).
+/// Put pass 1 for item `i`: place its key (see the module docs). The caller then writes
+/// its value row into [`Placed::slot`] ([`put_row`]), by itself or with its warp.
 ///
 /// # Safety
 /// `a` describes valid device buffers, `i < a.n`, and the chunk's flags were zeroed.
 #[inline(always)]
 pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
+    // SAFETY: forwarded.
+    unsafe {
+        match window_slots(a.table.bucket_shift) {
+            2 => place::<M, 2>(a, i),
+            _ => place::<M, 4>(a, i),
+        }
+    }
+}
+
+/// [`put_place`] with windows of `W` slots.
+#[inline(always)]
+unsafe fn place<M: Mem, const W: usize>(a: &BatchArgs, i: u64) -> Placed {
     let t = &a.table;
-    let w = t.width;
     // SAFETY: i < n, keys_in holds n words.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Placed::default();
@@ -228,14 +344,25 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
         out.skipped = true;
         return out;
     }
-    let mut pos = home_slot(key, t.seed, t.mask);
+    let win_n = W as u64;
+    let home = probe_start(key, t.seed, t.mask, win_n);
+    let mut pos = home;
     let mut first_tomb = u64::MAX;
     // Once set, the EMPTY slot that ended the probe: the key was not in any slot before it.
     let mut end = u64::MAX;
     let mut steps = 0u64;
+    // The keys of the window holding `pos`, read when the probe enters it. A key read
+    // there may since have been claimed: slots only go from EMPTY or TOMBSTONE to a key
+    // during a put, and every claim is a CAS that sees the slot as it is.
+    let (mut win_at, mut win) = (u64::MAX, [0u64; W]);
     let slot = loop {
-        // SAFETY: pos <= mask < slots.
-        let mut cur = unsafe { M::load_sync(key_at(t, pos)) };
+        let start = pos & !(win_n - 1);
+        if start != win_at {
+            // SAFETY: start + W <= slots.
+            win = unsafe { window::<M, W>(t, start, true) };
+            win_at = start;
+        }
+        let mut cur = pick(&win, pos & (win_n - 1));
         if end != u64::MAX {
             // Claiming: a tombstone lost to another key sent us on from the slot after it.
             // During a put, slots only go from EMPTY or TOMBSTONE to a key, so the key is
@@ -279,7 +406,7 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
                     // this EMPTY one, never walking the chain again (a walk per lost race
                     // would be quadratic in the chain's length under contention).
                     end = pos;
-                    steps = first_tomb.wrapping_sub(home_slot(key, t.seed, t.mask)) & t.mask;
+                    steps = first_tomb.wrapping_sub(home) & t.mask;
                     pos = first_tomb;
                     first_tomb = u64::MAX;
                     pos = next_slot(pos, t.mask);
@@ -311,9 +438,16 @@ pub unsafe fn put_place<M: Mem>(a: &BatchArgs, i: u64) -> Placed {
             return out;
         }
     };
-    // SAFETY: rows are in bounds (slot < slots, i < n).
-    unsafe { copy_row::<M>(row_at(t, slot), w64(a.values, i * w as u64), w) };
+    out.slot = Some(slot);
     out
+}
+
+/// The row copy of put pass 1 and 4: (destination, source) word addresses of item `i`'s
+/// value row when its key is in `slot`.
+#[inline(always)]
+pub fn put_row(a: &BatchArgs, i: u64, slot: u64) -> (u64, u64) {
+    let t = &a.table;
+    (row_at(t, slot), w64(a.values, i * t.width as u64))
 }
 
 /// Reads one of the chunk's u32 flags ([`flag::DUP`] or [`flag::FOUND`]).
@@ -379,21 +513,21 @@ pub unsafe fn put_specials<M: Mem>(a: &BatchArgs) {
 /// What [`put_rewrite`] did with one key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Rewritten {
-    /// The item is the last occurrence of a repeated key and wrote its row again.
-    pub rewrote: bool,
+    /// The item is the last occurrence of a repeated key: the caller writes its row again
+    /// into this slot ([`put_row`]).
+    pub slot: Option<u64>,
     /// ... but its key was not in the table (broken invariant: pass 1 placed it).
     pub missing: bool,
 }
 
 /// Put pass 4 for item `i`: if it is the last occurrence of a key that repeats in the
-/// chunk, write its row again (see the module docs).
+/// chunk, find the slot where its row is written again (see the module docs).
 ///
 /// # Safety
 /// `a` describes valid device buffers, `i < a.n`, and [`put_dedup`] ran for the whole chunk.
 #[inline(always)]
 pub unsafe fn put_rewrite<M: Mem>(a: &BatchArgs, i: u64) -> Rewritten {
     let t = &a.table;
-    let w = t.width;
     // SAFETY: i < n, keys_in holds n words.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let mut out = Rewritten::default();
@@ -406,71 +540,161 @@ pub unsafe fn put_rewrite<M: Mem>(a: &BatchArgs, i: u64) -> Rewritten {
         return out;
     }
     // SAFETY: forwarded.
-    match unsafe { find::<M>(t, key) } {
-        Some(slot) => {
-            // SAFETY: rows are in bounds (slot < slots, i < n).
-            unsafe { copy_row::<M>(row_at(t, slot), w64(a.values, i * w as u64), w) };
-            out.rewrote = true;
-        }
-        None => out.missing = true,
-    }
+    out.slot = unsafe { find::<M>(t, key) };
+    out.missing = out.slot.is_none();
     out
 }
 
 /// Finds `key` in the table: its slot, or `None` (sentinel keys are not looked for here).
+/// Reads a window of keys at a time; a key is never placed past an EMPTY slot of its probe,
+/// so the probe ends at the first window holding one.
+///
+/// # Safety
+/// `t` describes a valid table whose keys no thread writes during the call.
 #[inline(always)]
 unsafe fn find<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
-    let mut pos = home_slot(key, t.seed, t.mask);
-    let mut steps = 0u64;
-    loop {
-        // SAFETY: pos < slots.
-        let cur = unsafe { M::load(key_at(t, pos)) };
-        if cur == key {
-            return Some(pos);
+    // SAFETY: forwarded.
+    unsafe {
+        match window_slots(t.bucket_shift) {
+            2 => find_in::<M, 2>(t, key),
+            _ => find_in::<M, 4>(t, key),
         }
-        if cur == EMPTY || steps >= t.mask {
-            return None;
-        }
-        pos = next_slot(pos, t.mask);
-        steps += 1;
     }
 }
 
-/// Get/contains for item `i`: writes `found_out[i]` and, when `a.values != 0`, the value row
-/// (zeros when missing). Returns whether the key was found.
+/// [`find`] with windows of `W` slots.
+#[inline(always)]
+unsafe fn find_in<M: Mem, const W: usize>(t: &TableArgs, key: u64) -> Option<u64> {
+    let win_n = W as u64;
+    let mut pos = probe_start(key, t.seed, t.mask, win_n);
+    let mut steps = 0u64;
+    loop {
+        // SAFETY: pos is a multiple of W below slots.
+        let (hit, empty) = scan(&unsafe { window::<M, W>(t, pos, false) }, pos, key);
+        if hit.is_some() {
+            return hit;
+        }
+        steps += win_n;
+        if empty || steps > t.mask {
+            return None;
+        }
+        pos = (pos + win_n) & t.mask;
+    }
+}
+
+/// [`find`] at width 1 with each window's values read together with its keys, so that a
+/// key found in the first window costs one trip to memory rather than two (its key and its
+/// value share the bucket's 64 bytes). Returns the key's value.
+///
+/// # Safety
+/// As [`find`], and the table's width is 1.
+#[inline(always)]
+unsafe fn find_value<M: Mem>(t: &TableArgs, key: u64) -> Option<u64> {
+    // SAFETY: forwarded.
+    unsafe {
+        match window_slots(t.bucket_shift) {
+            2 => find_value_in::<M, 2>(t, key),
+            _ => find_value_in::<M, 4>(t, key),
+        }
+    }
+}
+
+/// [`find_value`] with windows of `W` slots.
+#[inline(always)]
+unsafe fn find_value_in<M: Mem, const W: usize>(t: &TableArgs, key: u64) -> Option<u64> {
+    let win_n = W as u64;
+    let mut pos = probe_start(key, t.seed, t.mask, win_n);
+    let mut steps = 0u64;
+    loop {
+        // SAFETY: pos is a multiple of W below slots; at width 1 the window's rows are
+        // W contiguous words after the bucket's keys, 16-byte aligned.
+        let (keys, vals) = unsafe {
+            (
+                window::<M, W>(t, pos, false),
+                pairs::<M, W>(row_at(t, pos), false),
+            )
+        };
+        let (hit, empty) = scan(&keys, pos, key);
+        if let Some(slot) = hit {
+            return Some(pick(&vals, slot - pos));
+        }
+        steps += win_n;
+        if empty || steps > t.mask {
+            return None;
+        }
+        pos = (pos + win_n) & t.mask;
+    }
+}
+
+/// What a get found for one item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Not in the table: the caller writes a row of zeros.
+    Missing,
+    /// The word address of its value row: the caller copies it.
+    Row(u64),
+    /// Its value (width 1), read with its key.
+    Value(u64),
+}
+
+/// Get/contains for item `i`: writes `found_out[i]` and returns where its value is; the
+/// caller writes the output row at [`get_row_out`] when `a.values != 0` ([`write_found`],
+/// or with its warp).
 ///
 /// # Safety
 /// `a` describes valid device buffers and `i < a.n`.
 #[inline(always)]
-pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> bool {
+pub unsafe fn get_item<M: Mem>(a: &BatchArgs, i: u64) -> Found {
     let t = &a.table;
-    let w = t.width;
     // SAFETY: i < n.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
-    let src = if is_sentinel(key) {
+    let found = if is_sentinel(key) {
         let sp = special_index(key);
         // SAFETY: the special area holds special_words(width) words.
         if unsafe { M::load(w64(t.special, sp)) } != 0 {
-            Some(w64(t.special, special_row(sp, w)))
+            Found::Row(w64(t.special, special_row(sp, t.width)))
         } else {
-            None
+            Found::Missing
+        }
+    } else if t.width == 1 && a.values != 0 {
+        // SAFETY: forwarded.
+        match unsafe { find_value::<M>(t, key) } {
+            Some(v) => Found::Value(v),
+            None => Found::Missing,
         }
     } else {
         // SAFETY: forwarded.
-        unsafe { find::<M>(t, key) }.map(|slot| row_at(t, slot))
+        match unsafe { find::<M>(t, key) } {
+            Some(slot) => Found::Row(row_at(t, slot)),
+            None => Found::Missing,
+        }
     };
-    // SAFETY: found_out holds n bytes; values (when set) holds n rows.
+    // SAFETY: found_out holds n bytes.
+    unsafe { M::store_u8(a.found_out + i, (found != Found::Missing) as u8) };
+    found
+}
+
+/// The word address of item `i`'s output row of a get.
+#[inline(always)]
+pub fn get_row_out(a: &BatchArgs, i: u64) -> u64 {
+    w64(a.values, i * a.table.width as u64)
+}
+
+/// Writes item `i`'s output row of a get from what [`get_item`] found.
+///
+/// # Safety
+/// `a.values` holds n rows, `i < n`, and a found row is valid for the table's width.
+#[inline(always)]
+pub unsafe fn write_found<M: Mem>(a: &BatchArgs, i: u64, found: Found) {
+    let (dst, w) = (get_row_out(a, i), a.table.width);
+    // SAFETY: forwarded.
     unsafe {
-        M::store_u8(a.found_out + i, src.is_some() as u8);
-        if a.values != 0 {
-            let dst = w64(a.values, i * w as u64);
-            match src {
-                Some(src) => copy_row::<M>(dst, src, w),
-                None => zero_row::<M>(dst, w),
-            }
+        match found {
+            Found::Missing => zero_row::<M>(dst, w),
+            Found::Row(src) => copy_row::<M>(dst, src, w),
+            Found::Value(v) => M::store(dst, v),
         }
     }
-    src.is_some()
 }
 
 /// Count-missing for item `i`: whether its key is not in the table (the special area
@@ -510,6 +734,18 @@ pub struct Removed {
 /// `a` describes valid device buffers and `i < a.n`.
 #[inline(always)]
 pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
+    // SAFETY: forwarded.
+    unsafe {
+        match window_slots(a.table.bucket_shift) {
+            2 => delete_in::<M, 2>(a, i),
+            _ => delete_in::<M, 4>(a, i),
+        }
+    }
+}
+
+/// [`delete_item`] with windows of `W` slots.
+#[inline(always)]
+unsafe fn delete_in<M: Mem, const W: usize>(a: &BatchArgs, i: u64) -> Removed {
     let t = &a.table;
     // SAFETY: i < n.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
@@ -519,21 +755,23 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
         out.special = unsafe { M::exch(w64(t.special, special_index(key)), 0) } != 0;
         return out;
     }
-    let mut pos = home_slot(key, t.seed, t.mask);
+    let win_n = W as u64;
+    let mut pos = probe_start(key, t.seed, t.mask, win_n);
     let mut steps = 0u64;
     loop {
-        // SAFETY: pos < slots.
-        let cur = unsafe { M::load_sync(key_at(t, pos)) };
-        if cur == key {
-            // SAFETY: pos < slots.
-            out.table = unsafe { M::cas(key_at(t, pos), key, TOMBSTONE) } == key;
+        // SAFETY: pos is a multiple of W below slots. Other items only turn keys into
+        // tombstones, so a window read here holds the key if the table does.
+        let (hit, empty) = scan(&unsafe { window::<M, W>(t, pos, true) }, pos, key);
+        if let Some(slot) = hit {
+            // SAFETY: slot < slots.
+            out.table = unsafe { M::cas(key_at(t, slot), key, TOMBSTONE) } == key;
             return out;
         }
-        if cur == EMPTY || steps >= t.mask {
+        steps += win_n;
+        if empty || steps > t.mask {
             return out;
         }
-        pos = next_slot(pos, t.mask);
-        steps += 1;
+        pos = (pos + win_n) & t.mask;
     }
 }
 
@@ -545,6 +783,18 @@ pub unsafe fn delete_item<M: Mem>(a: &BatchArgs, i: u64) -> Removed {
 /// keys than slots.
 #[inline(always)]
 pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
+    // SAFETY: forwarded.
+    unsafe {
+        match window_slots(a.table.bucket_shift) {
+            2 => rehash_in::<M, 2>(a, s),
+            _ => rehash_in::<M, 4>(a, s),
+        }
+    }
+}
+
+/// [`rehash_item`] with windows of `W` slots.
+#[inline(always)]
+unsafe fn rehash_in<M: Mem, const W: usize>(a: &RehashArgs, s: u64) -> Option<bool> {
     let t = &a.table;
     let shift = a.old_bucket_shift as u32;
     // SAFETY: s < old_slots.
@@ -552,11 +802,18 @@ pub unsafe fn rehash_item<M: Mem>(a: &RehashArgs, s: u64) -> Option<bool> {
     if is_sentinel(key) {
         return Some(false);
     }
-    let mut pos = home_slot(key, t.seed, t.mask);
+    let win_n = W as u64;
+    let mut pos = probe_start(key, t.seed, t.mask, win_n);
     let mut steps = 0u64;
+    let (mut win_at, mut win) = (u64::MAX, [0u64; W]);
     loop {
-        // SAFETY: pos < slots.
-        let cur = unsafe { M::load_sync(key_at(t, pos)) };
+        let start = pos & !(win_n - 1);
+        if start != win_at {
+            // SAFETY: start + W <= slots.
+            win = unsafe { window::<M, W>(t, start, true) };
+            win_at = start;
+        }
+        let cur = pick(&win, pos & (win_n - 1));
         // SAFETY: pos < slots.
         if cur == EMPTY && unsafe { M::cas(key_at(t, pos), EMPTY, key) } == EMPTY {
             // SAFETY: rows in bounds of both tables.

@@ -26,11 +26,16 @@ fn a8(addr: u64) -> &'static AtomicU8 {
 // SAFETY: every method performs the named operation (relaxed atomics stand in for plain
 // accesses, so that racing passes are not undefined behaviour on the host).
 unsafe impl Mem for Host {
-    unsafe fn load_sync(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
     unsafe fn load(addr: u64) -> u64 {
         a64(addr).load(Relaxed)
+    }
+    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
+        assert_eq!(addr % 16, 0, "pair loads are 16-byte aligned");
+        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
+    }
+    unsafe fn load2(addr: u64) -> [u64; 2] {
+        assert_eq!(addr % 16, 0, "pair loads are 16-byte aligned");
+        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
     }
     unsafe fn store(addr: u64, v: u64) {
         a64(addr).store(v, Relaxed)
@@ -145,7 +150,7 @@ impl Sim {
             width,
             slots,
             arr: vec![EMPTY; slot_array_words(slots, width) as usize],
-            shift: BUCKET_SHIFT.min(slots.trailing_zeros()),
+            shift: bucket_shift(slots, width),
             special: vec![0; special_words(width) as usize],
             counters: vec![0; counter::LEN],
             threads,
@@ -218,6 +223,12 @@ impl Sim {
             // SAFETY: the buffers are live and sized as the args say; flags are zeroed.
             let p = unsafe { ops::put_place::<Host>(&a, i) };
             assert!(!p.overflow);
+            assert_eq!(p.slot.is_some(), !p.skipped);
+            if let Some(slot) = p.slot {
+                let (dst, src) = ops::put_row(&a, i, slot);
+                // SAFETY: both rows are in bounds (slot < slots, i < n).
+                unsafe { ops::copy_row::<Host>(dst, src, self.width) };
+            }
             ins.fetch_add(p.inserted as u64, Relaxed);
             fe.fetch_add(p.from_empty as u64, Relaxed);
             found.fetch_add(p.found as u64, Relaxed);
@@ -259,7 +270,12 @@ impl Sim {
                 // SAFETY: the buffers are live and sized as the args say; pass 3 ran.
                 let r = unsafe { ops::put_rewrite::<Host>(&a, i) };
                 assert!(!r.missing);
-                rewrote.fetch_add(r.rewrote as u64, Relaxed);
+                if let Some(slot) = r.slot {
+                    let (dst, src) = ops::put_row(&a, i, slot);
+                    // SAFETY: both rows are in bounds (slot < slots, i < n).
+                    unsafe { ops::copy_row::<Host>(dst, src, self.width) };
+                    rewrote.fetch_add(1, Relaxed);
+                }
             });
         }
         let (ins, fe) = (ins.load(Relaxed), fe.load(Relaxed));
@@ -331,7 +347,10 @@ impl Sim {
         // SAFETY: buffers are live and sized as the args say.
         par(keys.len() as u64, self.threads, |i| {
             // SAFETY: the buffers are live and sized as the args say.
-            unsafe { ops::get_item::<Host>(&a, i) };
+            unsafe {
+                let f = ops::get_item::<Host>(&a, i);
+                ops::write_found::<Host>(&a, i, f);
+            }
         });
         assert!(found.iter().all(|f| *f <= 1));
         (vals, found.iter().map(|f| *f == 1).collect())
@@ -507,8 +526,15 @@ fn buckets_hold_their_keys_then_their_rows() {
     assert_eq!((key_word(5, 1, 2), row_word(5, 1, 2)), (9, 13));
     // One bucket of every slot: a key array, then a value array.
     assert_eq!((key_word(5, 2, 6), row_word(5, 2, 6)), (5, 64 + 10));
-    assert_eq!(bucket_shift(1 << 20), BUCKET_SHIFT);
-    assert_eq!(bucket_shift(2), 1);
+    assert_eq!(bucket_shift(1 << 20, 2), BUCKET_SHIFT);
+    assert_eq!(bucket_shift(1 << 20, 1), NARROW_BUCKET_SHIFT);
+    assert_eq!(bucket_shift(2, 16), 1);
+    assert_eq!(
+        (window_slots(1), window_slots(2), window_slots(20)),
+        (2, 4, 4)
+    );
+    // Width 1 in buckets of two: two keys, then two values, in 32 bytes.
+    assert_eq!((key_word(5, 1, 1), row_word(5, 1, 1)), (9, 11));
 }
 
 #[test]
