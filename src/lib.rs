@@ -34,9 +34,10 @@
 //! ```
 
 pub use kv_core::{
-    Audit, Description, DriverError, Error, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH,
-    PutPlan, Result, TableConfig, capacity_of, check_contains, check_get, check_put, plan_put,
-    slots_for,
+    Audit, CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description,
+    DriverError, Error, Evicted, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock,
+    PutPlan, Result, SystemClock, TableConfig, cache_capacity_for_budget, capacity_of,
+    check_contains, check_get, check_put, plan_put, slots_for,
 };
 pub use kv_staging::trace::Tracer;
 
@@ -173,6 +174,21 @@ impl KvBackend for Table {
     fn audit(&self) -> Result<Audit> {
         self.inner.audit()
     }
+    fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
+        self.inner.put_and_evict(batch, evicted)
+    }
+    fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
+        self.inner.put_cached(batch)
+    }
+    fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        self.inner.peek(keys, values_out, found_out)
+    }
+    fn eviction_scope(&self, key: u64) -> Result<u64> {
+        self.inner.eviction_scope(key)
+    }
+    fn cache_stats(&self) -> Result<CacheStats> {
+        self.inner.cache_stats()
+    }
 }
 
 /// How [`open_with`] opens a table: the backend to force (none: the best available), and
@@ -274,9 +290,13 @@ pub fn open_with(cfg: TableConfig, options: &Options) -> Result<Table> {
                     skipped,
                 });
             }
-            Err(e @ (Error::BackendUnavailable { .. } | Error::Device { .. })) => {
-                skipped.push((kind, e.to_string()))
-            }
+            // A backend that cannot open this kind of table (a cache table on a GPU backend
+            // that has none yet) is skipped too, and says so in `skipped`.
+            Err(
+                e @ (Error::BackendUnavailable { .. }
+                | Error::Device { .. }
+                | Error::Unsupported { .. }),
+            ) => skipped.push((kind, e.to_string())),
             Err(e) => return Err(e),
         }
     }
@@ -331,6 +351,10 @@ fn open_kind(
     options: &Options,
 ) -> Result<Box<dyn KvBackend>> {
     match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu if cfg.cache.is_some() => {
+            Ok(Box::new(kv_backend_cpu::CpuCache::open(cfg)?))
+        }
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBackend::open(cfg)?)),
         #[cfg(feature = "cuda")]

@@ -21,7 +21,10 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 
+mod cache;
 mod part;
+
+pub use cache::CpuCache;
 
 use kv_core::{
     Applied, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig,
@@ -438,6 +441,12 @@ impl CpuBackend {
     pub fn open(cfg: TableConfig) -> Result<Self> {
         cfg.validate()?;
         cfg.device_among(1, "cpu")?;
+        if cfg.cache.is_some() {
+            return Err(kv_core::Error::InvalidConfig(
+                "a cache config opens a cache table: use CpuCache::open (vramkv::open picks it)"
+                    .into(),
+            ));
+        }
         let seed = cfg.table_seed();
         let state = State::new(&cfg, seed)?;
         Ok(Self {

@@ -202,6 +202,12 @@ impl CudaBackend {
     pub fn open_with(cfg: TableConfig, options: &CudaOptions) -> Result<Self> {
         cfg.validate()?;
         options.validate()?;
+        if cfg.cache.is_some() {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: "cache tables (TableConfig::cache); the CPU backend has them",
+            });
+        }
         let gpu = gpu::gpu(&cfg)?;
         gpu.bind()?;
         let dev = Device::new(gpu, options)?;

@@ -224,6 +224,12 @@ impl WgpuBackend {
     pub fn open_with(cfg: TableConfig, options: &WgpuOptions) -> Result<Self> {
         cfg.validate()?;
         options.validate()?;
+        if cfg.cache.is_some() {
+            return Err(Error::Unsupported {
+                backend: "wgpu",
+                what: "cache tables (TableConfig::cache); the CPU backend has them",
+            });
+        }
         let gpu = gpu::gpu(&cfg)?;
         let max_seg_bytes = options
             .segment_bytes

@@ -13,6 +13,9 @@
 //! }
 //! ```
 //!
+//! A backend with cache tables adds `cache: true` and runs the cache contract
+//! ([`cache::all`]) too; without it, the suite checks that a cache config is refused.
+//!
 //! `availability` decides, at run time, whether the backend can run here. When it answers
 //! [`Availability::Skip`], the binary prints `skipped: <reason>` and reports every case
 //! as *ignored* (never as passed); [`Availability::Fail`] makes every case fail, for
@@ -24,6 +27,7 @@
 //! [`Model`] is the sequential reference the cases (and the differential property tests)
 //! compare a backend with.
 
+pub mod cache;
 pub mod cases;
 mod model;
 pub mod stress;
@@ -83,15 +87,25 @@ impl Availability {
     }
 }
 
-/// Builds the suite's trials for a backend; what [`conformance_main!`] calls.
+/// Builds the suite's trials for a backend; what [`conformance_main!`] calls. With `cache`
+/// the backend has cache tables and runs the cache contract ([`cache::all`]); without, it
+/// runs [`cache::refused`]: a cache config must be refused, never opened as something
+/// else.
 pub fn trials(
     backend: &'static str,
     open: std::sync::Arc<cases::Open>,
     availability: Availability,
+    cache: bool,
 ) -> Vec<libtest_mimic::Trial> {
     availability.announce(&format!("{backend} conformance suite"));
+    let cache_cases = if cache {
+        cache::all()
+    } else {
+        cache::refused()
+    };
     cases::all()
         .into_iter()
+        .chain(cache_cases)
         .map(|case| {
             let open = open.clone();
             availability.trial(format!("{backend}::{}", case.name), move || {
@@ -106,10 +120,15 @@ pub fn trials(
 #[macro_export]
 macro_rules! conformance_main {
     (backend: $backend:expr, open: $open:expr, availability: $avail:expr $(,)?) => {
+        $crate::conformance_main! {
+            backend: $backend, open: $open, availability: $avail, cache: false,
+        }
+    };
+    (backend: $backend:expr, open: $open:expr, availability: $avail:expr, cache: $cache:expr $(,)?) => {
         fn main() {
             let args = $crate::libtest_mimic::Arguments::from_args();
             let open: ::std::sync::Arc<$crate::cases::Open> = ::std::sync::Arc::new($open);
-            let trials = $crate::trials($backend, open, ($avail)());
+            let trials = $crate::trials($backend, open, ($avail)(), $cache);
             $crate::libtest_mimic::run(&args, trials).exit();
         }
     };
@@ -120,6 +139,12 @@ macro_rules! conformance_main {
 /// contract looks like with nothing GPU about it.
 pub fn doc_backend(cfg: kv_core::TableConfig) -> kv_core::Result<impl kv_core::KvBackend> {
     cfg.validate()?;
+    if cfg.cache.is_some() {
+        return Err(kv_core::Error::Unsupported {
+            backend: "model",
+            what: "cache tables",
+        });
+    }
     cfg.device_among(1, "model")?;
     Ok(ModelBackend {
         cfg: cfg.clone(),

@@ -1,6 +1,6 @@
 //! The [`KvBackend`] trait: the contract every vramkv backend meets exactly.
 
-use crate::{Error, Result};
+use crate::{CachePut, CacheStats, Error, Evicted, Result};
 
 /// What a backend says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +168,73 @@ pub trait KvBackend: Send + Sync {
         Err(Error::Unsupported {
             backend: self.describe().backend,
             what: "audit",
+        })
+    }
+
+    /// Optional (cache tables, [`crate::CacheConfig`]): puts `batch`, with its scores and
+    /// times to live, and writes every entry it evicted into `evicted` (its first `m`
+    /// entries, where `m` is the count returned). A put evicts an entry when a new key finds
+    /// its bucket full, or turns the new key itself away when its score is the lowest;
+    /// either way the entry is reported here. `evicted` must have room for one entry per
+    /// key of the batch; bad input changes nothing. The default answers
+    /// [`Error::Unsupported`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use kv_core::{CacheConfig, CachePolicy, CachePut, Evicted, KvBackend, ManualClock, TableConfig};
+    /// # fn demo(open: impl Fn(TableConfig) -> kv_core::Result<Box<dyn KvBackend>>) -> kv_core::Result<()> {
+    /// let t = open(TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Custom)))?;
+    /// let (mut k, mut v, mut s) = ([0u64; 2], [0u64; 2], [0u64; 2]);
+    /// let mut ev = Evicted { keys: &mut k, values: &mut v, scores: &mut s };
+    /// let n = t.put_and_evict(CachePut::new(&[1, 2], &[10, 20]).scores(&[5, 9]), &mut ev)?;
+    /// assert_eq!(n, 0);
+    /// # Ok(()) }
+    /// ```
+    fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
+        let _ = (batch, evicted);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (put_and_evict)",
+        })
+    }
+
+    /// Optional (cache tables): [`put_and_evict`](Self::put_and_evict) without the report;
+    /// returns how many entries it evicted. A plain [`put`](Self::put) on a cache table is
+    /// this with no scores and no expiry.
+    fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
+        let _ = batch;
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (put_cached)",
+        })
+    }
+
+    /// Optional (cache tables): [`get`](Self::get) without counting as an access, so that
+    /// no score changes.
+    fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        let _ = (keys, values_out, found_out);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (peek)",
+        })
+    }
+
+    /// Optional (cache tables): the bucket `key` lives in, the place an eviction of it was
+    /// chosen from (contract: an evicted entry had a score no higher than every entry that
+    /// stayed in its bucket).
+    fn eviction_scope(&self, key: u64) -> Result<u64> {
+        let _ = key;
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (eviction_scope)",
+        })
+    }
+
+    /// Optional (cache tables): the table's running counts.
+    fn cache_stats(&self) -> Result<CacheStats> {
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (cache_stats)",
         })
     }
 }

@@ -3,7 +3,7 @@
 //! The rules live here, not in the backends, so that `capacity()` and the
 //! decision to grow or to refuse a batch are identical on every backend.
 
-use crate::{Error, Result};
+use crate::{CacheConfig, Error, Result, cache_buckets};
 
 /// The widest value a table can hold, in u64 words (128 bytes).
 pub const MAX_WIDTH: usize = 16;
@@ -49,6 +49,11 @@ pub struct TableConfig {
     /// seed gives the same slot for every key on every backend. Results never depend on the
     /// seed, only the placement of keys (and so the speed) does.
     pub seed: Option<u64>,
+    /// Makes the table a cache table (`None`, the default: a table that grows or refuses).
+    /// A cache table holds `capacity` entries rounded up to whole buckets, at a load of
+    /// up to 1; it never grows and never refuses a put for room: it evicts
+    /// ([`crate::CachePolicy`], docs/cache.md). `max_load_factor` and `growth` do not apply.
+    pub cache: Option<CacheConfig>,
 }
 
 impl Default for TableConfig {
@@ -60,6 +65,7 @@ impl Default for TableConfig {
             growth: true,
             device: None,
             seed: None,
+            cache: None,
         }
     }
 }
@@ -103,6 +109,26 @@ impl TableConfig {
     /// ```
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
+        self
+    }
+
+    /// Makes the table a cache table (see [`cache`](Self#structfield.cache)).
+    pub fn cache(mut self, cache: CacheConfig) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Makes the table a cache table whose slots take at most `budget_bytes`: its
+    /// capacity is what the budget holds ([`crate::cache_capacity_for_budget`]).
+    ///
+    /// ```
+    /// use kv_core::{CacheConfig, CachePolicy, TableConfig};
+    /// let cfg = TableConfig::default().cache_budget(1 << 20, CacheConfig::new(CachePolicy::Lfu));
+    /// assert_eq!(cfg.initial_capacity(), 31_744);
+    /// ```
+    pub fn cache_budget(mut self, budget_bytes: u64, cache: CacheConfig) -> Self {
+        self.capacity = crate::cache_capacity_for_budget(budget_bytes, self.width);
+        self.cache = Some(cache);
         self
     }
 
@@ -153,6 +179,20 @@ impl TableConfig {
                 self.max_load_factor
             )));
         }
+        if self.cache.is_some() {
+            if self.capacity == 0 {
+                return Err(Error::InvalidConfig(
+                    "a cache table needs a capacity of at least one entry".into(),
+                ));
+            }
+            if self.capacity > MAX_SLOTS {
+                return Err(Error::InvalidConfig(format!(
+                    "cache capacity {} is more than {MAX_SLOTS} slots",
+                    self.capacity
+                )));
+            }
+            return Ok(());
+        }
         if slots_for(self.capacity, self.max_load_factor).is_none() {
             return Err(Error::InvalidConfig(format!(
                 "capacity {} needs more than {MAX_SLOTS} slots",
@@ -162,13 +202,21 @@ impl TableConfig {
         Ok(())
     }
 
-    /// The slot count a table with this config starts with.
+    /// The slot count a table with this config starts with (a cache table's: whole
+    /// buckets of [`crate::CACHE_BUCKET_SLOTS`]).
     pub fn initial_slots(&self) -> usize {
+        if self.cache.is_some() {
+            return cache_buckets(self.capacity) * crate::CACHE_BUCKET_SLOTS;
+        }
         slots_for(self.capacity, self.max_load_factor).unwrap_or(MAX_SLOTS)
     }
 
-    /// The capacity a table with this config starts with (at least `capacity`).
+    /// The capacity a table with this config starts with (at least `capacity`; a cache
+    /// table's is its slot count).
     pub fn initial_capacity(&self) -> usize {
+        if self.cache.is_some() {
+            return self.initial_slots();
+        }
         capacity_of(self.initial_slots(), self.max_load_factor)
     }
 }

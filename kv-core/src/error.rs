@@ -43,6 +43,10 @@ pub enum Error {
     /// The table configuration is not valid.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// An argument of a batch is not valid for this table (scores given to a table whose
+    /// policy keeps its own, say).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// The batch cannot fit: growth is off, or the table would pass the largest size vramkv supports.
     #[error("capacity exceeded: {requested} entries requested, capacity is {capacity}")]
     CapacityExceeded {

@@ -12,6 +12,7 @@
 
 mod backend;
 mod books;
+mod cache;
 mod config;
 mod error;
 mod options;
@@ -21,6 +22,10 @@ pub use backend::{
     check_put_len,
 };
 pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
+pub use cache::{
+    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Evicted,
+    ManualClock, SystemClock, cache_buckets, cache_capacity_for_budget, cache_slot_bytes,
+};
 pub use config::{
     MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,
     slots_for,

@@ -125,6 +125,19 @@ pub const fn probe_start(key: u64, seed: u64, mask: u64, window: u64) -> u64 {
     home_slot(key, seed, mask) & !(window - 1)
 }
 
+/// The home bucket of `key` in a cache table of `buckets` buckets whose hash seed is
+/// `seed`: the hash scaled to the bucket count (multiply-shift on its 64 bits), so that any
+/// count of buckets works. A cache table's key lives only in this bucket.
+///
+/// ```
+/// use kv_kernels::layout::cache_bucket;
+/// assert!((0..1000u64).all(|k| cache_bucket(k, 9, 7) < 7));
+/// ```
+#[inline(always)]
+pub const fn cache_bucket(key: u64, seed: u64, buckets: u64) -> u64 {
+    ((hash(key, seed) as u128 * buckets as u128) >> 64) as u64
+}
+
 /// The slot probed after `slot` (linear probing, wrapping).
 #[inline(always)]
 pub const fn next_slot(slot: u64, mask: u64) -> u64 {
