@@ -36,10 +36,13 @@
 pub use kv_core::{
     Audit, CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description,
     DriverError, Error, Evicted, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock,
-    PutPlan, Result, SystemClock, TableConfig, cache_capacity_for_budget, capacity_of,
-    check_contains, check_get, check_put, plan_put, slots_for,
+    PutPlan, Result, SystemClock, TableConfig, cache_capacity_for_budget, cache_slot_bytes,
+    capacity_of, check_contains, check_get, check_put, plan_put, slots_for,
 };
 pub use kv_staging::trace::Tracer;
+
+mod tiered;
+pub use tiered::{TierStats, Tiered, TieredConfig};
 
 #[cfg(feature = "cpu")]
 pub use kv_backend_cpu as cpu;
@@ -182,6 +185,15 @@ impl KvBackend for Table {
     }
     fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
         self.inner.peek(keys, values_out, found_out)
+    }
+    fn take(
+        &self,
+        keys: &[u64],
+        values_out: &mut [u64],
+        found_out: &mut [bool],
+        expires_out: &mut [u64],
+    ) -> Result<usize> {
+        self.inner.take(keys, values_out, found_out, expires_out)
     }
     fn eviction_scope(&self, key: u64) -> Result<u64> {
         self.inner.eviction_scope(key)

@@ -64,7 +64,8 @@ impl Bucket {
 /// What one shard of a batch changed, summed over shards afterwards.
 #[derive(Default)]
 struct Delta {
-    evicted: Vec<(u64, u64, usize)>,
+    /// (key, score, offset of its row in `evicted_rows`, expiry time).
+    evicted: Vec<(u64, u64, usize, u64)>,
     evicted_rows: Vec<u64>,
     evicted_count: u64,
     expired_reused: u64,
@@ -208,8 +209,11 @@ impl CpuCache {
             .reduce(Delta::default, |mut a, b| {
                 // b's row offsets count from the start of b's rows.
                 let base = a.evicted_rows.len();
-                a.evicted
-                    .extend(b.evicted.into_iter().map(|(k, s, r)| (k, s, r + base)));
+                a.evicted.extend(
+                    b.evicted
+                        .into_iter()
+                        .map(|(k, s, r, e)| (k, s, r + base, e)),
+                );
                 a.evicted_rows.extend(b.evicted_rows);
                 a.evicted_count += b.evicted_count;
                 a.expired_reused += b.expired_reused;
@@ -277,7 +281,7 @@ impl CpuCache {
                         d.evicted_count += 1;
                         if score < bucket.scores[v] {
                             if report {
-                                d.evicted.push((key, score, d.evicted_rows.len()));
+                                d.evicted.push((key, score, d.evicted_rows.len(), expires));
                                 d.evicted_rows.extend_from_slice(row);
                             }
                             continue;
@@ -287,6 +291,7 @@ impl CpuCache {
                                 bucket.keys[v],
                                 bucket.scores[v],
                                 d.evicted_rows.len(),
+                                bucket.expires[v],
                             ));
                             d.evicted_rows.extend_from_slice(&rows[v * w..(v + 1) * w]);
                         }
@@ -472,9 +477,12 @@ impl KvBackend for CpuCache {
         evicted.check(batch.keys.len(), self.width)?;
         let d = self.apply_put(batch, true)?;
         let w = self.width;
-        for (e, &(key, score, row)) in d.evicted.iter().enumerate() {
+        for (e, &(key, score, row, expires)) in d.evicted.iter().enumerate() {
             evicted.keys[e] = key;
             evicted.scores[e] = score;
+            if let Some(x) = evicted.expires_ms.as_deref_mut() {
+                x[e] = expires;
+            }
             evicted.values[e * w..(e + 1) * w].copy_from_slice(&d.evicted_rows[row..row + w]);
         }
         Ok(d.evicted.len())
@@ -487,6 +495,64 @@ impl KvBackend for CpuCache {
 
     fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
         self.lookup(keys, values_out, found_out, false)
+    }
+
+    fn take(
+        &self,
+        keys: &[u64],
+        values_out: &mut [u64],
+        found_out: &mut [bool],
+        expires_out: &mut [u64],
+    ) -> Result<usize> {
+        check_get(self.width, keys, values_out, found_out)?;
+        if expires_out.len() != keys.len() {
+            return Err(Error::LengthMismatch {
+                what: "expires_out",
+                expected: keys.len(),
+                got: expires_out.len(),
+            });
+        }
+        let w = self.width;
+        let mut st = self.write();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let now = self.cache.clock.now_ms();
+        let slot_of: Vec<AtomicU64> = (0..keys.len()).map(|_| AtomicU64::new(u64::MAX)).collect();
+        let expires: Vec<AtomicU64> = (0..keys.len()).map(|_| AtomicU64::new(0)).collect();
+        let d = self.by_bucket(&mut st, keys, |b, bucket, _rows, items, d| {
+            for &i in items {
+                if let Some(j) = bucket.find(keys[i as usize], now) {
+                    // The row stays in place until a later batch reuses the slot.
+                    bucket.used &= !(1 << j);
+                    slot_of[i as usize].store((b * B + j) as u64, Ordering::Relaxed);
+                    expires[i as usize].store(bucket.expires[j], Ordering::Relaxed);
+                    d.removed += 1;
+                }
+            }
+        });
+        let rows = &st.rows;
+        values_out
+            .par_chunks_mut(w)
+            .zip(found_out.par_iter_mut())
+            .zip(expires_out.par_iter_mut())
+            .zip(slot_of.par_iter().zip(expires.par_iter()))
+            .for_each(
+                |(((v, f), x), (slot, e))| match slot.load(Ordering::Relaxed) {
+                    u64::MAX => {
+                        v.fill(0);
+                        *f = false;
+                        *x = 0;
+                    }
+                    s => {
+                        let at = s as usize * w;
+                        v.copy_from_slice(&rows[at..at + w]);
+                        *f = true;
+                        *x = e.load(Ordering::Relaxed);
+                    }
+                },
+            );
+        Ok(d.removed)
     }
 
     fn eviction_scope(&self, key: u64) -> Result<u64> {

@@ -36,6 +36,7 @@ pub fn all() -> Vec<Case> {
         cache_peek_is_not_an_access,
         cache_bad_input_changes_nothing,
         cache_budget_sets_capacity,
+        cache_take_returns_and_removes,
         cache_nothing_lost_lru,
         cache_nothing_lost_lfu,
         cache_nothing_lost_custom,
@@ -109,11 +110,7 @@ fn peek_all(t: &dyn KvBackend, keys: &[u64]) -> (Vec<u64>, Vec<bool>) {
 fn put_evict(t: &dyn KvBackend, put: CachePut<'_>) -> Vec<(u64, Vec<u64>, u64)> {
     let (n, w) = (put.keys.len(), t.width());
     let (mut k, mut v, mut s) = (vec![7; n], vec![7; n * w], vec![7; n]);
-    let mut ev = Evicted {
-        keys: &mut k,
-        values: &mut v,
-        scores: &mut s,
-    };
+    let mut ev = Evicted::new(&mut k, &mut v, &mut s);
     let m = t.put_and_evict(put, &mut ev).expect("put_and_evict");
     assert!(m <= n, "{m} evictions reported for a put of {n} keys");
     (0..m)
@@ -303,11 +300,7 @@ fn cache_bad_input_changes_nothing(o: &Open) {
         Err(Error::LengthMismatch { what: "ttl_ms", .. })
     ));
     let (mut k, mut v, mut s) = ([0u64; 1], [0u64; 2], [0u64; 1]);
-    let mut small = Evicted {
-        keys: &mut k,
-        values: &mut v,
-        scores: &mut s,
-    };
+    let mut small = Evicted::new(&mut k, &mut v, &mut s);
     let r = t.put_and_evict(CachePut::new(&[3, 4], &[3, 3, 4, 4]), &mut small);
     assert!(matches!(r, Err(Error::LengthMismatch { .. })), "{r:?}");
     assert_eq!(peek_all(&*t, &[1, 2, 3]), before);
@@ -331,6 +324,46 @@ fn cache_budget_sets_capacity(o: &Open) {
     assert!(t.describe().bytes_in_use <= 1 << 20);
     let zero = TableConfig::new(0).cache(CacheConfig::new(CachePolicy::Lru));
     assert!(matches!(o(zero), Err(Error::InvalidConfig(_))));
+}
+
+fn cache_take_returns_and_removes(o: &Open) {
+    let (t, clock) = open_cache(o, 64, 2, CachePolicy::Lru);
+    let keys = same_bucket(&*t, 33, 40);
+    let vals: Vec<u64> = keys[..32].iter().flat_map(|&k| row(k, 2, 3)).collect();
+    let ttl: Vec<u64> = (0..32).map(|i| if i == 0 { 500 } else { 0 }).collect();
+    t.put_cached(CachePut::new(&keys[..32], &vals).ttl_ms(&ttl))
+        .expect("put");
+    // An eviction reports when the entry would have expired: keys[0] is the oldest.
+    let (mut k, mut v, mut s, mut x) = ([0u64; 1], [0u64; 2], [0u64; 1], [9u64; 1]);
+    let mut ev = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
+    let n = t
+        .put_and_evict(CachePut::new(&keys[32..], &row(keys[32], 2, 3)), &mut ev)
+        .expect("put_and_evict");
+    assert_eq!((n, k[0], x[0]), (1, keys[0], 1000 + 500));
+    // Take: rows out, entries gone, a repeated key taken once, expiry times returned.
+    assert_eq!(
+        t.delete(&keys[5..6]).expect("delete"),
+        1,
+        "room for keys[0] again"
+    );
+    t.put_cached(CachePut::new(&keys[..1], &row(keys[0], 2, 4)).ttl_ms(&[70]))
+        .expect("put");
+    let want = [keys[0], keys[1], keys[1], 12345];
+    let (mut v, mut f, mut x) = (vec![7u64; 8], vec![false; 4], vec![7u64; 4]);
+    let len = t.len();
+    let taken = t.take(&want, &mut v, &mut f, &mut x).expect("take");
+    assert_eq!(taken, 2);
+    assert_eq!(f, [true, true, false, false]);
+    assert_eq!(x, [clock.now_ms() + 70, 0, 0, 0]);
+    assert_eq!(
+        v[..4],
+        [row(keys[0], 2, 4), row(keys[1], 2, 3)].concat()[..]
+    );
+    assert!(v[4..].iter().all(|w| *w == 0));
+    assert_eq!(t.len(), len - 2);
+    assert_eq!(peek_all(&*t, &want).1, [false; 4]);
+    let r = t.take(&want, &mut v, &mut f, &mut x[..3]);
+    assert!(matches!(r, Err(Error::LengthMismatch { .. })), "{r:?}");
 }
 
 /// What the model knows of one entry.

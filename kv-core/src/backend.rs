@@ -185,7 +185,7 @@ pub trait KvBackend: Send + Sync {
     /// # fn demo(open: impl Fn(TableConfig) -> kv_core::Result<Box<dyn KvBackend>>) -> kv_core::Result<()> {
     /// let t = open(TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Custom)))?;
     /// let (mut k, mut v, mut s) = ([0u64; 2], [0u64; 2], [0u64; 2]);
-    /// let mut ev = Evicted { keys: &mut k, values: &mut v, scores: &mut s };
+    /// let mut ev = Evicted::new(&mut k, &mut v, &mut s);
     /// let n = t.put_and_evict(CachePut::new(&[1, 2], &[10, 20]).scores(&[5, 9]), &mut ev)?;
     /// assert_eq!(n, 0);
     /// # Ok(()) }
@@ -216,6 +216,25 @@ pub trait KvBackend: Send + Sync {
         Err(Error::Unsupported {
             backend: self.describe().backend,
             what: "cache tables (peek)",
+        })
+    }
+
+    /// Optional (cache tables): removes `keys` and returns what they held: each row (zeros
+    /// when missing), whether it was there, and when it expires (0: never). A get and a
+    /// delete in one batch that counts no access: what a tiered store moves entries between
+    /// tiers with. Returns how many entries it removed (a repeated key counts once; its
+    /// later occurrences find nothing).
+    fn take(
+        &self,
+        keys: &[u64],
+        values_out: &mut [u64],
+        found_out: &mut [bool],
+        expires_out: &mut [u64],
+    ) -> Result<usize> {
+        let _ = (keys, values_out, found_out, expires_out);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (take)",
         })
     }
 

@@ -276,6 +276,13 @@ impl<'a> CachePut<'a> {
 /// Where [`KvBackend::put_and_evict`](crate::KvBackend::put_and_evict) writes what it
 /// evicted: room for as many entries as the put has keys (a put evicts at most one entry
 /// per key).
+///
+/// ```
+/// let (mut k, mut v, mut s, mut e) = ([0u64; 4], [0u64; 8], [0u64; 4], [0u64; 4]);
+/// let ev = kv_core::Evicted::new(&mut k, &mut v, &mut s).expires(&mut e);
+/// assert!(ev.check(4, 2).is_ok());
+/// assert!(ev.check(5, 2).is_err());
+/// ```
 #[derive(Debug)]
 pub struct Evicted<'a> {
     /// The evicted keys.
@@ -284,15 +291,35 @@ pub struct Evicted<'a> {
     pub values: &'a mut [u64],
     /// Their scores when they left.
     pub scores: &'a mut [u64],
+    /// When each would have expired, in the table clock's milliseconds (0: never), if
+    /// asked for: what a tier below needs to keep the entry's time to live.
+    pub expires_ms: Option<&'a mut [u64]>,
 }
 
-impl Evicted<'_> {
+impl<'a> Evicted<'a> {
+    /// Room for evicted keys, rows and scores.
+    pub fn new(keys: &'a mut [u64], values: &'a mut [u64], scores: &'a mut [u64]) -> Self {
+        Self {
+            keys,
+            values,
+            scores,
+            expires_ms: None,
+        }
+    }
+    /// Asks for each evicted entry's expiry time too.
+    pub fn expires(mut self, expires_ms: &'a mut [u64]) -> Self {
+        self.expires_ms = Some(expires_ms);
+        self
+    }
+
     /// Checks that there is room for a put of `n` keys of `width` words.
     pub fn check(&self, n: usize, width: usize) -> Result<()> {
+        let expires = self.expires_ms.as_ref().map_or(n, |e| e.len());
         for (what, got, expected) in [
             ("evicted keys", self.keys.len(), n),
             ("evicted values", self.values.len(), n * width),
             ("evicted scores", self.scores.len(), n),
+            ("evicted expiry times", expires, n),
         ] {
             if got < expected {
                 return Err(Error::LengthMismatch {

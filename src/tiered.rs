@@ -1,0 +1,403 @@
+//! [`Tiered`]: a cache table over a cache table, the upper one in VRAM when a GPU backend
+//! has cache tables, the lower one in host RAM: the CPU as the manager of what stays
+//! resident in VRAM (docs/cache.md, "Tiers").
+//!
+//! - A put writes to the upper tier. What the upper tier evicts moves down to the lower
+//!   tier in the same batch; what the lower tier then evicts leaves the store, and
+//!   [`KvBackend::put_and_evict`] reports it.
+//! - A get looks in the upper tier first, then looks the misses up in the lower tier in one
+//!   batch. Hits there are returned and promoted into the upper tier (taken out of the lower
+//!   one, with their time to live), and what they displace moves down.
+//! - Every key lives in at most one tier, so `len()` and `delete` count each once.
+//! - One batch at a time runs across both tiers (contract item d).
+//!
+//! LFU counts restart when an entry changes tier; times to live move with it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kv_core::{
+    CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description, Error, Evicted, KvBackend,
+    Result, TableConfig, check_contains, check_get,
+};
+
+use crate::{BackendKind, Options};
+
+/// Entries that left the store: keys, rows, scores and expiry times.
+type Gone = (Vec<u64>, Vec<u64>, Vec<u64>, Vec<u64>);
+
+/// A tiered store's counts since it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Gets answered by the upper tier.
+    pub upper_hits: u64,
+    /// Gets answered by the lower tier (each then promoted).
+    pub lower_hits: u64,
+    /// Gets that found their key in neither tier.
+    pub misses: u64,
+    /// Entries moved up by gets.
+    pub promotions: u64,
+    /// Entries moved down from the upper tier.
+    pub demotions: u64,
+    /// Entries that left the store (evicted from the lower tier).
+    pub evictions: u64,
+}
+
+/// How a tiered store is made: one policy and clock for both tiers, and a budget each.
+#[derive(Debug, Clone)]
+pub struct TieredConfig {
+    /// Value width in u64 words.
+    pub width: usize,
+    /// The policy of both tiers: [`CachePolicy::Lru`] or [`CachePolicy::Lfu`].
+    pub cache: CacheConfig,
+    /// Bytes the upper tier's slots may take.
+    pub upper_bytes: u64,
+    /// Bytes the lower tier's slots may take.
+    pub lower_bytes: u64,
+    /// The hash seed of both tiers (`None`: a random one each).
+    pub seed: Option<u64>,
+}
+
+/// A cache table over a cache table; see the module docs.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vramkv::{CacheConfig, CachePolicy, KvBackend, ManualClock, Options, Tiered, TieredConfig};
+///
+/// let cfg = TieredConfig {
+///     width: 1,
+///     cache: CacheConfig::new(CachePolicy::Lru).clock(Arc::new(ManualClock::new(0))),
+///     upper_bytes: 64 * 33, // 64 slots of one word: two buckets
+///     lower_bytes: 1 << 20,
+///     seed: Some(7),
+/// };
+/// let store = Tiered::open(cfg, &Options::default())?;
+/// let keys: Vec<u64> = (0..1000).collect();
+/// store.put(&keys, &keys)?; // most of them move down to host RAM
+/// let (mut v, mut f) = (vec![0; 1000], vec![false; 1000]);
+/// store.get(&keys, &mut v, &mut f)?;
+/// assert!(f.iter().all(|f| *f) && v == keys);
+/// let s = store.stats();
+/// assert_eq!(s.upper_hits + s.lower_hits, 1000);
+/// assert_eq!(store.len(), 1000);
+/// # Ok::<(), vramkv::Error>(())
+/// ```
+pub struct Tiered {
+    upper: Box<dyn KvBackend>,
+    lower: Box<dyn KvBackend>,
+    clock: Arc<dyn Clock>,
+    width: usize,
+    stats: Mutex<TierStats>,
+}
+
+impl Tiered {
+    /// Opens a tiered store: the upper tier on the backend `options` pick for a cache table
+    /// (a GPU backend once it has cache tables; the CPU until then, which
+    /// [`upper`](Self::upper)`.describe()` shows), the lower tier on the CPU.
+    pub fn open(cfg: TieredConfig, options: &Options) -> Result<Self> {
+        let table = |bytes| {
+            let mut t = TableConfig::default()
+                .width(cfg.width)
+                .cache_budget(bytes, cfg.cache.clone());
+            t.seed = cfg.seed;
+            t
+        };
+        let upper = crate::open_with(table(cfg.upper_bytes), options)?;
+        let lower = crate::open_with(
+            table(cfg.lower_bytes),
+            &Options::default().backend(BackendKind::Cpu),
+        )?;
+        Self::new(
+            Box::new(upper),
+            Box::new(lower),
+            cfg.cache.policy,
+            cfg.cache.clock.clone(),
+        )
+    }
+
+    /// A tiered store over two cache tables of one width, policy `policy` and clock `clock`
+    /// (the clock both tables read).
+    pub fn new(
+        upper: Box<dyn KvBackend>,
+        lower: Box<dyn KvBackend>,
+        policy: CachePolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
+        if policy == CachePolicy::Custom {
+            return Err(Error::InvalidConfig(
+                "a tiered store moves entries between tiers without their scores, so it takes \
+                 CachePolicy::Lru or Lfu"
+                    .into(),
+            ));
+        }
+        if upper.width() != lower.width() {
+            return Err(Error::InvalidConfig(format!(
+                "the tiers' widths differ: {} above, {} below",
+                upper.width(),
+                lower.width()
+            )));
+        }
+        for (t, which) in [(&upper, "upper"), (&lower, "lower")] {
+            if t.cache_stats().is_err() {
+                return Err(Error::InvalidConfig(format!(
+                    "the {which} tier is not a cache table"
+                )));
+            }
+        }
+        Ok(Self {
+            width: upper.width(),
+            upper,
+            lower,
+            clock,
+            stats: Mutex::new(TierStats::default()),
+        })
+    }
+
+    /// The counts since the store opened.
+    pub fn stats(&self) -> TierStats {
+        *self.gate()
+    }
+
+    /// The upper tier.
+    pub fn upper(&self) -> &dyn KvBackend {
+        &*self.upper
+    }
+
+    /// The lower tier.
+    pub fn lower(&self) -> &dyn KvBackend {
+        &*self.lower
+    }
+
+    /// One batch at a time across both tiers; the guard holds the counts.
+    fn gate(&self) -> MutexGuard<'_, TierStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the upper tier's evictions `(keys, rows, expiry times)` down; returns what
+    /// the lower tier evicted, in the same form.
+    fn demote(
+        &self,
+        keys: &[u64],
+        rows: &[u64],
+        expires: &[u64],
+        stats: &mut TierStats,
+    ) -> Result<Gone> {
+        let (n, w) = (keys.len(), self.width);
+        if n == 0 {
+            return Ok(Default::default());
+        }
+        let now = self.clock.now_ms();
+        // An entry that left the upper tier was live, so its expiry is still ahead.
+        let ttl: Vec<u64> = expires
+            .iter()
+            .map(|&e| {
+                if e == 0 {
+                    0
+                } else {
+                    e.saturating_sub(now).max(1)
+                }
+            })
+            .collect();
+        let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
+        let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
+        let m = self
+            .lower
+            .put_and_evict(CachePut::new(keys, rows).ttl_ms(&ttl), &mut out)?;
+        stats.demotions += n as u64;
+        stats.evictions += m as u64;
+        k.truncate(m);
+        v.truncate(m * w);
+        s.truncate(m);
+        x.truncate(m);
+        Ok((k, v, s, x))
+    }
+
+    /// Puts into the upper tier and moves what it evicts down; returns what left the store.
+    fn put_through(&self, batch: CachePut<'_>, stats: &mut TierStats) -> Result<Gone> {
+        let (n, w) = (batch.keys.len(), self.width);
+        let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
+        let m = {
+            let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
+            self.upper.put_and_evict(batch, &mut out)?
+        };
+        // A key evicted and then put again later in the same batch is above already, with
+        // its newer row: its evicted copy is stale and goes nowhere.
+        // A key evicted twice in one batch moves down once, with the row it left last.
+        let mut above = vec![false; m];
+        self.upper.contains(&k[..m], &mut above)?;
+        let mut seen = std::collections::HashSet::new();
+        let (mut dk, mut dv, mut dx) = (Vec::new(), Vec::new(), Vec::new());
+        for j in (0..m).rev().filter(|&j| !above[j]) {
+            if seen.insert(k[j]) {
+                dk.push(k[j]);
+                dv.extend_from_slice(&v[j * w..(j + 1) * w]);
+                dx.push(x[j]);
+            }
+        }
+        self.demote(&dk, &dv, &dx, stats)
+    }
+}
+
+impl KvBackend for Tiered {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
+        self.put_cached(CachePut::new(keys, values)).map(|_| ())
+    }
+
+    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        check_get(self.width, keys, values_out, found_out)?;
+        let w = self.width;
+        let mut stats = self.gate();
+        self.upper.get(keys, values_out, found_out)?;
+        // The misses, each key once, looked up below in one batch.
+        let mut index: HashMap<u64, usize> = HashMap::new();
+        let mut missing = Vec::new();
+        for (i, &k) in keys.iter().enumerate() {
+            if found_out[i] {
+                stats.upper_hits += 1;
+            } else if let std::collections::hash_map::Entry::Vacant(e) = index.entry(k) {
+                e.insert(missing.len());
+                missing.push(k);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let m = missing.len();
+        let (mut rows, mut found, mut expires) = (vec![0; m * w], vec![false; m], vec![0; m]);
+        self.lower
+            .take(&missing, &mut rows, &mut found, &mut expires)?;
+        for (i, &k) in keys.iter().enumerate() {
+            if found_out[i] {
+                continue;
+            }
+            let j = index[&k];
+            if found[j] {
+                values_out[i * w..(i + 1) * w].copy_from_slice(&rows[j * w..(j + 1) * w]);
+                found_out[i] = true;
+                stats.lower_hits += 1;
+            } else {
+                stats.misses += 1;
+            }
+        }
+        // Promote the lower tier's hits, with what is left of their times to live.
+        let now = self.clock.now_ms();
+        let (mut up, mut up_rows, mut up_ttl) = (Vec::new(), Vec::new(), Vec::new());
+        for j in (0..m).filter(|&j| found[j]) {
+            up.push(missing[j]);
+            up_rows.extend_from_slice(&rows[j * w..(j + 1) * w]);
+            let e = expires[j];
+            up_ttl.push(if e == 0 {
+                0
+            } else {
+                e.saturating_sub(now).max(1)
+            });
+        }
+        stats.promotions += up.len() as u64;
+        self.put_through(CachePut::new(&up, &up_rows).ttl_ms(&up_ttl), &mut stats)?;
+        Ok(())
+    }
+
+    fn delete(&self, keys: &[u64]) -> Result<usize> {
+        let _stats = self.gate();
+        Ok(self.upper.delete(keys)? + self.lower.delete(keys)?)
+    }
+
+    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
+        check_contains(keys, found_out)?;
+        let _stats = self.gate();
+        self.upper.contains(keys, found_out)?;
+        let mut below = vec![false; keys.len()];
+        self.lower.contains(keys, &mut below)?;
+        for (f, b) in found_out.iter_mut().zip(below) {
+            *f |= b;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        let _stats = self.gate();
+        self.upper.len() + self.lower.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.upper.capacity() + self.lower.capacity()
+    }
+
+    fn clear(&self) -> Result<()> {
+        let _stats = self.gate();
+        self.upper.clear()?;
+        self.lower.clear()
+    }
+
+    /// The upper tier's device, with both tiers' bytes; [`Tiered::upper`] and
+    /// [`Tiered::lower`] describe each.
+    fn describe(&self) -> Description {
+        let (u, l) = (self.upper.describe(), self.lower.describe());
+        Description {
+            backend: "tiered",
+            device: format!(
+                "{} ({}) over {} ({})",
+                u.backend, u.device, l.backend, l.device
+            ),
+            bytes_in_use: u.bytes_in_use + l.bytes_in_use,
+            slots: u.slots + l.slots,
+        }
+    }
+
+    fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
+        batch.check(self.width, CachePolicy::Lru)?;
+        evicted.check(batch.keys.len(), self.width)?;
+        let w = self.width;
+        let mut stats = self.gate();
+        // The batch's keys leave the lower tier: each key lives in one tier.
+        self.lower.delete(batch.keys)?;
+        let (k, v, s, x) = self.put_through(batch, &mut stats)?;
+        let m = k.len();
+        evicted.keys[..m].copy_from_slice(&k);
+        evicted.values[..m * w].copy_from_slice(&v);
+        evicted.scores[..m].copy_from_slice(&s);
+        if let Some(e) = evicted.expires_ms.as_deref_mut() {
+            e[..m].copy_from_slice(&x);
+        }
+        Ok(m)
+    }
+
+    fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
+        let n = batch.keys.len();
+        let (mut k, mut v, mut s) = (vec![0; n], vec![0; n * self.width], vec![0; n]);
+        self.put_and_evict(batch, &mut Evicted::new(&mut k, &mut v, &mut s))
+    }
+
+    fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
+        check_get(self.width, keys, values_out, found_out)?;
+        let w = self.width;
+        let _stats = self.gate();
+        self.upper.peek(keys, values_out, found_out)?;
+        let (mut v, mut f) = (vec![0; keys.len() * w], vec![false; keys.len()]);
+        self.lower.peek(keys, &mut v, &mut f)?;
+        for i in 0..keys.len() {
+            if !found_out[i] && f[i] {
+                values_out[i * w..(i + 1) * w].copy_from_slice(&v[i * w..(i + 1) * w]);
+                found_out[i] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Both tiers' counts, summed; [`Tiered::stats`] has the moves between them.
+    fn cache_stats(&self) -> Result<CacheStats> {
+        let t = self.gate();
+        let (u, l) = (self.upper.cache_stats()?, self.lower.cache_stats()?);
+        Ok(CacheStats {
+            evicted: t.evictions,
+            expired_reused: u.expired_reused + l.expired_reused,
+            hits: t.upper_hits + t.lower_hits,
+            misses: t.misses,
+            clock: u.clock,
+        })
+    }
+}
