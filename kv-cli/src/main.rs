@@ -1,5 +1,6 @@
 //! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
 
+mod cache_bench;
 mod host_copy;
 #[cfg(feature = "cuda")]
 mod pinned;
@@ -101,6 +102,31 @@ struct BenchArgs {
         requires = "resident"
     )]
     occupancy: Vec<f64>,
+    /// A tiered store (a cache table over host RAM) under Zipf-distributed keys, 90 % gets
+    /// and 10 % puts, next to the hit rate of an exact LRU of the same size on the same
+    /// key stream: every exponent of --zipf (0: uniform) over key spaces --space times the
+    /// upper tier's capacity (--upper-mib), batches of --items operations.
+    #[arg(long)]
+    cache: bool,
+    /// Zipf exponents for --cache (0: uniform keys).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.99,1.2,0",
+        requires = "cache"
+    )]
+    zipf: Vec<f64>,
+    /// Key spaces for --cache, in multiples of the upper tier's capacity.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4,16",
+        requires = "cache"
+    )]
+    space: Vec<usize>,
+    /// The upper tier's budget for --cache, in MiB.
+    #[arg(long, default_value_t = 64, requires = "cache")]
+    upper_mib: u64,
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
     device: Option<usize>,
@@ -265,6 +291,41 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     }
     if a.host_copy {
         return host_copy::run(a).map(|()| true);
+    }
+    if a.cache {
+        let kind = match a.backend {
+            Choice::Auto => None,
+            Choice::Cpu => Some(BackendKind::Cpu),
+            Choice::Cuda => Some(BackendKind::Cuda),
+            Choice::Wgpu => Some(BackendKind::Wgpu),
+            Choice::All => {
+                return Err(vramkv::Error::InvalidConfig(
+                    "--cache runs one backend for its upper tier, not all".into(),
+                ));
+            }
+        };
+        let opts = for_kind(&options, kind);
+        let mut rows = Vec::new();
+        let bar = ProgressBar::new((a.zipf.len() * a.space.len()) as u64);
+        for &z in &a.zipf {
+            for &sp in &a.space {
+                bar.set_message(format!("zipf {z}, space {sp}x"));
+                rows.push(cache_bench::run_one(
+                    z,
+                    sp,
+                    a.width,
+                    a.upper_mib << 20,
+                    a.items,
+                    a.batches,
+                    a.seed,
+                    &opts,
+                )?);
+                bar.inc(1);
+            }
+        }
+        bar.finish_and_clear();
+        cache_bench::print(a.width, a.items, &rows);
+        return Ok(true);
     }
     if a.pinned {
         if !matches!(a.backend, Choice::Auto | Choice::Cuda) {
