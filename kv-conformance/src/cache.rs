@@ -373,6 +373,9 @@ struct Entry {
     score: u64,
     /// Expiry in clock milliseconds, 0: never.
     expires: u64,
+    /// Whether `score` is what the table holds: an LFU entry evicted and put again within
+    /// one batch restarted its count at a point the model cannot see.
+    known: bool,
 }
 
 /// The checker of the cache contract; see the module docs.
@@ -419,6 +422,12 @@ impl CacheModel {
         for (k, e) in &self.entries {
             held.entry(*k).or_default().push(e.row.clone());
         }
+        // The scores before the batch: an entry the batch does not touch leaves with it.
+        let before: HashMap<u64, (u64, bool)> = self
+            .entries
+            .iter()
+            .map(|(k, e)| (*k, (e.score, e.known)))
+            .collect();
         let mut in_batch: HashMap<u64, ()> = HashMap::new();
         for (i, &k) in put.keys.iter().enumerate() {
             let row = put.values[i * w..(i + 1) * w].to_vec();
@@ -430,6 +439,7 @@ impl CacheModel {
                 row: row.clone(),
                 score: 0,
                 expires: 0,
+                known: true,
             });
             e.row = row;
             e.expires = if ttl == 0 { 0 } else { now + ttl };
@@ -462,18 +472,37 @@ impl CacheModel {
                 self.entries.remove(k);
             }
         }
+        if self.policy == CachePolicy::Lfu {
+            for k in churned.keys() {
+                if let Some(e) = self.entries.get_mut(k) {
+                    e.known = false;
+                }
+            }
+        }
         let scopes: HashMap<u64, u64> = self
             .entries
             .keys()
             .map(|k| (*k, t.eviction_scope(*k).expect("eviction_scope")))
             .collect();
-        for (k, _, score) in evicted {
+        for (k, _, reported) in evicted {
+            // An entry the batch did not touch must leave with the score the policy gave it.
+            let score = match before.get(k) {
+                Some(&(s, true)) if !in_batch.contains_key(k) => {
+                    assert_eq!(
+                        *reported, s,
+                        "evicted key {k} reported score {reported}, the policy gives {s}"
+                    );
+                    s
+                }
+                _ => *reported,
+            };
+            let score = &score;
             let scope = t.eviction_scope(*k).expect("eviction_scope");
             for (other, e) in &self.entries {
                 // A custom score may go down when a later item of the batch rescores the
                 // entry; LRU and LFU scores only go up.
                 let rescored = self.policy == CachePolicy::Custom && in_batch.contains_key(other);
-                if churned.contains_key(other) || rescored {
+                if churned.contains_key(other) || rescored || !e.known {
                     continue;
                 }
                 if scopes[other] == scope {
@@ -526,6 +555,56 @@ impl CacheModel {
             removed += self.entries.remove(k).is_some() as usize;
         }
         assert_eq!(t.delete(keys).expect("delete"), removed);
+    }
+
+    /// Applies a peek (no access), checking what it returned.
+    pub fn peek(&mut self, t: &dyn KvBackend, keys: &[u64], now: u64) {
+        let w = self.width;
+        self.expire(now);
+        let (v, f) = peek_all(t, keys);
+        for (i, k) in keys.iter().enumerate() {
+            match self.entries.get(k) {
+                Some(e) => {
+                    assert!(f[i], "key {k} is in the model but peek missed it");
+                    assert_eq!(v[i * w..(i + 1) * w], e.row[..], "key {k}: wrong row");
+                }
+                None => {
+                    assert!(!f[i], "peek found key {k}, which the model does not hold");
+                    assert!(v[i * w..(i + 1) * w].iter().all(|x| *x == 0));
+                }
+            }
+        }
+    }
+
+    /// Applies a take, checking its rows, flags, expiry times and count.
+    pub fn take(&mut self, t: &dyn KvBackend, keys: &[u64], now: u64) {
+        let w = self.width;
+        self.expire(now);
+        let n = keys.len();
+        let (mut v, mut f, mut x) = (vec![7; n * w], vec![true; n], vec![7; n]);
+        let taken = t.take(keys, &mut v, &mut f, &mut x).expect("take");
+        let mut removed = 0;
+        for (i, k) in keys.iter().enumerate() {
+            match self.entries.remove(k) {
+                Some(e) => {
+                    removed += 1;
+                    assert!(f[i], "take missed key {k}");
+                    assert_eq!(v[i * w..(i + 1) * w], e.row[..], "take: key {k}: wrong row");
+                    assert_eq!(x[i], e.expires, "take: key {k}: wrong expiry");
+                }
+                None => {
+                    assert!(!f[i], "take found key {k} (or found it twice)");
+                    assert!(v[i * w..(i + 1) * w].iter().all(|x| *x == 0));
+                }
+            }
+        }
+        assert_eq!(taken, removed, "take's count");
+    }
+
+    /// Applies a clear.
+    pub fn clear(&mut self, t: &dyn KvBackend) {
+        t.clear().expect("clear");
+        self.entries.clear();
     }
 
     /// Checks the whole table against the model: the model's keys are there with their
