@@ -61,6 +61,15 @@ impl Bucket {
     }
 }
 
+/// The memory the host can still give, where the system says (`MemAvailable` of
+/// `/proc/meminfo` on Linux); `None` elsewhere.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// What one shard of a batch changed, summed over shards afterwards.
 #[derive(Default)]
 struct Delta {
@@ -121,11 +130,22 @@ impl CpuCache {
             ));
         };
         let nb = cache_buckets(cfg.capacity);
+        let bytes = (nb * B * cache_slot_bytes(cfg.width)) as u64;
+        // A budget past the memory the host has is refused here, not found out by the
+        // kernel's out-of-memory killer when the pages are first touched.
+        if let Some(avail) = available_memory()
+            && bytes > avail
+        {
+            return Err(Error::OutOfDeviceMemory {
+                backend: "cpu",
+                requested_bytes: bytes,
+            });
+        }
         let mut buckets = Vec::new();
         let mut rows = Vec::new();
         let oom = |_| Error::OutOfDeviceMemory {
             backend: "cpu",
-            requested_bytes: (nb * B * cache_slot_bytes(cfg.width)) as u64,
+            requested_bytes: bytes,
         };
         buckets.try_reserve_exact(nb).map_err(oom)?;
         rows.try_reserve_exact(nb * B * cfg.width).map_err(oom)?;

@@ -324,6 +324,16 @@ fn cache_budget_sets_capacity(o: &Open) {
     assert!(t.describe().bytes_in_use <= 1 << 20);
     let zero = TableConfig::new(0).cache(CacheConfig::new(CachePolicy::Lru));
     assert!(matches!(o(zero), Err(Error::InvalidConfig(_))));
+    // A budget no machine has is refused when the table is opened.
+    let huge = TableConfig::new(1)
+        .width(16)
+        .cache_budget(1 << 39, CacheConfig::new(CachePolicy::Lru));
+    huge.validate().expect("512 GiB is a valid budget");
+    match o(huge) {
+        Err(Error::OutOfDeviceMemory { .. }) => {}
+        Err(e) => panic!("a 512 GiB budget gave {e}"),
+        Ok(_) => panic!("a 512 GiB budget opened a table"),
+    }
 }
 
 fn cache_take_returns_and_removes(o: &Open) {
