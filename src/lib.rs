@@ -198,6 +198,9 @@ impl KvBackend for Table {
     fn eviction_scope(&self, key: u64) -> Result<u64> {
         self.inner.eviction_scope(key)
     }
+    fn cache_policy(&self) -> Result<CachePolicy> {
+        self.inner.cache_policy()
+    }
     fn cache_stats(&self) -> Result<CacheStats> {
         self.inner.cache_stats()
     }

@@ -138,10 +138,18 @@ impl Tiered {
             )));
         }
         for (t, which) in [(&upper, "upper"), (&lower, "lower")] {
-            if t.cache_stats().is_err() {
-                return Err(Error::InvalidConfig(format!(
-                    "the {which} tier is not a cache table"
-                )));
+            match t.cache_policy() {
+                Ok(p) if p == policy => {}
+                Ok(p) => {
+                    return Err(Error::InvalidConfig(format!(
+                        "the {which} tier's policy is {p:?}, the store's {policy:?}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(Error::InvalidConfig(format!(
+                        "the {which} tier is not a cache table"
+                    )));
+                }
             }
         }
         Ok(Self {
@@ -158,12 +166,14 @@ impl Tiered {
         *self.gate()
     }
 
-    /// The upper tier.
+    /// The upper tier, for inspection (`describe`, `contains`, `cache_stats`). Writing
+    /// through it bypasses the store: its batches would not be whole across the tiers, and
+    /// a key could end up in both.
     pub fn upper(&self) -> &dyn KvBackend {
         &*self.upper
     }
 
-    /// The lower tier.
+    /// The lower tier, for inspection (see [`upper`](Self::upper)).
     pub fn lower(&self) -> &dyn KvBackend {
         &*self.lower
     }
@@ -174,45 +184,56 @@ impl Tiered {
     }
 
     /// Moves the upper tier's evictions `(keys, rows, expiry times)` down; returns what
-    /// the lower tier evicted, in the same form.
-    fn demote(
-        &self,
-        keys: &[u64],
-        rows: &[u64],
-        expires: &[u64],
-        stats: &mut TierStats,
-    ) -> Result<Gone> {
-        let (n, w) = (keys.len(), self.width);
-        if n == 0 {
-            return Ok(Default::default());
-        }
+    /// the lower tier evicted, in the same form. Entries whose time has come are dropped,
+    /// not moved; the others keep their expiry time exactly (the time to live given below
+    /// is what is left of it). If the lower tier fails, the entries it could not take are
+    /// returned as gone, so that they are reported or counted, never lost silently.
+    fn demote(&self, keys: &[u64], rows: &[u64], expires: &[u64], stats: &mut TierStats) -> Gone {
+        let w = self.width;
         let now = self.clock.now_ms();
-        // An entry that left the upper tier was live, so its expiry is still ahead.
-        let ttl: Vec<u64> = expires
-            .iter()
-            .map(|&e| {
-                if e == 0 {
-                    0
-                } else {
-                    e.saturating_sub(now).max(1)
-                }
-            })
-            .collect();
+        let (mut dk, mut dv, mut dt) = (Vec::new(), Vec::new(), Vec::new());
+        for (j, (&k, &e)) in keys.iter().zip(expires).enumerate() {
+            if e != 0 && e <= now {
+                continue;
+            }
+            dk.push(k);
+            dv.extend_from_slice(&rows[j * w..(j + 1) * w]);
+            dt.push(if e == 0 { 0 } else { e - now });
+        }
+        let n = dk.len();
+        if n == 0 {
+            return Default::default();
+        }
         let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
         let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
-        let m = self
+        let gone = match self
             .lower
-            .put_and_evict(CachePut::new(keys, rows).ttl_ms(&ttl), &mut out)?;
-        stats.demotions += n as u64;
-        stats.evictions += m as u64;
-        k.truncate(m);
-        v.truncate(m * w);
-        s.truncate(m);
-        x.truncate(m);
-        Ok((k, v, s, x))
+            .put_and_evict(CachePut::new(&dk, &dv).ttl_ms(&dt), &mut out)
+        {
+            Ok(m) => {
+                k.truncate(m);
+                v.truncate(m * w);
+                s.truncate(m);
+                x.truncate(m);
+                (k, v, s, x)
+            }
+            Err(_) => {
+                let x = dt
+                    .iter()
+                    .map(|&t| if t == 0 { 0 } else { now + t })
+                    .collect();
+                (dk, dv, vec![0; n], x)
+            }
+        };
+        stats.demotions += (n - gone.0.len()) as u64;
+        stats.evictions += gone.0.len() as u64;
+        gone
     }
 
     /// Puts into the upper tier and moves what it evicts down; returns what left the store.
+    /// A key that the batch puts more than once and that left the upper tier moves down
+    /// with the row and time to live of its last occurrence in the batch (its newest), and
+    /// once.
     fn put_through(&self, batch: CachePut<'_>, stats: &mut TierStats) -> Result<Gone> {
         let (n, w) = (batch.keys.len(), self.width);
         let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
@@ -220,21 +241,48 @@ impl Tiered {
             let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
             self.upper.put_and_evict(batch, &mut out)?
         };
+        if m == 0 {
+            return Ok(Default::default());
+        }
         // A key evicted and then put again later in the same batch is above already, with
         // its newer row: its evicted copy is stale and goes nowhere.
-        // A key evicted twice in one batch moves down once, with the row it left last.
         let mut above = vec![false; m];
         self.upper.contains(&k[..m], &mut above)?;
+        let last: HashMap<u64, usize> = batch
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, &key)| (key, i))
+            .collect();
+        let now = self.clock.now_ms();
         let mut seen = std::collections::HashSet::new();
         let (mut dk, mut dv, mut dx) = (Vec::new(), Vec::new(), Vec::new());
-        for j in (0..m).rev().filter(|&j| !above[j]) {
-            if seen.insert(k[j]) {
-                dk.push(k[j]);
-                dv.extend_from_slice(&v[j * w..(j + 1) * w]);
-                dx.push(x[j]);
+        for j in (0..m).filter(|&j| !above[j]) {
+            if !seen.insert(k[j]) {
+                continue;
+            }
+            dk.push(k[j]);
+            match last.get(&k[j]) {
+                Some(&i) => {
+                    dv.extend_from_slice(&batch.values[i * w..(i + 1) * w]);
+                    let ttl = batch.ttl_ms.map_or(0, |t| t[i]);
+                    dx.push(if ttl == 0 { 0 } else { now.saturating_add(ttl) });
+                }
+                None => {
+                    dv.extend_from_slice(&v[j * w..(j + 1) * w]);
+                    dx.push(x[j]);
+                }
             }
         }
-        self.demote(&dk, &dv, &dx, stats)
+        Ok(self.demote(&dk, &dv, &dx, stats))
+    }
+
+    /// Puts `keys` (rows, expiry times) back into the lower tier after a failed step, as
+    /// well as it can: what it cannot take is counted as evicted.
+    fn restore(&self, keys: &[u64], rows: &[u64], expires: &[u64], stats: &mut TierStats) {
+        let demotions = stats.demotions;
+        let _ = self.demote(keys, rows, expires, stats);
+        stats.demotions = demotions;
     }
 }
 
@@ -287,17 +335,24 @@ impl KvBackend for Tiered {
         let now = self.clock.now_ms();
         let (mut up, mut up_rows, mut up_ttl) = (Vec::new(), Vec::new(), Vec::new());
         for j in (0..m).filter(|&j| found[j]) {
+            let e = expires[j];
+            if e != 0 && e <= now {
+                // Its time came while the batch ran: served, but not moved up.
+                continue;
+            }
             up.push(missing[j]);
             up_rows.extend_from_slice(&rows[j * w..(j + 1) * w]);
-            let e = expires[j];
-            up_ttl.push(if e == 0 {
-                0
-            } else {
-                e.saturating_sub(now).max(1)
-            });
+            up_ttl.push(if e == 0 { 0 } else { e - now });
         }
         stats.promotions += up.len() as u64;
-        self.put_through(CachePut::new(&up, &up_rows).ttl_ms(&up_ttl), &mut stats)?;
+        if let Err(e) = self.put_through(CachePut::new(&up, &up_rows).ttl_ms(&up_ttl), &mut stats) {
+            let up_exp: Vec<u64> = up_ttl
+                .iter()
+                .map(|&t| if t == 0 { 0 } else { now + t })
+                .collect();
+            self.restore(&up, &up_rows, &up_exp, &mut stats);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -353,9 +408,19 @@ impl KvBackend for Tiered {
         evicted.check(batch.keys.len(), self.width)?;
         let w = self.width;
         let mut stats = self.gate();
-        // The batch's keys leave the lower tier: each key lives in one tier.
-        self.lower.delete(batch.keys)?;
-        let (k, v, s, x) = self.put_through(batch, &mut stats)?;
+        // The batch's keys leave the lower tier: each key lives in one tier. They are taken,
+        // not deleted, so that a failure above can put them back.
+        let n = batch.keys.len();
+        let (mut tv, mut tf, mut tx) = (vec![0; n * w], vec![false; n], vec![0; n]);
+        self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx)?;
+        let (k, v, s, x) = match self.put_through(batch, &mut stats) {
+            Ok(gone) => gone,
+            Err(e) => {
+                let (rk, rv, rx) = found_parts(batch.keys, &tv, &tf, &tx, w);
+                self.restore(&rk, &rv, &rx, &mut stats);
+                return Err(e);
+            }
+        };
         let m = k.len();
         evicted.keys[..m].copy_from_slice(&k);
         evicted.values[..m * w].copy_from_slice(&v);
@@ -389,6 +454,10 @@ impl KvBackend for Tiered {
     }
 
     /// Both tiers' counts, summed; [`Tiered::stats`] has the moves between them.
+    fn cache_policy(&self) -> Result<CachePolicy> {
+        self.upper.cache_policy()
+    }
+
     fn cache_stats(&self) -> Result<CacheStats> {
         let t = self.gate();
         let (u, l) = (self.upper.cache_stats()?, self.lower.cache_stats()?);
@@ -400,4 +469,21 @@ impl KvBackend for Tiered {
             clock: u.clock,
         })
     }
+}
+
+/// The entries a take found: (keys, rows, expiry times).
+fn found_parts(
+    keys: &[u64],
+    rows: &[u64],
+    found: &[bool],
+    expires: &[u64],
+    w: usize,
+) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    let (mut k, mut v, mut x) = (Vec::new(), Vec::new(), Vec::new());
+    for i in (0..keys.len()).filter(|&i| found[i]) {
+        k.push(keys[i]);
+        v.extend_from_slice(&rows[i * w..(i + 1) * w]);
+        x.push(expires[i]);
+    }
+    (k, v, x)
 }

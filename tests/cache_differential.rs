@@ -119,14 +119,18 @@ fn run(kind: BackendKind, s: &Scenario) {
                     put = put.scores(scores);
                 }
                 let n = keys.len();
-                let (mut k, mut v, mut sc) = (vec![0; n], vec![0; n * w], vec![0; n]);
+                let (mut k, mut v, mut sc, mut x) =
+                    (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
                 let e = t
-                    .put_and_evict(put, &mut Evicted::new(&mut k, &mut v, &mut sc))
+                    .put_and_evict(
+                        put,
+                        &mut Evicted::new(&mut k, &mut v, &mut sc).expires(&mut x),
+                    )
                     .expect("put_and_evict");
                 let evicted: Vec<(u64, Vec<u64>, u64)> = (0..e)
                     .map(|j| (k[j], v[j * w..(j + 1) * w].to_vec(), sc[j]))
                     .collect();
-                m.put(t, put, &evicted, now);
+                m.put(t, put, &evicted, Some(&x[..e]), now);
             }
             Op::Get(keys) => m.get(t, keys, now),
             Op::Peek(keys) => m.peek(t, keys, now),

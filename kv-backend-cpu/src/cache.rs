@@ -61,6 +61,17 @@ impl Bucket {
     }
 }
 
+/// Refuses batches whose item indices do not fit the u32 the bucket sort keeps them in.
+fn check_batch_len(n: usize) -> Result<()> {
+    if n > u32::MAX as usize {
+        return Err(Error::InvalidArgument(format!(
+            "a cache-table batch holds at most {} keys, this one {n}",
+            u32::MAX
+        )));
+    }
+    Ok(())
+}
+
 /// The memory the host can still give, where the system says (`MemAvailable` of
 /// `/proc/meminfo` on Linux); `None` elsewhere.
 fn available_memory() -> Option<u64> {
@@ -249,6 +260,7 @@ impl CpuCache {
     fn apply_put(&self, batch: CachePut<'_>, report: bool) -> Result<Delta> {
         batch.check(self.width, self.cache.policy)?;
         let n = batch.keys.len();
+        check_batch_len(n)?;
         let mut st = self.write();
         if n == 0 {
             return Ok(Delta::default());
@@ -269,6 +281,14 @@ impl CpuCache {
                     now.saturating_add(ttl).max(1)
                 };
                 let given = batch.scores.map_or(0, |s| s[i]);
+                // Expired entries leave their bucket as soon as a put touches it, so that
+                // no old copy of a key outlives a newer one.
+                for j in 0..B {
+                    if bucket.used & (1 << j) != 0 && bucket.expired(j, now) {
+                        bucket.used &= !(1 << j);
+                        d.expired_reused += 1;
+                    }
+                }
                 if let Some(j) = bucket.find(key, now) {
                     bucket.scores[j] = match policy {
                         CachePolicy::Lru => clock,
@@ -284,14 +304,9 @@ impl CpuCache {
                     CachePolicy::Lfu => 1,
                     CachePolicy::Custom => given,
                 };
-                let free = (0..B).find(|&j| !bucket.live(j, now));
+                let free = (0..B).find(|&j| bucket.used & (1 << j) == 0);
                 let j = match free {
-                    Some(j) => {
-                        if bucket.used & (1 << j) != 0 {
-                            d.expired_reused += 1;
-                        }
-                        j
-                    }
+                    Some(j) => j,
                     None => {
                         // Full: the lowest score leaves, the new key itself if its score is
                         // lower still (ties go against the entry already there).
@@ -339,10 +354,11 @@ impl CpuCache {
         access: bool,
     ) -> Result<()> {
         check_get(self.width, keys, values_out, found_out)?;
+        check_batch_len(keys.len())?;
         let w = self.width;
-        let now = self.cache.clock.now_ms();
         if !access {
             let st = self.read();
+            let now = self.cache.clock.now_ms();
             let nb = st.buckets.len();
             values_out
                 .par_chunks_mut(w)
@@ -368,6 +384,7 @@ impl CpuCache {
         if keys.is_empty() {
             return Ok(());
         }
+        let now = self.cache.clock.now_ms();
         st.clock += 1;
         let (clock, policy) = (st.clock, self.cache.policy);
         // Each item's slot, found by its bucket's shard (u64::MAX: a miss).
@@ -435,6 +452,7 @@ impl KvBackend for CpuCache {
     }
 
     fn delete(&self, keys: &[u64]) -> Result<usize> {
+        check_batch_len(keys.len())?;
         let mut st = self.write();
         if keys.is_empty() {
             return Ok(0);
@@ -453,8 +471,8 @@ impl KvBackend for CpuCache {
 
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
         check_contains(keys, found_out)?;
-        let now = self.cache.clock.now_ms();
         let st = self.read();
+        let now = self.cache.clock.now_ms();
         let nb = st.buckets.len();
         found_out
             .par_iter_mut()
@@ -525,6 +543,7 @@ impl KvBackend for CpuCache {
         expires_out: &mut [u64],
     ) -> Result<usize> {
         check_get(self.width, keys, values_out, found_out)?;
+        check_batch_len(keys.len())?;
         if expires_out.len() != keys.len() {
             return Err(Error::LengthMismatch {
                 what: "expires_out",
@@ -577,6 +596,10 @@ impl KvBackend for CpuCache {
 
     fn eviction_scope(&self, key: u64) -> Result<u64> {
         Ok(self.bucket_of(key, self.read().buckets.len()) as u64)
+    }
+
+    fn cache_policy(&self) -> Result<CachePolicy> {
+        Ok(self.cache.policy)
     }
 
     fn cache_stats(&self) -> Result<CacheStats> {

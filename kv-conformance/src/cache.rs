@@ -22,6 +22,9 @@ use kv_core::{
 };
 
 use crate::SplitMix64;
+
+/// Slots of a cache table's bucket.
+const BUCKET: usize = kv_core::CACHE_BUCKET_SLOTS;
 use crate::cases::{Case, Open};
 
 /// Every case of the cache contract, in a stable order.
@@ -116,6 +119,23 @@ fn put_evict(t: &dyn KvBackend, put: CachePut<'_>) -> Vec<(u64, Vec<u64>, u64)> 
     (0..m)
         .map(|e| (k[e], v[e * w..(e + 1) * w].to_vec(), s[e]))
         .collect()
+}
+
+/// Reported evictions: (key, row, score).
+type Evictions = Vec<(u64, Vec<u64>, u64)>;
+
+/// [`put_evict`] with each eviction's expiry time: (evictions, expiry times).
+fn put_evict_full(t: &dyn KvBackend, put: CachePut<'_>) -> (Evictions, Vec<u64>) {
+    let (n, w) = (put.keys.len(), t.width());
+    let (mut k, mut v, mut s, mut x) = (vec![7; n], vec![7; n * w], vec![7; n], vec![7; n]);
+    let mut ev = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
+    let m = t.put_and_evict(put, &mut ev).expect("put_and_evict");
+    assert!(m <= n, "{m} evictions reported for a put of {n} keys");
+    let out = (0..m)
+        .map(|e| (k[e], v[e * w..(e + 1) * w].to_vec(), s[e]))
+        .collect();
+    x.truncate(m);
+    (out, x)
 }
 
 fn cache_put_get_roundtrip(o: &Open) {
@@ -418,6 +438,7 @@ impl CacheModel {
         t: &dyn KvBackend,
         put: CachePut<'_>,
         evicted: &[(u64, Vec<u64>, u64)],
+        expires: Option<&[u64]>,
         now: u64,
     ) {
         let w = self.width;
@@ -479,7 +500,15 @@ impl CacheModel {
                     churned.contains_key(k),
                     "key {k} left the table without being reported as evicted"
                 );
-                self.entries.remove(k);
+                // What left is the key's newest row (and expiry): one of its reports says so.
+                let e = self.entries.remove(k).expect("a model key");
+                let newest = evicted.iter().enumerate().any(|(j, (ek, row, _))| {
+                    ek == k && *row == e.row && expires.is_none_or(|x| x[j] == e.expires)
+                });
+                assert!(
+                    newest,
+                    "key {k} left the table, but no report carries its newest row and expiry"
+                );
             }
         }
         if self.policy == CachePolicy::Lfu {
@@ -494,6 +523,16 @@ impl CacheModel {
             .keys()
             .map(|k| (*k, t.eviction_scope(*k).expect("eviction_scope")))
             .collect();
+        // Nothing expires and nothing is freed during a put, so a bucket that evicted is
+        // full after it.
+        for (k, _, _) in evicted {
+            let scope = t.eviction_scope(*k).expect("eviction_scope");
+            let held = scopes.values().filter(|s| **s == scope).count();
+            assert_eq!(
+                held, BUCKET,
+                "bucket {scope} evicted key {k} but holds {held} entries"
+            );
+        }
         for (k, _, reported) in evicted {
             // An entry the batch did not touch must leave with the score the policy gave it.
             let score = match before.get(k) {
@@ -668,8 +707,8 @@ fn nothing_lost(o: &Open, policy: CachePolicy) {
                     if policy == CachePolicy::Custom {
                         put = put.scores(&scores);
                     }
-                    let ev = put_evict(&*t, put);
-                    m.put(&*t, put, &ev, now);
+                    let (ev, x) = put_evict_full(&*t, put);
+                    m.put(&*t, put, &ev, Some(&x), now);
                 }
                 5 | 6 => {
                     let n = rng.below(cap as u64) as usize;

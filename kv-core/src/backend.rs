@@ -249,6 +249,14 @@ pub trait KvBackend: Send + Sync {
         })
     }
 
+    /// Optional (cache tables): the table's eviction policy.
+    fn cache_policy(&self) -> Result<crate::CachePolicy> {
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "cache tables (cache_policy)",
+        })
+    }
+
     /// Optional (cache tables): the table's running counts.
     fn cache_stats(&self) -> Result<CacheStats> {
         Err(Error::Unsupported {

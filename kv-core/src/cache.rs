@@ -71,15 +71,27 @@ pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
 }
 
-/// The system's clock: milliseconds since the Unix epoch.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
+/// The system's clock: milliseconds since the Unix epoch, never going back. The wall clock
+/// can step backwards (an NTP correction); this one then stays where it was until the wall
+/// clock catches up, so that an expired entry never comes back.
+#[derive(Debug, Default)]
+pub struct SystemClock {
+    latest: AtomicU64,
+}
+
+impl SystemClock {
+    /// A system clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
+        let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.latest.fetch_max(wall, Ordering::SeqCst).max(wall)
     }
 }
 
@@ -134,7 +146,7 @@ impl CacheConfig {
     pub fn new(policy: CachePolicy) -> Self {
         Self {
             policy,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::new()),
         }
     }
     /// Replaces the clock.
@@ -173,7 +185,7 @@ pub fn cache_buckets(capacity: usize) -> usize {
 /// Bytes a cache table spends on one slot of `width` words: the key, its row, its score,
 /// its expiry time, and one byte of bookkeeping.
 pub fn cache_slot_bytes(width: usize) -> usize {
-    8 * (3 + width) + 1
+    width.saturating_add(3).saturating_mul(8).saturating_add(1)
 }
 
 /// The entries of a cache table whose slots may take at most `budget_bytes`: whole
@@ -186,7 +198,10 @@ pub fn cache_slot_bytes(width: usize) -> usize {
 pub fn cache_capacity_for_budget(budget_bytes: u64, width: usize) -> usize {
     let slots = budget_bytes / cache_slot_bytes(width) as u64;
     let buckets = (slots / CACHE_BUCKET_SLOTS as u64).max(1);
-    usize::try_from(buckets).unwrap_or(usize::MAX / CACHE_BUCKET_SLOTS) * CACHE_BUCKET_SLOTS
+    usize::try_from(buckets)
+        .unwrap_or(usize::MAX)
+        .min(usize::MAX / CACHE_BUCKET_SLOTS)
+        * CACHE_BUCKET_SLOTS
 }
 
 /// A put on a cache table: keys and value rows, and optionally a score and a time to live
