@@ -222,14 +222,20 @@ impl CacheSim {
         live.into_inner()
     }
 
-    /// Live entries of bucket `b`: (key, score) in slot order.
+    /// Live entries of bucket `b`: (key, score as the contract states it) in slot order.
     fn live_in(&self, b: usize, now: u64) -> Vec<(u64, u64)> {
         (0..B)
             .filter(|&j| {
                 let s = b * B + j;
                 self.used[b] & (1 << j) != 0 && !(self.expires[s] != 0 && self.expires[s] <= now)
             })
-            .map(|j| (self.keys[b * B + j], self.scores[b * B + j]))
+            .map(|j| {
+                let s = b * B + j;
+                (
+                    self.keys[s],
+                    cache::visible_score(self.policy, self.scores[s]),
+                )
+            })
             .collect()
     }
 }
@@ -305,7 +311,7 @@ impl Ref {
             };
             if let Some(j) = (0..B).find(|&j| b.keys[j] == key && live(b, j)) {
                 b.scores[j] = match self.policy {
-                    cache_policy::LRU => self.clock,
+                    cache_policy::LRU => cache::lru_score(self.clock, i as u64),
                     cache_policy::LFU => b.scores[j] + occ,
                     _ => given,
                 };
@@ -314,7 +320,7 @@ impl Ref {
                 continue;
             }
             let score = match self.policy {
-                cache_policy::LRU => self.clock,
+                cache_policy::LRU => cache::lru_score(self.clock, i as u64),
                 cache_policy::LFU => occ,
                 _ => given,
             };
@@ -322,11 +328,17 @@ impl Ref {
                 Some(j) => j,
                 None => {
                     let v = (0..B).min_by_key(|&j| (b.scores[j], j)).expect("slots");
-                    if score < b.scores[v] {
-                        out.push((key, row, score, expires));
+                    let seen = |s| cache::visible_score(self.policy, s);
+                    if seen(score) < seen(b.scores[v]) {
+                        out.push((key, row, seen(score), expires));
                         continue;
                     }
-                    out.push((b.keys[v], b.rows[v].clone(), b.scores[v], b.expires[v]));
+                    out.push((
+                        b.keys[v],
+                        b.rows[v].clone(),
+                        seen(b.scores[v]),
+                        b.expires[v],
+                    ));
                     v
                 }
             };
@@ -344,7 +356,7 @@ impl Ref {
             return;
         }
         self.clock += 1;
-        for &k in keys {
+        for (i, &k) in keys.iter().enumerate() {
             let b = &mut self.buckets[sim.bucket(k)];
             for j in 0..B {
                 if b.used & (1 << j) != 0
@@ -352,7 +364,9 @@ impl Ref {
                     && !(b.expires[j] != 0 && b.expires[j] <= now)
                 {
                     match self.policy {
-                        cache_policy::LRU => b.scores[j] = self.clock,
+                        cache_policy::LRU => {
+                            b.scores[j] = b.scores[j].max(cache::lru_score(self.clock, i as u64))
+                        }
                         cache_policy::LFU => b.scores[j] += 1,
                         _ => {}
                     }
@@ -643,6 +657,22 @@ fn cache_threads_keep_the_contract() {
     }
 }
 
+/// LRU entries written by one batch leave in the order of the batch, whatever order the
+/// threads took the bucket in.
+#[test]
+fn cache_lru_ties_leave_in_batch_order() {
+    for round in 0..10u64 {
+        let mut sim = CacheSim::new(1, 1, cache_policy::LRU, 8);
+        let keys: Vec<u64> = (0..B as u64).map(|k| k * 31 + round).collect();
+        assert!(sim.put(&keys, &keys, None, None, 0).is_empty());
+        for (i, &k) in keys.iter().enumerate() {
+            let new = 1000 + i as u64;
+            let ev = sim.put(&[new], &[new], None, None, 0);
+            assert_eq!(ev, vec![(k, vec![k], 1, 0)], "round {round}: eviction {i}");
+        }
+    }
+}
+
 #[test]
 fn cache_args_layout() {
     assert_eq!(core::mem::size_of::<CacheTableArgs>(), 80);
@@ -653,4 +683,10 @@ fn cache_args_layout() {
     assert_eq!(cache::expiry(10, 0), 0);
     assert_eq!(cache::expiry(10, 5), 15);
     assert_eq!(cache::expiry(u64::MAX, 5), u64::MAX);
+    assert_eq!(cache::lru_score(3, 0), (3 << 32) | 1);
+    assert_eq!(
+        cache::visible_score(cache_policy::LRU, cache::lru_score(3, 9)),
+        3
+    );
+    assert_eq!(cache::visible_score(cache_policy::LFU, 7), 7);
 }

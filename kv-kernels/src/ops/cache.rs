@@ -24,7 +24,11 @@
 //!    eviction takes the next index of the evicted output arrays from the EVICTED counter.
 //!
 //! Within a bucket the threads of one batch apply their keys in any order: the contract
-//! allows a GPU that (docs/cache.md, item 8).
+//! allows a GPU that (docs/cache.md, item 8). So that ties do not depend on that order
+//! under LRU, a stored LRU score carries the item's place in its batch below the clock
+//! ([`lru_score`]): of the entries one batch wrote, the one written by the earliest item
+//! leaves first, as on the CPU where a batch fills a bucket's slots in order. Evictions
+//! report, and the turned-away rule compares, the clock alone ([`visible_score`]).
 //!
 //! # Lookups and removals
 //!
@@ -39,6 +43,32 @@ use crate::layout::{
     CACHE_BUCKET, CacheArgs, cache_bucket, cache_counter, cache_policy, dedup_rank, home_slot,
     next_slot,
 };
+
+/// Bits below the clock in a stored LRU score ([`lru_score`]).
+pub const LRU_ORDER_BITS: u32 = 32;
+
+/// The score an LRU table stores for an access at logical clock `clock` by item `i` of its
+/// batch: the clock above [`LRU_ORDER_BITS`], the item's place in the batch below it. The
+/// score a caller sees ([`visible_score`]) is the clock; the bits below only break ties
+/// between entries of one batch, so that the entry written by the earlier item leaves
+/// first (threads of one batch take a bucket in any order, and the slot order of its
+/// entries says nothing). Clocks stay below 2^32 (four billion batches).
+#[inline(always)]
+pub const fn lru_score(clock: u64, i: u64) -> u64 {
+    (clock << LRU_ORDER_BITS) | ((i + 1) & 0xffff_ffff)
+}
+
+/// The score of a stored `score` as the contract states it (what evictions report and
+/// what decides whether a new key is turned away): the clock of an LRU score, the stored
+/// score itself under the other policies.
+#[inline(always)]
+pub const fn visible_score(policy: u32, score: u64) -> u64 {
+    if policy == cache_policy::LRU {
+        score >> LRU_ORDER_BITS
+    } else {
+        score
+    }
+}
 
 /// The local slot of an item whose probe of the batch-local table found no room.
 pub const NO_SLOT: u32 = u32::MAX;
@@ -258,7 +288,7 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
     let put_at = if hit != CACHE_BUCKET {
         let s = base + hit;
         let score = match t.policy {
-            cache_policy::LRU => a.clock,
+            cache_policy::LRU => lru_score(a.clock, i),
             cache_policy::LFU => {
                 // SAFETY: s < slots.
                 unsafe { M::load_sync(w64(t.scores, s)) }.saturating_add(occurs)
@@ -268,7 +298,7 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
         Some((hit, score))
     } else {
         let score = match t.policy {
-            cache_policy::LRU => a.clock,
+            cache_policy::LRU => lru_score(a.clock, i),
             cache_policy::LFU => occurs,
             _ => given,
         };
@@ -279,9 +309,18 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
             // Full: the lowest score leaves, the new key itself if its score is lower still
             // (ties go against the entry already there).
             out.evicted = true;
-            if score < low {
+            if visible_score(t.policy, score) < visible_score(t.policy, low) {
                 // SAFETY: the outputs have room for n entries; row_in holds width words.
-                unsafe { report::<M>(a, key, score, expires, row_in, false) };
+                unsafe {
+                    report::<M>(
+                        a,
+                        key,
+                        visible_score(t.policy, score),
+                        expires,
+                        row_in,
+                        false,
+                    )
+                };
                 None
             } else {
                 let s = base + victim;
@@ -291,7 +330,14 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
                         M::load_sync(w64(t.keys, s)),
                         M::load_sync(w64(t.expires, s)),
                     );
-                    report::<M>(a, k, low, e, w64(t.rows, s * w), true);
+                    report::<M>(
+                        a,
+                        k,
+                        visible_score(t.policy, low),
+                        e,
+                        w64(t.rows, s * w),
+                        true,
+                    );
                 }
                 Some((victim, score))
             }
@@ -384,7 +430,7 @@ pub unsafe fn lookup<M: Mem>(a: &CacheArgs, i: u64) -> bool {
         // SAFETY: s < slots.
         unsafe {
             match t.policy {
-                cache_policy::LRU => M::max_u64(w64(t.scores, s), a.clock),
+                cache_policy::LRU => M::max_u64(w64(t.scores, s), lru_score(a.clock, i)),
                 cache_policy::LFU => M::add(w64(t.scores, s), 1),
                 _ => {}
             }
