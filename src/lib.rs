@@ -373,6 +373,10 @@ fn open_kind(
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBackend::open(cfg)?)),
         #[cfg(feature = "cuda")]
+        BackendKind::Cuda if cfg.cache.is_some() => Ok(Box::new(
+            kv_backend_cuda::CudaCache::open_with(cfg, &options.cuda)?,
+        )),
+        #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBackend::open_with(
             cfg,
             &options.cuda,

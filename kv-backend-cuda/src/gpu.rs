@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction, CUresult};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 use kv_core::{Error, Result};
-use kv_kernels::layout::{BatchArgs, RehashArgs, TableArgs};
+use kv_kernels::layout::{BatchArgs, CacheArgs, RehashArgs, TableArgs};
 use kv_staging::copy::CopyMode;
 use kv_staging::trace::Tracer;
 
@@ -267,6 +267,18 @@ pub(crate) struct Kernels {
     pub delete: Kernel<BatchArgs>,
     pub rehash: Kernel<RehashArgs>,
     pub count: Kernel<TableArgs>,
+    /// The cache-table kernels; `None` for PTX loaded through
+    /// [`CudaOptions::ptx`](crate::CudaOptions::ptx) that lacks them.
+    pub cache: Option<CacheKernels>,
+}
+
+/// The kernels of cache tables (`kv_kernels::ops::cache`).
+pub(crate) struct CacheKernels {
+    pub dedup: Kernel<CacheArgs>,
+    pub put: Kernel<CacheArgs>,
+    pub get: Kernel<CacheArgs>,
+    pub take: Kernel<CacheArgs>,
+    pub count: Kernel<CacheArgs>,
 }
 
 /// An open device: its (primary) context, the built-in kernels and what launches need.
@@ -481,6 +493,16 @@ fn load_kernels(ptx: &str) -> Result<Kernels> {
         delete: k(f(n::DELETE)?),
         rehash: k(f(n::REHASH)?),
         count: k(f(n::COUNT)?),
+        cache: (|| {
+            Ok::<_, Error>(CacheKernels {
+                dedup: k(f(n::CACHE_DEDUP)?),
+                put: k(f(n::CACHE_PUT)?),
+                get: k(f(n::CACHE_GET)?),
+                take: k(f(n::CACHE_TAKE)?),
+                count: k(f(n::CACHE_COUNT)?),
+            })
+        })()
+        .ok(),
     };
     Ok(kernels)
 }

@@ -96,6 +96,13 @@
 //!
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.
+//!
+//! # Cache tables
+//!
+//! [`CudaCache`] is a cache table in VRAM (docs/cache.md): a fixed budget of buckets, an
+//! eviction policy (LRU, LFU or the caller's scores), expiry, and puts that report what
+//! they evict. [`CudaBackend`] refuses a cache config; `vramkv::open` opens a
+//! [`CudaCache`] for one.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -111,6 +118,7 @@ use kv_core::{
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 
+mod cache;
 mod gpu;
 mod lane;
 mod memory;
@@ -121,6 +129,7 @@ mod plan;
 mod state;
 mod trace;
 
+pub use cache::CudaCache;
 use gpu::{BACKEND, Device, Drv, device_error};
 pub use gpu::{DeviceInfo, devices, is_available};
 use lane::Lane;
@@ -205,7 +214,7 @@ impl CudaBackend {
         if cfg.cache.is_some() {
             return Err(Error::Unsupported {
                 backend: "cuda",
-                what: "cache tables (TableConfig::cache); the CPU backend has them",
+                what: "cache tables (TableConfig::cache) in CudaBackend; open a CudaCache",
             });
         }
         let gpu = gpu::gpu(&cfg)?;

@@ -13,8 +13,10 @@
 use core::arch::asm;
 use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 
-use crate::layout::{BatchArgs, COOP_WIDTH, RehashArgs, TableArgs, counter, flag};
-use crate::ops::{self, Found, Mem};
+use crate::layout::{
+    BatchArgs, COOP_WIDTH, CacheArgs, RehashArgs, TableArgs, cache_counter, counter, flag,
+};
+use crate::ops::{self, Found, Mem, cache};
 
 /// PTX memory operations.
 struct Ptx;
@@ -150,6 +152,75 @@ unsafe impl Mem for Ptx {
             )
         }
     }
+    #[inline(always)]
+    unsafe fn load_sync(addr: u64) -> u64 {
+        let v: u64;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {p}; ld.relaxed.gpu.global.u64 {v}, [ga]; }}",
+                p = in(reg64) addr, v = out(reg64) v,
+                options(nostack, readonly)
+            )
+        };
+        v
+    }
+    #[inline(always)]
+    unsafe fn load_u32_sync(addr: u64) -> u32 {
+        let v: u32;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {p}; ld.relaxed.gpu.global.u32 {v}, [ga]; }}",
+                p = in(reg64) addr, v = out(reg32) v,
+                options(nostack, readonly)
+            )
+        };
+        v
+    }
+    #[inline(always)]
+    unsafe fn fetch_add(addr: u64, v: u64) -> u64 {
+        let old: u64;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.add.u64 {o}, [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg64) v, o = out(reg64) old,
+                options(nostack)
+            )
+        };
+        old
+    }
+    #[inline(always)]
+    unsafe fn add_u32(addr: u64, v: u32) {
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; red.relaxed.gpu.global.add.u32 [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg32) v,
+                options(nostack)
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn and_u32(addr: u64, v: u32) -> u32 {
+        let old: u32;
+        // SAFETY: the caller guarantees a valid, aligned global address.
+        unsafe {
+            asm!(
+                "{{ .reg .b64 ga; cvta.to.global.u64 ga, {a}; atom.relaxed.gpu.global.and.b32 {o}, [ga], {v}; }}",
+                a = in(reg64) addr, v = in(reg32) v, o = out(reg32) old,
+                options(nostack)
+            )
+        };
+        old
+    }
+    #[inline(always)]
+    unsafe fn fence() {
+        // SAFETY: a fence has no operands; it is a memory clobber (no `nomem`), so the
+        // compiler keeps every memory access on its side.
+        unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+    }
 }
 
 /// This thread's first item and the grid stride.
@@ -266,10 +337,17 @@ fn warp_copy_rows(dst: u64, src: u64, width: u32) {
 /// Adds the warp's total of `v` to counter `index` (one atomic per warp).
 #[inline(always)]
 fn count(t: &TableArgs, index: usize, v: u32) {
+    count_at(t.counters, index, v)
+}
+
+/// Adds the warp's total of `v` to word `index` of the counter buffer at `counters` (one
+/// atomic per warp). All 32 lanes must call it.
+#[inline(always)]
+fn count_at(counters: u64, index: usize, v: u32) {
     let s = warp_sum(v);
     if s != 0 && lane() == 0 {
-        // SAFETY: the counter buffer holds counter::LEN words.
-        unsafe { Ptx::add(t.counters + index as u64 * 8, s as u64) };
+        // SAFETY: callers pass their counter buffer, which holds `index`.
+        unsafe { Ptx::add(counters + index as u64 * 8, s as u64) };
     }
 }
 
@@ -493,6 +571,82 @@ pub unsafe extern "ptx-kernel" fn kv_count(a: TableArgs) {
     }
     count(&a, counter::LIVE, live);
     count(&a, counter::TOMBS, tombs);
+}
+
+/// Cache put, pass 1 (`CacheArgs`): every key into the batch-local table, so that the put
+/// pass knows each key's last occurrence and its count (or, for a take, its first).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_dedup(a: CacheArgs) {
+    let (mut i, stride) = grid();
+    let mut lost = 0u32;
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items and a zeroed local table.
+        lost += !unsafe { cache::dedup::<Ptx>(&a, i) } as u32;
+        i += stride;
+    }
+    count_at(a.table.counters, cache_counter::ERRORS, lost);
+}
+
+/// Cache put, pass 2 (`CacheArgs`): the last occurrence of every key applies it under its
+/// bucket's lock; evictions go to the evicted outputs.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_put(a: CacheArgs) {
+    let (mut i, stride) = grid();
+    let (mut reused, mut lost) = (0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items; the dedup pass ran; the lock
+        // words are zero between kernels.
+        let p = unsafe { cache::put::<Ptx>(&a, i) };
+        reused += p.expired_reused as u32;
+        lost += p.lost as u32;
+        i += stride;
+    }
+    count_at(a.table.counters, cache_counter::EXPIRED_REUSED, reused);
+    count_at(a.table.counters, cache_counter::ERRORS, lost);
+}
+
+/// Cache get, peek and contains (`CacheArgs`; `access` says whether it is a get).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_get(a: CacheArgs) {
+    let (mut i, stride) = grid();
+    let (mut hits, mut misses) = (0u32, 0u32);
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items.
+        let hit = unsafe { cache::lookup::<Ptx>(&a, i) };
+        hits += hit as u32;
+        misses += !hit as u32;
+        i += stride;
+    }
+    if a.access != 0 {
+        count_at(a.table.counters, cache_counter::HITS, hits);
+        count_at(a.table.counters, cache_counter::MISSES, misses);
+    }
+}
+
+/// Cache take and delete (`CacheArgs`): remove each key's live entry, once per key.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_take(a: CacheArgs) {
+    let (mut i, stride) = grid();
+    let mut removed = 0u32;
+    while i < a.n {
+        // SAFETY: the host passes valid buffers for n items; the dedup pass ran if pick is set.
+        removed += unsafe { cache::take::<Ptx>(&a, i) } as u32;
+        i += stride;
+    }
+    count_at(a.table.counters, cache_counter::REMOVED, removed);
+}
+
+/// Cache count (`CacheArgs`, `n` = buckets): live entries at `now`.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_count(a: CacheArgs) {
+    let (mut b, stride) = grid();
+    let mut live = 0u32;
+    while b < a.table.buckets {
+        // SAFETY: b < buckets.
+        live += unsafe { cache::count_live::<Ptx>(&a, b) };
+        b += stride;
+    }
+    count_at(a.table.counters, cache_counter::LIVE, live);
 }
 
 #[panic_handler]

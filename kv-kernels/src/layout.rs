@@ -352,3 +352,137 @@ pub struct RehashArgs {
 const _: () = assert!(core::mem::size_of::<TableArgs>() == 48);
 const _: () = assert!(core::mem::size_of::<BatchArgs>() == 48 + 8 * 8);
 const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);
+
+/// Slots per bucket of a cache table (`kv_core::CACHE_BUCKET_SLOTS`): one bit each in the
+/// bucket's `used` word.
+pub const CACHE_BUCKET: u64 = 32;
+
+/// A cache table's eviction policy as the kernels take it ([`CacheTableArgs::policy`]).
+pub mod cache_policy {
+    /// Least recently used: the score is the table's logical clock at the last access.
+    pub const LRU: u32 = 0;
+    /// Least frequently used: the score counts accesses.
+    pub const LFU: u32 = 1;
+    /// The caller's score, given with each key of a put.
+    pub const CUSTOM: u32 = 2;
+}
+
+/// Indices of the u64 words of a cache table's counter buffer. The host zeroes them before
+/// a batch and reads them back after it.
+pub mod cache_counter {
+    /// Entries a put evicted or turned away; each took the next index of the evicted
+    /// output arrays.
+    pub const EVICTED: usize = 0;
+    /// Expired entries whose slots a put reused.
+    pub const EXPIRED_REUSED: usize = 1;
+    /// Gets that found their key.
+    pub const HITS: usize = 2;
+    /// Gets that did not.
+    pub const MISSES: usize = 3;
+    /// Entries removed by a delete or a take.
+    pub const REMOVED: usize = 4;
+    /// Live entries counted by `kv_cache_count`.
+    pub const LIVE: usize = 5;
+    /// Probes of the batch-local table that found no room (a broken invariant).
+    pub const ERRORS: usize = 6;
+    /// Length of the counter buffer in u64 words.
+    pub const LEN: usize = 8;
+}
+
+/// A cache table as the kernels see it: device addresses and shape. Slot `s` of bucket `b`
+/// is `b * CACHE_BUCKET + s`; its key, score and expiry time are word `s` of their arrays
+/// and its row is words `s * width ..` of the row array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheTableArgs {
+    /// `u64[slots]` keys.
+    pub keys: u64,
+    /// `u64[slots]` scores.
+    pub scores: u64,
+    /// `u64[slots]` expiry times in the clock's milliseconds (0: never).
+    pub expires: u64,
+    /// `u64[slots * width]` value rows.
+    pub rows: u64,
+    /// `u32[buckets]`: bit `j` set when slot `j` of the bucket holds an entry (perhaps an
+    /// expired one).
+    pub used: u64,
+    /// `u32[buckets]` bucket locks of the put (0: free, 1: held).
+    pub locks: u64,
+    /// `u64[cache_counter::LEN]` counters.
+    pub counters: u64,
+    /// Buckets in the table ([`cache_bucket`] scales the hash to it).
+    pub buckets: u64,
+    /// The table's hash seed.
+    pub seed: u64,
+    /// Value width in u64 words.
+    pub width: u32,
+    /// The eviction policy ([`cache_policy`]).
+    pub policy: u32,
+}
+
+/// Arguments of the cache kernels: the table, the batch, its outputs and its scratch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheArgs {
+    /// The table.
+    pub table: CacheTableArgs,
+    /// The table's logical clock for this batch (the score of an LRU access).
+    pub clock: u64,
+    /// Now, in the table clock's milliseconds (expiry).
+    pub now: u64,
+    /// Items in the batch.
+    pub n: u64,
+    /// `u64[n]` keys.
+    pub keys_in: u64,
+    /// `u64[n * width]`: put: the rows in; get, peek, take: the rows out (0: none wanted).
+    pub values: u64,
+    /// `u64[n]` scores of a custom put (0: none; every score 0).
+    pub scores_in: u64,
+    /// `u64[n]` times to live of a put in milliseconds (0: none; 0 in it: no expiry).
+    pub ttl_in: u64,
+    /// `u8[n]` found flags (0/1) of get, peek, contains and take (0: none wanted).
+    pub found_out: u64,
+    /// `u64[n]` expiry times of the entries a take removed (0: none wanted).
+    pub expires_out: u64,
+    /// `u64[n]` keys of the entries a put evicted or turned away (0: count them only).
+    pub ev_keys: u64,
+    /// `u64[n * width]` their rows.
+    pub ev_rows: u64,
+    /// `u64[n]` their scores.
+    pub ev_scores: u64,
+    /// `u64[n]` their expiry times.
+    pub ev_expires: u64,
+    /// `u32[local_mask + 1]` batch-local table of the dedup pass (zeroed by the host): 0 or
+    /// `1 + i` of the item that claimed the slot for its key.
+    pub local: u64,
+    /// `u32[local_mask + 1]` per local slot: the highest [`dedup_rank`] of its key's
+    /// occurrences (zeroed by the host). 0 in a take or delete: every item acts.
+    pub pick: u64,
+    /// `u32[local_mask + 1]` per local slot: how many times its key occurs (zeroed).
+    pub occurs: u64,
+    /// `u32[n]`: the local slot of each item, written by the dedup pass.
+    pub slot_of: u64,
+    /// Slots of the local table minus one ([`local_slots`] of `n`, minus one).
+    pub local_mask: u64,
+    /// What a get does: 1 counts it as an access (scores change, hits and misses are
+    /// counted), 0 is a peek or contains.
+    pub access: u32,
+    /// Which occurrence of a repeated key acts ([`dedup_rank`]): 0 the last (a put), 1 the
+    /// first (a take).
+    pub first_wins: u32,
+}
+
+/// The rank the dedup pass maxes into its key's local slot for item `i` of `n`: the
+/// occurrence with the highest rank acts for its key. `1 + i` when the last occurrence wins
+/// (a put), `n - i` when the first does (a take). Never 0 (a zeroed slot).
+#[inline(always)]
+pub const fn dedup_rank(i: u64, n: u64, first_wins: bool) -> u32 {
+    if first_wins {
+        (n - i) as u32
+    } else {
+        (i + 1) as u32
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<CacheTableArgs>() == 10 * 8);
+const _: () = assert!(core::mem::size_of::<CacheArgs>() == 10 * 8 + 18 * 8 + 8);

@@ -48,6 +48,8 @@
 //!    key finds its slot in the table and writes its row again, after every racing write of
 //!    pass 1.
 
+pub mod cache;
+
 use crate::layout::{
     BatchArgs, EMPTY, REPEAT, RehashArgs, TOMBSTONE, TableArgs, counter, flag, home_slot,
     is_sentinel, key_word, next_slot, probe_start, row_word, special_index, special_row,
@@ -93,6 +95,21 @@ pub unsafe trait Mem {
     unsafe fn max_u32(addr: u64, v: u32);
     /// Atomic add (u64).
     unsafe fn add(addr: u64, v: u64);
+    /// A load that observes the latest value at device scope (of data other threads write
+    /// while the kernel runs).
+    unsafe fn load_sync(addr: u64) -> u64;
+    /// A u32 load that observes the latest value at device scope.
+    unsafe fn load_u32_sync(addr: u64) -> u32;
+    /// Atomic add (u64); returns the old value.
+    unsafe fn fetch_add(addr: u64, v: u64) -> u64;
+    /// Atomic add (u32).
+    unsafe fn add_u32(addr: u64, v: u32);
+    /// Atomic and (u32); returns the old value.
+    unsafe fn and_u32(addr: u64, v: u32) -> u32;
+    /// A device-scope fence that orders this thread's memory operations before it against
+    /// those after it (acquire and release): with an atomic on a lock word, it makes what
+    /// the lock's previous holder wrote visible to the next.
+    unsafe fn fence();
 }
 
 /// The address of `slot`'s key in the table's slot array.

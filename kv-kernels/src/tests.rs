@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use crate::layout::*;
 use crate::ops::{self, Mem};
 
-struct Host;
+pub(crate) struct Host;
 
 fn a64(addr: u64) -> &'static AtomicU64 {
     // SAFETY: the tests pass addresses of live, aligned u64 buffers owned by the SimTable.
@@ -74,6 +74,24 @@ unsafe impl Mem for Host {
     unsafe fn add(addr: u64, v: u64) {
         a64(addr).fetch_add(v, Relaxed);
     }
+    unsafe fn load_sync(addr: u64) -> u64 {
+        a64(addr).load(Relaxed)
+    }
+    unsafe fn load_u32_sync(addr: u64) -> u32 {
+        a32(addr).load(Relaxed)
+    }
+    unsafe fn fetch_add(addr: u64, v: u64) -> u64 {
+        a64(addr).fetch_add(v, Relaxed)
+    }
+    unsafe fn add_u32(addr: u64, v: u32) {
+        a32(addr).fetch_add(v, Relaxed);
+    }
+    unsafe fn and_u32(addr: u64, v: u32) -> u32 {
+        a32(addr).fetch_and(v, Relaxed)
+    }
+    unsafe fn fence() {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// `threads` value for [`par`]: sequential, from the last item down (so that in the dedup
@@ -82,7 +100,7 @@ const REVERSED: u64 = 0;
 
 /// Runs `f(i)` for `i in 0..n`, on `threads` threads (interleaved) or sequentially (1 in
 /// order, [`REVERSED`] from the end).
-fn par(n: u64, threads: u64, f: impl Fn(u64) + Sync) {
+pub(crate) fn par(n: u64, threads: u64, f: impl Fn(u64) + Sync) {
     if threads == REVERSED {
         (0..n).rev().for_each(f);
         return;
