@@ -5,21 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use kv_conformance::SplitMix64;
+
 use vramkv::{
     CacheConfig, CachePolicy, CachePut, Clock, Error, Evicted, KvBackend, ManualClock, Options,
     TableConfig, Tiered, TieredConfig,
 };
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
 
 fn store(policy: CachePolicy, upper_slots: u64, lower_slots: u64) -> (Tiered, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(10));
@@ -60,7 +51,7 @@ fn missing(t: &Tiered, m: &Model) -> Vec<u64> {
 fn run(policy: CachePolicy, lower_slots: u64, seed: u64) {
     let (t, clock) = store(policy, 64, lower_slots);
     let mut m = Model::new();
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut reported_or_counted = 0u64;
     for step in 0..400u64 {
         let now = clock.now_ms();

@@ -14,7 +14,7 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
     Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_slot_bytes, check_contains,
-    check_get,
+    check_get, check_take,
 };
 use kv_kernels::layout::cache_bucket;
 use rayon::prelude::*;
@@ -542,15 +542,8 @@ impl KvBackend for CpuCache {
         found_out: &mut [bool],
         expires_out: &mut [u64],
     ) -> Result<usize> {
-        check_get(self.width, keys, values_out, found_out)?;
+        check_take(self.width, keys, values_out, found_out, expires_out)?;
         check_batch_len(keys.len())?;
-        if expires_out.len() != keys.len() {
-            return Err(Error::LengthMismatch {
-                what: "expires_out",
-                expected: keys.len(),
-                got: expires_out.len(),
-            });
-        }
         let w = self.width;
         let mut st = self.write();
         if keys.is_empty() {

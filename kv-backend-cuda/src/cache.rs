@@ -33,6 +33,7 @@ use cudarc::driver::{CudaStream, result};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
     Evicted, KvBackend, Result, TableConfig, cache_buckets, check_contains, check_get, check_put,
+    check_take,
 };
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
@@ -720,14 +721,7 @@ impl KvBackend for CudaCache {
         found_out: &mut [bool],
         expires_out: &mut [u64],
     ) -> Result<usize> {
-        check_get(self.width, keys, values_out, found_out)?;
-        if expires_out.len() != keys.len() {
-            return Err(Error::LengthMismatch {
-                what: "expires_out",
-                expected: keys.len(),
-                got: expires_out.len(),
-            });
-        }
+        check_take(self.width, keys, values_out, found_out, expires_out)?;
         self.remove(keys, Some((values_out, found_out, expires_out)))
     }
 

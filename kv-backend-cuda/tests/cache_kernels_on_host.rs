@@ -4,104 +4,22 @@
 //! that needs no GPU. (`cuda_conformance` runs the same cases on `CudaCache` itself when
 //! there is one.)
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
     Evicted, KvBackend, Result, TableConfig, cache_buckets, check_contains, check_get, check_put,
+    check_take,
 };
+use kv_kernels::host::Host;
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
 };
-use kv_kernels::ops::{Mem, cache};
+use kv_kernels::ops::cache;
 
 const B: usize = CACHE_BUCKET_SLOTS;
 const THREADS: u64 = 4;
-
-struct Host;
-
-fn a64(addr: u64) -> &'static AtomicU64 {
-    // SAFETY: the test passes addresses of live, aligned u64 buffers it owns.
-    unsafe { AtomicU64::from_ptr(addr as *mut u64) }
-}
-fn a32(addr: u64) -> &'static AtomicU32 {
-    // SAFETY: as above, for u32 buffers.
-    unsafe { AtomicU32::from_ptr(addr as *mut u32) }
-}
-fn a8(addr: u64) -> &'static AtomicU8 {
-    // SAFETY: as above, for u8 buffers.
-    unsafe { AtomicU8::from_ptr(addr as *mut u8) }
-}
-
-// SAFETY: every method performs the named operation (relaxed atomics stand in for plain
-// accesses, so that racing threads are not undefined behaviour on the host).
-unsafe impl Mem for Host {
-    unsafe fn load(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
-    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
-    unsafe fn load2(addr: u64) -> [u64; 2] {
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
-    unsafe fn store(addr: u64, v: u64) {
-        a64(addr).store(v, Relaxed)
-    }
-    unsafe fn load_u32(addr: u64) -> u32 {
-        a32(addr).load(Relaxed)
-    }
-    unsafe fn store_u32(addr: u64, v: u32) {
-        a32(addr).store(v, Relaxed)
-    }
-    unsafe fn load_u8(addr: u64) -> u8 {
-        a8(addr).load(Relaxed)
-    }
-    unsafe fn store_u8(addr: u64, v: u8) {
-        a8(addr).store(v, Relaxed)
-    }
-    unsafe fn cas(addr: u64, current: u64, new: u64) -> u64 {
-        match a64(addr).compare_exchange(current, new, Relaxed, Relaxed) {
-            Ok(v) | Err(v) => v,
-        }
-    }
-    unsafe fn cas_u32(addr: u64, current: u32, new: u32) -> u32 {
-        match a32(addr).compare_exchange(current, new, Relaxed, Relaxed) {
-            Ok(v) | Err(v) => v,
-        }
-    }
-    unsafe fn exch(addr: u64, v: u64) -> u64 {
-        a64(addr).swap(v, Relaxed)
-    }
-    unsafe fn max_u64(addr: u64, v: u64) {
-        a64(addr).fetch_max(v, Relaxed);
-    }
-    unsafe fn max_u32(addr: u64, v: u32) {
-        a32(addr).fetch_max(v, Relaxed);
-    }
-    unsafe fn add(addr: u64, v: u64) {
-        a64(addr).fetch_add(v, Relaxed);
-    }
-    unsafe fn load_sync(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
-    unsafe fn load_u32_sync(addr: u64) -> u32 {
-        a32(addr).load(Relaxed)
-    }
-    unsafe fn fetch_add(addr: u64, v: u64) -> u64 {
-        a64(addr).fetch_add(v, Relaxed)
-    }
-    unsafe fn add_u32(addr: u64, v: u32) {
-        a32(addr).fetch_add(v, Relaxed);
-    }
-    unsafe fn and_u32(addr: u64, v: u32) -> u32 {
-        a32(addr).fetch_and(v, Relaxed)
-    }
-    unsafe fn fence() {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 /// Runs `f(i)` for `i in 0..n` on [`THREADS`] threads, interleaved (a kernel launch).
 fn launch(n: u64, f: impl Fn(u64) + Sync) {
@@ -450,14 +368,7 @@ impl KvBackend for HostCache {
         found_out: &mut [bool],
         expires_out: &mut [u64],
     ) -> Result<usize> {
-        check_get(self.width, keys, values_out, found_out)?;
-        if expires_out.len() != keys.len() {
-            return Err(Error::LengthMismatch {
-                what: "expires_out",
-                expected: keys.len(),
-                got: expires_out.len(),
-            });
-        }
+        check_take(self.width, keys, values_out, found_out, expires_out)?;
         self.remove(keys, Some((values_out, found_out, expires_out)))
     }
     fn eviction_scope(&self, key: u64) -> Result<u64> {

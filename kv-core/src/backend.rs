@@ -276,6 +276,35 @@ pub fn check_get(width: usize, keys: &[u64], values_out: &[u64], found_out: &[bo
     check_get_len(width, keys.len(), values_out.len(), found_out.len())
 }
 
+/// Checks the argument lengths of a take ([`KvBackend::take`]): those of a get, and one
+/// expiry time per key.
+///
+/// ```
+/// use kv_core::{Error, check_take};
+/// assert!(check_take(2, &[1], &mut [0, 0], &mut [false], &mut [0]).is_ok());
+/// assert!(matches!(
+///     check_take(2, &[1], &mut [0, 0], &mut [false], &mut []),
+///     Err(Error::LengthMismatch { what: "expires_out", .. })
+/// ));
+/// ```
+pub fn check_take(
+    width: usize,
+    keys: &[u64],
+    values_out: &[u64],
+    found_out: &[bool],
+    expires_out: &[u64],
+) -> Result<()> {
+    check_get(width, keys, values_out, found_out)?;
+    if expires_out.len() != keys.len() {
+        return Err(Error::LengthMismatch {
+            what: "expires_out",
+            expected: keys.len(),
+            got: expires_out.len(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks the argument lengths of a contains.
 pub fn check_contains(keys: &[u64], found_out: &[bool]) -> Result<()> {
     check_found("found_out", keys.len(), found_out.len())

@@ -19,7 +19,7 @@ mod options;
 
 pub use backend::{
     Audit, Description, KvBackend, check_contains, check_get, check_get_len, check_put,
-    check_put_len,
+    check_put_len, check_take,
 };
 pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
 pub use cache::{

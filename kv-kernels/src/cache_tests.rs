@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::layout::*;
 use crate::ops::cache;
-use crate::tests::{Host, par};
+use crate::tests::{Host, Rng, par};
 
 const B: usize = CACHE_BUCKET as usize;
 
@@ -411,24 +411,12 @@ impl Ref {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn key(&mut self, range: u64) -> u64 {
-        match self.below(16) {
-            0 => 0,
-            1 => u64::MAX,
-            _ => self.below(range).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        }
+/// A key for the cache tests: 0 and `u64::MAX` often, else one of `range` scattered keys.
+fn cache_key(rng: &mut Rng, range: u64) -> u64 {
+    match rng.below(16) {
+        0 => 0,
+        1 => u64::MAX,
+        _ => rng.below(range).wrapping_mul(0x9E37_79B9_7F4A_7C15),
     }
 }
 
@@ -445,7 +433,7 @@ fn exact_sequence(policy: u32, width: u32, buckets: u64, seed: u64) {
         match rng.below(8) {
             0..=3 => {
                 let n = 1 + rng.below(cap) as usize;
-                let keys: Vec<u64> = (0..n).map(|_| rng.key(cap * 3)).collect();
+                let keys: Vec<u64> = (0..n).map(|_| cache_key(&mut rng, cap * 3)).collect();
                 let vals: Vec<u64> = (0..n * w).map(|_| rng.next()).collect();
                 let scores: Vec<u64> = (0..n).map(|_| rng.below(100)).collect();
                 let ttl: Vec<u64> = (0..n)
@@ -463,19 +451,25 @@ fn exact_sequence(policy: u32, width: u32, buckets: u64, seed: u64) {
                 assert_eq!(got, want, "step {step}: evictions");
             }
             4 => {
-                let keys: Vec<u64> = (0..rng.below(cap)).map(|_| rng.key(cap * 3)).collect();
+                let keys: Vec<u64> = (0..rng.below(cap))
+                    .map(|_| cache_key(&mut rng, cap * 3))
+                    .collect();
                 let (v, f) = sim.lookup(&keys, true, now);
                 r.get(&sim, &keys, now);
                 let (pv, pf) = sim.lookup(&keys, false, now);
                 assert_eq!((v, f), (pv, pf), "a get and a peek return alike");
             }
             5 => {
-                let keys: Vec<u64> = (0..rng.below(8)).map(|_| rng.key(cap * 3)).collect();
+                let keys: Vec<u64> = (0..rng.below(8))
+                    .map(|_| cache_key(&mut rng, cap * 3))
+                    .collect();
                 let (_, _, _, removed) = sim.take(&keys, false, now);
                 assert_eq!(removed, r.delete(&sim, &keys, now), "step {step}: delete");
             }
             6 => {
-                let mut keys: Vec<u64> = (0..rng.below(8)).map(|_| rng.key(cap * 3)).collect();
+                let mut keys: Vec<u64> = (0..rng.below(8))
+                    .map(|_| cache_key(&mut rng, cap * 3))
+                    .collect();
                 keys.extend(keys.clone());
                 let (pv, pf) = sim.lookup(&keys, false, now);
                 let (v, f, x, removed) = sim.take(&keys, true, now);
@@ -591,7 +585,7 @@ fn cache_threads_keep_the_contract() {
             match rng.below(6) {
                 0..=3 => {
                     let n = 1 + rng.below(cap * 2) as usize;
-                    let keys: Vec<u64> = (0..n).map(|_| rng.key(cap * 3)).collect();
+                    let keys: Vec<u64> = (0..n).map(|_| cache_key(&mut rng, cap * 3)).collect();
                     let vals: Vec<u64> = (0..n * w).map(|_| rng.next()).collect();
                     let scores: Vec<u64> = (0..n).map(|_| rng.below(50)).collect();
                     let s = (policy == cache_policy::CUSTOM).then_some(&scores[..]);
@@ -628,11 +622,15 @@ fn cache_threads_keep_the_contract() {
                     }
                 }
                 4 => {
-                    let keys: Vec<u64> = (0..rng.below(cap)).map(|_| rng.key(cap * 3)).collect();
+                    let keys: Vec<u64> = (0..rng.below(cap))
+                        .map(|_| cache_key(&mut rng, cap * 3))
+                        .collect();
                     sim.lookup(&keys, true, 0);
                 }
                 _ => {
-                    let keys: Vec<u64> = (0..rng.below(8)).map(|_| rng.key(cap * 3)).collect();
+                    let keys: Vec<u64> = (0..rng.below(8))
+                        .map(|_| cache_key(&mut rng, cap * 3))
+                        .collect();
                     let want = keys
                         .iter()
                         .collect::<HashSet<_>>()

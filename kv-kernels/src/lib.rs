@@ -51,6 +51,8 @@
     feature(abi_ptx, asm_experimental_arch, stdarch_nvptx)
 )]
 
+#[cfg(not(target_arch = "nvptx64"))]
+pub mod host;
 pub mod layout;
 pub mod ops;
 

@@ -3,96 +3,11 @@
 //! against a `HashMap` model.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+pub(crate) use crate::host::Host;
 use crate::layout::*;
-use crate::ops::{self, Mem};
-
-pub(crate) struct Host;
-
-fn a64(addr: u64) -> &'static AtomicU64 {
-    // SAFETY: the tests pass addresses of live, aligned u64 buffers owned by the SimTable.
-    unsafe { AtomicU64::from_ptr(addr as *mut u64) }
-}
-fn a32(addr: u64) -> &'static AtomicU32 {
-    // SAFETY: as above, for u32 buffers.
-    unsafe { AtomicU32::from_ptr(addr as *mut u32) }
-}
-fn a8(addr: u64) -> &'static AtomicU8 {
-    // SAFETY: as above, for u8 buffers.
-    unsafe { AtomicU8::from_ptr(addr as *mut u8) }
-}
-
-// SAFETY: every method performs the named operation (relaxed atomics stand in for plain
-// accesses, so that racing passes are not undefined behaviour on the host).
-unsafe impl Mem for Host {
-    unsafe fn load(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
-    unsafe fn load2_sync(addr: u64) -> [u64; 2] {
-        assert_eq!(addr % 16, 0, "pair loads are 16-byte aligned");
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
-    unsafe fn load2(addr: u64) -> [u64; 2] {
-        assert_eq!(addr % 16, 0, "pair loads are 16-byte aligned");
-        [a64(addr).load(Relaxed), a64(addr + 8).load(Relaxed)]
-    }
-    unsafe fn store(addr: u64, v: u64) {
-        a64(addr).store(v, Relaxed)
-    }
-    unsafe fn load_u32(addr: u64) -> u32 {
-        a32(addr).load(Relaxed)
-    }
-    unsafe fn store_u32(addr: u64, v: u32) {
-        a32(addr).store(v, Relaxed)
-    }
-    unsafe fn load_u8(addr: u64) -> u8 {
-        a8(addr).load(Relaxed)
-    }
-    unsafe fn store_u8(addr: u64, v: u8) {
-        a8(addr).store(v, Relaxed)
-    }
-    unsafe fn cas(addr: u64, current: u64, new: u64) -> u64 {
-        match a64(addr).compare_exchange(current, new, Relaxed, Relaxed) {
-            Ok(v) | Err(v) => v,
-        }
-    }
-    unsafe fn cas_u32(addr: u64, current: u32, new: u32) -> u32 {
-        match a32(addr).compare_exchange(current, new, Relaxed, Relaxed) {
-            Ok(v) | Err(v) => v,
-        }
-    }
-    unsafe fn exch(addr: u64, v: u64) -> u64 {
-        a64(addr).swap(v, Relaxed)
-    }
-    unsafe fn max_u64(addr: u64, v: u64) {
-        a64(addr).fetch_max(v, Relaxed);
-    }
-    unsafe fn max_u32(addr: u64, v: u32) {
-        a32(addr).fetch_max(v, Relaxed);
-    }
-    unsafe fn add(addr: u64, v: u64) {
-        a64(addr).fetch_add(v, Relaxed);
-    }
-    unsafe fn load_sync(addr: u64) -> u64 {
-        a64(addr).load(Relaxed)
-    }
-    unsafe fn load_u32_sync(addr: u64) -> u32 {
-        a32(addr).load(Relaxed)
-    }
-    unsafe fn fetch_add(addr: u64, v: u64) -> u64 {
-        a64(addr).fetch_add(v, Relaxed)
-    }
-    unsafe fn add_u32(addr: u64, v: u32) {
-        a32(addr).fetch_add(v, Relaxed);
-    }
-    unsafe fn and_u32(addr: u64, v: u32) -> u32 {
-        a32(addr).fetch_and(v, Relaxed)
-    }
-    unsafe fn fence() {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
-}
+use crate::ops;
 
 /// `threads` value for [`par`]: sequential, from the last item down (so that in the dedup
 /// pass the claimer of a repeated key's local slot is its last occurrence).
@@ -410,15 +325,18 @@ impl Sim {
     }
 }
 
-struct Rng(u64);
+/// The tests' random numbers: splitmix64.
+pub(crate) struct Rng(pub(crate) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
     }
     fn key(&mut self, range: u64) -> u64 {
         match self.next() % 16 {
