@@ -34,14 +34,17 @@
 //! ```
 
 pub use kv_core::{
-    Audit, CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description,
+    ArenaStats, Audit, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable,
+    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description,
     DriverError, Error, Evicted, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock,
     PutPlan, Result, SystemClock, TableConfig, cache_capacity_for_budget, cache_slot_bytes,
     capacity_of, check_contains, check_get, check_put, check_take, plan_put, slots_for,
 };
 pub use kv_staging::trace::Tracer;
 
+mod bytes;
 mod tiered;
+pub use bytes::{BytesTable, open_bytes, open_bytes_with};
 pub use tiered::{TierStats, Tiered, TieredConfig};
 
 #[cfg(feature = "cpu")]

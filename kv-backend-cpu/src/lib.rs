@@ -21,9 +21,11 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 
+mod bytes;
 mod cache;
 mod part;
 
+pub use bytes::CpuBytes;
 pub use cache::CpuCache;
 
 use kv_core::{

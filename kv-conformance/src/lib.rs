@@ -21,12 +21,16 @@
 //! as *ignored* (never as passed); [`Availability::Fail`] makes every case fail, for
 //! machines where the backend is required.
 //!
+//! Byte tables ([`kv_core::ByteTable`]) have a suite of their own, [`bytes`], run with
+//! [`bytes_main!`].
+//!
 //! The [`stress`] module is the second suite, long random sequences and big batches
 //! against a `HashMap`, with its own macro, [`stress_main!`].
 //!
 //! [`Model`] is the sequential reference the cases (and the differential property tests)
 //! compare a backend with.
 
+pub mod bytes;
 pub mod cache;
 pub mod cases;
 mod model;

@@ -83,6 +83,32 @@ pub enum Error {
         #[source]
         source: Option<DriverError>,
     },
+    /// A key or value of a byte batch is outside the table's limits (an empty key, or a
+    /// key or value longer than the table takes).
+    #[error("{what} {index} has {len} bytes; this table takes {min} to {max}")]
+    ByteLimit {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// The item's place in its batch.
+        index: usize,
+        /// Its length in bytes.
+        len: u64,
+        /// The shortest allowed.
+        min: u64,
+        /// The longest allowed.
+        max: u64,
+    },
+    /// A batch needs more memory than a budget the table was given (a byte table's arena
+    /// budget), even after compaction.
+    #[error("{what} budget exceeded: {requested_bytes} bytes needed, budget is {budget_bytes}")]
+    BudgetExceeded {
+        /// Which budget (`"arena"`).
+        what: &'static str,
+        /// The bytes the budget would have had to hold.
+        requested_bytes: u64,
+        /// The budget.
+        budget_bytes: u64,
+    },
     /// An optional capability that this backend does not offer.
     #[error("{backend} does not support {what}")]
     Unsupported {

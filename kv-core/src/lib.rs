@@ -12,6 +12,7 @@
 
 mod backend;
 mod books;
+mod bytes;
 mod cache;
 mod config;
 mod error;
@@ -22,6 +23,11 @@ pub use backend::{
     check_put_len, check_take,
 };
 pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
+pub use bytes::{
+    ArenaStats, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable,
+    DEFAULT_MAX_VALUE_BYTES, MAX_KEY_BYTES, MAX_VALUE_LIMIT, Offsets, check_byte_lookup,
+    check_byte_put,
+};
 pub use cache::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Evicted,
     ManualClock, SystemClock, cache_buckets, cache_capacity_for_budget, cache_slot_bytes,

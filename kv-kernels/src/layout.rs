@@ -96,6 +96,66 @@ pub const fn unhash(h: u64, seed: u64) -> u64 {
     x ^ seed
 }
 
+/// The hash of a byte-string key (a byte table's key, docs/arena.md) of `len` bytes under
+/// `seed`, given its 8-byte little-endian words: `word(j)` is bytes `8j .. 8j + 8` of the
+/// key, the last word zero-padded. It chains [`hash`] over the words, starting from the
+/// seed mixed with the length, so keys of different lengths differ even when one is the
+/// other padded with zero bytes.
+///
+/// Every backend hashes byte keys with this one function: the CPU over a slice
+/// ([`byte_hash`]), the GPU kernels over words they assemble from device memory.
+///
+/// ```
+/// use kv_kernels::layout::{byte_hash, byte_hash_words};
+/// let key = b"user:1234:profile";
+/// let word = |j: u64| {
+///     let mut w = [0u8; 8];
+///     let lo = (8 * j) as usize;
+///     let hi = key.len().min(lo + 8);
+///     w[..hi - lo].copy_from_slice(&key[lo..hi]);
+///     u64::from_le_bytes(w)
+/// };
+/// assert_eq!(byte_hash_words(key.len() as u64, 7, word), byte_hash(key, 7));
+/// ```
+#[inline(always)]
+pub fn byte_hash_words(len: u64, seed: u64, mut word: impl FnMut(u64) -> u64) -> u64 {
+    let mut h = hash(len, seed);
+    let words = len.div_ceil(8);
+    let mut j = 0;
+    while j < words {
+        h = hash(word(j) ^ h, seed);
+        j += 1;
+    }
+    h
+}
+
+/// [`byte_hash_words`] over a slice: the hash of the byte-string key `key` under `seed`.
+///
+/// ```
+/// use kv_kernels::layout::byte_hash;
+/// assert_ne!(byte_hash(b"a", 1), byte_hash(b"a\0", 1));
+/// assert_ne!(byte_hash(b"a", 1), byte_hash(b"a", 2));
+/// ```
+#[inline(always)]
+pub fn byte_hash(key: &[u8], seed: u64) -> u64 {
+    byte_hash_words(key.len() as u64, seed, |j| {
+        let lo = (8 * j) as usize;
+        match key.get(lo..lo + 8) {
+            Some(w) => u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]),
+            None => {
+                let mut w = [0u8; 8];
+                let tail = &key[lo..];
+                let mut k = 0;
+                while k < tail.len() {
+                    w[k] = tail[k];
+                    k += 1;
+                }
+                u64::from_le_bytes(w)
+            }
+        }
+    })
+}
+
 /// The first slot probed for `key` in a table of `mask + 1` slots (a power of two) whose
 /// hash seed is `seed`.
 #[inline(always)]

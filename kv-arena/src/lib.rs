@@ -1,0 +1,435 @@
+//! The host's plan of a byte table's arena (docs/arena.md).
+//!
+//! A byte table keeps its keys and values in an *arena*: device memory cut into segments
+//! of one power-of-two size. The host plans where every record goes and the device (or
+//! the CPU backend's memory) moves the bytes; this crate is the plan, the one every
+//! backend uses, so that all of them hold the same bytes for the same batches.
+//!
+//! # Log-structured segments
+//!
+//! A record (a key's bytes followed by its value's, padded to 8 bytes) is appended to the
+//! *head* segment. When the next record does not fit, the head is sealed and a free
+//! segment (or a new one) becomes the head. A record is never changed in place: an
+//! overwrite appends the new record and the old one becomes dead, as does a deleted one.
+//! Every segment counts its live bytes; a sealed segment whose live bytes reach zero is
+//! given back at once.
+//!
+//! # Compaction
+//!
+//! Dead bytes in sealed segments are what fragmentation is. When the arena holds more
+//! than [`COMPACT_ABOVE`] times its live bytes, [`ArenaPlan::victims`] picks the sealed
+//! segments with the fewest live bytes, up to a byte bound per batch (so that compaction
+//! never holds the table for longer than about one batch); the backend moves their live
+//! records to the head ([`ArenaPlan::place`] then [`ArenaPlan::free`] of the old places)
+//! and the emptied segments are given back. Greedy choice by live bytes is the classic
+//! log-structured cleaner's (LFS, RAMCloud): the emptiest segments cost the least to
+//! move per byte reclaimed.
+//!
+//! ```
+//! use kv_arena::ArenaPlan;
+//! let mut arena = ArenaPlan::new(64, None);
+//! let placed = arena.place(&[20, 30, 40]).expect("placed"); // 24 + 32 bytes fit segment 0
+//! assert_eq!(placed.addrs, [0, 24, 64]); // the 40-byte record opens segment 1
+//! assert_eq!(placed.opened, [0, 1]);
+//! arena.free(0, 20);
+//! arena.free(24, 30); // segment 0 is sealed and empty: given back
+//! assert_eq!(arena.take_released(), [0]);
+//! assert_eq!(arena.stats().live_bytes, 40);
+//! assert_eq!(arena.stats().held_bytes, 64);
+//! ```
+
+use kv_core::{ArenaStats, Error, Result};
+
+/// Records start at multiples of this many bytes.
+pub const RECORD_ALIGN: u64 = 8;
+
+/// Compaction starts when the arena holds more than this many times its live bytes.
+pub const COMPACT_ABOVE: f64 = 1.08;
+
+/// How many bytes compaction may move after a batch, per byte the batch wrote or freed.
+///
+/// A batch's own bytes cross PCIe (about 55 GB/s on an H200) while compaction copies
+/// within VRAM (about 2 TB/s each way), so moving eight times the batch's bytes costs
+/// well under the batch's own copy: compaction never holds the table for longer than a
+/// batch. Eight is what keeps a uniform overwrite churn under [`COMPACT_ABOVE`] plus a
+/// few points: with dead bytes spread evenly, reclaiming a byte means moving the rest of
+/// its segment.
+pub const COMPACT_PER_BATCH: u64 = 8;
+
+/// The live bytes compaction may move after a batch that wrote or freed `batch_bytes`:
+/// [`COMPACT_PER_BATCH`] times that, and at least a segment.
+pub fn compaction_bound(batch_bytes: u64, segment_bytes: u64) -> u64 {
+    batch_bytes
+        .saturating_mul(COMPACT_PER_BATCH)
+        .max(segment_bytes)
+}
+
+/// The smallest default segment.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+
+/// The bytes a record takes in its segment: its length rounded up to [`RECORD_ALIGN`].
+pub const fn padded(len: u64) -> u64 {
+    len.next_multiple_of(RECORD_ALIGN)
+}
+
+/// The default segment size for records of at most `max_record` bytes: eight of the
+/// largest records, and at least [`MIN_SEGMENT_BYTES`], a power of two. Eight keeps the
+/// space a sealed head leaves unused (at most one record less a byte) under an eighth of
+/// a segment even for the largest records.
+pub fn default_segment_bytes(max_record: u64) -> u64 {
+    (padded(max_record).max(1) * 8)
+        .next_power_of_two()
+        .max(MIN_SEGMENT_BYTES)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    Head,
+    Sealed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    state: State,
+    /// Bytes appended (padded records).
+    fill: u64,
+    /// Bytes of live records (unpadded).
+    live: u64,
+    /// Bytes of dead records (padded).
+    dead: u64,
+}
+
+/// Where [`ArenaPlan::place`] put a batch of records.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// The address of each record: `segment * segment_bytes + offset`.
+    pub addrs: Vec<u64>,
+    /// Segments that became the head in this placement and were free or new: the backend
+    /// gives them memory before it writes.
+    pub opened: Vec<u32>,
+}
+
+/// The plan of one arena (see the crate docs). Cheap to clone, so a backend can plan a
+/// batch on a copy and keep it only when the batch goes through.
+#[derive(Debug, Clone)]
+pub struct ArenaPlan {
+    segment_bytes: u64,
+    shift: u32,
+    budget: Option<u64>,
+    segments: Vec<Segment>,
+    free: Vec<u32>,
+    head: Option<u32>,
+    live: u64,
+    held: u64,
+    compacted: u64,
+    released: Vec<u32>,
+}
+
+impl ArenaPlan {
+    /// An empty arena of `segment_bytes` segments (a power of two, at least
+    /// [`RECORD_ALIGN`]) that may hold at most `budget` bytes.
+    ///
+    /// # Panics
+    /// When `segment_bytes` is not a power of two of at least [`RECORD_ALIGN`]: the
+    /// config's validation ([`kv_core::ByteConfig::validate`]) refuses that first.
+    pub fn new(segment_bytes: u64, budget: Option<u64>) -> Self {
+        assert!(
+            segment_bytes.is_power_of_two() && segment_bytes >= RECORD_ALIGN,
+            "segment size {segment_bytes} is not a power of two of at least {RECORD_ALIGN}"
+        );
+        ArenaPlan {
+            segment_bytes,
+            shift: segment_bytes.trailing_zeros(),
+            budget,
+            segments: Vec::new(),
+            free: Vec::new(),
+            head: None,
+            live: 0,
+            held: 0,
+            compacted: 0,
+            released: Vec::new(),
+        }
+    }
+
+    /// The segment size.
+    pub fn segment_bytes(&self) -> u64 {
+        self.segment_bytes
+    }
+
+    /// The segment an address lies in.
+    pub fn segment_of(&self, addr: u64) -> u32 {
+        (addr >> self.shift) as u32
+    }
+
+    /// The offset of an address in its segment.
+    pub fn offset_of(&self, addr: u64) -> u64 {
+        addr & (self.segment_bytes - 1)
+    }
+
+    /// Segments ever used (the highest segment number plus one): the size of a backend's
+    /// segment directory.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// What the arena holds now.
+    pub fn stats(&self) -> ArenaStats {
+        ArenaStats {
+            held_bytes: self.held * self.segment_bytes,
+            live_bytes: self.live,
+            segments: self.held,
+            segment_bytes: self.segment_bytes,
+            compacted_bytes: self.compacted,
+        }
+    }
+
+    /// Places records of `lens` bytes (unpadded), in order, each whole in one segment,
+    /// and counts them live. On error (a record larger than a segment, or the budget) the
+    /// plan is unchanged.
+    pub fn place(&mut self, lens: &[u64]) -> Result<Placement> {
+        let mut next = self.clone();
+        let placement = next.place_in_place(lens)?;
+        *self = next;
+        Ok(placement)
+    }
+
+    fn place_in_place(&mut self, lens: &[u64]) -> Result<Placement> {
+        let mut out = Placement {
+            addrs: Vec::with_capacity(lens.len()),
+            opened: Vec::new(),
+        };
+        for &len in lens {
+            let size = padded(len);
+            if size > self.segment_bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "a record of {len} bytes is larger than an arena segment ({} bytes)",
+                    self.segment_bytes
+                )));
+            }
+            let head = match self.head {
+                Some(h) if self.segments[h as usize].fill + size <= self.segment_bytes => h,
+                _ => {
+                    let h = self.open_segment()?;
+                    out.opened.push(h);
+                    h
+                }
+            };
+            let seg = &mut self.segments[head as usize];
+            out.addrs.push(((head as u64) << self.shift) | seg.fill);
+            seg.fill += size;
+            seg.live += len;
+            self.live += len;
+        }
+        Ok(out)
+    }
+
+    /// Seals the head (if any) and makes a free or new segment the head.
+    fn open_segment(&mut self) -> Result<u32> {
+        if let Some(budget) = self.budget {
+            let requested = (self.held + 1) * self.segment_bytes;
+            if requested > budget {
+                return Err(Error::BudgetExceeded {
+                    what: "arena",
+                    requested_bytes: requested,
+                    budget_bytes: budget,
+                });
+            }
+        }
+        if let Some(h) = self.head.take() {
+            self.seal(h);
+        }
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                let id = u32::try_from(self.segments.len()).map_err(|_| {
+                    Error::InvalidArgument("an arena holds at most 2^32 segments".into())
+                })?;
+                self.segments.push(Segment {
+                    state: State::Free,
+                    fill: 0,
+                    live: 0,
+                    dead: 0,
+                });
+                id
+            }
+        };
+        self.segments[id as usize] = Segment {
+            state: State::Head,
+            fill: 0,
+            live: 0,
+            dead: 0,
+        };
+        self.held += 1;
+        self.head = Some(id);
+        Ok(id)
+    }
+
+    fn seal(&mut self, id: u32) {
+        let seg = &mut self.segments[id as usize];
+        seg.state = State::Sealed;
+        if seg.live == 0 {
+            self.release(id);
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        self.segments[id as usize] = Segment {
+            state: State::Free,
+            fill: 0,
+            live: 0,
+            dead: 0,
+        };
+        self.held -= 1;
+        self.free.push(id);
+        self.released.push(id);
+    }
+
+    /// The record of `len` bytes at `addr` is dead (overwritten, deleted, or moved). A
+    /// sealed segment left with no live bytes is given back ([`ArenaPlan::take_released`]).
+    pub fn free(&mut self, addr: u64, len: u64) {
+        let id = self.segment_of(addr);
+        let seg = &mut self.segments[id as usize];
+        debug_assert!(seg.state != State::Free && seg.live >= len);
+        seg.live -= len;
+        seg.dead += padded(len);
+        self.live -= len;
+        if seg.live == 0 && seg.state == State::Sealed {
+            self.release(id);
+        }
+    }
+
+    /// Segments given back since the last call: the backend may free their memory.
+    pub fn take_released(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Whether the arena holds more than [`COMPACT_ABOVE`] times its live bytes.
+    pub fn fragmented(&self) -> bool {
+        (self.held * self.segment_bytes) as f64 > COMPACT_ABOVE * self.live as f64
+    }
+
+    /// The sealed segments to compact now, emptiest first, whose live bytes together stay
+    /// within `max_live_bytes` (the first one always, if any qualifies): sealed segments
+    /// with a dead record, chosen while what stays held is still
+    /// [`fragmented`](Self::fragmented). With `force` (room is needed under a budget),
+    /// the choice stops only at the byte bound.
+    pub fn victims(&self, max_live_bytes: u64, force: bool) -> Vec<u32> {
+        if !force && !self.fragmented() {
+            return Vec::new();
+        }
+        let qualifies = |s: &Segment| s.state == State::Sealed && s.dead > 0;
+        let mut candidates: Vec<(u64, u32)> = self
+            .segments
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| qualifies(s))
+            .map(|(i, s)| (s.live, i as u32))
+            .collect();
+        candidates.sort_unstable();
+        let mut out = Vec::new();
+        let mut moved = 0u64;
+        // Stop once what stays held would no longer be fragmented. Moving a victim gives
+        // back its segment and takes its live bytes' worth at the head.
+        let mut held = self.held * self.segment_bytes;
+        for (live, id) in candidates {
+            if !out.is_empty() && moved + live > max_live_bytes {
+                break;
+            }
+            if !force && held as f64 <= COMPACT_ABOVE * self.live as f64 {
+                break;
+            }
+            out.push(id);
+            moved += live;
+            held -= self.segment_bytes - live;
+        }
+        out
+    }
+
+    /// Counts `bytes` of live records as moved by compaction (for [`ArenaStats`]).
+    pub fn count_compacted(&mut self, bytes: u64) {
+        self.compacted += bytes;
+    }
+
+    /// Empties the arena: every segment is given back.
+    pub fn clear(&mut self) {
+        for id in 0..self.segments.len() as u32 {
+            if self.segments[id as usize].state != State::Free {
+                self.release(id);
+            }
+        }
+        self.head = None;
+        self.live = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_never_straddle_segments() {
+        let mut a = ArenaPlan::new(32, None);
+        let p = a.place(&[10, 10, 10, 1]).expect("placed");
+        assert_eq!(p.addrs, [0, 16, 32, 48]);
+        assert_eq!(p.opened, [0, 1]);
+        assert!(a.place(&[33]).is_err());
+        assert_eq!(a.stats().live_bytes, 31);
+    }
+
+    #[test]
+    fn a_failed_placement_changes_nothing() {
+        let mut a = ArenaPlan::new(16, Some(32));
+        a.place(&[16]).expect("placed");
+        let before = a.stats();
+        let err = a.place(&[16, 16]).expect_err("refused");
+        assert!(matches!(
+            err,
+            Error::BudgetExceeded {
+                requested_bytes: 48,
+                budget_bytes: 32,
+                ..
+            }
+        ));
+        assert_eq!(a.stats(), before);
+        a.place(&[16]).expect("placed");
+    }
+
+    #[test]
+    fn emptied_segments_come_back_and_are_reused() {
+        let mut a = ArenaPlan::new(16, Some(32));
+        let p = a.place(&[16, 16]).expect("placed");
+        a.free(p.addrs[0], 16);
+        assert_eq!(a.take_released(), [0]);
+        let q = a.place(&[8]).expect("placed");
+        assert_eq!(q.opened, [0]);
+        assert_eq!(a.stats().segments, 2);
+    }
+
+    #[test]
+    fn victims_are_the_emptiest_sealed_segments_within_the_bound() {
+        let mut a = ArenaPlan::new(64, None);
+        let p = a.place(&[32, 32, 32, 32, 32, 32, 32]).expect("placed");
+        // Segments 0, 1, 2 sealed (two records each), 3 is the head.
+        a.free(p.addrs[0], 32); // segment 0: 32 live
+        a.free(p.addrs[2], 32); // segment 1: 32 live
+        assert!(a.fragmented());
+        assert_eq!(a.victims(32, false), [0]);
+        assert_eq!(a.victims(1000, false), [0, 1]);
+        a.free(p.addrs[4], 32);
+        a.free(p.addrs[5], 32); // segment 2 emptied: released
+        assert_eq!(a.take_released(), [2]);
+    }
+
+    #[test]
+    fn clear_gives_every_segment_back() {
+        let mut a = ArenaPlan::new(64, None);
+        a.place(&[40, 40, 40]).expect("placed");
+        a.clear();
+        assert_eq!(a.stats().held_bytes, 0);
+        assert_eq!(a.stats().live_bytes, 0);
+        let mut r = a.take_released();
+        r.sort();
+        assert_eq!(r, [0, 1, 2]);
+    }
+}

@@ -1,0 +1,433 @@
+//! Byte tables on the CPU ([`CpuBytes`]): byte-string keys and values in an arena of host
+//! memory planned by `kv_arena`, the plan every backend shares (docs/arena.md).
+//!
+//! The index is a `hashbrown` [`HashTable`] of entries (the key's hash, the record's
+//! address, the key's and value's lengths) whose equality compares the key's bytes in the
+//! arena, so keys whose hashes collide stay distinct. The arena's segments are boxed
+//! slices, allocated when the plan opens a segment and freed when it gives one back.
+//!
+//! A batch takes the table's lock (a read lock for lookups, the write lock for changes),
+//! so each batch is atomic for other callers. A put is checked, deduplicated (the last
+//! occurrence of a key wins), admitted by the shared sizing rule and placed in the arena
+//! before anything changes; then its records are written and the index updated. After a
+//! put or delete, compaction moves a bounded number of live bytes (eight times what the
+//! batch wrote, at least a segment's worth: `kv_arena::compaction_bound`) out of the emptiest sealed segments.
+
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use hashbrown::HashTable;
+use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
+use kv_core::{
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
+    capacity_of, check_byte_lookup, check_byte_put, plan_put,
+};
+use kv_kernels::layout::byte_hash;
+use rayon::prelude::*;
+
+/// Batches at least this long hash their keys on every core.
+const PARALLEL_HASH: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    hash: u64,
+    addr: u64,
+    key_len: u32,
+    value_len: u32,
+}
+
+impl Entry {
+    fn record_len(&self) -> u64 {
+        u64::from(self.key_len) + u64::from(self.value_len)
+    }
+}
+
+/// A byte table in host memory (see the module docs).
+///
+/// ```
+/// use kv_backend_cpu::CpuBytes;
+/// use kv_core::{ByteConfig, ByteTable};
+/// let t = CpuBytes::open(ByteConfig::new(1000)).unwrap();
+/// t.put_slices(&[b"user:1", b"user:2"], &[b"alice", b""]).unwrap();
+/// assert_eq!(
+///     t.get_slices(&[b"user:2", b"user:3"]).unwrap(),
+///     [Some(vec![]), None]
+/// );
+/// ```
+pub struct CpuBytes {
+    cfg: ByteConfig,
+    seed: u64,
+    mask: u64,
+    state: RwLock<State>,
+}
+
+struct State {
+    index: HashTable<Entry>,
+    /// The slot count the shared sizing rule sees (capacity = slots * max load).
+    slots: usize,
+    arena: ArenaPlan,
+    /// Segment memory by segment number (empty: free).
+    memory: Vec<Box<[u8]>>,
+}
+
+impl State {
+    fn key(&self, e: &Entry) -> &[u8] {
+        read(&self.memory, &self.arena, e.addr, u64::from(e.key_len))
+    }
+
+    fn value(&self, e: &Entry) -> &[u8] {
+        read(
+            &self.memory,
+            &self.arena,
+            e.addr + u64::from(e.key_len),
+            u64::from(e.value_len),
+        )
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
+        self.index.find(hash, |e| {
+            e.key_len as usize == key.len() && self.key(e) == key
+        })
+    }
+
+    /// Gives memory to the segments a placement opened. A failed allocation frees what
+    /// this call gave and answers [`Error::OutOfDeviceMemory`].
+    fn provide(&mut self, opened: &[u32]) -> Result<()> {
+        let size = self.arena.segment_bytes();
+        for (done, &id) in opened.iter().enumerate() {
+            let mut v: Vec<u8> = Vec::new();
+            if v.try_reserve_exact(size as usize).is_err() {
+                for &undo in &opened[..done] {
+                    self.memory[undo as usize] = Box::default();
+                }
+                return Err(Error::OutOfDeviceMemory {
+                    backend: "cpu",
+                    requested_bytes: size,
+                });
+            }
+            v.resize(size as usize, 0);
+            let id = id as usize;
+            if self.memory.len() <= id {
+                self.memory.resize_with(id + 1, Box::default);
+            }
+            self.memory[id] = v.into_boxed_slice();
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8]) {
+        let seg = self.arena.segment_of(addr) as usize;
+        let off = self.arena.offset_of(addr) as usize;
+        self.memory[seg][off..off + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Frees the memory of the segments the arena gave back.
+    fn drop_released(&mut self) {
+        for id in self.arena.take_released() {
+            if let Some(m) = self.memory.get_mut(id as usize) {
+                *m = Box::default();
+            }
+        }
+    }
+
+    /// Moves the live records of the emptiest sealed segments, at most about
+    /// `max_live_bytes` of them (`force`: even when the arena is not fragmented, to make
+    /// room under a budget). Best effort: when the moved records find no room (the budget),
+    /// nothing moves.
+    fn compact(&mut self, max_live_bytes: u64, force: bool) {
+        let victims = self.arena.victims(max_live_bytes, force);
+        if victims.is_empty() {
+            return;
+        }
+        let mut moving: Vec<(u64, u64)> = Vec::new(); // (hash, addr) of each record to move
+        let mut lens = Vec::new();
+        for e in self.index.iter() {
+            if victims.contains(&self.arena.segment_of(e.addr)) {
+                moving.push((e.hash, e.addr));
+                lens.push(e.record_len());
+            }
+        }
+        let placed = match self.arena.place(&lens) {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        if self.provide(&placed.opened).is_err() {
+            // Undo the placement: the new places were never written.
+            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
+                self.arena.free(addr, len);
+            }
+            self.drop_released();
+            return;
+        }
+        let mut record = Vec::new();
+        for ((&(hash, old), &len), &new) in moving.iter().zip(&lens).zip(&placed.addrs) {
+            record.clear();
+            record.extend_from_slice(read(&self.memory, &self.arena, old, len));
+            self.write(new, &record);
+            if let Some(e) = self.index.find_mut(hash, |e| e.addr == old) {
+                e.addr = new;
+            }
+            self.arena.free(old, len);
+        }
+        self.arena.count_compacted(lens.iter().sum());
+        self.drop_released();
+    }
+}
+
+fn read<'m>(memory: &'m [Box<[u8]>], arena: &ArenaPlan, addr: u64, len: u64) -> &'m [u8] {
+    let seg = arena.segment_of(addr) as usize;
+    let off = arena.offset_of(addr) as usize;
+    &memory[seg][off..off + len as usize]
+}
+
+impl CpuBytes {
+    /// Opens a byte table; [`Error::InvalidConfig`] for a config that
+    /// [`ByteConfig::validate`] refuses or a device other than 0.
+    pub fn open(cfg: ByteConfig) -> Result<Self> {
+        cfg.validate()?;
+        cfg.table.device_among(1, "cpu")?;
+        let segment = cfg
+            .segment_bytes
+            .unwrap_or_else(|| default_segment_bytes(cfg.max_record_bytes()));
+        let state = State {
+            index: HashTable::new(),
+            slots: cfg.table.initial_slots(),
+            arena: ArenaPlan::new(segment, cfg.arena_budget),
+            memory: Vec::new(),
+        };
+        Ok(CpuBytes {
+            seed: cfg.table.table_seed(),
+            mask: cfg.hash_mask(),
+            cfg,
+            state: RwLock::new(state),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn hashes(&self, keys: Binary<'_>) -> Vec<u64> {
+        let h = |i: usize| byte_hash(keys.get(i), self.seed) & self.mask;
+        if keys.len() >= PARALLEL_HASH {
+            (0..keys.len()).into_par_iter().map(h).collect()
+        } else {
+            (0..keys.len()).map(h).collect()
+        }
+    }
+
+    /// The entry of each key, or `None`.
+    fn lookup(&self, st: &State, keys: Binary<'_>) -> Vec<Option<Entry>> {
+        let hashes = self.hashes(keys);
+        let one = |i: usize| st.find(hashes[i], keys.get(i)).copied();
+        if keys.len() >= PARALLEL_HASH {
+            (0..keys.len()).into_par_iter().map(one).collect()
+        } else {
+            (0..keys.len()).map(one).collect()
+        }
+    }
+}
+
+/// The items of a batch that act: the last occurrence of each key, in batch order.
+fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
+    let mut seen: HashTable<usize> = HashTable::with_capacity(keys.len());
+    let mut winners = Vec::with_capacity(keys.len());
+    for i in (0..keys.len()).rev() {
+        let key = keys.get(i);
+        if seen.find(hashes[i], |&j| keys.get(j) == key).is_none() {
+            seen.insert_unique(hashes[i], i, |&j| hashes[j]);
+            winners.push(i);
+        }
+    }
+    winners.reverse();
+    winners
+}
+
+impl ByteTable for CpuBytes {
+    fn put(&self, keys: Binary<'_>, values: Binary<'_>) -> Result<()> {
+        check_byte_put(&self.limits(), keys, values)?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let hashes = self.hashes(keys);
+        let winners = last_occurrences(keys, &hashes);
+        let mut guard = self.write();
+        let st = &mut *guard;
+        let fresh = winners
+            .iter()
+            .filter(|&&i| st.find(hashes[i], keys.get(i)).is_none())
+            .count();
+        let t = &self.cfg.table;
+        let slots = match plan_put(st.index.len(), fresh, st.slots, t.max_load_factor, t.growth)? {
+            PutPlan::Fits => st.slots,
+            PutPlan::Grow { slots } => slots,
+        };
+        let lens: Vec<u64> = winners
+            .iter()
+            .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
+            .collect();
+        let written: u64 = lens.iter().sum();
+        let placed = match st.arena.place(&lens) {
+            Ok(p) => p,
+            Err(Error::BudgetExceeded { .. }) => {
+                st.compact(u64::MAX, true);
+                st.arena.place(&lens)?
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = st.provide(&placed.opened) {
+            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
+                st.arena.free(addr, len);
+            }
+            st.drop_released();
+            return Err(e);
+        }
+        if st.index.try_reserve(fresh, |e| e.hash).is_err() {
+            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
+                st.arena.free(addr, len);
+            }
+            st.drop_released();
+            return Err(Error::OutOfDeviceMemory {
+                backend: "cpu",
+                requested_bytes: (fresh * std::mem::size_of::<Entry>()) as u64,
+            });
+        }
+        st.slots = slots;
+        for (&i, &addr) in winners.iter().zip(&placed.addrs) {
+            let (key, value) = (keys.get(i), values.get(i));
+            st.write(addr, key);
+            st.write(addr + key.len() as u64, value);
+            let entry = Entry {
+                hash: hashes[i],
+                addr,
+                key_len: key.len() as u32,
+                value_len: value.len() as u32,
+            };
+            let State {
+                index,
+                memory,
+                arena,
+                ..
+            } = &mut *st;
+            let eq = |e: &Entry| {
+                e.key_len as usize == key.len()
+                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
+            };
+            match index.find_mut(hashes[i], eq) {
+                Some(old) => {
+                    let (old_addr, old_len) = (old.addr, old.record_len());
+                    *old = entry;
+                    arena.free(old_addr, old_len);
+                }
+                None => {
+                    index.insert_unique(hashes[i], entry, |e| e.hash);
+                }
+            }
+        }
+        st.drop_released();
+        let bound = compaction_bound(written, st.arena.segment_bytes());
+        st.compact(bound, false);
+        Ok(())
+    }
+
+    fn get(
+        &self,
+        keys: Binary<'_>,
+        values_out: &mut BinaryBuf,
+        found_out: &mut [bool],
+    ) -> Result<()> {
+        check_byte_lookup(&self.limits(), keys, found_out)?;
+        let st = self.read();
+        let hits = self.lookup(&st, keys);
+        let data =
+            values_out.reset_with_lens(keys.len(), |i| hits[i].map_or(0, |e| e.value_len as usize));
+        let mut at = 0;
+        for (hit, found) in hits.iter().zip(found_out.iter_mut()) {
+            *found = hit.is_some();
+            if let Some(e) = hit {
+                let v = st.value(e);
+                data[at..at + v.len()].copy_from_slice(v);
+                at += v.len();
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, keys: Binary<'_>) -> Result<usize> {
+        self.limits().check_keys(keys)?;
+        let hashes = self.hashes(keys);
+        let mut guard = self.write();
+        let st = &mut *guard;
+        let mut removed = 0;
+        let mut freed = 0;
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = keys.get(i);
+            let State {
+                index,
+                memory,
+                arena,
+                ..
+            } = &mut *st;
+            let eq = |e: &Entry| {
+                e.key_len as usize == key.len()
+                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
+            };
+            if let Ok(found) = index.find_entry(h, eq) {
+                let (e, _) = found.remove();
+                arena.free(e.addr, e.record_len());
+                freed += e.record_len();
+                removed += 1;
+            }
+        }
+        st.drop_released();
+        if removed > 0 {
+            let bound = compaction_bound(freed, st.arena.segment_bytes());
+            st.compact(bound, false);
+        }
+        Ok(removed)
+    }
+
+    fn contains(&self, keys: Binary<'_>, found_out: &mut [bool]) -> Result<()> {
+        check_byte_lookup(&self.limits(), keys, found_out)?;
+        let st = self.read();
+        for (hit, found) in self.lookup(&st, keys).iter().zip(found_out.iter_mut()) {
+            *found = hit.is_some();
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.read().index.len()
+    }
+
+    fn capacity(&self) -> usize {
+        capacity_of(self.read().slots, self.cfg.table.max_load_factor)
+    }
+
+    fn clear(&self) -> Result<()> {
+        let mut st = self.write();
+        st.index.clear();
+        st.arena.clear();
+        st.drop_released();
+        Ok(())
+    }
+
+    fn limits(&self) -> ByteLimits {
+        self.cfg.limits()
+    }
+
+    fn describe(&self) -> ByteDescription {
+        let st = self.read();
+        ByteDescription {
+            backend: "cpu",
+            device: "host memory".into(),
+            entries: st.index.len(),
+            capacity: capacity_of(st.slots, self.cfg.table.max_load_factor),
+            index_bytes: (st.index.capacity() * (std::mem::size_of::<Entry>() + 1)) as u64,
+            arena: st.arena.stats(),
+        }
+    }
+}

@@ -1,0 +1,715 @@
+//! The byte-table contract ([`kv_core::ByteTable`], docs/arena.md): the fixed-width
+//! contract item for item, for byte-string keys and values, and the arena's promises. A
+//! backend runs it with one macro call, [`bytes_main!`](crate::bytes_main).
+//!
+//! [`ByteModel`] is the sequential reference: a map from key bytes to value bytes. Every
+//! case checks the table against it after its batches, through [`ByteModel::check`]:
+//! every key of the model is found with its value, `len()` is the model's, and the arena's
+//! live bytes are exactly the bytes of the live keys and values.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kv_core::{Binary, BinaryBuf, ByteConfig, ByteTable, Error, TableConfig};
+
+use crate::SplitMix64;
+
+/// How a byte suite opens a table of the backend under test.
+pub type OpenBytes = dyn Fn(ByteConfig) -> kv_core::Result<Box<dyn ByteTable>> + Send + Sync;
+
+/// One named case of the byte suite.
+#[derive(Clone, Copy)]
+pub struct ByteCase {
+    /// The trial's name.
+    pub name: &'static str,
+    /// The body; it panics on a violation.
+    pub run: fn(&OpenBytes),
+}
+
+/// Every case of the byte contract, in a stable order.
+pub fn all() -> Vec<ByteCase> {
+    macro_rules! cases { ($($f:ident),* $(,)?) => { vec![$(ByteCase { name: stringify!($f), run: $f }),*] } }
+    cases![
+        bytes_put_get_roundtrip,
+        bytes_last_occurrence_wins,
+        bytes_overwrite_and_delete,
+        bytes_keys_are_compared_byte_for_byte,
+        bytes_colliding_hashes_stay_distinct,
+        bytes_largest_keys_and_values,
+        bytes_bad_input_changes_nothing,
+        bytes_growth_off_refuses_whole_batch,
+        bytes_growth_keeps_every_entry,
+        bytes_arena_budget_refuses_whole_batch,
+        bytes_arrow_offsets_and_slices,
+        bytes_get_replaces_its_output,
+        bytes_clear_gives_the_arena_back,
+        bytes_churn_stays_compact,
+        bytes_random_batches_match_the_model,
+    ]
+}
+
+/// Builds the byte suite's trials for a backend; what [`bytes_main!`](crate::bytes_main)
+/// calls.
+pub fn trials(
+    backend: &'static str,
+    open: Arc<OpenBytes>,
+    availability: crate::Availability,
+) -> Vec<libtest_mimic::Trial> {
+    availability.announce(&format!("{backend} byte-table suite"));
+    all()
+        .into_iter()
+        .map(|case| {
+            let open = open.clone();
+            availability.trial(format!("{backend}::{}", case.name), move || {
+                (case.run)(&*open);
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+/// Generates `fn main()` for a backend's byte-table test binary (with `harness = false`):
+///
+/// ```no_run
+/// kv_conformance::bytes_main! {
+///     backend: "mine",
+///     // Open the backend's byte table here; this one has none yet.
+///     open: |_cfg| Err(kv_core::Error::Unsupported { backend: "mine", what: "byte tables" }),
+///     availability: || kv_conformance::Availability::Available,
+/// }
+/// ```
+#[macro_export]
+macro_rules! bytes_main {
+    (backend: $backend:expr, open: $open:expr, availability: $avail:expr $(,)?) => {
+        fn main() {
+            let args = $crate::libtest_mimic::Arguments::from_args();
+            let open: ::std::sync::Arc<$crate::bytes::OpenBytes> = ::std::sync::Arc::new($open);
+            let trials = $crate::bytes::trials($backend, open, ($avail)());
+            $crate::libtest_mimic::run(&args, trials).exit();
+        }
+    };
+}
+
+/// The sequential reference for byte tables.
+#[derive(Debug, Clone, Default)]
+pub struct ByteModel {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+impl ByteModel {
+    /// An empty model.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A put: the last occurrence of each key wins.
+    pub fn put(&mut self, keys: Binary<'_>, values: Binary<'_>) {
+        for (k, v) in keys.iter().zip(values.iter()) {
+            self.map.insert(k.to_vec(), v.to_vec());
+        }
+    }
+
+    /// A delete; returns how many entries it removed.
+    pub fn delete(&mut self, keys: Binary<'_>) -> usize {
+        keys.iter()
+            .filter(|k| self.map.remove(*k).is_some())
+            .count()
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.map.get(key).map(Vec::as_slice)
+    }
+
+    /// Live entries.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the model is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The bytes of every live key and value.
+    pub fn live_bytes(&self) -> u64 {
+        self.map
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum()
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    /// Checks `t` against the model: every key is found with its value, `probes` (keys
+    /// that may or may not be present) are answered as the model answers, `len()` is the
+    /// model's, and the arena's live bytes are exactly the model's.
+    pub fn check(&self, t: &dyn ByteTable, probes: &[Vec<u8>]) {
+        let mut keys: Vec<&[u8]> = self.map.keys().map(Vec::as_slice).collect();
+        keys.extend(probes.iter().map(Vec::as_slice));
+        for chunk in keys.chunks(4096) {
+            let kb = BinaryBuf::from_slices(chunk);
+            let mut out = BinaryBuf::new();
+            let mut found = vec![false; chunk.len()];
+            t.get(kb.as_binary(), &mut out, &mut found).expect("get");
+            assert_eq!(out.len(), chunk.len(), "get gives one value per key");
+            let mut contains = vec![false; chunk.len()];
+            t.contains(kb.as_binary(), &mut contains).expect("contains");
+            for (i, key) in chunk.iter().enumerate() {
+                let want = self.get(key);
+                assert_eq!(found[i], want.is_some(), "found flag of key {key:?}");
+                assert_eq!(contains[i], want.is_some(), "contains of key {key:?}");
+                let got = out.get(i).expect("an item per key");
+                assert_eq!(got, want.unwrap_or_default(), "value of key {key:?}");
+            }
+        }
+        assert_eq!(t.len(), self.len(), "len()");
+        let d = t.describe();
+        assert_eq!(d.entries, self.len(), "describe().entries");
+        assert_eq!(d.arena.live_bytes, self.live_bytes(), "arena live bytes");
+        assert!(
+            d.arena.held_bytes >= d.arena.live_bytes,
+            "held >= live: {d:?}"
+        );
+    }
+}
+
+fn bin(items: &[&[u8]]) -> BinaryBuf {
+    BinaryBuf::from_slices(items)
+}
+
+fn small(capacity: usize) -> ByteConfig {
+    ByteConfig::new(capacity)
+        .max_key_bytes(64)
+        .max_value_bytes(4096)
+        .segment_bytes(1 << 16)
+        .table(TableConfig::new(capacity).seed(0x5eed))
+}
+
+fn open(o: &OpenBytes, cfg: ByteConfig) -> Box<dyn ByteTable> {
+    o(cfg).expect("open a byte table")
+}
+
+fn put(t: &dyn ByteTable, m: &mut ByteModel, keys: &BinaryBuf, values: &BinaryBuf) {
+    t.put(keys.as_binary(), values.as_binary()).expect("put");
+    m.put(keys.as_binary(), values.as_binary());
+}
+
+fn bytes_put_get_roundtrip(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    let keys = bin(&[
+        b"a",
+        b"\0",
+        b"\0\0",
+        b"\xff\xfe",
+        b"user:1234:profile",
+        b"k",
+    ]);
+    let values = bin(&[b"1", b"", b"zero\0bytes", b"\xff", &[7u8; 1000], b""]);
+    put(&*t, &mut m, &keys, &values);
+    m.check(&*t, &[b"b".to_vec(), b"a\0".to_vec(), b"\0\0\0".to_vec()]);
+    assert_eq!(
+        t.get_slices(&[b"a", b"missing", b"k"]).expect("get_slices"),
+        [Some(b"1".to_vec()), None, Some(vec![])]
+    );
+}
+
+fn bytes_last_occurrence_wins(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    let keys = bin(&[b"x", b"y", b"x", b"x", b"y", b"z"]);
+    let values = bin(&[b"1", b"2", b"33", b"", b"5555", b"6"]);
+    put(&*t, &mut m, &keys, &values);
+    assert_eq!(t.len(), 3);
+    m.check(&*t, &[]);
+    assert_eq!(t.get_slices(&[b"x"]).expect("get"), [Some(vec![])]);
+}
+
+fn bytes_overwrite_and_delete(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    put(
+        &*t,
+        &mut m,
+        &bin(&[b"a", b"b", b"c"]),
+        &bin(&[b"1", b"2", b"3"]),
+    );
+    put(&*t, &mut m, &bin(&[b"b"]), &bin(&[&[9u8; 300][..]]));
+    m.check(&*t, &[]);
+    let dels = bin(&[b"a", b"a", b"zz", b"c"]);
+    assert_eq!(
+        t.delete(dels.as_binary()).expect("delete"),
+        2,
+        "a repeated key counts once"
+    );
+    assert_eq!(m.delete(dels.as_binary()), 2);
+    m.check(&*t, &[b"a".to_vec(), b"c".to_vec()]);
+    assert_eq!(t.delete(dels.as_binary()).expect("delete"), 0);
+    put(&*t, &mut m, &bin(&[b"a"]), &bin(&[b"back"]));
+    m.check(&*t, &[b"c".to_vec()]);
+}
+
+fn bytes_keys_are_compared_byte_for_byte(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    // Prefixes, zero padding, and keys that differ in one bit or one trailing byte.
+    let keys: Vec<&[u8]> = vec![
+        b"a",
+        b"a\0",
+        b"a\0\0\0\0\0\0\0",
+        b"a\0\0\0\0\0\0\0\0",
+        b"abcdefgh",
+        b"abcdefgi",
+        b"abcdefghX",
+        b"\x01",
+        b"\x81",
+        b"\0\0\0\0\0\0\0\0",
+    ];
+    let values: Vec<Vec<u8>> = (0..keys.len()).map(|i| vec![i as u8; i]).collect();
+    let vals: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+    put(&*t, &mut m, &bin(&keys), &bin(&vals));
+    assert_eq!(t.len(), keys.len());
+    m.check(&*t, &[b"abcdefg".to_vec(), b"\0".to_vec()]);
+}
+
+/// Keys forced to collide: with one hash bit, every key shares its hash with half of the
+/// others, and with itself only by its bytes.
+fn bytes_colliding_hashes_stay_distinct(o: &OpenBytes) {
+    for bits in [1, 3] {
+        let t = open(o, small(600).hash_bits(bits));
+        let mut m = ByteModel::new();
+        let keys: Vec<Vec<u8>> = (0..500u32)
+            .map(|i| format!("key-{i}").into_bytes())
+            .collect();
+        let values: Vec<Vec<u8>> = (0..500u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        put(
+            &*t,
+            &mut m,
+            &BinaryBuf::from_slices(&keys),
+            &BinaryBuf::from_slices(&values),
+        );
+        let dels: Vec<&Vec<u8>> = keys.iter().step_by(3).collect();
+        let dels = BinaryBuf::from_slices(dels);
+        assert_eq!(
+            t.delete(dels.as_binary()).expect("delete"),
+            m.delete(dels.as_binary())
+        );
+        let over: Vec<&Vec<u8>> = keys.iter().skip(1).step_by(5).collect();
+        let over_values: Vec<Vec<u8>> =
+            over.iter().map(|k| [k.as_slice(), b"!"].concat()).collect();
+        put(
+            &*t,
+            &mut m,
+            &BinaryBuf::from_slices(over),
+            &BinaryBuf::from_slices(&over_values),
+        );
+        m.check(&*t, &[b"key-500".to_vec(), b"key-".to_vec()]);
+    }
+}
+
+fn bytes_largest_keys_and_values(o: &OpenBytes) {
+    let cfg = ByteConfig::new(16)
+        .max_key_bytes(kv_core::MAX_KEY_BYTES)
+        .table(TableConfig::new(16).seed(1));
+    let max_value = cfg.max_value_bytes as usize;
+    let t = open(o, cfg);
+    let mut m = ByteModel::new();
+    let long_key = vec![0xabu8; kv_core::MAX_KEY_BYTES];
+    let mut other_key = long_key.clone();
+    other_key[kv_core::MAX_KEY_BYTES - 1] = 0;
+    let big: Vec<u8> = (0..max_value).map(|i| (i * 7 + 3) as u8).collect();
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices([&long_key, &other_key]),
+        &BinaryBuf::from_slices([&big[..], &big[..1]]),
+    );
+    m.check(&*t, &[]);
+    let too_long_key = vec![1u8; kv_core::MAX_KEY_BYTES + 1];
+    let r = t.put(
+        BinaryBuf::from_slices([&too_long_key]).as_binary(),
+        BinaryBuf::from_slices([b"v"]).as_binary(),
+    );
+    assert!(
+        matches!(r, Err(Error::ByteLimit { what: "key", .. })),
+        "{r:?}"
+    );
+    let too_big = vec![0u8; max_value + 1];
+    let r = t.put(
+        BinaryBuf::from_slices([b"k"]).as_binary(),
+        BinaryBuf::from_slices([&too_big]).as_binary(),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::ByteLimit {
+                what: "value",
+                index: 0,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    m.check(&*t, &[b"k".to_vec()]);
+}
+
+fn bytes_bad_input_changes_nothing(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    put(&*t, &mut m, &bin(&[b"a", b"b"]), &bin(&[b"1", b"2"]));
+    let before = t.describe();
+    // More keys than values.
+    let r = t.put(bin(&[b"a", b"c"]).as_binary(), bin(&[b"x"]).as_binary());
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "values", .. })),
+        "{r:?}"
+    );
+    // An empty key, after good ones: the whole batch is refused.
+    let r = t.put(
+        bin(&[b"a", b"c", b""]).as_binary(),
+        bin(&[b"x", b"y", b"z"]).as_binary(),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::ByteLimit {
+                what: "key",
+                index: 2,
+                len: 0,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // A key longer than this table's limit (64).
+    let long = vec![b'k'; 65];
+    let r = t.put(
+        bin(&[b"a", &long]).as_binary(),
+        bin(&[b"x", b"y"]).as_binary(),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::ByteLimit {
+                what: "key",
+                index: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // A value longer than the limit (4096).
+    let big = vec![0u8; 4097];
+    let r = t.put(
+        bin(&[b"a", b"c"]).as_binary(),
+        bin(&[b"x", &big]).as_binary(),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::ByteLimit {
+                what: "value",
+                index: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // Lookups with a wrong flag count, or an empty key.
+    let mut out = BinaryBuf::new();
+    let r = t.get(bin(&[b"a"]).as_binary(), &mut out, &mut [false; 2]);
+    assert!(
+        matches!(
+            r,
+            Err(Error::LengthMismatch {
+                what: "found_out",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let r = t.contains(bin(&[b""]).as_binary(), &mut [false]);
+    assert!(
+        matches!(r, Err(Error::ByteLimit { what: "key", .. })),
+        "{r:?}"
+    );
+    let r = t.delete(bin(&[b"a", &long]).as_binary());
+    assert!(
+        matches!(
+            r,
+            Err(Error::ByteLimit {
+                what: "key",
+                index: 1,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // Offsets that run backwards or past the data are refused when the batch is made.
+    assert!(Binary::new(&[0, 2, 1], b"abc").is_err());
+    assert!(Binary::new(&[0, 4], b"abc").is_err());
+    assert!(Binary::new(&[-1, 1], b"abc").is_err());
+    assert!(Binary::new(&[], b"abc").is_err());
+    assert_eq!(t.describe(), before);
+    m.check(&*t, &[b"c".to_vec()]);
+}
+
+fn bytes_growth_off_refuses_whole_batch(o: &OpenBytes) {
+    let cfg = small(0);
+    let cfg = cfg.table(TableConfig::new(20).growth(false).seed(3));
+    let t = open(o, cfg);
+    let cap = t.capacity();
+    assert!(cap >= 20, "capacity {cap}");
+    let mut m = ByteModel::new();
+    let keys: Vec<Vec<u8>> = (0..cap).map(|i| format!("k{i}").into_bytes()).collect();
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&keys[..cap - 1]),
+        &BinaryBuf::from_slices(&keys[..cap - 1]),
+    );
+    // Overwrites of present keys take no room: this batch fits exactly.
+    let fits: Vec<&Vec<u8>> = keys[cap - 3..].iter().collect();
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&fits),
+        &BinaryBuf::from_slices(&fits),
+    );
+    assert_eq!(t.len(), cap);
+    let more = bin(&[b"k0", b"new-1", b"new-2"]);
+    let r = t.put(more.as_binary(), more.as_binary());
+    assert!(
+        matches!(r, Err(Error::CapacityExceeded { requested, capacity }) if requested == cap + 2 && capacity == cap),
+        "{r:?}"
+    );
+    m.check(&*t, &[b"new-1".to_vec()]);
+    assert_eq!(
+        t.delete(bin(&[b"k1", b"k2"]).as_binary()).expect("delete"),
+        2
+    );
+    m.delete(bin(&[b"k1", b"k2"]).as_binary());
+    put(&*t, &mut m, &more, &more);
+    m.check(&*t, &[]);
+}
+
+fn bytes_growth_keeps_every_entry(o: &OpenBytes) {
+    let t = open(o, small(8));
+    let cap0 = t.capacity();
+    let mut m = ByteModel::new();
+    let mut rng = SplitMix64(11);
+    for round in 0..6 {
+        let n = 50 << round;
+        let keys: Vec<Vec<u8>> = (0..n)
+            .map(|_| format!("g{}", rng.next_u64() % 5000).into_bytes())
+            .collect();
+        let values: Vec<Vec<u8>> = (0..n).map(|i| vec![round as u8; i % 40]).collect();
+        put(
+            &*t,
+            &mut m,
+            &BinaryBuf::from_slices(&keys),
+            &BinaryBuf::from_slices(&values),
+        );
+        assert!(t.capacity() >= t.len());
+    }
+    assert!(t.capacity() > cap0);
+    m.check(&*t, &[]);
+}
+
+fn bytes_arena_budget_refuses_whole_batch(o: &OpenBytes) {
+    let seg = 1u64 << 12;
+    let cfg = ByteConfig::new(1000)
+        .max_key_bytes(16)
+        .max_value_bytes(1000)
+        .segment_bytes(seg)
+        .arena_budget(4 * seg)
+        .table(TableConfig::new(1000).seed(5));
+    let t = open(o, cfg);
+    let mut m = ByteModel::new();
+    let v = vec![5u8; 1000];
+    let keys: Vec<Vec<u8>> = (0..12).map(|i| format!("b{i}").into_bytes()).collect();
+    let vals: Vec<&[u8]> = vec![&v[..]; 12];
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&keys),
+        &BinaryBuf::from_slices(&vals),
+    );
+    // 12 records of ~1 KB in 4 KiB segments: 3 segments. 8 more need 2 more: over budget.
+    let more: Vec<Vec<u8>> = (12..20).map(|i| format!("b{i}").into_bytes()).collect();
+    let r = t.put(
+        BinaryBuf::from_slices(&more).as_binary(),
+        BinaryBuf::from_slices(&vals[..8]).as_binary(),
+    );
+    assert!(
+        matches!(r, Err(Error::BudgetExceeded { what: "arena", budget_bytes, .. }) if budget_bytes == 4 * seg),
+        "{r:?}"
+    );
+    m.check(&*t, &more);
+    // Overwriting in place of deleted entries: compaction makes the room.
+    let dels = BinaryBuf::from_slices(&keys[..8]);
+    t.delete(dels.as_binary()).expect("delete");
+    m.delete(dels.as_binary());
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&more),
+        &BinaryBuf::from_slices(&vals[..8]),
+    );
+    m.check(&*t, &keys);
+    assert!(t.describe().arena.held_bytes <= 4 * seg);
+}
+
+fn bytes_arrow_offsets_and_slices(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    // A slice of a larger array: the first offset is not 0 (Arrow allows that).
+    let data = b"XXkey1key22key333";
+    let keys32 = Binary::new_i32(&[2, 6, 11, 17], data).expect("offsets");
+    let vdata = b"__v1v2v3";
+    let values64 = Binary::new(&[2, 4, 6, 8], vdata).expect("offsets");
+    t.put(keys32, values64).expect("put");
+    m.put(keys32, values64);
+    m.check(&*t, &[b"XXkey1".to_vec()]);
+    assert_eq!(
+        t.get_slices(&[b"key22"]).expect("get"),
+        [Some(b"v2".to_vec())]
+    );
+    // An empty batch of each kind is a no-op.
+    t.put(Binary::empty(), Binary::empty()).expect("empty put");
+    assert_eq!(t.delete(Binary::empty()).expect("empty delete"), 0);
+    m.check(&*t, &[]);
+}
+
+fn bytes_get_replaces_its_output(o: &OpenBytes) {
+    let t = open(o, small(100));
+    t.put(bin(&[b"a"]).as_binary(), bin(&[b"alpha"]).as_binary())
+        .expect("put");
+    let mut out = BinaryBuf::from_slices(["stale", "old", "junk"]);
+    let mut found = [true, true];
+    t.get(bin(&[b"zz", b"a"]).as_binary(), &mut out, &mut found)
+        .expect("get");
+    assert_eq!(found, [false, true]);
+    assert_eq!(out.len(), 2);
+    assert_eq!(out.get(0), Some(&b""[..]));
+    assert_eq!(out.get(1), Some(&b"alpha"[..]));
+}
+
+fn bytes_clear_gives_the_arena_back(o: &OpenBytes) {
+    let t = open(o, small(100));
+    let mut m = ByteModel::new();
+    let keys: Vec<Vec<u8>> = (0..300).map(|i| format!("c{i}").into_bytes()).collect();
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&keys),
+        &BinaryBuf::from_slices(&keys),
+    );
+    assert!(t.describe().arena.held_bytes > 0);
+    t.clear().expect("clear");
+    m.clear();
+    assert_eq!(t.describe().arena.held_bytes, 0);
+    m.check(&*t, &keys[..10]);
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&keys[..5]),
+        &BinaryBuf::from_slices(&keys[5..10]),
+    );
+    m.check(&*t, &keys[..20]);
+}
+
+/// Issue 14's churn workload, scaled down: rounds of overwrites with new random sizes
+/// (8 bytes to 4 KiB) and 30% deletes. The arena must stay within 1.15 times the live
+/// bytes after every round, and hold exactly the model's entries.
+fn bytes_churn_stays_compact(o: &OpenBytes) {
+    let keys = 3000usize;
+    let seg = 1u64 << 16;
+    let t = open(
+        o,
+        ByteConfig::new(keys)
+            .max_key_bytes(32)
+            .max_value_bytes(4096)
+            .segment_bytes(seg)
+            .table(TableConfig::new(keys).seed(7)),
+    );
+    let mut m = ByteModel::new();
+    let mut rng = SplitMix64(99);
+    let names: Vec<Vec<u8>> = (0..keys)
+        .map(|i| format!("churn:{i:08}").into_bytes())
+        .collect();
+    let mut worst: f64 = 0.0;
+    for _round in 0..10 {
+        for batch in names.chunks(500) {
+            let vals: Vec<Vec<u8>> = batch
+                .iter()
+                .map(|_| {
+                    let len = 8 + (rng.next_u64() % (4096 - 8 + 1)) as usize;
+                    vec![(rng.next_u64() & 0xff) as u8; len]
+                })
+                .collect();
+            put(
+                &*t,
+                &mut m,
+                &BinaryBuf::from_slices(batch),
+                &BinaryBuf::from_slices(&vals),
+            );
+            let dels: Vec<&Vec<u8>> = batch.iter().filter(|_| rng.next_u64() % 10 < 3).collect();
+            let dels = BinaryBuf::from_slices(dels);
+            assert_eq!(
+                t.delete(dels.as_binary()).expect("delete"),
+                m.delete(dels.as_binary())
+            );
+        }
+        let a = t.describe().arena;
+        worst = worst.max(a.fragmentation());
+        assert!(
+            a.fragmentation() <= 1.15,
+            "fragmentation {:.3} after a round: {a:?}",
+            a.fragmentation()
+        );
+    }
+    m.check(&*t, &[]);
+    assert!(worst >= 1.0);
+}
+
+/// Random batches of puts, deletes and lookups over a small key space with few hash bits
+/// (so that keys collide), checked against the model after every batch.
+fn bytes_random_batches_match_the_model(o: &OpenBytes) {
+    let t = open(o, small(64).hash_bits(4));
+    let mut m = ByteModel::new();
+    let mut rng = SplitMix64(2024);
+    let key = |r: u64| -> Vec<u8> {
+        let len = 1 + (r % 12) as usize;
+        (0..len).map(|j| ((r >> (j % 8 * 8)) % 3) as u8).collect()
+    };
+    for _ in 0..200 {
+        let n = (rng.next_u64() % 40) as usize;
+        let keys: Vec<Vec<u8>> = (0..n).map(|_| key(rng.next_u64())).collect();
+        match rng.next_u64() % 3 {
+            0 | 1 => {
+                let vals: Vec<Vec<u8>> = (0..n)
+                    .map(|_| vec![(rng.next_u64() % 256) as u8; (rng.next_u64() % 70) as usize])
+                    .collect();
+                put(
+                    &*t,
+                    &mut m,
+                    &BinaryBuf::from_slices(&keys),
+                    &BinaryBuf::from_slices(&vals),
+                );
+            }
+            _ => {
+                let kb = BinaryBuf::from_slices(&keys);
+                assert_eq!(
+                    t.delete(kb.as_binary()).expect("delete"),
+                    m.delete(kb.as_binary())
+                );
+            }
+        }
+        m.check(&*t, &keys);
+    }
+}

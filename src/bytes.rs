@@ -1,0 +1,147 @@
+//! Byte tables through the facade: [`open_bytes`] picks a backend as [`crate::open`] does.
+
+use std::fmt;
+
+use crate::{BackendKind, Options, Result};
+use kv_core::{Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error};
+
+/// A byte table on the backend [`open_bytes`] chose, with the record of that choice. It
+/// implements [`ByteTable`] by handing every call to that backend.
+pub struct BytesTable {
+    inner: Box<dyn ByteTable>,
+    kind: BackendKind,
+    skipped: Vec<(BackendKind, String)>,
+}
+
+impl BytesTable {
+    /// The backend in use.
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// Each better backend that was not used, and why.
+    pub fn skipped(&self) -> &[(BackendKind, String)] {
+        &self.skipped
+    }
+}
+
+impl fmt::Debug for BytesTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BytesTable")
+            .field("kind", &self.kind)
+            .field("description", &self.inner.describe())
+            .finish()
+    }
+}
+
+impl ByteTable for BytesTable {
+    fn put(&self, keys: Binary<'_>, values: Binary<'_>) -> Result<()> {
+        self.inner.put(keys, values)
+    }
+    fn get(
+        &self,
+        keys: Binary<'_>,
+        values_out: &mut BinaryBuf,
+        found_out: &mut [bool],
+    ) -> Result<()> {
+        self.inner.get(keys, values_out, found_out)
+    }
+    fn delete(&self, keys: Binary<'_>) -> Result<usize> {
+        self.inner.delete(keys)
+    }
+    fn contains(&self, keys: Binary<'_>, found_out: &mut [bool]) -> Result<()> {
+        self.inner.contains(keys, found_out)
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn clear(&self) -> Result<()> {
+        self.inner.clear()
+    }
+    fn limits(&self) -> ByteLimits {
+        self.inner.limits()
+    }
+    fn describe(&self) -> ByteDescription {
+        self.inner.describe()
+    }
+}
+
+/// Opens a byte table on the backend `VRAMKV_BACKEND` forces (no fallback), or on the best
+/// one that has byte tables, recording why each better one was skipped.
+///
+/// ```
+/// use vramkv::{ByteConfig, ByteTable};
+/// let t = vramkv::open_bytes(ByteConfig::new(1000))?;
+/// t.put_slices(&[b"user:1", b"user:2", b"user:1"], &[b"ada", b"bob", b"alan"])?;
+/// assert_eq!(
+///     t.get_slices(&[b"user:1", b"user:3"])?,
+///     [Some(b"alan".to_vec()), None]
+/// );
+/// # Ok::<(), vramkv::Error>(())
+/// ```
+pub fn open_bytes(cfg: ByteConfig) -> Result<BytesTable> {
+    let options = Options {
+        backend: crate::parse_choice(std::env::var(crate::BACKEND_ENV).ok().as_deref())?,
+        ..Options::default()
+    };
+    open_bytes_with(cfg, &options)
+}
+
+/// Opens a byte table as `options` say: on their backend (no fallback), or on the best
+/// available one that has byte tables.
+pub fn open_bytes_with(cfg: ByteConfig, options: &Options) -> Result<BytesTable> {
+    cfg.validate()?;
+    if let Some(kind) = options.backend {
+        let inner = open_bytes_kind(kind, cfg, options)?;
+        return Ok(BytesTable {
+            inner,
+            kind,
+            skipped: Vec::new(),
+        });
+    }
+    let mut skipped = Vec::new();
+    for kind in BackendKind::ALL {
+        match open_bytes_kind(kind, cfg.clone(), options) {
+            Ok(inner) => {
+                return Ok(BytesTable {
+                    inner,
+                    kind,
+                    skipped,
+                });
+            }
+            Err(
+                e @ (Error::BackendUnavailable { .. }
+                | Error::Device { .. }
+                | Error::Unsupported { .. }),
+            ) => skipped.push((kind, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    let reasons: Vec<String> = skipped.iter().map(|(k, r)| format!("{k}: {r}")).collect();
+    Err(Error::BackendUnavailable {
+        backend: "auto",
+        reason: reasons.join("; "),
+    })
+}
+
+#[allow(unused_variables)]
+fn open_bytes_kind(
+    kind: BackendKind,
+    cfg: ByteConfig,
+    options: &Options,
+) -> Result<Box<dyn ByteTable>> {
+    match kind {
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBytes::open(cfg)?)),
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        BackendKind::Cuda | BackendKind::Wgpu if kind.compiled_in() => Err(Error::Unsupported {
+            backend: kind.name(),
+            what: "byte tables (they run on the CPU backend so far)",
+        }),
+        #[allow(unreachable_patterns)]
+        other => Err(crate::not_compiled(other)),
+    }
+}
