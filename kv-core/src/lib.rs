@@ -10,6 +10,8 @@
 //! [`check_contains`] (or, for batches whose slices they only know by length,
 //! [`check_put_len`] and [`check_get_len`]) before touching the table.
 
+#[cfg(feature = "arrow")]
+mod arrow;
 mod backend;
 mod books;
 mod bytes;
