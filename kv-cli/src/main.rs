@@ -1,5 +1,6 @@
 //! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
 
+mod bytes_bench;
 mod cache_bench;
 mod host_copy;
 #[cfg(feature = "cuda")]
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// PUT and GET throughput per batch, validated against the sequential semantics.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// The backends compiled in, the devices found, and what `auto` would pick.
     Info,
 }
@@ -127,6 +128,22 @@ struct BenchArgs {
     /// The upper tier's budget for --cache, in MiB.
     #[arg(long, default_value_t = 64, requires = "cache")]
     upper_mib: u64,
+    /// Byte tables: PUT and GET of --items new keys a batch, 16-byte keys with 64-byte
+    /// values and 32-byte keys with values of 100 B to 4 KiB, next to the host copy bound
+    /// of the same bytes.
+    #[arg(long)]
+    bytes: bool,
+    /// A byte table's arena under churn: --rounds rounds over --items keys of overwrites
+    /// with new random sizes (8 B to 4 KiB) and 30 % deletes, in batches of --chunk keys;
+    /// prints the fragmentation after every round and fails past 1.15.
+    #[arg(long, conflicts_with = "bytes")]
+    churn: bool,
+    /// Rounds of --churn.
+    #[arg(long, default_value_t = 10, requires = "churn")]
+    rounds: usize,
+    /// Keys per batch of --churn.
+    #[arg(long, default_value_t = 1_000_000, requires = "churn")]
+    chunk: usize,
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
     device: Option<usize>,
@@ -291,6 +308,25 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     }
     if a.host_copy {
         return host_copy::run(a).map(|()| true);
+    }
+    if a.bytes || a.churn {
+        let kind = match a.backend {
+            Choice::Auto => None,
+            Choice::Cpu => Some(BackendKind::Cpu),
+            Choice::Cuda => Some(BackendKind::Cuda),
+            Choice::Wgpu => Some(BackendKind::Wgpu),
+            Choice::All => {
+                return Err(vramkv::Error::InvalidConfig(
+                    "--bytes and --churn run one backend, not all".into(),
+                ));
+            }
+        };
+        let opts = for_kind(&options, kind);
+        return if a.churn {
+            bytes_bench::churn(a.items, a.rounds, a.chunk, a.seed, &opts)
+        } else {
+            bytes_bench::run(a.items, a.batches, a.seed, &opts)
+        };
     }
     if a.cache {
         let kind = match a.backend {
