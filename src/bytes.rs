@@ -67,6 +67,15 @@ impl ByteTable for BytesTable {
     fn describe(&self) -> ByteDescription {
         self.inner.describe()
     }
+    fn put_ttl(&self, keys: Binary<'_>, values: Binary<'_>, ttl_ms: &[u64]) -> Result<()> {
+        self.inner.put_ttl(keys, values, ttl_ms)
+    }
+    fn expire(&self, keys: Binary<'_>, ttl_ms: &[u64], found_out: &mut [bool]) -> Result<()> {
+        self.inner.expire(keys, ttl_ms, found_out)
+    }
+    fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
+        self.inner.ttl(keys, ttl_out)
+    }
 }
 
 /// Opens a byte table on the backend `VRAMKV_BACKEND` forces (no fallback), or on the best

@@ -13,15 +13,17 @@
 //! put or delete, compaction moves a bounded number of live bytes (eight times what the
 //! batch wrote, at least a segment's worth: `kv_arena::compaction_bound`) out of the emptiest sealed segments.
 
+use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::HashTable;
 use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    capacity_of, check_byte_lookup, check_byte_put, plan_put,
+    TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
+    plan_put,
 };
-use kv_kernels::layout::byte_hash;
+use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
 
 /// Batches at least this long hash their keys on every core.
@@ -33,6 +35,8 @@ struct Entry {
     addr: u64,
     key_len: u32,
     value_len: u32,
+    /// When the entry expires on the table's clock (0: never).
+    expires: u64,
 }
 
 impl Entry {
@@ -67,6 +71,9 @@ struct State {
     arena: ArenaPlan,
     /// Segment memory by segment number (empty: free).
     memory: Vec<Box<[u8]>>,
+    /// The hashes of entries given an expiry time, by that time. An entry whose expiry
+    /// changed since leaves a stale timer behind, which finds nothing when it is due.
+    timers: BTreeMap<u64, Vec<u64>>,
 }
 
 impl State {
@@ -87,6 +94,37 @@ impl State {
         self.index.find(hash, |e| {
             e.key_len as usize == key.len() && self.key(e) == key
         })
+    }
+
+    /// The live (not expired at `now`) entry of `key`.
+    fn find_live(&self, hash: u64, key: &[u8], now: u64) -> Option<&Entry> {
+        self.find(hash, key).filter(|e| !expired(e.expires, now))
+    }
+
+    /// Removes every entry expired at `now` and gives its bytes back.
+    fn purge(&mut self, now: u64) {
+        let due = match now.checked_add(1) {
+            Some(after) => {
+                let later = self.timers.split_off(&after);
+                std::mem::replace(&mut self.timers, later)
+            }
+            None => std::mem::take(&mut self.timers),
+        };
+        for hash in due.into_values().flatten() {
+            while let Ok(found) = self.index.find_entry(hash, |e| expired(e.expires, now)) {
+                let (e, _) = found.remove();
+                self.arena.free(e.addr, e.record_len());
+            }
+        }
+        self.drop_released();
+    }
+
+    /// Gives `e` the expiry of a time to live of `ttl_ms` from `now`.
+    fn set_expiry(timers: &mut BTreeMap<u64, Vec<u64>>, e: &mut Entry, now: u64, ttl_ms: u64) {
+        e.expires = expiry_time(now, ttl_ms);
+        if e.expires != 0 {
+            timers.entry(e.expires).or_default().push(e.hash);
+        }
     }
 
     /// Gives memory to the segments a placement opened. A failed allocation frees what
@@ -193,6 +231,7 @@ impl CpuBytes {
             slots: cfg.table.initial_slots(),
             arena: ArenaPlan::new(segment, cfg.arena_budget),
             memory: Vec::new(),
+            timers: BTreeMap::new(),
         };
         Ok(CpuBytes {
             seed: cfg.table.table_seed(),
@@ -219,10 +258,21 @@ impl CpuBytes {
         }
     }
 
-    /// The entry of each key, or `None`.
-    fn lookup(&self, st: &State, keys: Binary<'_>) -> Vec<Option<Entry>> {
+    fn now(&self) -> u64 {
+        self.cfg.clock.now_ms()
+    }
+
+    /// The write lock, with every entry expired at `now` removed.
+    fn write_at(&self, now: u64) -> RwLockWriteGuard<'_, State> {
+        let mut st = self.write();
+        st.purge(now);
+        st
+    }
+
+    /// The live entry of each key at `now`, or `None`.
+    fn lookup(&self, st: &State, keys: Binary<'_>, now: u64) -> Vec<Option<Entry>> {
         let hashes = self.hashes(keys);
-        let one = |i: usize| st.find(hashes[i], keys.get(i)).copied();
+        let one = |i: usize| st.find_live(hashes[i], keys.get(i), now).copied();
         if keys.len() >= PARALLEL_HASH {
             (0..keys.len()).into_par_iter().map(one).collect()
         } else {
@@ -246,15 +296,24 @@ fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
     winners
 }
 
-impl ByteTable for CpuBytes {
-    fn put(&self, keys: Binary<'_>, values: Binary<'_>) -> Result<()> {
+impl CpuBytes {
+    fn put_inner(
+        &self,
+        keys: Binary<'_>,
+        values: Binary<'_>,
+        ttl_ms: Option<&[u64]>,
+    ) -> Result<()> {
         check_byte_put(&self.limits(), keys, values)?;
+        if let Some(t) = ttl_ms {
+            check_per_key(keys, "ttl_ms", t)?;
+        }
         if keys.is_empty() {
             return Ok(());
         }
         let hashes = self.hashes(keys);
         let winners = last_occurrences(keys, &hashes);
-        let mut guard = self.write();
+        let now = self.now();
+        let mut guard = self.write_at(now);
         let st = &mut *guard;
         let fresh = winners
             .iter()
@@ -300,18 +359,21 @@ impl ByteTable for CpuBytes {
             let (key, value) = (keys.get(i), values.get(i));
             st.write(addr, key);
             st.write(addr + key.len() as u64, value);
-            let entry = Entry {
+            let mut entry = Entry {
                 hash: hashes[i],
                 addr,
                 key_len: key.len() as u32,
                 value_len: value.len() as u32,
+                expires: 0,
             };
             let State {
                 index,
                 memory,
                 arena,
+                timers,
                 ..
             } = &mut *st;
+            State::set_expiry(timers, &mut entry, now, ttl_ms.map_or(0, |t| t[i]));
             let eq = |e: &Entry| {
                 e.key_len as usize == key.len()
                     && read(memory, arena, e.addr, u64::from(e.key_len)) == key
@@ -332,6 +394,62 @@ impl ByteTable for CpuBytes {
         st.compact(bound, false);
         Ok(())
     }
+}
+
+impl ByteTable for CpuBytes {
+    fn put(&self, keys: Binary<'_>, values: Binary<'_>) -> Result<()> {
+        self.put_inner(keys, values, None)
+    }
+
+    fn put_ttl(&self, keys: Binary<'_>, values: Binary<'_>, ttl_ms: &[u64]) -> Result<()> {
+        self.put_inner(keys, values, Some(ttl_ms))
+    }
+
+    fn expire(&self, keys: Binary<'_>, ttl_ms: &[u64], found_out: &mut [bool]) -> Result<()> {
+        check_byte_lookup(&self.limits(), keys, found_out)?;
+        check_per_key(keys, "ttl_ms", ttl_ms)?;
+        let hashes = self.hashes(keys);
+        let now = self.now();
+        let mut guard = self.write_at(now);
+        let st = &mut *guard;
+        for (i, &h) in hashes.iter().enumerate() {
+            let key = keys.get(i);
+            let State {
+                index,
+                memory,
+                arena,
+                timers,
+                ..
+            } = &mut *st;
+            let eq = |e: &Entry| {
+                e.key_len as usize == key.len()
+                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
+            };
+            found_out[i] = match index.find_mut(h, eq) {
+                Some(e) => {
+                    State::set_expiry(timers, e, now, ttl_ms[i]);
+                    true
+                }
+                None => false,
+            };
+        }
+        Ok(())
+    }
+
+    fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
+        self.limits().check_keys(keys)?;
+        check_per_key(keys, "ttl_out", ttl_out)?;
+        let now = self.now();
+        let st = self.read();
+        for (hit, out) in self.lookup(&st, keys, now).iter().zip(ttl_out.iter_mut()) {
+            *out = match hit {
+                None => TTL_MISSING,
+                Some(e) if e.expires == 0 => TTL_NEVER,
+                Some(e) => i64::try_from(e.expires - now).unwrap_or(i64::MAX),
+            };
+        }
+        Ok(())
+    }
 
     fn get(
         &self,
@@ -340,8 +458,9 @@ impl ByteTable for CpuBytes {
         found_out: &mut [bool],
     ) -> Result<()> {
         check_byte_lookup(&self.limits(), keys, found_out)?;
+        let now = self.now();
         let st = self.read();
-        let hits = self.lookup(&st, keys);
+        let hits = self.lookup(&st, keys, now);
         let data =
             values_out.reset_with_lens(keys.len(), |i| hits[i].map_or(0, |e| e.value_len as usize));
         let mut at = 0;
@@ -359,7 +478,7 @@ impl ByteTable for CpuBytes {
     fn delete(&self, keys: Binary<'_>) -> Result<usize> {
         self.limits().check_keys(keys)?;
         let hashes = self.hashes(keys);
-        let mut guard = self.write();
+        let mut guard = self.write_at(self.now());
         let st = &mut *guard;
         let mut removed = 0;
         let mut freed = 0;
@@ -392,15 +511,16 @@ impl ByteTable for CpuBytes {
 
     fn contains(&self, keys: Binary<'_>, found_out: &mut [bool]) -> Result<()> {
         check_byte_lookup(&self.limits(), keys, found_out)?;
+        let now = self.now();
         let st = self.read();
-        for (hit, found) in self.lookup(&st, keys).iter().zip(found_out.iter_mut()) {
+        for (hit, found) in self.lookup(&st, keys, now).iter().zip(found_out.iter_mut()) {
             *found = hit.is_some();
         }
         Ok(())
     }
 
     fn len(&self) -> usize {
-        self.read().index.len()
+        self.write_at(self.now()).index.len()
     }
 
     fn capacity(&self) -> usize {
@@ -410,6 +530,7 @@ impl ByteTable for CpuBytes {
     fn clear(&self) -> Result<()> {
         let mut st = self.write();
         st.index.clear();
+        st.timers.clear();
         st.arena.clear();
         st.drop_released();
         Ok(())
@@ -420,7 +541,7 @@ impl ByteTable for CpuBytes {
     }
 
     fn describe(&self) -> ByteDescription {
-        let st = self.read();
+        let st = self.write_at(self.now());
         ByteDescription {
             backend: "cpu",
             device: "host memory".into(),

@@ -10,7 +10,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kv_core::{Binary, BinaryBuf, ByteConfig, ByteTable, Error, TableConfig};
+use kv_core::{
+    Binary, BinaryBuf, ByteConfig, ByteTable, Clock, Error, ManualClock, TTL_MISSING, TTL_NEVER,
+    TableConfig,
+};
 
 use crate::SplitMix64;
 
@@ -44,6 +47,7 @@ pub fn all() -> Vec<ByteCase> {
         bytes_get_replaces_its_output,
         bytes_clear_gives_the_arena_back,
         bytes_churn_stays_compact,
+        bytes_expiry,
         bytes_random_batches_match_the_model,
     ]
 }
@@ -90,10 +94,12 @@ macro_rules! bytes_main {
     };
 }
 
-/// The sequential reference for byte tables.
+/// The sequential reference for byte tables: each live key's value and expiry time (0:
+/// never). It holds only live entries: [`ByteModel::advance`] drops the expired ones.
 #[derive(Debug, Clone, Default)]
 pub struct ByteModel {
-    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    map: BTreeMap<Vec<u8>, (Vec<u8>, u64)>,
+    now: u64,
 }
 
 impl ByteModel {
@@ -102,10 +108,50 @@ impl ByteModel {
         Self::default()
     }
 
-    /// A put: the last occurrence of each key wins.
+    /// A put: the last occurrence of each key wins, and the entry never expires.
     pub fn put(&mut self, keys: Binary<'_>, values: Binary<'_>) {
         for (k, v) in keys.iter().zip(values.iter()) {
-            self.map.insert(k.to_vec(), v.to_vec());
+            self.map.insert(k.to_vec(), (v.to_vec(), 0));
+        }
+    }
+
+    /// A put with a time to live per key (ms; 0: never), at the model's time.
+    pub fn put_ttl(&mut self, keys: Binary<'_>, values: Binary<'_>, ttl_ms: &[u64]) {
+        for ((k, v), &ttl) in keys.iter().zip(values.iter()).zip(ttl_ms) {
+            let expires = kv_kernels::layout::expiry_time(self.now, ttl);
+            self.map.insert(k.to_vec(), (v.to_vec(), expires));
+        }
+    }
+
+    /// Sets the time to live of present keys; whether each was present.
+    pub fn expire(&mut self, keys: Binary<'_>, ttl_ms: &[u64]) -> Vec<bool> {
+        let now = self.now;
+        keys.iter()
+            .zip(ttl_ms)
+            .map(|(k, &ttl)| match self.map.get_mut(k) {
+                Some(e) => {
+                    e.1 = kv_kernels::layout::expiry_time(now, ttl);
+                    true
+                }
+                None => false,
+            })
+            .collect()
+    }
+
+    /// Moves the model's time to `now` (never back) and drops what expired.
+    pub fn advance(&mut self, now: u64) {
+        self.now = self.now.max(now);
+        let now = self.now;
+        self.map
+            .retain(|_, (_, e)| !kv_kernels::layout::expired(*e, now));
+    }
+
+    /// The remaining time to live of `key`, as [`ByteTable::ttl`] answers it.
+    pub fn ttl(&self, key: &[u8]) -> i64 {
+        match self.map.get(key) {
+            None => TTL_MISSING,
+            Some((_, 0)) => TTL_NEVER,
+            Some((_, e)) => (e - self.now) as i64,
         }
     }
 
@@ -118,7 +164,7 @@ impl ByteModel {
 
     /// The value of `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.map.get(key).map(Vec::as_slice)
+        self.map.get(key).map(|(v, _)| v.as_slice())
     }
 
     /// Live entries.
@@ -135,7 +181,7 @@ impl ByteModel {
     pub fn live_bytes(&self) -> u64 {
         self.map
             .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .map(|(k, (v, _))| (k.len() + v.len()) as u64)
             .sum()
     }
 
@@ -158,7 +204,10 @@ impl ByteModel {
             assert_eq!(out.len(), chunk.len(), "get gives one value per key");
             let mut contains = vec![false; chunk.len()];
             t.contains(kb.as_binary(), &mut contains).expect("contains");
+            let mut ttl = vec![0i64; chunk.len()];
+            t.ttl(kb.as_binary(), &mut ttl).expect("ttl");
             for (i, key) in chunk.iter().enumerate() {
+                assert_eq!(ttl[i], self.ttl(key), "ttl of key {key:?}");
                 let want = self.get(key);
                 assert_eq!(found[i], want.is_some(), "found flag of key {key:?}");
                 assert_eq!(contains[i], want.is_some(), "contains of key {key:?}");
@@ -677,10 +726,89 @@ fn bytes_churn_stays_compact(o: &OpenBytes) {
     assert!(worst >= 1.0);
 }
 
-/// Random batches of puts, deletes and lookups over a small key space with few hash bits
-/// (so that keys collide), checked against the model after every batch.
+fn bytes_expiry(o: &OpenBytes) {
+    let clock = Arc::new(ManualClock::new(1000));
+    let t = open(o, small(100).clock(clock.clone()));
+    let mut m = ByteModel::new();
+    m.advance(clock.now_ms());
+    let ttl_put = |t: &dyn ByteTable, m: &mut ByteModel, k: &[&[u8]], v: &[&[u8]], ttl: &[u64]| {
+        let (kb, vb) = (bin(k), bin(v));
+        t.put_ttl(kb.as_binary(), vb.as_binary(), ttl)
+            .expect("put_ttl");
+        m.put_ttl(kb.as_binary(), vb.as_binary(), ttl);
+    };
+    ttl_put(
+        &*t,
+        &mut m,
+        &[b"a", b"b", b"c"],
+        &[b"1", b"2", b"3"],
+        &[100, 0, 50],
+    );
+    let mut ttl = [0i64; 4];
+    t.ttl(bin(&[b"a", b"b", b"c", b"d"]).as_binary(), &mut ttl)
+        .expect("ttl");
+    assert_eq!(ttl, [100, TTL_NEVER, 50, TTL_MISSING]);
+    clock.advance(50);
+    m.advance(clock.now_ms());
+    assert_eq!(t.len(), 2, "c expired");
+    m.check(&*t, &[b"c".to_vec()]);
+    // A plain put clears the expiry; the last occurrence's time to live wins.
+    put(&*t, &mut m, &bin(&[b"a"]), &bin(&[b"one"]));
+    ttl_put(&*t, &mut m, &[b"r", b"r"], &[b"x", b"y"], &[5, 0]);
+    m.check(&*t, &[]);
+    // Expire, persist, and a key that is not there.
+    let mut found = [false; 2];
+    t.expire(bin(&[b"b", b"zz"]).as_binary(), &[10, 5], &mut found)
+        .expect("expire");
+    assert_eq!(found, [true, false]);
+    assert_eq!(m.expire(bin(&[b"b", b"zz"]).as_binary(), &[10, 5]), found);
+    t.expire(bin(&[b"a"]).as_binary(), &[0], &mut found[..1])
+        .expect("persist");
+    m.expire(bin(&[b"a"]).as_binary(), &[0]);
+    m.check(&*t, &[b"zz".to_vec()]);
+    // An expired key comes back as new; deleting one counts nothing.
+    ttl_put(&*t, &mut m, &[b"c", b"e"], &[b"again", b"5"], &[0, 1]);
+    clock.advance(10);
+    m.advance(clock.now_ms());
+    assert_eq!(
+        t.delete(bin(&[b"e", b"b"]).as_binary()).expect("delete"),
+        0,
+        "both expired"
+    );
+    m.check(&*t, &[b"e".to_vec(), b"b".to_vec()]);
+    // Bad input changes nothing.
+    let before = t.describe();
+    let r = t.put_ttl(bin(&[b"q"]).as_binary(), bin(&[b"v"]).as_binary(), &[1, 2]);
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "ttl_ms", .. })),
+        "{r:?}"
+    );
+    let r = t.expire(bin(&[b"a"]).as_binary(), &[], &mut [false]);
+    assert!(
+        matches!(r, Err(Error::LengthMismatch { what: "ttl_ms", .. })),
+        "{r:?}"
+    );
+    let r = t.ttl(bin(&[b"a"]).as_binary(), &mut []);
+    assert!(
+        matches!(
+            r,
+            Err(Error::LengthMismatch {
+                what: "ttl_out",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(t.describe(), before);
+    m.check(&*t, &[]);
+}
+
+/// Random batches of puts (some with times to live), deletes, expiry changes, clock moves
+/// and lookups over a small key space with few hash bits (so that keys collide), checked
+/// against the model after every batch.
 fn bytes_random_batches_match_the_model(o: &OpenBytes) {
-    let t = open(o, small(64).hash_bits(4));
+    let clock = Arc::new(ManualClock::new(0));
+    let t = open(o, small(64).hash_bits(4).clock(clock.clone()));
     let mut m = ByteModel::new();
     let mut rng = SplitMix64(2024);
     let key = |r: u64| -> Vec<u8> {

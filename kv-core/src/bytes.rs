@@ -13,7 +13,10 @@
 //! hashes collide), and each batch is atomic for other callers. Two keys are equal only
 //! when all of their bytes are.
 
-use crate::{Error, Result, TableConfig};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::{Clock, Error, Result, SystemClock, TableConfig};
 
 /// The longest key a byte table takes, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -304,7 +307,7 @@ impl BinaryBuf {
 /// cfg.validate().unwrap();
 /// assert!(ByteConfig::new(10).max_key_bytes(513).validate().is_err());
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub struct ByteConfig {
     /// The index: entries before the first growth, load factor, growth, seed, device.
     /// Its `width` and `cache` must stay at their defaults.
@@ -325,6 +328,35 @@ pub struct ByteConfig {
     /// **For tests**: with few bits, distinct keys share hashes, which checks that a
     /// table compares keys byte for byte.
     pub hash_bits: u32,
+    /// The clock that expiry reads ([`SystemClock`] by default; a
+    /// [`ManualClock`](crate::ManualClock) makes tests exact).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for ByteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ByteConfig")
+            .field("table", &self.table)
+            .field("max_key_bytes", &self.max_key_bytes)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .field("arena_budget", &self.arena_budget)
+            .field("segment_bytes", &self.segment_bytes)
+            .field("hash_bits", &self.hash_bits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Two configs are equal when their settings are and they read the same clock.
+impl PartialEq for ByteConfig {
+    fn eq(&self, o: &Self) -> bool {
+        self.table == o.table
+            && self.max_key_bytes == o.max_key_bytes
+            && self.max_value_bytes == o.max_value_bytes
+            && self.arena_budget == o.arena_budget
+            && self.segment_bytes == o.segment_bytes
+            && self.hash_bits == o.hash_bits
+            && Arc::ptr_eq(&self.clock, &o.clock)
+    }
 }
 
 impl ByteConfig {
@@ -337,7 +369,14 @@ impl ByteConfig {
             arena_budget: None,
             segment_bytes: None,
             hash_bits: 64,
+            clock: Arc::new(SystemClock::new()),
         }
+    }
+
+    /// Replaces the clock that expiry reads.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sets the index's config (capacity, growth, seed, device).
@@ -521,6 +560,23 @@ pub fn check_byte_lookup(limits: &ByteLimits, keys: Binary<'_>, found_out: &[boo
     limits.check_keys(keys)
 }
 
+/// Checks a batch's times to live (or any per-key slice named `what`): one per key.
+pub fn check_per_key<T>(keys: Binary<'_>, what: &'static str, per_key: &[T]) -> Result<()> {
+    if per_key.len() != keys.len() {
+        return Err(Error::LengthMismatch {
+            what,
+            expected: keys.len(),
+            got: per_key.len(),
+        });
+    }
+    Ok(())
+}
+
+/// What [`ByteTable::ttl`] answers for a key that is not in the table (Redis's `PTTL`).
+pub const TTL_MISSING: i64 = -2;
+/// What [`ByteTable::ttl`] answers for a key that never expires.
+pub const TTL_NEVER: i64 = -1;
+
 /// What an arena holds: the bytes it has taken from its device and the bytes of the live
 /// records in them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -615,6 +671,42 @@ pub trait ByteTable: Send + Sync {
 
     /// What the table says about itself, its arena included.
     fn describe(&self) -> ByteDescription;
+
+    /// A put whose entries expire: `ttl_ms[i]` is key `i`'s time to live in milliseconds
+    /// on the table's clock (0: never). A plain [`put`](Self::put) gives no time to live,
+    /// so it clears an entry's expiry, as Redis's `SET` does. An expired entry is never
+    /// returned, is not counted by `len()`, and its bytes are given back to the arena.
+    ///
+    /// Optional: the default answers [`Error::Unsupported`].
+    fn put_ttl(&self, keys: Binary<'_>, values: Binary<'_>, ttl_ms: &[u64]) -> Result<()> {
+        let _ = (keys, values, ttl_ms);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "byte tables with expiry",
+        })
+    }
+
+    /// Sets the time to live of each present key (`ttl_ms[i]`, 0: never expires, Redis's
+    /// `PERSIST`); `found_out[i]` says whether key `i` was present. Optional, as
+    /// [`put_ttl`](Self::put_ttl).
+    fn expire(&self, keys: Binary<'_>, ttl_ms: &[u64], found_out: &mut [bool]) -> Result<()> {
+        let _ = (keys, ttl_ms, found_out);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "byte tables with expiry",
+        })
+    }
+
+    /// Each key's remaining time to live in milliseconds, [`TTL_NEVER`] for a key that
+    /// does not expire and [`TTL_MISSING`] for a key that is absent (Redis's `PTTL`).
+    /// Optional, as [`put_ttl`](Self::put_ttl).
+    fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
+        let _ = (keys, ttl_out);
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "byte tables with expiry",
+        })
+    }
 
     /// A put from slices, for small batches.
     fn put_slices(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<()> {

@@ -96,6 +96,32 @@ pub const fn unhash(h: u64, seed: u64) -> u64 {
     x ^ seed
 }
 
+/// Whether an entry with expiry time `expires` (in a table clock's milliseconds; 0: never)
+/// has expired at `now`: the one expiry rule of cache tables and byte tables.
+///
+/// ```
+/// use kv_kernels::layout::{expired, expiry_time};
+/// assert!(!expired(0, u64::MAX));
+/// assert!(expired(expiry_time(1000, 5), 1005));
+/// assert!(!expired(expiry_time(1000, 5), 1004));
+/// ```
+#[inline(always)]
+pub const fn expired(expires: u64, now: u64) -> bool {
+    expires != 0 && expires <= now
+}
+
+/// The expiry time of an entry written at `now` with a time to live of `ttl_ms` (0: never
+/// expires). Never 0 for a positive time to live, even at the clock's origin.
+#[inline(always)]
+pub const fn expiry_time(now: u64, ttl_ms: u64) -> u64 {
+    if ttl_ms == 0 {
+        0
+    } else {
+        let e = now.saturating_add(ttl_ms);
+        if e == 0 { 1 } else { e }
+    }
+}
+
 /// The hash of a byte-string key (a byte table's key, docs/arena.md) of `len` bytes under
 /// `seed`, given its 8-byte little-endian words: `word(j)` is bytes `8j .. 8j + 8` of the
 /// key, the last word zero-padded. It chains [`hash`] over the words, starting from the
