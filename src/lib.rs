@@ -35,10 +35,11 @@
 
 pub use kv_core::{
     ArenaStats, Audit, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable,
-    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description,
-    DriverError, Error, Evicted, KvBackend, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock,
-    PutPlan, Result, SystemClock, TableConfig, cache_capacity_for_budget, cache_slot_bytes,
-    capacity_of, check_contains, check_get, check_put, check_take, plan_put, slots_for,
+    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
+    DEFAULT_MAX_VALUE_BYTES, Description, DriverError, Error, Evicted, KvBackend, MAX_KEY_BYTES,
+    MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock, PutPlan, Result, SystemClock, TableConfig,
+    cache_capacity_for_budget, cache_slot_bytes, capacity_of, check_contains, check_get, check_put,
+    check_take, plan_put, slots_for,
 };
 pub use kv_staging::trace::Tracer;
 

@@ -1,4 +1,5 @@
-//! `vramkv`: benchmark the backends (`vramkv bench`) and show the devices (`vramkv info`).
+//! `vramkv`: benchmark the backends (`vramkv bench`), show the devices (`vramkv info`),
+//! and serve a byte table over the Redis protocol (`vramkv serve`).
 
 mod bytes_bench;
 mod cache_bench;
@@ -7,6 +8,7 @@ mod host_copy;
 mod pinned;
 #[cfg(feature = "cuda")]
 mod resident;
+mod serve;
 mod sweep;
 mod workload;
 
@@ -35,6 +37,8 @@ enum Cmd {
     Bench(Box<BenchArgs>),
     /// The backends compiled in, the devices found, and what `auto` would pick.
     Info,
+    /// A Redis-protocol server over a byte table (redis-cli and Redis clients connect).
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
             info();
             Ok(true)
         }
+        Cmd::Serve(a) => serve::run(&a).map(|()| true),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

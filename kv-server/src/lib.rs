@@ -1,0 +1,302 @@
+//! `vramkv serve`: a Redis-protocol server over a byte table (docs/server.md).
+//!
+//! Connections run on a tokio runtime; one executor thread owns the table and runs the
+//! commands of every connection in batches ([`exec`] states the order it keeps). Requests
+//! are framed by [`request`] (RESP arrays of bulk strings, and inline commands), replies
+//! encoded by `redis-protocol` in RESP2, or RESP3 after `HELLO 3`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kv_server::{ServeConfig, Server};
+//! let table = kv_backend_cpu::CpuBytes::open(kv_core::ByteConfig::new(1000))?;
+//! let server = Server::start(ServeConfig::local(0), Arc::new(table), "cpu")?;
+//! let addr = server.local_addr();
+//! let mut conn = std::net::TcpStream::connect(addr)?;
+//! use std::io::{Read, Write};
+//! conn.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\nGET k\r\n")?;
+//! let mut buf = [0u8; 12];
+//! conn.read_exact(&mut buf)?;
+//! assert_eq!(&buf, b"+OK\r\n$1\r\nv\r\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod command;
+mod conn;
+pub mod exec;
+pub mod reply;
+pub mod request;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use kv_core::ByteTable;
+
+use crate::exec::{Executor, Job, Stats};
+
+/// The Redis version the server reports (`INFO server`, `HELLO`): the command set it
+/// follows.
+pub const REDIS_VERSION: &str = "7.0.0";
+
+/// The commands the server knows (`COMMAND COUNT`, docs/server.md).
+pub const COMMANDS: &[&str] = &[
+    "PING", "ECHO", "QUIT", "SELECT", "HELLO", "AUTH", "CLIENT", "COMMAND", "CONFIG", "INFO",
+    "GET", "SET", "MGET", "MSET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "TTL", "PTTL", "PERSIST",
+    "INCR", "INCRBY", "DECR", "DECRBY", "APPEND", "STRLEN", "GETDEL", "DBSIZE", "FLUSHDB",
+    "FLUSHALL",
+];
+
+/// How the server listens and limits its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// The address to bind (`127.0.0.1` by default).
+    pub bind: String,
+    /// The port (`6379` by default; 0 picks a free one).
+    pub port: u16,
+    /// The password clients must give with `AUTH` (none by default).
+    pub requirepass: Option<String>,
+    /// The most table commands one executor round takes.
+    pub max_batch: usize,
+    /// Runtime worker threads (`None`: one per core).
+    pub workers: Option<usize>,
+    /// The longest argument a request may carry, in bytes: the table's value limit.
+    pub max_value_bytes: usize,
+    /// `maxmemory`, as configured (reported by `CONFIG GET maxmemory`).
+    pub maxmemory: u64,
+}
+
+impl ServeConfig {
+    /// Loopback on `port`, no password, the default limits.
+    pub fn local(port: u16) -> Self {
+        ServeConfig {
+            bind: "127.0.0.1".into(),
+            port,
+            requirepass: None,
+            max_batch: 1 << 20,
+            workers: None,
+            max_value_bytes: kv_core::DEFAULT_MAX_VALUE_BYTES as usize,
+            maxmemory: 0,
+        }
+    }
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) config: ServeConfig,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) next_client: AtomicU64,
+    table: Arc<dyn ByteTable>,
+    backend: String,
+    started: Instant,
+    port: u16,
+}
+
+impl Shared {
+    /// The parameters `CONFIG GET` answers.
+    pub(crate) fn config_pairs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("bind", self.config.bind.clone()),
+            ("port", self.port.to_string()),
+            ("save", String::new()),
+            ("appendonly", "no".into()),
+            ("databases", "1".into()),
+            ("maxmemory", self.config.maxmemory.to_string()),
+            ("maxmemory-policy", "noeviction".into()),
+            (
+                "proto-max-bulk-len",
+                self.config.max_value_bytes.to_string(),
+            ),
+        ]
+    }
+
+    /// The text of `INFO` for `sections` (empty, `default`, `all`: every one).
+    pub(crate) fn info(&self, sections: &[String]) -> String {
+        let all = sections.is_empty()
+            || sections
+                .iter()
+                .any(|s| matches!(s.as_str(), "all" | "default" | "everything"));
+        let want = |s: &str| all || sections.iter().any(|x| x == s);
+        let st = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let d = self.table.describe();
+        let mut out = String::new();
+        let mut section = |name: &str, lines: Vec<(&str, String)>| {
+            if want(name) {
+                out.push_str(&format!("# {}{}\r\n", name[..1].to_uppercase(), &name[1..]));
+                for (k, v) in lines {
+                    out.push_str(&format!("{k}:{v}\r\n"));
+                }
+                out.push_str("\r\n");
+            }
+        };
+        section(
+            "server",
+            vec![
+                ("redis_version", REDIS_VERSION.into()),
+                ("vramkv_version", env!("CARGO_PKG_VERSION").into()),
+                ("redis_mode", "standalone".into()),
+                ("process_id", std::process::id().to_string()),
+                ("tcp_port", self.port.to_string()),
+                (
+                    "uptime_in_seconds",
+                    self.started.elapsed().as_secs().to_string(),
+                ),
+            ],
+        );
+        section(
+            "clients",
+            vec![("connected_clients", get(&st.connected).to_string())],
+        );
+        let used = d.index_bytes + d.arena.held_bytes;
+        section(
+            "memory",
+            vec![
+                ("used_memory", used.to_string()),
+                ("maxmemory", self.config.maxmemory.to_string()),
+                ("maxmemory_policy", "noeviction".into()),
+                (
+                    "mem_fragmentation_ratio",
+                    format!("{:.2}", d.arena.fragmentation()),
+                ),
+            ],
+        );
+        section(
+            "stats",
+            vec![
+                (
+                    "total_connections_received",
+                    get(&st.connections).to_string(),
+                ),
+                ("total_commands_processed", get(&st.commands).to_string()),
+                ("keyspace_hits", get(&st.hits).to_string()),
+                ("keyspace_misses", get(&st.misses).to_string()),
+            ],
+        );
+        let keyspace = if d.entries > 0 {
+            vec![("db0", format!("keys={},expires=0,avg_ttl=0", d.entries))]
+        } else {
+            Vec::new()
+        };
+        section("keyspace", keyspace);
+        let batches = get(&st.batches);
+        section(
+            "vramkv",
+            vec![
+                ("backend", self.backend.clone()),
+                ("device", d.device.clone()),
+                ("entries", d.entries.to_string()),
+                ("index_bytes", d.index_bytes.to_string()),
+                ("arena_held_bytes", d.arena.held_bytes.to_string()),
+                ("arena_live_bytes", d.arena.live_bytes.to_string()),
+                ("arena_compacted_bytes", d.arena.compacted_bytes.to_string()),
+                ("executor_rounds", get(&st.rounds).to_string()),
+                ("table_batches", batches.to_string()),
+                (
+                    "avg_batch_keys",
+                    format!("{:.1}", get(&st.batch_keys) as f64 / batches.max(1) as f64),
+                ),
+                ("max_batch_keys", get(&st.max_batch).to_string()),
+            ],
+        );
+        out
+    }
+}
+
+/// A running server: it stops when dropped.
+pub struct Server {
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    executor: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl Server {
+    /// Binds `config.bind:config.port` and starts serving `table`; `backend` names the
+    /// table's backend for `INFO`. Errors when the address cannot be bound.
+    pub fn start(
+        config: ServeConfig,
+        table: Arc<dyn ByteTable>,
+        backend: &str,
+    ) -> std::io::Result<Server> {
+        let listener = TcpListener::bind((config.bind.as_str(), config.port))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        rt.enable_all().thread_name("vramkv-conn");
+        if let Some(w) = config.workers {
+            rt.worker_threads(w.max(1));
+        }
+        let runtime = rt.build()?;
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel();
+        let executor = Executor::new(table.clone(), stats.clone());
+        let max_batch = config.max_batch.max(1);
+        let executor = std::thread::Builder::new()
+            .name("vramkv-executor".into())
+            .spawn(move || executor.serve(&rx, max_batch))?;
+        let shared = Arc::new(Shared {
+            config,
+            stats: stats.clone(),
+            jobs: tx,
+            next_client: AtomicU64::new(0),
+            table,
+            backend: backend.to_string(),
+            started: Instant::now(),
+            port: addr.port(),
+        });
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        runtime.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((sock, _)) => {
+                        tokio::spawn(conn::serve(sock, shared.clone()));
+                    }
+                    // Out of descriptors, say: wait a moment rather than spin.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+        });
+        Ok(Server {
+            addr,
+            runtime: Some(runtime),
+            executor: Some(executor),
+            stats,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Serves until the process gets Ctrl-C (SIGINT), then stops.
+    pub fn run_until_ctrl_c(self) -> std::io::Result<()> {
+        if let Some(rt) = &self.runtime {
+            rt.block_on(tokio::signal::ctrl_c())?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Dropping the runtime's tasks drops every job sender, which ends the executor.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+        if let Some(h) = self.executor.take() {
+            let _ = h.join();
+        }
+    }
+}
