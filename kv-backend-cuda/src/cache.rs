@@ -658,6 +658,16 @@ impl CudaCache {
         Ok(())
     }
 
+    /// The table's staging for a host batch of `n` items ([`grown`] as needed).
+    fn staging<'s>(&self, slot: &'s mut Option<Staging>, n: usize) -> Result<&'s Staging> {
+        grown(
+            slot,
+            n,
+            |s| s.cap,
+            |cap| Staging::new(&self.dev, cap, self.width),
+        )
+    }
+
     /// The put of every cache put from host slices, on a checked batch (`scores` may be
     /// absent under [`CachePolicy::Custom`] for a plain put: every score is then 0): the
     /// batch is copied into device staging, run by [`run_put`](Self::run_put), and what it
@@ -679,12 +689,7 @@ impl CudaCache {
         let mut guard = self.lock();
         let st = &mut *guard;
         let w = self.width;
-        let s = grown(
-            &mut st.staging,
-            n,
-            |s| s.cap,
-            |cap| Staging::new(&self.dev, cap, w),
-        )?;
+        let s = self.staging(&mut st.staging, n)?;
         let stream = &st.stream;
         upload(&s.keys, keys, stream)?;
         upload(&s.values, values, stream)?;
@@ -743,12 +748,7 @@ impl CudaCache {
         let mut guard = self.lock();
         let st = &mut *guard;
         let w = self.width;
-        let s = grown(
-            &mut st.staging,
-            n,
-            |s| s.cap,
-            |cap| Staging::new(&self.dev, cap, w),
-        )?;
+        let s = self.staging(&mut st.staging, n)?;
         upload(&s.keys, keys, &st.stream)?;
         let io = LookupIo {
             n,
@@ -803,12 +803,7 @@ impl CudaCache {
             |l| l.cap,
             |cap| Local::new(&self.dev, cap),
         )?;
-        grown(
-            &mut st.staging,
-            n,
-            |s| s.cap,
-            |cap| Staging::new(&self.dev, cap, w),
-        )?;
+        self.staging(&mut st.staging, n)?;
         let (Some(l), Some(s)) = (st.local.as_ref(), st.staging.as_ref()) else {
             return Err(device_error("cache scratch missing after allocation"));
         };

@@ -11,6 +11,7 @@ use kv_backend_cuda::cudarc::driver::{CudaSlice, CudaStream, DriverError};
 use kv_backend_cuda::{CudaCache, DeviceCachePut, DeviceEvicted, REQUIRE_ENV};
 use kv_conformance::Availability;
 use kv_conformance::libtest_mimic::{Arguments, Failed};
+use kv_conformance::stress::Rng;
 use kv_core::{
     CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error, Evicted, KvBackend,
     ManualClock, Result, TableConfig,
@@ -218,22 +219,6 @@ fn the_cache_contract_holds_through_the_resident_api() -> std::result::Result<()
     Ok(())
 }
 
-/// A small deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a put evicted, sorted (the order of the evicted outputs is the order in which the
 /// warps took their indices).
 type Gone = Vec<(u64, Vec<u64>, u64, u64)>;
@@ -277,17 +262,17 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
         let host = CudaCache::open(cfg()).expect("open");
         let res = Resident::open(cfg()).expect("open");
         let (h, r): (&dyn KvBackend, &dyn KvBackend) = (&host, &res);
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         for step in 0..300 {
-            match rng.below(5) {
+            match rng.next_u64() % 5 {
                 0..=2 => {
                     let mut keys = Vec::new();
                     let mut buckets = HashSet::new();
-                    for _ in 0..1 + rng.below(12) {
-                        let k = match rng.below(10) {
+                    for _ in 0..1 + rng.next_u64() % 12 {
+                        let k = match rng.next_u64() % 10 {
                             0 => 0,
                             1 => u64::MAX,
-                            _ => rng.below(2000),
+                            _ => rng.next_u64() % 2000,
                         };
                         if keys.contains(&k)
                             || buckets.insert(host.eviction_scope(k).expect("scope"))
@@ -296,16 +281,16 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
                         }
                     }
                     // Repeats: the last occurrence wins.
-                    if rng.below(3) == 0 {
+                    if rng.next_u64().is_multiple_of(3) {
                         keys.extend(keys.clone());
                     }
                     let n = keys.len();
-                    let vals: Vec<u64> = (0..n * width).map(|_| rng.next()).collect();
-                    let scores: Vec<u64> = (0..n).map(|_| rng.below(50)).collect();
+                    let vals: Vec<u64> = (0..n * width).map(|_| rng.next_u64()).collect();
+                    let scores: Vec<u64> = (0..n).map(|_| rng.next_u64() % 50).collect();
                     let ttl: Vec<u64> = (0..n)
                         .map(|_| {
-                            if rng.below(4) == 0 {
-                                1 + rng.below(30)
+                            if rng.next_u64().is_multiple_of(4) {
+                                1 + rng.next_u64() % 30
                             } else {
                                 0
                             }
@@ -315,7 +300,7 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
                     if policy == CachePolicy::Custom {
                         batch = batch.scores(&scores);
                     }
-                    if rng.below(2) == 0 {
+                    if rng.next_u64().is_multiple_of(2) {
                         assert_eq!(
                             put_evict(h, batch, width),
                             put_evict(r, batch, width),
@@ -330,9 +315,11 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
                     }
                 }
                 3 => {
-                    let keys: Vec<u64> = (0..rng.below(40)).map(|_| rng.below(2000)).collect();
+                    let keys: Vec<u64> = (0..rng.next_u64() % 40)
+                        .map(|_| rng.next_u64() % 2000)
+                        .collect();
                     let n = keys.len();
-                    let access = rng.below(2) == 0;
+                    let access = rng.next_u64().is_multiple_of(2);
                     let mut out = [
                         (vec![0; n * width], vec![false; n]),
                         (vec![0; n * width], vec![false; n]),
@@ -346,7 +333,7 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
                     }
                     assert_eq!(out[0], out[1], "step {step}: lookup");
                 }
-                _ => clock.advance(rng.below(10)),
+                _ => clock.advance(rng.next_u64() % 10),
             }
             assert_eq!(h.len(), r.len(), "step {step}: len");
             assert_eq!(
