@@ -716,8 +716,9 @@ pub unsafe extern "ptx-kernel" fn kv_cache_take(a: CacheArgs) {
     let first = lane() == 0;
     for_each_warp_item(a.n, |i| {
         // SAFETY: the host passes valid buffers for n items; the dedup pass ran if pick is
-        // set; the whole warp calls it with the same i.
-        removed += (first && unsafe { cache::take::<Ptx>(&a, i) }) as u32;
+        // set; the whole warp calls it with the same i (every lane, before the lane test).
+        let took = unsafe { cache::take::<Ptx>(&a, i) };
+        removed += (first && took) as u32;
     });
     count_at(a.table.counters, cache_counter::REMOVED, removed);
 }
