@@ -15,25 +15,31 @@
 //! # Batches
 //!
 //! One batch at a time (a mutex), so that each batch is atomic for other callers. A batch
-//! from host slices is checked first (bad input changes nothing), then copied into
-//! per-table device scratch (grown as batches grow, never shrunk), run, and its results
-//! copied back; the host waits for the device before it returns. A put runs two kernels:
-//! the dedup pass (each key's last occurrence and its count), then the put pass, in which
-//! each key's last occurrence applies it under its bucket's lock. The logical clock (the
-//! LRU score) is kept on the host and advances by one at every put or get batch that has
-//! keys; the time (for expiry) is read from the table's [`Clock`](kv_core::Clock) once per
-//! batch and handed to the kernels.
+//! is checked first (bad input changes nothing). A batch from host slices is then copied
+//! into per-table device staging (grown as batches grow, never shrunk), run, and its
+//! results copied back; a device-resident batch ([`CudaCache::put_and_evict_device`],
+//! [`CudaCache::get_device`], ...) runs on the caller's device buffers directly. Both
+//! paths launch the same kernels with the same arguments, so they give the same results;
+//! the host waits for the device before a batch returns. A put runs two kernels: the dedup
+//! pass (each key's last occurrence and its count, a thread per item), then the put pass,
+//! in which each key's last occurrence applies it under its bucket's lock, a warp per item
+//! (a lane per slot of the bucket; `kv_kernels::ops::cache`). Gets and takes are a warp per
+//! item too. The warp kernels are launched as one wave of the blocks the GPU holds at once
+//! (the driver's occupancy for the kernel). The logical clock (the LRU score) is kept on
+//! the host and advances by one at every put or get batch that has keys; the time (for
+//! expiry) is read from the table's [`Clock`](kv_core::Clock) once per batch and handed to
+//! the kernels. [`CudaCache::last_batch_ms`] reports the device time of the last put or
+//! lookup, by CUDA events.
 //!
-//! This first version favours being simple: a thread per item, a lock per bucket taken by
-//! one thread, and pageable host copies. It is not yet tuned for speed.
+//! Host copies are pageable (`cuMemcpy` from and to the caller's slices).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaStream, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, result};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, check_contains, check_get, check_put,
-    check_take,
+    Evicted, KvBackend, Result, TableConfig, cache_buckets, check_cache_put_len, check_contains,
+    check_evicted_len, check_get, check_get_len, check_put, check_take,
 };
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
@@ -44,6 +50,13 @@ use crate::memory::{DevBuf, stream};
 use crate::options::CudaOptions;
 
 const B: usize = CACHE_BUCKET_SLOTS;
+
+/// An event that can time (the default flags), on `dev`'s context.
+fn timing_event(dev: &Device) -> Result<CudaEvent> {
+    dev.ctx
+        .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .drv("cuEventCreate")
+}
 const _: () = assert!(B as u64 == kv_kernels::layout::CACHE_BUCKET);
 
 /// The most keys one batch may hold: the kernels index items and the batch-local table
@@ -58,8 +71,37 @@ fn bytes_of(count: usize, size: usize) -> Result<usize> {
     })
 }
 
-/// Device buffers of a batch of up to `cap` items, grown as batches grow.
-struct Scratch {
+/// The batch-local tables of the dedup pass, for batches of up to `cap` items.
+struct Local {
+    cap: usize,
+    local: DevBuf,
+    pick: DevBuf,
+    occurs: DevBuf,
+    slot_of: DevBuf,
+}
+
+impl Local {
+    fn new(dev: &Device, cap: usize) -> Result<Local> {
+        let local = bytes_of(local_slots(cap as u64) as usize, 4)?;
+        Ok(Local {
+            cap,
+            local: DevBuf::new(dev, local)?,
+            pick: DevBuf::new(dev, local)?,
+            occurs: DevBuf::new(dev, local)?,
+            slot_of: DevBuf::new(dev, bytes_of(cap, 4)?)?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        [&self.local, &self.pick, &self.occurs, &self.slot_of]
+            .iter()
+            .map(|b| b.bytes())
+            .sum()
+    }
+}
+
+/// Device copies of a host batch's inputs and outputs, for batches of up to `cap` items.
+struct Staging {
     cap: usize,
     keys: DevBuf,
     values: DevBuf,
@@ -71,18 +113,13 @@ struct Scratch {
     ev_rows: DevBuf,
     ev_scores: DevBuf,
     ev_expires: DevBuf,
-    local: DevBuf,
-    pick: DevBuf,
-    occurs: DevBuf,
-    slot_of: DevBuf,
 }
 
-impl Scratch {
-    fn new(dev: &Device, cap: usize, width: usize) -> Result<Scratch> {
+impl Staging {
+    fn new(dev: &Device, cap: usize, width: usize) -> Result<Staging> {
         let words = bytes_of(cap, 8)?;
         let rows = bytes_of(bytes_of(cap, width)?, 8)?;
-        let local = bytes_of(local_slots(cap as u64) as usize, 4)?;
-        Ok(Scratch {
+        Ok(Staging {
             cap,
             keys: DevBuf::new(dev, words)?,
             values: DevBuf::new(dev, rows)?,
@@ -94,10 +131,6 @@ impl Scratch {
             ev_rows: DevBuf::new(dev, rows)?,
             ev_scores: DevBuf::new(dev, words)?,
             ev_expires: DevBuf::new(dev, words)?,
-            local: DevBuf::new(dev, local)?,
-            pick: DevBuf::new(dev, local)?,
-            occurs: DevBuf::new(dev, local)?,
-            slot_of: DevBuf::new(dev, bytes_of(cap, 4)?)?,
         })
     }
 
@@ -113,15 +146,29 @@ impl Scratch {
             &self.ev_rows,
             &self.ev_scores,
             &self.ev_expires,
-            &self.local,
-            &self.pick,
-            &self.occurs,
-            &self.slot_of,
         ]
         .iter()
         .map(|b| b.bytes())
         .sum()
     }
+}
+
+/// `slot`'s buffers, grown (to the next power of two of `n`, at least 256 items) by `make`
+/// when they hold fewer than `n` items. The old buffers are freed first, so that growth
+/// needs no room for both; after a failed allocation there are none (the next batch
+/// allocates them again).
+fn grown<T>(
+    slot: &mut Option<T>,
+    n: usize,
+    cap: impl Fn(&T) -> usize,
+    make: impl FnOnce(usize) -> Result<T>,
+) -> Result<&T> {
+    if slot.as_ref().is_none_or(|s| cap(s) < n) {
+        *slot = None;
+        *slot = Some(make(n.next_power_of_two().max(256))?);
+    }
+    slot.as_ref()
+        .ok_or_else(|| device_error("cache scratch missing after allocation"))
 }
 
 /// The table's device arrays and the host's counts (behind the table's mutex).
@@ -134,7 +181,15 @@ struct State {
     locks: DevBuf,
     counters: DevBuf,
     stream: Arc<CudaStream>,
-    scratch: Option<Scratch>,
+    /// The dedup pass's tables (every put and take).
+    local: Option<Local>,
+    /// Device copies of host batches (batches from host slices only).
+    staging: Option<Staging>,
+    /// Recorded before and after the kernels of each put and lookup batch
+    /// ([`CudaCache::last_batch_ms`]).
+    timing: (CudaEvent, CudaEvent),
+    /// The timing events hold a finished batch.
+    timed: bool,
     /// The logical clock: put and get batches so far.
     clock: u64,
     stats: CacheStats,
@@ -156,21 +211,6 @@ impl State {
         .sum()
     }
 
-    /// Scratch for a batch of `n` items, grown (to the next power of two) when it is
-    /// smaller. The old scratch is freed first; after a failed allocation the table has
-    /// none (the next batch allocates it again).
-    fn scratch(&mut self, dev: &Device, n: usize, width: usize) -> Result<&Scratch> {
-        if self.scratch.as_ref().is_none_or(|s| s.cap < n) {
-            let cap = n.next_power_of_two().max(256);
-            // Free the old buffers first, so that growth needs no room for both.
-            self.scratch = None;
-            self.scratch = Some(Scratch::new(dev, cap, width)?);
-        }
-        self.scratch
-            .as_ref()
-            .ok_or_else(|| device_error("cache scratch missing after allocation"))
-    }
-
     /// Zeroes the counters (on the table's stream).
     fn reset_counters(&self) -> Result<()> {
         self.counters
@@ -182,6 +222,13 @@ impl State {
         let mut out = [0u64; cache_counter::LEN];
         download(&mut out, &self.counters, &self.stream)?;
         Ok(out)
+    }
+
+    /// Records the start (`end` false) or the end of a batch's device work.
+    fn mark(&mut self, end: bool) -> Result<()> {
+        self.timed = end;
+        let e = if end { &self.timing.1 } else { &self.timing.0 };
+        e.record(&self.stream).drv("cuEventRecord")
     }
 }
 
@@ -219,11 +266,106 @@ fn download<T: Copy>(dst: &mut [T], src: &DevBuf, stream: &CudaStream) -> Result
     stream.synchronize().drv("cuStreamSynchronize")
 }
 
-/// What a put evicted, as the host reads it back.
-#[derive(Default)]
-struct PutDone {
-    /// Entries evicted or turned away.
-    evicted: usize,
+/// The device addresses of a put's inputs and outputs (0: not given). The host path points
+/// them at its staging copies, the device-resident path at the caller's buffers.
+#[derive(Clone, Copy, Default)]
+struct PutIo {
+    n: usize,
+    keys: u64,
+    values: u64,
+    scores: u64,
+    ttl: u64,
+    /// 0: evictions are counted, not written.
+    ev_keys: u64,
+    ev_rows: u64,
+    ev_scores: u64,
+    ev_expires: u64,
+}
+
+/// The device addresses of a lookup's (get, peek, contains) keys and outputs.
+#[derive(Clone, Copy)]
+struct LookupIo {
+    n: usize,
+    keys: u64,
+    /// 0: no rows (contains).
+    values: u64,
+    found: u64,
+    /// A get (an access), rather than a peek or contains.
+    access: bool,
+}
+
+/// A put whose keys, rows, scores and times to live are in the device memory of a
+/// [`CudaCache`]'s context ([`CudaCache::put_and_evict_device`]): [`CachePut`] for
+/// device-resident batches, with the same checks and meaning.
+pub struct DeviceCachePut<'a> {
+    /// `u64[n]` keys.
+    pub keys: &'a dyn DevicePtr<u64>,
+    /// `u64[n * width]` value rows.
+    pub values: &'a dyn DevicePtr<u64>,
+    /// `u64[n]` scores: required under [`CachePolicy::Custom`], refused under the others.
+    pub scores: Option<&'a dyn DevicePtr<u64>>,
+    /// `u64[n]` times to live in milliseconds (0: no expiry).
+    pub ttl_ms: Option<&'a dyn DevicePtr<u64>>,
+}
+
+impl<'a> DeviceCachePut<'a> {
+    /// A put of `keys` and `values` with no scores and no expiry.
+    pub fn new(keys: &'a dyn DevicePtr<u64>, values: &'a dyn DevicePtr<u64>) -> Self {
+        DeviceCachePut {
+            keys,
+            values,
+            scores: None,
+            ttl_ms: None,
+        }
+    }
+
+    /// Adds a score per key.
+    pub fn scores(mut self, scores: &'a dyn DevicePtr<u64>) -> Self {
+        self.scores = Some(scores);
+        self
+    }
+
+    /// Adds a time to live per key, in milliseconds.
+    pub fn ttl_ms(mut self, ttl_ms: &'a dyn DevicePtr<u64>) -> Self {
+        self.ttl_ms = Some(ttl_ms);
+        self
+    }
+}
+
+/// Where [`CudaCache::put_and_evict_device`] writes what it evicted, in device memory of the
+/// table's context: [`Evicted`] for device-resident batches (room for one entry per key of
+/// the put; the first `m` entries are written, `m` returned).
+pub struct DeviceEvicted<'a> {
+    /// `u64[n]` evicted keys.
+    pub keys: &'a mut dyn DevicePtrMut<u64>,
+    /// `u64[n * width]` their value rows.
+    pub values: &'a mut dyn DevicePtrMut<u64>,
+    /// `u64[n]` their scores when they left.
+    pub scores: &'a mut dyn DevicePtrMut<u64>,
+    /// `u64[n]` when each would have expired (0: never), if asked for.
+    pub expires_ms: Option<&'a mut dyn DevicePtrMut<u64>>,
+}
+
+impl<'a> DeviceEvicted<'a> {
+    /// Room for evicted keys, rows and scores.
+    pub fn new(
+        keys: &'a mut dyn DevicePtrMut<u64>,
+        values: &'a mut dyn DevicePtrMut<u64>,
+        scores: &'a mut dyn DevicePtrMut<u64>,
+    ) -> Self {
+        DeviceEvicted {
+            keys,
+            values,
+            scores,
+            expires_ms: None,
+        }
+    }
+
+    /// Asks for each evicted entry's expiry time too.
+    pub fn expires(mut self, expires_ms: &'a mut dyn DevicePtrMut<u64>) -> Self {
+        self.expires_ms = Some(expires_ms);
+        self
+    }
 }
 
 /// A cache table in the memory of one NVIDIA GPU: a fixed number of buckets, an eviction
@@ -308,8 +450,11 @@ impl CudaCache {
             used: DevBuf::new(&dev, bytes_of(buckets, 4)?)?,
             locks: DevBuf::new(&dev, bytes_of(buckets, 4)?)?,
             counters: DevBuf::new(&dev, cache_counter::LEN * 8)?,
+            timing: (timing_event(&dev)?, timing_event(&dev)?),
+            timed: false,
             stream: stream(&dev)?,
-            scratch: None,
+            local: None,
+            staging: None,
             clock: 0,
             stats: CacheStats::default(),
         };
@@ -387,73 +532,82 @@ impl CudaCache {
         Ok(())
     }
 
-    /// The put of every cache put, on a checked batch (`scores` may be absent under
-    /// [`CachePolicy::Custom`] for a plain put: every score is then 0). Writes what it
-    /// evicted into `evicted` when given.
-    fn apply_put(
-        &self,
-        keys: &[u64],
-        values: &[u64],
-        scores: Option<&[u64]>,
-        ttl: Option<&[u64]>,
-        evicted: Option<&mut Evicted<'_>>,
-    ) -> Result<PutDone> {
-        let n = keys.len();
-        Self::check_batch_len(n)?;
-        if n == 0 {
-            return Ok(PutDone::default());
-        }
-        let k = self.kernels()?;
+    /// A new stream on the table's context, e.g. to allocate and fill device-resident
+    /// batches.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
         self.dev.bind()?;
-        let mut st = self.lock();
+        self.dev.ctx.new_stream().drv("cuStreamCreate")
+    }
+
+    /// The CUDA context the table lives in (for allocating device-resident batches).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.dev.ctx
+    }
+
+    /// The device time of the last put or lookup batch (get, peek, contains), in
+    /// milliseconds, measured by CUDA events on the table's stream: from before its first
+    /// device operation once its inputs are in device memory (the dedup tables' fill) to
+    /// the end of its last kernel. Host copies of a batch from host slices are not in it.
+    /// Fails when no such batch has run yet.
+    pub fn last_batch_ms(&self) -> Result<f32> {
+        let st = self.lock();
+        if !st.timed {
+            return Err(Error::InvalidArgument(
+                "no put or lookup batch has been timed on this cache table yet".into(),
+            ));
+        }
+        st.timing
+            .0
+            .elapsed_ms(&st.timing.1)
+            .drv("cuEventElapsedTime")
+    }
+
+    /// Runs a put whose inputs and outputs are at `io`'s device addresses (checked, `n > 0`)
+    /// on the table's stream, after whatever that stream holds, and waits for it: the dedup
+    /// pass, then the put pass (a warp per item). Returns how many entries it evicted.
+    fn run_put(&self, st: &mut State, io: &PutIo) -> Result<usize> {
+        let k = self.kernels()?;
+        let n = io.n;
         let now = self.cache.clock.now_ms();
-        let w = self.width;
-        let table = self.table_args(&st);
-        st.scratch(&self.dev, n, w)?;
-        let st = &mut *st;
-        let s = st
-            .scratch
-            .as_ref()
-            .ok_or_else(|| device_error("cache scratch missing"))?;
-        let stream = &st.stream;
-        upload(&s.keys, keys, stream)?;
-        upload(&s.values, values, stream)?;
-        if let Some(x) = scores {
-            upload(&s.scores, x, stream)?;
-        }
-        if let Some(x) = ttl {
-            upload(&s.ttl, x, stream)?;
-        }
+        let table = self.table_args(st);
         let ls = local_slots(n as u64) as usize;
-        for b in [&s.local, &s.pick, &s.occurs] {
-            b.memset(0, ls * 4, stream)?;
-        }
-        st.reset_counters()?;
-        st.clock += 1;
-        let report = evicted.is_some();
+        let stream = st.stream.clone();
+        st.mark(false)?;
+        let l = grown(
+            &mut st.local,
+            n,
+            |l| l.cap,
+            |cap| Local::new(&self.dev, cap),
+        )?;
         let a = CacheArgs {
             table,
-            clock: st.clock,
+            clock: st.clock + 1,
             now,
             n: n as u64,
-            keys_in: s.keys.ptr(),
-            values: s.values.ptr(),
-            scores_in: scores.map_or(0, |_| s.scores.ptr()),
-            ttl_in: ttl.map_or(0, |_| s.ttl.ptr()),
-            ev_keys: if report { s.ev_keys.ptr() } else { 0 },
-            ev_rows: s.ev_rows.ptr(),
-            ev_scores: s.ev_scores.ptr(),
-            ev_expires: s.ev_expires.ptr(),
-            local: s.local.ptr(),
-            pick: s.pick.ptr(),
-            occurs: s.occurs.ptr(),
-            slot_of: s.slot_of.ptr(),
+            keys_in: io.keys,
+            values: io.values,
+            scores_in: io.scores,
+            ttl_in: io.ttl,
+            ev_keys: io.ev_keys,
+            ev_rows: io.ev_rows,
+            ev_scores: io.ev_scores,
+            ev_expires: io.ev_expires,
+            local: l.local.ptr(),
+            pick: l.pick.ptr(),
+            occurs: l.occurs.ptr(),
+            slot_of: l.slot_of.ptr(),
             local_mask: ls as u64 - 1,
             first_wins: 0,
             ..CacheArgs::default()
         };
-        self.dev.launch(&k.dedup, &a, n as u64, stream)?;
-        self.dev.launch(&k.put, &a, n as u64, stream)?;
+        for b in [&l.local, &l.pick, &l.occurs] {
+            b.memset(0, ls * 4, &stream)?;
+        }
+        st.reset_counters()?;
+        st.clock += 1;
+        self.dev.launch(&k.dedup, &a, n as u64, &stream)?;
+        self.dev.launch_warps(&k.put, &a, n as u64, &stream)?;
+        st.mark(true)?;
         let c = st.read_counters()?;
         if c[cache_counter::ERRORS] != 0 {
             return Err(device_error(format!(
@@ -470,7 +624,103 @@ impl CudaCache {
         st.stats.evicted += m as u64;
         st.stats.expired_reused += c[cache_counter::EXPIRED_REUSED];
         st.stats.clock = st.clock;
+        Ok(m)
+    }
+
+    /// Runs a lookup whose keys and outputs are at `io`'s device addresses (`n > 0`) on the
+    /// table's stream, and waits for it (a warp per item).
+    fn run_lookup(&self, st: &mut State, io: &LookupIo) -> Result<()> {
+        let k = self.kernels()?;
+        let a = CacheArgs {
+            table: self.table_args(st),
+            clock: st.clock + io.access as u64,
+            now: self.cache.clock.now_ms(),
+            n: io.n as u64,
+            keys_in: io.keys,
+            values: io.values,
+            found_out: io.found,
+            access: io.access as u32,
+            ..CacheArgs::default()
+        };
+        st.mark(false)?;
+        st.reset_counters()?;
+        if io.access {
+            st.clock += 1;
+        }
+        self.dev.launch_warps(&k.get, &a, io.n as u64, &st.stream)?;
+        st.mark(true)?;
+        let c = st.read_counters()?;
+        if io.access {
+            st.stats.hits += c[cache_counter::HITS];
+            st.stats.misses += c[cache_counter::MISSES];
+            st.stats.clock = st.clock;
+        }
+        Ok(())
+    }
+
+    /// The table's staging for a host batch of `n` items ([`grown`] as needed).
+    fn staging<'s>(&self, slot: &'s mut Option<Staging>, n: usize) -> Result<&'s Staging> {
+        grown(
+            slot,
+            n,
+            |s| s.cap,
+            |cap| Staging::new(&self.dev, cap, self.width),
+        )
+    }
+
+    /// The put of every cache put from host slices, on a checked batch (`scores` may be
+    /// absent under [`CachePolicy::Custom`] for a plain put: every score is then 0): the
+    /// batch is copied into device staging, run by [`run_put`](Self::run_put), and what it
+    /// evicted copied into `evicted` when given. Returns how many entries it evicted.
+    fn apply_put(
+        &self,
+        keys: &[u64],
+        values: &[u64],
+        scores: Option<&[u64]>,
+        ttl: Option<&[u64]>,
+        evicted: Option<&mut Evicted<'_>>,
+    ) -> Result<usize> {
+        let n = keys.len();
+        Self::check_batch_len(n)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.dev.bind()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let w = self.width;
+        let s = self.staging(&mut st.staging, n)?;
+        let stream = &st.stream;
+        upload(&s.keys, keys, stream)?;
+        upload(&s.values, values, stream)?;
+        if let Some(x) = scores {
+            upload(&s.scores, x, stream)?;
+        }
+        if let Some(x) = ttl {
+            upload(&s.ttl, x, stream)?;
+        }
+        let io = PutIo {
+            n,
+            keys: s.keys.ptr(),
+            values: s.values.ptr(),
+            scores: scores.map_or(0, |_| s.scores.ptr()),
+            ttl: ttl.map_or(0, |_| s.ttl.ptr()),
+            ev_keys: if evicted.is_some() {
+                s.ev_keys.ptr()
+            } else {
+                0
+            },
+            ev_rows: s.ev_rows.ptr(),
+            ev_scores: s.ev_scores.ptr(),
+            ev_expires: s.ev_expires.ptr(),
+        };
+        let m = self.run_put(st, &io)?;
         if let Some(ev) = evicted {
+            let s = st
+                .staging
+                .as_ref()
+                .ok_or_else(|| device_error("cache staging missing"))?;
+            let stream = &st.stream;
             download(&mut ev.keys[..m], &s.ev_keys, stream)?;
             download(&mut ev.values[..m * w], &s.ev_rows, stream)?;
             download(&mut ev.scores[..m], &s.ev_scores, stream)?;
@@ -478,10 +728,10 @@ impl CudaCache {
                 download(&mut x[..m], &s.ev_expires, stream)?;
             }
         }
-        Ok(PutDone { evicted: m })
+        Ok(m)
     }
 
-    /// Get (`access`), peek, or contains (`values_out` is `None`).
+    /// Get (`access`), peek, or contains (`values_out` is `None`) from host slices.
     fn lookup(
         &self,
         keys: &[u64],
@@ -494,51 +744,33 @@ impl CudaCache {
         if n == 0 {
             return Ok(());
         }
-        let k = self.kernels()?;
         self.dev.bind()?;
-        let mut st = self.lock();
-        let now = self.cache.clock.now_ms();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let w = self.width;
-        let table = self.table_args(&st);
-        st.scratch(&self.dev, n, w)?;
-        let st = &mut *st;
-        let s = st
-            .scratch
-            .as_ref()
-            .ok_or_else(|| device_error("cache scratch missing"))?;
-        let stream = &st.stream;
-        upload(&s.keys, keys, stream)?;
-        st.reset_counters()?;
-        if access {
-            st.clock += 1;
-        }
-        let a = CacheArgs {
-            table,
-            clock: st.clock,
-            now,
-            n: n as u64,
-            keys_in: s.keys.ptr(),
+        let s = self.staging(&mut st.staging, n)?;
+        upload(&s.keys, keys, &st.stream)?;
+        let io = LookupIo {
+            n,
+            keys: s.keys.ptr(),
             values: if values_out.is_some() {
                 s.values.ptr()
             } else {
                 0
             },
-            found_out: s.found.ptr(),
-            access: access as u32,
-            ..CacheArgs::default()
+            found: s.found.ptr(),
+            access,
         };
-        self.dev.launch(&k.get, &a, n as u64, stream)?;
-        let c = st.read_counters()?;
-        if access {
-            st.stats.hits += c[cache_counter::HITS];
-            st.stats.misses += c[cache_counter::MISSES];
-            st.stats.clock = st.clock;
-        }
+        self.run_lookup(st, &io)?;
+        let s = st
+            .staging
+            .as_ref()
+            .ok_or_else(|| device_error("cache staging missing"))?;
         if let Some(v) = values_out {
-            download(&mut v[..n * w], &s.values, stream)?;
+            download(&mut v[..n * w], &s.values, &st.stream)?;
         }
         let mut found = vec![0u8; n];
-        download(&mut found, &s.found, stream)?;
+        download(&mut found, &s.found, &st.stream)?;
         for (f, b) in found_out.iter_mut().zip(found) {
             *f = b != 0;
         }
@@ -558,21 +790,26 @@ impl CudaCache {
         }
         let k = self.kernels()?;
         self.dev.bind()?;
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let now = self.cache.clock.now_ms();
         let w = self.width;
-        let table = self.table_args(&st);
-        st.scratch(&self.dev, n, w)?;
-        let st = &mut *st;
-        let s = st
-            .scratch
-            .as_ref()
-            .ok_or_else(|| device_error("cache scratch missing"))?;
+        let table = self.table_args(st);
+        let take = outputs.is_some();
+        let ls = local_slots(n as u64) as usize;
+        grown(
+            &mut st.local,
+            n,
+            |l| l.cap,
+            |cap| Local::new(&self.dev, cap),
+        )?;
+        self.staging(&mut st.staging, n)?;
+        let (Some(l), Some(s)) = (st.local.as_ref(), st.staging.as_ref()) else {
+            return Err(device_error("cache scratch missing after allocation"));
+        };
         let stream = &st.stream;
         upload(&s.keys, keys, stream)?;
         st.reset_counters()?;
-        let take = outputs.is_some();
-        let ls = local_slots(n as u64) as usize;
         let a = CacheArgs {
             table,
             clock: st.clock,
@@ -582,22 +819,22 @@ impl CudaCache {
             values: if take { s.values.ptr() } else { 0 },
             found_out: if take { s.found.ptr() } else { 0 },
             expires_out: if take { s.expires.ptr() } else { 0 },
-            local: s.local.ptr(),
+            local: l.local.ptr(),
             // A take has the first occurrence of each key return it; a delete needs no
             // dedup (the atomic and counts a repeated key once).
-            pick: if take { s.pick.ptr() } else { 0 },
-            slot_of: s.slot_of.ptr(),
+            pick: if take { l.pick.ptr() } else { 0 },
+            slot_of: l.slot_of.ptr(),
             local_mask: ls as u64 - 1,
             first_wins: 1,
             ..CacheArgs::default()
         };
         if take {
-            for b in [&s.local, &s.pick] {
+            for b in [&l.local, &l.pick] {
                 b.memset(0, ls * 4, stream)?;
             }
             self.dev.launch(&k.dedup, &a, n as u64, stream)?;
         }
-        self.dev.launch(&k.take, &a, n as u64, stream)?;
+        self.dev.launch_warps(&k.take, &a, n as u64, stream)?;
         let c = st.read_counters()?;
         if c[cache_counter::ERRORS] != 0 {
             return Err(device_error(format!(
@@ -615,6 +852,190 @@ impl CudaCache {
             }
         }
         Ok(c[cache_counter::REMOVED] as usize)
+    }
+
+    /// [`KvBackend::put_and_evict`] of a batch already in device memory of the table's
+    /// context ([`context`](Self::context)): the same checks (bad lengths, scores where the
+    /// policy refuses or lacks them, evicted outputs too small, buffers of another
+    /// context: an error, and the table unchanged), the same contract and the same results
+    /// as the put from host slices. The first `m` entries of `evicted` receive what the put
+    /// evicted or turned away; returns `m`. Runs on the table's stream, after the writes of
+    /// the buffers that cudarc tracks, and returns once the put is done.
+    ///
+    /// ```no_run
+    /// use kv_backend_cuda::{CudaCache, DeviceCachePut, DeviceEvicted};
+    /// use kv_core::{CacheConfig, CachePolicy, Error, TableConfig};
+    ///
+    /// let t = CudaCache::open(TableConfig::new(1 << 20).cache(CacheConfig::new(CachePolicy::Lru)))?;
+    /// let s = t.new_stream()?;
+    /// let drv = |e: kv_backend_cuda::cudarc::driver::DriverError| Error::device("cuda", e.to_string());
+    /// let keys = s.clone_htod(&[1u64, 2, 3]).map_err(drv)?;
+    /// let rows = s.clone_htod(&[10u64, 20, 30]).map_err(drv)?;
+    /// let mut ek = s.alloc_zeros::<u64>(3).map_err(drv)?;
+    /// let mut er = s.alloc_zeros::<u64>(3).map_err(drv)?;
+    /// let mut es = s.alloc_zeros::<u64>(3).map_err(drv)?;
+    /// let m = t.put_and_evict_device(
+    ///     &DeviceCachePut::new(&keys, &rows),
+    ///     &mut DeviceEvicted::new(&mut ek, &mut er, &mut es),
+    /// )?;
+    /// assert_eq!(m, 0);
+    /// # Ok::<(), kv_core::Error>(())
+    /// ```
+    pub fn put_and_evict_device(
+        &self,
+        batch: &DeviceCachePut<'_>,
+        evicted: &mut DeviceEvicted<'_>,
+    ) -> Result<usize> {
+        self.put_device(batch, Some(evicted))
+    }
+
+    /// [`KvBackend::put_cached`] of a batch already in device memory: as
+    /// [`put_and_evict_device`](Self::put_and_evict_device), evicting silently (counted).
+    pub fn put_cached_device(&self, batch: &DeviceCachePut<'_>) -> Result<usize> {
+        self.put_device(batch, None)
+    }
+
+    fn put_device(
+        &self,
+        batch: &DeviceCachePut<'_>,
+        evicted: Option<&mut DeviceEvicted<'_>>,
+    ) -> Result<usize> {
+        let n = batch.keys.len();
+        let w = self.width;
+        check_cache_put_len(
+            w,
+            self.cache.policy,
+            n,
+            batch.values.len(),
+            batch.scores.map(|s| s.len()),
+            batch.ttl_ms.map(|t| t.len()),
+        )?;
+        if let Some(ev) = &evicted {
+            check_evicted_len(
+                n,
+                w,
+                ev.keys.len(),
+                ev.values.len(),
+                ev.scores.len(),
+                ev.expires_ms.as_ref().map(|e| e.len()),
+            )?;
+        }
+        Self::check_batch_len(n)?;
+        let mut streams = vec![batch.keys.stream(), batch.values.stream()];
+        streams.extend(batch.scores.map(|s| s.stream()));
+        streams.extend(batch.ttl_ms.map(|t| t.stream()));
+        if let Some(ev) = &evicted {
+            streams.extend([ev.keys.stream(), ev.values.stream(), ev.scores.stream()]);
+            streams.extend(ev.expires_ms.as_ref().map(|e| e.stream()));
+        }
+        for s in streams {
+            self.dev.check_context(s)?;
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        self.dev.bind()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let stream = st.stream.clone();
+        // The guards make the table's stream wait for the buffers' last writes, and record
+        // its use of them when they drop (after the put is done).
+        let (keys, _k) = batch.keys.device_ptr(&stream);
+        let (values, _v) = batch.values.device_ptr(&stream);
+        let (scores, _s) = match batch.scores {
+            Some(x) => {
+                let (p, g) = x.device_ptr(&stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (ttl, _t) = match batch.ttl_ms {
+            Some(x) => {
+                let (p, g) = x.device_ptr(&stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let mut io = PutIo {
+            n,
+            keys,
+            values,
+            scores,
+            ttl,
+            ..PutIo::default()
+        };
+        let Some(ev) = evicted else {
+            return self.run_put(st, &io);
+        };
+        let (ek, _ek) = ev.keys.device_ptr_mut(&stream);
+        let (er, _er) = ev.values.device_ptr_mut(&stream);
+        let (es, _es) = ev.scores.device_ptr_mut(&stream);
+        let (ee, _ee) = match ev.expires_ms.as_deref_mut() {
+            Some(x) => {
+                let (p, g) = x.device_ptr_mut(&stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        (io.ev_keys, io.ev_rows, io.ev_scores, io.ev_expires) = (ek, er, es, ee);
+        self.run_put(st, &io)
+    }
+
+    /// [`KvBackend::get`] of keys already in device memory of the table's context: writes
+    /// value rows (zeros when missing) to `values_out` (`u64[n * width]`) and 0/1 to
+    /// `found_out` (`u8[n]`); an access, as a get from host slices is (same checks, same
+    /// results). Returns once the lookup is done.
+    pub fn get_device(
+        &self,
+        keys: &impl DevicePtr<u64>,
+        values_out: &mut impl DevicePtrMut<u64>,
+        found_out: &mut impl DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.lookup_device(keys, values_out, found_out, true)
+    }
+
+    /// [`KvBackend::peek`] of keys already in device memory: as
+    /// [`get_device`](Self::get_device), but no score changes.
+    pub fn peek_device(
+        &self,
+        keys: &impl DevicePtr<u64>,
+        values_out: &mut impl DevicePtrMut<u64>,
+        found_out: &mut impl DevicePtrMut<u8>,
+    ) -> Result<()> {
+        self.lookup_device(keys, values_out, found_out, false)
+    }
+
+    fn lookup_device(
+        &self,
+        keys: &impl DevicePtr<u64>,
+        values_out: &mut impl DevicePtrMut<u64>,
+        found_out: &mut impl DevicePtrMut<u8>,
+        access: bool,
+    ) -> Result<()> {
+        let n = keys.len();
+        check_get_len(self.width, n, values_out.len(), found_out.len())?;
+        Self::check_batch_len(n)?;
+        for s in [keys.stream(), values_out.stream(), found_out.stream()] {
+            self.dev.check_context(s)?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let stream = st.stream.clone();
+        let (kp, _k) = keys.device_ptr(&stream);
+        let (vp, _v) = values_out.device_ptr_mut(&stream);
+        let (fp, _f) = found_out.device_ptr_mut(&stream);
+        let io = LookupIo {
+            n,
+            keys: kp,
+            values: vp,
+            found: fp,
+            access,
+        };
+        self.run_lookup(st, &io)
     }
 
     /// Live entries, counted on the device.
@@ -681,7 +1102,8 @@ impl KvBackend for CudaCache {
 
     fn describe(&self) -> Description {
         let st = self.lock();
-        let scratch = st.scratch.as_ref().map_or(0, Scratch::bytes);
+        let scratch = st.local.as_ref().map_or(0, Local::bytes)
+            + st.staging.as_ref().map_or(0, Staging::bytes);
         Description {
             backend: BACKEND,
             device: self.dev.name.clone(),
@@ -700,13 +1122,11 @@ impl KvBackend for CudaCache {
             batch.ttl_ms,
             Some(evicted),
         )
-        .map(|d| d.evicted)
     }
 
     fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
         batch.check(self.width, self.cache.policy)?;
         self.apply_put(batch.keys, batch.values, batch.scores, batch.ttl_ms, None)
-            .map(|d| d.evicted)
     }
 
     fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {

@@ -244,6 +244,9 @@ fn poisoned() -> Error {
 /// A kernel whose single parameter is an `A` (the `#[repr(C)]` struct shared with the device).
 pub(crate) struct Kernel<A> {
     f: CUfunction,
+    /// Blocks of [`WORKGROUP`](kv_kernels::layout::WORKGROUP) threads that one
+    /// multiprocessor holds at once (asked of the driver at the first warp launch).
+    resident: OnceLock<u32>,
     _args: PhantomData<fn(A)>,
 }
 
@@ -314,6 +317,18 @@ impl Gpu {
         Ok(k)
     }
 
+    /// Fails unless `stream` (that of a device-resident batch's buffer) belongs to this
+    /// device's context.
+    pub fn check_context(&self, stream: &CudaStream) -> Result<()> {
+        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
+            Err(device_error(
+                "the device buffers belong to another CUDA context",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Sets the context's L2 fetch granularity limit (context-wide).
     pub fn set_l2_fetch(&self, bytes: u32) -> Result<()> {
         self.bind()?;
@@ -374,6 +389,51 @@ impl Device {
         stream: &CudaStream,
     ) -> Result<()> {
         let grid = kv_kernels::grid_size_per_sm(items, self.sm_count, self.blocks_per_sm);
+        self.launch_grid(k, args, grid, stream)
+    }
+
+    /// Launches a warp-cooperative kernel `k` (a warp per item: the cache kernels of
+    /// `kv_kernels::ops::cache`) over `items` items on `stream`: `32 * items` threads, at
+    /// most as many blocks as the multiprocessors hold at once (one wave: the kernels are
+    /// grid-stride loops, and a warp per item wants every warp the GPU can keep in flight).
+    pub fn launch_warps<A: Copy>(
+        &self,
+        k: &Kernel<A>,
+        args: &A,
+        items: u64,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let per_sm = match k.resident.get() {
+            Some(b) => *b,
+            None => {
+                let mut blocks = 0i32;
+                // SAFETY: `k.f` is a function of a loaded module of this context; `blocks`
+                // receives the count.
+                unsafe {
+                    sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut blocks,
+                        k.f,
+                        kv_kernels::layout::WORKGROUP as i32,
+                        0,
+                    )
+                }
+                .result()
+                .map_err(|e| drv("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+                *k.resident.get_or_init(|| blocks.max(1) as u32)
+            }
+        };
+        let grid = kv_kernels::grid_size_per_sm(items.saturating_mul(32), self.sm_count, per_sm);
+        self.launch_grid(k, args, grid, stream)
+    }
+
+    /// Launches `k` with `args` on `grid` blocks on `stream`.
+    fn launch_grid<A: Copy>(
+        &self,
+        k: &Kernel<A>,
+        args: &A,
+        grid: u32,
+        stream: &CudaStream,
+    ) -> Result<()> {
         let mut params = [args as *const A as *mut c_void];
         // SAFETY: `k` takes exactly one parameter of type `A` (the Kernel<A> type ties each
         // handle to its argument struct); the driver copies the parameter at this call;
@@ -478,6 +538,7 @@ fn load_kernels(ptx: &str) -> Result<Kernels> {
     fn k<A>(f: CUfunction) -> Kernel<A> {
         Kernel {
             f,
+            resident: OnceLock::new(),
             _args: PhantomData,
         }
     }

@@ -129,7 +129,7 @@ mod plan;
 mod state;
 mod trace;
 
-pub use cache::CudaCache;
+pub use cache::{CudaCache, DeviceCachePut, DeviceEvicted};
 use gpu::{BACKEND, Device, Drv, device_error};
 pub use gpu::{DeviceInfo, devices, is_available};
 use lane::Lane;
@@ -570,13 +570,7 @@ impl CudaBackend {
     }
 
     fn check_context(&self, stream: &CudaStream) -> Result<()> {
-        if stream.context().cu_ctx() != self.dev.ctx.cu_ctx() {
-            Err(device_error(
-                "the device buffers belong to another CUDA context",
-            ))
-        } else {
-            Ok(())
-        }
+        self.dev.check_context(stream)
     }
 }
 

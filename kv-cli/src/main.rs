@@ -3,6 +3,8 @@
 
 mod bytes_bench;
 mod cache_bench;
+#[cfg(feature = "cuda")]
+mod cache_resident;
 mod host_copy;
 #[cfg(feature = "cuda")]
 mod pinned;
@@ -61,9 +63,10 @@ struct BenchArgs {
     /// Batches; the first is reported as warm-up.
     #[arg(long, default_value_t = 5)]
     batches: usize,
-    /// Value width in u64 words (1..=16).
-    #[arg(long, default_value_t = 1)]
-    width: usize,
+    /// Value width in u64 words (1..=16). Default: 1, and 4 (32-byte values, issue 13's
+    /// comparison with HierarchicalKV) for --cache --resident.
+    #[arg(long)]
+    width: Option<usize>,
     /// Seed of the key and value generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -129,6 +132,12 @@ struct BenchArgs {
         requires = "cache"
     )]
     space: Vec<usize>,
+    /// Slots of the cache table of --cache --resident (rounded to whole buckets of 32).
+    #[arg(long, default_value_t = 1 << 26, requires = "cache")]
+    cache_slots: usize,
+    /// Keys per batch of --cache --resident.
+    #[arg(long, default_value_t = 1 << 20, requires = "cache")]
+    cache_batch: usize,
     /// The upper tier's budget for --cache, in MiB.
     #[arg(long, default_value_t = 64, requires = "cache")]
     upper_mib: u64,
@@ -158,6 +167,14 @@ struct BenchArgs {
     /// Repetitions per sweep point (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+}
+
+impl BenchArgs {
+    /// The value width: `--width`, or its default for the mode.
+    fn width(&self) -> usize {
+        self.width
+            .unwrap_or(if self.cache && self.resident { 4 } else { 1 })
+    }
 }
 
 #[derive(Serialize)]
@@ -303,11 +320,14 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     // that wrapped around.
     let mut cfg =
         TableConfig::new(workload::unique_keys(a.items, a.batches).saturating_add(a.items))
-            .width(a.width);
+            .width(a.width());
     cfg.device = a.device;
     cfg.seed = a.hash_seed;
     cfg.validate()?;
     let options = options()?;
+    if a.resident && a.cache {
+        return run_cache_resident(a, &options).map(|()| true);
+    }
     if a.resident {
         return run_resident(a, &options).map(|()| true);
     }
@@ -354,7 +374,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
                 rows.push(cache_bench::run_one(
                     z,
                     sp,
-                    a.width,
+                    a.width(),
                     a.upper_mib << 20,
                     a.items,
                     a.batches,
@@ -365,7 +385,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
             }
         }
         bar.finish_and_clear();
-        cache_bench::print(a.width, a.items, &rows);
+        cache_bench::print(a.width(), a.items, &rows);
         return Ok(true);
     }
     if a.pinned {
@@ -402,16 +422,19 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
                 }
                 println!(
                     "backend {} on {} — {} items/batch, width {}",
-                    d.backend, d.device, a.items, a.width
+                    d.backend,
+                    d.device,
+                    a.items,
+                    a.width()
                 );
             });
         }
         let mut results = Vec::new();
-        let mut out = vec![0u64; a.items * a.width];
+        let mut out = vec![0u64; a.items * a.width()];
         let mut found = vec![false; a.items];
         for b in 0..a.batches {
             bar.set_message(format!("{}: batch {}, generating", d.backend, b + 1));
-            let batch = Batch::new(b, a.items, a.width, a.seed);
+            let batch = Batch::new(b, a.items, a.width(), a.seed);
             bar.set_message(format!("{}: batch {}, put", d.backend, b + 1));
             let t0 = Instant::now();
             table.put(&batch.keys, &batch.values)?;
@@ -494,7 +517,7 @@ fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
     let (rows, hbm) = resident::run(
         slots,
         &a.occupancy,
-        a.width,
+        a.width(),
         a.reps.max(1),
         a.device,
         a.key_order,
@@ -504,7 +527,8 @@ fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
     // After the run, so that a failure (no CUDA device) prints no half-report.
     println!(
         "device-resident on cuda: {slots} slots, width {}, median of {} after a warm-up",
-        a.width, a.reps
+        a.width(),
+        a.reps
     );
     println!(
         "{:>9} {:>12} {:>12} {:>12} {:>10} {:>12}",
@@ -516,7 +540,7 @@ fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
             r.occupancy, r.keys, r.insert_gops, r.find_gops, r.bytes_per_entry, r.found
         );
     }
-    let (ins_b, find_b) = resident::bytes_per_op(a.width);
+    let (ins_b, find_b) = resident::bytes_per_op(a.width());
     let (ins_bound, find_bound) = (hbm / ins_b, hbm / find_b);
     println!(
         "bound: HBM copy {:.0} GB/s (read + write); an insert moves at least {ins_b:.0} B \
@@ -531,6 +555,39 @@ fn run_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
             r.find_gops / find_bound
         );
     }
+    Ok(())
+}
+
+/// `--cache --resident`: device-resident put_and_evict and find on a full CUDA cache table
+/// (`cache_resident`); prints `skipped: ...` where there is no CUDA device.
+#[cfg(feature = "cuda")]
+fn run_cache_resident(a: &BenchArgs, options: &Options) -> vramkv::Result<()> {
+    if !matches!(a.backend, Choice::Auto | Choice::Cuda) {
+        return Err(vramkv::Error::InvalidConfig(
+            "--cache --resident runs on the CUDA backend only".into(),
+        ));
+    }
+    if let Some(reason) = vramkv::cuda::unavailable_reason() {
+        println!("skipped: {reason} (bench --cache --resident needs a CUDA device)");
+        return Ok(());
+    }
+    let r = cache_resident::run(
+        a.cache_slots,
+        a.cache_batch,
+        a.width(),
+        a.reps,
+        a.device,
+        &options.cuda,
+    )?;
+    cache_resident::print(&r);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cache_resident(_: &BenchArgs, _: &Options) -> vramkv::Result<()> {
+    println!(
+        "skipped: bench --cache --resident needs the CUDA backend; build with --features cuda"
+    );
     Ok(())
 }
 
@@ -552,14 +609,16 @@ fn run_sweep(
     let reps = a.reps.max(1);
     for kind in kinds {
         // Headroom of two batches over the largest fill, for the same reason as in `bench`.
-        let mut cfg = TableConfig::new(a.items + 2 * batch).width(a.width);
+        let mut cfg = TableConfig::new(a.items + 2 * batch).width(a.width());
         cfg.device = a.device;
         cfg.seed = a.hash_seed;
         let table = vramkv::open_with(cfg, &for_kind(options, *kind))?;
         let d = table.describe();
         println!(
             "sweep on {} ({}), width {}, median of {reps}",
-            d.backend, d.device, a.width
+            d.backend,
+            d.device,
+            a.width()
         );
         let by_batch = sweep::by_batch(&table, &sizes, reps)?;
         sweep::print(

@@ -27,13 +27,16 @@ pub fn run(
     if !a.json {
         println!(
             "backend {} (pinned batches) on {} — {} items/batch, width {}",
-            d.backend, d.device, a.items, a.width
+            d.backend,
+            d.device,
+            a.items,
+            a.width()
         );
     }
     let mut pb = table.pinned_batch(a.items)?;
     let mut results = Vec::new();
     for b in 0..a.batches {
-        let batch = Batch::new(b, a.items, a.width, a.seed);
+        let batch = Batch::new(b, a.items, a.width(), a.seed);
         let (keys, values) = pb.keys_values_mut();
         par_fill(keys, &batch.keys);
         par_fill(values, &batch.values);

@@ -77,7 +77,7 @@ pub fn hbm_copy_gbs(
     Ok(median(rates))
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }

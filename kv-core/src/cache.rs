@@ -251,41 +251,71 @@ impl<'a> CachePut<'a> {
     /// assert!(matches!(put.check(1, CachePolicy::Custom), Err(Error::LengthMismatch { .. })));
     /// ```
     pub fn check(&self, width: usize, policy: CachePolicy) -> Result<()> {
-        crate::check_put(width, self.keys, self.values)?;
-        let n = self.keys.len();
-        match (policy, self.scores) {
-            (CachePolicy::Custom, None) => {
-                return Err(Error::LengthMismatch {
-                    what: "scores",
-                    expected: n,
-                    got: 0,
-                });
-            }
-            (CachePolicy::Custom, Some(s)) if s.len() != n => {
-                return Err(Error::LengthMismatch {
-                    what: "scores",
-                    expected: n,
-                    got: s.len(),
-                });
-            }
-            (CachePolicy::Lru | CachePolicy::Lfu, Some(_)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "scores are the caller's only under CachePolicy::Custom; this table's policy is {policy:?}"
-                )));
-            }
-            _ => {}
-        }
-        if let Some(t) = self.ttl_ms
-            && t.len() != n
-        {
+        check_cache_put_len(
+            width,
+            policy,
+            self.keys.len(),
+            self.values.len(),
+            self.scores.map(<[u64]>::len),
+            self.ttl_ms.map(<[u64]>::len),
+        )
+    }
+}
+
+/// [`CachePut::check`] by lengths: `keys` keys, `values` value words, and the lengths of the
+/// scores and times to live when given, for batches a backend knows only by their lengths
+/// (device-resident ones, say).
+///
+/// ```
+/// use kv_core::{CachePolicy, Error, check_cache_put_len};
+/// assert!(check_cache_put_len(2, CachePolicy::Lru, 3, 6, None, Some(3)).is_ok());
+/// assert!(matches!(
+///     check_cache_put_len(2, CachePolicy::Custom, 3, 6, Some(2), None),
+///     Err(Error::LengthMismatch { what: "scores", .. })
+/// ));
+/// ```
+pub fn check_cache_put_len(
+    width: usize,
+    policy: CachePolicy,
+    keys: usize,
+    values: usize,
+    scores: Option<usize>,
+    ttl_ms: Option<usize>,
+) -> Result<()> {
+    crate::check_put_len(width, keys, values)?;
+    let n = keys;
+    match (policy, scores) {
+        (CachePolicy::Custom, None) => {
             return Err(Error::LengthMismatch {
-                what: "ttl_ms",
+                what: "scores",
                 expected: n,
-                got: t.len(),
+                got: 0,
             });
         }
-        Ok(())
+        (CachePolicy::Custom, Some(s)) if s != n => {
+            return Err(Error::LengthMismatch {
+                what: "scores",
+                expected: n,
+                got: s,
+            });
+        }
+        (CachePolicy::Lru | CachePolicy::Lfu, Some(_)) => {
+            return Err(Error::InvalidArgument(format!(
+                "scores are the caller's only under CachePolicy::Custom; this table's policy is {policy:?}"
+            )));
+        }
+        _ => {}
     }
+    if let Some(t) = ttl_ms
+        && t != n
+    {
+        return Err(Error::LengthMismatch {
+            what: "ttl_ms",
+            expected: n,
+            got: t,
+        });
+    }
+    Ok(())
 }
 
 /// Where [`KvBackend::put_and_evict`](crate::KvBackend::put_and_evict) writes what it
@@ -329,23 +359,52 @@ impl<'a> Evicted<'a> {
 
     /// Checks that there is room for a put of `n` keys of `width` words.
     pub fn check(&self, n: usize, width: usize) -> Result<()> {
-        let expires = self.expires_ms.as_ref().map_or(n, |e| e.len());
-        for (what, got, expected) in [
-            ("evicted keys", self.keys.len(), n),
-            ("evicted values", self.values.len(), n * width),
-            ("evicted scores", self.scores.len(), n),
-            ("evicted expiry times", expires, n),
-        ] {
-            if got < expected {
-                return Err(Error::LengthMismatch {
-                    what,
-                    expected,
-                    got,
-                });
-            }
-        }
-        Ok(())
+        check_evicted_len(
+            n,
+            width,
+            self.keys.len(),
+            self.values.len(),
+            self.scores.len(),
+            self.expires_ms.as_ref().map(|e| e.len()),
+        )
     }
+}
+
+/// [`Evicted::check`] by lengths: room for a put of `n` keys of `width` words in outputs of
+/// `keys` keys, `values` value words, `scores` scores and, when asked for, `expires`
+/// expiry times (for outputs a backend knows only by their lengths).
+///
+/// ```
+/// use kv_core::{Error, check_evicted_len};
+/// assert!(check_evicted_len(4, 2, 4, 8, 4, None).is_ok());
+/// assert!(matches!(
+///     check_evicted_len(4, 2, 4, 8, 4, Some(3)),
+///     Err(Error::LengthMismatch { what: "evicted expiry times", .. })
+/// ));
+/// ```
+pub fn check_evicted_len(
+    n: usize,
+    width: usize,
+    keys: usize,
+    values: usize,
+    scores: usize,
+    expires: Option<usize>,
+) -> Result<()> {
+    for (what, got, expected) in [
+        ("evicted keys", keys, n),
+        ("evicted values", values, n * width),
+        ("evicted scores", scores, n),
+        ("evicted expiry times", expires.unwrap_or(n), n),
+    ] {
+        if got < expected {
+            return Err(Error::LengthMismatch {
+                what,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A cache table's running counts.

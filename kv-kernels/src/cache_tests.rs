@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::layout::*;
-use crate::ops::cache;
+use crate::ops::{Warp, cache};
 use crate::tests::{Host, Rng, par};
 
 const B: usize = CACHE_BUCKET as usize;
@@ -509,6 +509,8 @@ fn exact_sequence(policy: u32, width: u32, buckets: u64, seed: u64) {
 fn cache_exact_against_the_cpu_rule_lru() {
     exact_sequence(cache_policy::LRU, 1, 2, 1);
     exact_sequence(cache_policy::LRU, 3, 5, 2);
+    // Rows wider than a warp: lane l copies words l, l + 32, ...
+    exact_sequence(cache_policy::LRU, 37, 2, 7);
 }
 
 #[test]
@@ -521,6 +523,71 @@ fn cache_exact_against_the_cpu_rule_lfu() {
 fn cache_exact_against_the_cpu_rule_custom() {
     exact_sequence(cache_policy::CUSTOM, 2, 2, 5);
     exact_sequence(cache_policy::CUSTOM, 1, 7, 6);
+    exact_sequence(cache_policy::CUSTOM, 32, 3, 8);
+}
+
+/// The host's warp ([`Host`] as [`Warp`]): lanes run in order, and each collective gives
+/// what the device's instruction gives every lane.
+#[test]
+fn host_warp_collectives() {
+    let mut order = Vec::new();
+    let v = Host::lanes(|l| {
+        order.push(l);
+        u64::from(l) * 3 % 7 + 2
+    });
+    assert_eq!(order, (0..32).collect::<Vec<u32>>());
+    // SAFETY: one host thread is a whole warp; no memory is touched.
+    unsafe {
+        assert_eq!(
+            Host::ballot(Host::map(v, |_, x| x == 2)),
+            (0..32).step_by(7).fold(0, |m, l| m | 1 << l)
+        );
+        assert_eq!(Host::shfl(v, 5), 5 * 3 % 7 + 2);
+        assert_eq!(
+            Host::min(Host::map(v, |l, x| x + u64::from(l == 9) * 100)),
+            2
+        );
+        assert_eq!(
+            Host::min(Host::lanes(|l| u64::MAX - u64::from(l))),
+            u64::MAX - 31
+        );
+        let mut runs = 0;
+        assert_eq!(
+            Host::one(|| {
+                runs += 1;
+                42
+            }),
+            42
+        );
+        assert_eq!(runs, 1, "lane 0's work runs once per warp");
+    }
+}
+
+/// A full bucket whose entries all have one score gives up its lowest slot (the lowest
+/// `(score, slot)`, found by the warp's reduction and ballot), and a new key with that
+/// same score enters (ties go against the entry already there).
+#[test]
+fn cache_full_bucket_ties_evict_the_lowest_slot() {
+    let mut sim = CacheSim::new(1, 1, cache_policy::CUSTOM, 1);
+    let keys: Vec<u64> = (0..B as u64).map(|k| k * 5 + 1).collect();
+    assert!(sim.put(&keys, &keys, Some(&[9; B]), None, 0).is_empty());
+    for round in 0..3u64 {
+        let victim = sim.keys[0];
+        let new = 1000 + round;
+        let ev = sim.put(&[new], &[new], Some(&[9]), None, 0);
+        assert_eq!(ev, vec![(victim, vec![victim], 9, 0)], "round {round}");
+        assert_eq!(sim.keys[0], new);
+    }
+    // A lower score is turned away; a higher one evicts slot 0 again.
+    assert_eq!(
+        sim.put(&[7], &[70], Some(&[8]), None, 0),
+        vec![(7, vec![70], 8, 0)]
+    );
+    let kept = sim.keys[0];
+    assert_eq!(
+        sim.put(&[8], &[80], Some(&[10]), None, 0),
+        vec![(kept, vec![kept], 9, 0)]
+    );
 }
 
 /// Many threads putting distinct keys into one bucket: the lock serialises them, every key

@@ -1,6 +1,8 @@
-//! The kernel entry points (nvptx64 only) and the PTX implementation of [`Mem`].
+//! The kernel entry points (nvptx64 only) and the PTX implementation of [`Mem`] and
+//! [`Warp`].
 //!
-//! Every kernel is a grid-stride loop over one of the per-item functions of [`crate::ops`],
+//! Every kernel is a grid-stride loop over one of the per-item functions of [`crate::ops`]
+//! (the cache put, get and take: a warp per item, over warps),
 //! launched with 1-D blocks whose size is a multiple of 32 and no divergent early return
 //! before the warp-level counter reduction (which uses full-warp `shfl.sync`): the passes
 //! that return early when their chunk flag is down do so in every thread of the grid.
@@ -16,7 +18,7 @@ use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 use crate::layout::{
     BatchArgs, COOP_WIDTH, CacheArgs, RehashArgs, TableArgs, cache_counter, counter, flag,
 };
-use crate::ops::{self, Found, Mem, cache};
+use crate::ops::{self, Found, Mem, Warp, cache};
 
 /// PTX memory operations.
 struct Ptx;
@@ -221,6 +223,75 @@ unsafe impl Mem for Ptx {
         // compiler keeps every memory access on its side.
         unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
     }
+}
+
+// SAFETY: each lane holds its own value; the collectives are full-warp `vote.sync`,
+// `shfl.sync` and `bar.warp.sync` with the mask of all 32 lanes, which every caller reaches
+// together (the trait's contract).
+unsafe impl Warp for Ptx {
+    type Lanes<T: Copy> = T;
+    #[inline(always)]
+    fn lanes<T: Copy>(mut f: impl FnMut(u32) -> T) -> T {
+        f(lane())
+    }
+    #[inline(always)]
+    fn map<T: Copy, U: Copy>(v: T, mut f: impl FnMut(u32, T) -> U) -> U {
+        f(lane(), v)
+    }
+    #[inline(always)]
+    unsafe fn ballot(v: bool) -> u32 {
+        let m: u32;
+        // SAFETY: a full-warp vote; all 32 lanes reach it (the caller's guarantee).
+        unsafe {
+            asm!(
+                "{{ .reg .pred p; setp.ne.u32 p, {v}, 0; vote.sync.ballot.b32 {m}, p, -1; }}",
+                v = in(reg32) v as u32, m = out(reg32) m,
+                options(nostack, nomem)
+            )
+        };
+        m
+    }
+    #[inline(always)]
+    unsafe fn shfl(v: u64, src: u32) -> u64 {
+        shfl_u64(v, src)
+    }
+    #[inline(always)]
+    unsafe fn min(mut v: u64) -> u64 {
+        let mut off = 16u32;
+        while off > 0 {
+            v = v.min(shfl_xor_u64(v, off));
+            off >>= 1;
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn one(f: impl FnOnce() -> u64) -> u64 {
+        let v = if lane() == 0 { f() } else { 0 };
+        shfl_u64(v, 0)
+    }
+    #[inline(always)]
+    unsafe fn sync() {
+        // SAFETY: a full-warp barrier; all 32 lanes reach it. It has no `nomem`: memory
+        // accesses stay on their side of it (it orders memory between the lanes).
+        unsafe { asm!("bar.warp.sync -1;", options(nostack)) }
+    }
+}
+
+/// `v` of lane `lane() ^ mask`. All 32 lanes must call it.
+#[inline(always)]
+fn shfl_xor_u64(v: u64, mask: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: full-warp shuffles; callers run in warp-uniform control flow.
+    unsafe {
+        asm!(
+            "shfl.sync.bfly.b32 {l}, {vl}, {m}, 31, -1;",
+            "shfl.sync.bfly.b32 {h}, {vh}, {m}, 31, -1;",
+            l = out(reg32) lo, h = out(reg32) hi,
+            vl = in(reg32) v as u32, vh = in(reg32) (v >> 32) as u32, m = in(reg32) mask,
+            options(nostack, nomem)
+        )
+    };
+    (hi as u64) << 32 | lo as u64
 }
 
 /// This thread's first item and the grid stride.
@@ -587,52 +658,68 @@ pub unsafe extern "ptx-kernel" fn kv_cache_dedup(a: CacheArgs) {
     count_at(a.table.counters, cache_counter::ERRORS, lost);
 }
 
-/// Cache put, pass 2 (`CacheArgs`): the last occurrence of every key applies it under its
-/// bucket's lock; evictions go to the evicted outputs.
+/// Runs `f(i)` for the items of a grid-stride loop over warps: a warp per item, every lane
+/// with the same `i` (block sizes are multiples of 32), so that `f` may be a warp-cooperative
+/// function of [`cache`].
+#[inline(always)]
+fn for_each_warp_item(n: u64, mut f: impl FnMut(u64)) {
+    let (first, stride) = grid();
+    let (mut i, step) = (first / 32, stride / 32);
+    while i < n {
+        f(i);
+        i += step;
+    }
+}
+
+/// Cache put, pass 2 (`CacheArgs`; a warp per item, launched with `32 n` threads): the last
+/// occurrence of every key applies it under its bucket's lock; evictions go to the evicted
+/// outputs.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_cache_put(a: CacheArgs) {
-    let (mut i, stride) = grid();
     let (mut reused, mut lost) = (0u32, 0u32);
-    while i < a.n {
+    let first = lane() == 0;
+    for_each_warp_item(a.n, |i| {
         // SAFETY: the host passes valid buffers for n items; the dedup pass ran; the lock
-        // words are zero between kernels.
+        // words are zero between kernels; the whole warp calls it with the same i.
         let p = unsafe { cache::put::<Ptx>(&a, i) };
-        reused += p.expired_reused as u32;
-        lost += p.lost as u32;
-        i += stride;
-    }
+        reused += (first && p.expired_reused) as u32;
+        lost += (first && p.lost) as u32;
+    });
     count_at(a.table.counters, cache_counter::EXPIRED_REUSED, reused);
     count_at(a.table.counters, cache_counter::ERRORS, lost);
 }
 
-/// Cache get, peek and contains (`CacheArgs`; `access` says whether it is a get).
+/// Cache get, peek and contains (`CacheArgs`; `access` says whether it is a get; a warp per
+/// item, launched with `32 n` threads).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_cache_get(a: CacheArgs) {
-    let (mut i, stride) = grid();
     let (mut hits, mut misses) = (0u32, 0u32);
-    while i < a.n {
-        // SAFETY: the host passes valid buffers for n items.
+    let first = lane() == 0;
+    for_each_warp_item(a.n, |i| {
+        // SAFETY: the host passes valid buffers for n items; the whole warp calls it with
+        // the same i.
         let hit = unsafe { cache::lookup::<Ptx>(&a, i) };
-        hits += hit as u32;
-        misses += !hit as u32;
-        i += stride;
-    }
+        hits += (first && hit) as u32;
+        misses += (first && !hit) as u32;
+    });
     if a.access != 0 {
         count_at(a.table.counters, cache_counter::HITS, hits);
         count_at(a.table.counters, cache_counter::MISSES, misses);
     }
 }
 
-/// Cache take and delete (`CacheArgs`): remove each key's live entry, once per key.
+/// Cache take and delete (`CacheArgs`; a warp per item, launched with `32 n` threads):
+/// remove each key's live entry, once per key.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_cache_take(a: CacheArgs) {
-    let (mut i, stride) = grid();
     let mut removed = 0u32;
-    while i < a.n {
-        // SAFETY: the host passes valid buffers for n items; the dedup pass ran if pick is set.
-        removed += unsafe { cache::take::<Ptx>(&a, i) } as u32;
-        i += stride;
-    }
+    let first = lane() == 0;
+    for_each_warp_item(a.n, |i| {
+        // SAFETY: the host passes valid buffers for n items; the dedup pass ran if pick is
+        // set; the whole warp calls it with the same i (every lane, before the lane test).
+        let took = unsafe { cache::take::<Ptx>(&a, i) };
+        removed += (first && took) as u32;
+    });
     count_at(a.table.counters, cache_counter::REMOVED, removed);
 }
 

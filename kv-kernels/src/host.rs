@@ -1,14 +1,15 @@
 //! Running the kernels' per-item algorithms on the CPU: [`Host`], the memory operations
-//! ([`Mem`]) over host memory. This crate's tests use it, and so does the CUDA backend's
+//! ([`Mem`]) over host memory and a warp's collectives ([`Warp`]) played by one thread. This crate's tests use it, and so does the CUDA backend's
 //! host mirror of its cache kernels, which runs the conformance suite without a GPU.
 
 use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering, Ordering::Relaxed};
 
-use crate::ops::Mem;
+use crate::ops::{Mem, Warp};
 
 /// [`Mem`] over host memory: relaxed atomics stand in for the device's plain and atomic
 /// accesses, so that the algorithms of [`crate::ops`] run on the CPU, sequentially or on
-/// several threads racing as a kernel's would, with no undefined behaviour.
+/// several threads racing as a kernel's would, with no undefined behaviour. As [`Warp`], one
+/// host thread plays a whole warp: its 32 lanes in turn at each step.
 pub struct Host;
 
 fn a64(addr: u64) -> &'static AtomicU64 {
@@ -93,4 +94,32 @@ unsafe impl Mem for Host {
     unsafe fn fence() {
         core::sync::atomic::fence(Ordering::SeqCst);
     }
+}
+
+// SAFETY: one host thread is one warp: a `Lanes` holds the 32 lanes' values, `lanes` runs
+// lane 0 to 31 in turn, and each collective computes from all 32 values what the device's
+// instruction gives every lane. A barrier between lanes of one thread needs nothing.
+unsafe impl Warp for Host {
+    type Lanes<T: Copy> = [T; 32];
+    fn lanes<T: Copy>(mut f: impl FnMut(u32) -> T) -> [T; 32] {
+        core::array::from_fn(|l| f(l as u32))
+    }
+    fn map<T: Copy, U: Copy>(v: [T; 32], mut f: impl FnMut(u32, T) -> U) -> [U; 32] {
+        core::array::from_fn(|l| f(l as u32, v[l]))
+    }
+    unsafe fn ballot(v: [bool; 32]) -> u32 {
+        v.iter()
+            .enumerate()
+            .fold(0, |m, (l, &b)| m | (u32::from(b) << l))
+    }
+    unsafe fn shfl(v: [u64; 32], src: u32) -> u64 {
+        v[(src & 31) as usize]
+    }
+    unsafe fn min(v: [u64; 32]) -> u64 {
+        v.into_iter().fold(u64::MAX, u64::min)
+    }
+    unsafe fn one(f: impl FnOnce() -> u64) -> u64 {
+        f()
+    }
+    unsafe fn sync() {}
 }

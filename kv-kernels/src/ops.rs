@@ -112,6 +112,105 @@ pub unsafe trait Mem {
     unsafe fn fence();
 }
 
+/// The warp-level operations of the warp-cooperative kernels (a warp per item: the cache
+/// kernels of [`cache`]), so that their algorithms are written once for the device and the
+/// host.
+///
+/// Code generic over `Warp` is the code of one warp. A value that differs between lanes is a
+/// [`Lanes`](Warp::Lanes): made by [`lanes`](Warp::lanes) (each lane computes its own, e.g.
+/// loads the key of the bucket slot it stands for) or [`map`](Warp::map), and combined by
+/// the collectives ([`ballot`](Warp::ballot), [`shfl`](Warp::shfl), [`min`](Warp::min),
+/// [`one`](Warp::one)), whose results every lane shares. Everything else is the same in every
+/// lane. On the device each of the 32 lanes runs the code, and a `Lanes` is its own value;
+/// on the host one thread runs a whole warp: a `Lanes` holds all 32 values, and
+/// [`lanes`](Warp::lanes) runs its closure for lane 0, 1, ..., 31 in turn.
+///
+/// # Safety
+///
+/// Implementations must give the results documented on each method. On the device, the
+/// collectives (every `unsafe` method) need all 32 lanes of the warp to call them together:
+/// callers keep control flow warp-uniform around them (branches only on shared values).
+pub unsafe trait Warp: Mem {
+    /// One `T` per lane.
+    type Lanes<T: Copy>: Copy;
+    /// Each lane's `f(lane)` (on the host: for lanes 0 to 31 in order).
+    fn lanes<T: Copy>(f: impl FnMut(u32) -> T) -> Self::Lanes<T>;
+    /// Each lane's `f(lane, v)` of its value `v`.
+    fn map<T: Copy, U: Copy>(v: Self::Lanes<T>, f: impl FnMut(u32, T) -> U) -> Self::Lanes<U>;
+    /// Bit `l` set where lane `l`'s value is `true`.
+    ///
+    /// # Safety
+    /// A collective (see the trait).
+    unsafe fn ballot(v: Self::Lanes<bool>) -> u32;
+    /// Lane `src`'s value (`src < 32`), in every lane.
+    ///
+    /// # Safety
+    /// A collective.
+    unsafe fn shfl(v: Self::Lanes<u64>, src: u32) -> u64;
+    /// The lowest of the lanes' values, in every lane.
+    ///
+    /// # Safety
+    /// A collective.
+    unsafe fn min(v: Self::Lanes<u64>) -> u64;
+    /// Lane 0 runs `f` (its atomics and stores happen once for the warp); every lane gets
+    /// what it returned.
+    ///
+    /// # Safety
+    /// A collective.
+    unsafe fn one(f: impl FnOnce() -> u64) -> u64;
+    /// A barrier of the warp's lanes that also orders memory between them
+    /// (`bar.warp.sync`): what a lane wrote or acquired before it is visible to the other
+    /// lanes after it. A lock taken by lane 0 and followed by `sync` covers the warp.
+    ///
+    /// # Safety
+    /// A collective.
+    unsafe fn sync();
+}
+
+/// Lane 0's work for the warp: `f` runs once per warp, and nothing is shared.
+///
+/// # Safety
+/// A collective of `M` (see [`Warp`]).
+#[inline(always)]
+pub unsafe fn lane0<M: Warp>(f: impl FnOnce()) {
+    // SAFETY: forwarded.
+    unsafe {
+        M::one(|| {
+            f();
+            0
+        })
+    };
+}
+
+/// Copies a row of `width` words from `src` to `dst` (word addresses) with the warp's lanes:
+/// lane `l` copies words `l`, `l + 32`, ..., so that each load and store of the warp is one
+/// coalesced run. `src == 0` writes zeros; `sync` reads at device scope (a row that other
+/// threads write while the kernel runs).
+///
+/// # Safety
+/// Both rows are valid for `width` words and do not overlap.
+#[inline(always)]
+pub unsafe fn warp_copy_row<M: Warp>(dst: u64, src: u64, width: u32, sync: bool) {
+    let w = width as u64;
+    M::lanes(|l| {
+        let mut j = l as u64;
+        while j < w {
+            // SAFETY: the caller guarantees both rows are valid for `width` words; j < w.
+            unsafe {
+                let v = if src == 0 {
+                    0
+                } else if sync {
+                    M::load_sync(w64(src, j))
+                } else {
+                    M::load(w64(src, j))
+                };
+                M::store(w64(dst, j), v);
+            }
+            j += 32;
+        }
+    });
+}
+
 /// The address of `slot`'s key in the table's slot array.
 #[inline(always)]
 const fn key_at(t: &TableArgs, slot: u64) -> u64 {

@@ -12,18 +12,34 @@
 //!    claimer), and the item's rank ([`dedup_rank`]: `1 + i`) is maxed into the slot's
 //!    `pick` word and 1 added to its `occurs` word. When the pass ends, each distinct key's
 //!    slot names its last occurrence and counts its occurrences.
-//! 2. [`put`] (every item): only the last occurrence of each key acts (so the last
-//!    occurrence wins whatever the order in which the threads run, even when an entry put
+//! 2. [`put`] (a warp per item): only the last occurrence of each key acts (so the last
+//!    occurrence wins whatever the order in which the warps run, even when an entry put
 //!    by the batch is evicted by another key of the batch), with the key's whole count of
-//!    occurrences (an LFU score adds one per occurrence). It takes its home bucket's lock
-//!    (a CAS of the lock word from 0 to 1, then a fence), reads the bucket with device-scope
-//!    loads, applies the rule of the CPU backend's `CpuCache` (a live entry of the key is
-//!    updated; else the key takes the first free or expired slot; else the entry of lowest
-//!    `(score, slot)` is evicted, or the new key itself is turned away when its score is
-//!    lower still), writes, fences, and releases the lock (an atomic and with 0). Every
-//!    eviction takes the next index of the evicted output arrays from the EVICTED counter.
+//!    occurrences (an LFU score adds one per occurrence). Lane 0 takes the home bucket's
+//!    lock (a CAS of the lock word from 0 to 1, then a fence), and a warp barrier
+//!    ([`Warp::sync`]) orders the other lanes after it. A bucket's 32 slots are the warp's
+//!    32 lanes: lane `j` reads slot `j`'s key, expiry time and score with device-scope
+//!    loads (three coalesced 256-byte reads), and ballots apply the rule of the CPU
+//!    backend's `CpuCache`: a live entry of the key is updated; else the key takes the
+//!    first free or expired slot; else the entry of lowest `(score, slot)` (a shuffle
+//!    reduction of the scores, then a ballot of the lanes that hold the lowest) is evicted,
+//!    or the new key itself is turned away when its score is lower still. Lane 0 writes the
+//!    slot's key, score, expiry time and the used bit, the warp copies the row (lane `l`
+//!    word `l`, `l + 32`, ...), then a barrier, and lane 0 fences and releases the lock (an
+//!    atomic and with 0). Every eviction takes the next index of the evicted output arrays
+//!    from the EVICTED counter (one atomic per eviction, by lane 0) and the warp copies the
+//!    evicted row there.
 //!
-//! Within a bucket the threads of one batch apply their keys in any order: the contract
+//! The warp-level steps are written once, generic over [`Warp`]: the device runs them on
+//! 32 lanes, the host tests on one thread that plays the 32 lanes in turn.
+//!
+//! *Digests.* HierarchicalKV keeps a byte per slot (a digest of its key) so that a probe of
+//! its 128-slot buckets reads 128 bytes before it reads any key. With 32-slot buckets a
+//! warp reads the bucket's 32 keys in one coalesced 256-byte load, a digest array would save
+//! part of that read at the cost of a second array to keep in step (and a dependent load);
+//! it is left out until a measurement shows the key read to bound the lookups.
+//!
+//! Within a bucket the warps of one batch apply their keys in any order: the contract
 //! allows a GPU that (docs/cache.md, item 8). So that ties do not depend on that order
 //! under LRU, a stored LRU score carries the item's place in its batch below the clock
 //! ([`lru_score`]): of the entries one batch wrote, the one written by the earliest item
@@ -32,13 +48,16 @@
 //!
 //! # Lookups and removals
 //!
-//! [`lookup`] (get, peek, contains) takes no lock: a get's score change is one atomic (an
-//! LRU max of the clock, an LFU add of one, per occurrence). [`take`] (take and delete)
-//! clears the entry's used bit with an atomic and, and counts a removal only when the bit
-//! was set, so a repeated key counts once; a take first runs [`dedup`] with the first
-//! occurrence winning, so that the first occurrence is the one that returns the row.
+//! [`lookup`] (get, peek, contains; a warp per item) takes no lock: lane `j` compares slot
+//! `j`'s key and, where it matches, reads its expiry time; a ballot finds the live entry,
+//! and the warp copies its row out. A get's score change is one atomic by lane 0 (an LRU
+//! max of the clock, an LFU add of one, per occurrence). [`take`] (take and delete; a warp
+//! per item) clears the entry's used bit with an atomic and, and counts a removal only when
+//! the bit was set, so a repeated key counts once; a take first runs [`dedup`] with the
+//! first occurrence winning, so that the first occurrence is the one that returns the row.
+//! [`dedup`] and [`count_live`] stay a thread per item (per bucket).
 
-use super::{Mem, copy_row, w32, w64, zero_row};
+use super::{Mem, Warp, lane0, w32, w64, warp_copy_row};
 use crate::layout::{
     CACHE_BUCKET, CacheArgs, cache_bucket, cache_counter, cache_policy, dedup_rank, home_slot,
     next_slot,
@@ -51,7 +70,7 @@ pub const LRU_ORDER_BITS: u32 = 32;
 /// batch: the clock above [`LRU_ORDER_BITS`], the item's place in the batch below it. The
 /// score a caller sees ([`visible_score`]) is the clock; the bits below only break ties
 /// between entries of one batch, so that the entry written by the earlier item leaves
-/// first (threads of one batch take a bucket in any order, and the slot order of its
+/// first (warps of one batch take a bucket in any order, and the slot order of its
 /// entries says nothing). Clocks stay below 2^32 (four billion batches).
 #[inline(always)]
 pub const fn lru_score(clock: u64, i: u64) -> u64 {
@@ -176,49 +195,58 @@ pub struct CachePutItem {
 }
 
 /// Writes an evicted (or turned-away) entry at the next index of the evicted outputs:
-/// its key, score, expiry time, and the row at `row` (read at device scope when `sync`).
+/// its key, score and expiry time (by lane 0), and the row at `row` (by the warp; read at
+/// device scope when `sync`).
 ///
 /// # Safety
 /// `a` describes valid buffers; the evicted outputs have room for `n` entries (a put
-/// evicts at most one entry per item); `row` holds `width` words.
+/// evicts at most one entry per item); `row` holds `width` words; a collective of `M`.
 #[inline(always)]
-unsafe fn report<M: Mem>(a: &CacheArgs, key: u64, score: u64, expires: u64, row: u64, sync: bool) {
+unsafe fn report<M: Warp>(a: &CacheArgs, key: u64, score: u64, expires: u64, row: u64, sync: bool) {
     let t = &a.table;
-    // SAFETY: the counter buffer holds cache_counter::LEN words.
-    let e = unsafe { M::fetch_add(w64(t.counters, cache_counter::EVICTED as u64), 1) };
-    if a.ev_keys == 0 {
-        return;
-    }
-    let w = u64::from(t.width);
-    // SAFETY: e < n: every item reports at most once; the outputs hold n entries.
-    unsafe {
-        M::store(w64(a.ev_keys, e), key);
-        M::store(w64(a.ev_scores, e), score);
-        if a.ev_expires != 0 {
-            M::store(w64(a.ev_expires, e), expires);
-        }
-        let dst = w64(a.ev_rows, e * w);
-        let mut k = 0;
-        while k < w {
-            let v = if sync {
-                M::load_sync(w64(row, k))
-            } else {
-                M::load(w64(row, k))
-            };
-            M::store(w64(dst, k), v);
-            k += 1;
-        }
+    // SAFETY: the counter buffer holds cache_counter::LEN words; e < n: every item reports
+    // at most once and the outputs hold n entries.
+    let e = unsafe {
+        M::one(|| {
+            let e = M::fetch_add(w64(t.counters, cache_counter::EVICTED as u64), 1);
+            if a.ev_keys != 0 {
+                M::store(w64(a.ev_keys, e), key);
+                M::store(w64(a.ev_scores, e), score);
+                if a.ev_expires != 0 {
+                    M::store(w64(a.ev_expires, e), expires);
+                }
+            }
+            e
+        })
+    };
+    if a.ev_keys != 0 {
+        // SAFETY: as above; the outputs hold n rows.
+        unsafe { warp_copy_row::<M>(w64(a.ev_rows, e * u64::from(t.width)), row, t.width, sync) };
     }
 }
 
-/// Put pass for item `i` (see the module docs).
+/// What a warp read of a bucket: per lane (slot `j` of the bucket), its key, expiry time
+/// and score, zeros for a slot not in use.
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
+    expires: u64,
+    score: u64,
+}
+
+/// Put pass for item `i`, by a whole warp (see the module docs): lane 0 takes the bucket's
+/// lock, lane `j` reads slot `j` (its key, expiry time and score: three coalesced loads),
+/// ballots find the key's live entry and the first free or expired slot, a full bucket's
+/// victim is the lowest `(score, slot)` (a shuffle reduction, then a ballot), lane 0
+/// writes the slot's key, score and expiry time, the warp copies the row, and lane 0
+/// releases the lock. Every lane returns the same result.
 ///
 /// # Safety
 /// `a` describes valid device buffers for `n` items, the dedup pass ran (or `a.pick` is 0
-/// and the batch has no repeated key), every lock word is 0 or held by a running thread
-/// of this pass, and `i < a.n`.
+/// and the batch has no repeated key), every lock word is 0 or held by a running warp of
+/// this pass, `i < a.n`, and all 32 lanes call it with the same `i` (a collective of `M`).
 #[inline(always)]
-pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
+pub unsafe fn put<M: Warp>(a: &CacheArgs, i: u64) -> CachePutItem {
     let mut out = CachePutItem::default();
     // SAFETY: the dedup pass ran.
     let occurs = match unsafe { acts::<M>(a, i) } {
@@ -253,45 +281,52 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
     let b = cache_bucket(key, t.seed, t.buckets);
     let base = b * CACHE_BUCKET;
     let lock = w32(t.locks, b);
-    // SAFETY: b < buckets; the lock words are valid. Volta's independent thread scheduling
-    // lets the holder run while other threads of its warp spin.
-    unsafe {
-        while M::cas_u32(lock, 0, 1) != 0 {}
-        M::fence();
-    }
-    // SAFETY: b < buckets.
-    let used = unsafe { M::load_u32_sync(w32(t.used, b)) };
-    let (mut hit, mut free) = (CACHE_BUCKET, CACHE_BUCKET);
-    let (mut victim, mut low) = (CACHE_BUCKET, u64::MAX);
-    let mut j = 0;
-    while j < CACHE_BUCKET {
-        let s = base + j;
-        // SAFETY: s < slots.
-        let live =
-            used & (1 << j) != 0 && !expired(unsafe { M::load_sync(w64(t.expires, s)) }, a.now);
-        if live {
-            // SAFETY: s < slots.
-            let (k, score) =
-                unsafe { (M::load_sync(w64(t.keys, s)), M::load_sync(w64(t.scores, s))) };
-            if k == key && hit == CACHE_BUCKET {
-                hit = j;
-            }
-            if victim == CACHE_BUCKET || score < low {
-                victim = j;
-                low = score;
-            }
-        } else if free == CACHE_BUCKET {
-            free = j;
+    // SAFETY: b < buckets; the lock words are valid. Lane 0 spins alone; the warp's barrier
+    // then orders every lane's reads of the bucket after its acquire. A warp holds one lock
+    // at a time, and the holder of any lock is a running warp, so the spin ends.
+    let used = unsafe {
+        lane0::<M>(|| {
+            while M::cas_u32(lock, 0, 1) != 0 {}
+            M::fence();
+        });
+        M::sync();
+        M::one(|| u64::from(M::load_u32_sync(w32(t.used, b)))) as u32
+    };
+    let slots = M::lanes(|j| {
+        let s = base + u64::from(j);
+        if used & (1 << j) == 0 {
+            return Slot {
+                key: 0,
+                expires: 0,
+                score: 0,
+            };
         }
-        j += 1;
-    }
-    let put_at = if hit != CACHE_BUCKET {
-        let s = base + hit;
+        // SAFETY: s < slots; other warps write this bucket only under its lock.
+        unsafe {
+            Slot {
+                key: M::load_sync(w64(t.keys, s)),
+                expires: M::load_sync(w64(t.expires, s)),
+                score: M::load_sync(w64(t.scores, s)),
+            }
+        }
+    });
+    let live = |j: u32, s: Slot| used & (1 << j) != 0 && !expired(s.expires, a.now);
+    // SAFETY: collectives, reached by the whole warp (every branch above and below is on
+    // values every lane shares).
+    let (hits, free) = unsafe {
+        (
+            M::ballot(M::map(slots, |j, s| live(j, s) && s.key == key)),
+            M::ballot(M::map(slots, |j, s| !live(j, s))),
+        )
+    };
+    let (hit, free) = (hits.trailing_zeros(), free.trailing_zeros());
+    let none = CACHE_BUCKET as u32;
+    let put_at = if hit != none {
         let score = match t.policy {
             cache_policy::LRU => lru_score(a.clock, i),
             cache_policy::LFU => {
-                // SAFETY: s < slots.
-                unsafe { M::load_sync(w64(t.scores, s)) }.saturating_add(occurs)
+                // SAFETY: a collective (see above).
+                unsafe { M::shfl(M::map(slots, |_, s| s.score), hit) }.saturating_add(occurs)
             }
             _ => given,
         };
@@ -302,13 +337,22 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
             cache_policy::LFU => occurs,
             _ => given,
         };
-        if free != CACHE_BUCKET {
+        if free != none {
             out.expired_reused = used & (1 << free) != 0;
             Some((free, score))
         } else {
-            // Full: the lowest score leaves, the new key itself if its score is lower still
-            // (ties go against the entry already there).
+            // Full (every slot live): the lowest (score, slot) leaves, the new key itself if
+            // its score is lower still (ties go against the entry already there).
             out.evicted = true;
+            // SAFETY: collectives (see above).
+            let (low, victim) = unsafe {
+                let scores = M::map(slots, |_, s| s.score);
+                let low = M::min(scores);
+                (
+                    low,
+                    M::ballot(M::map(scores, |_, s| s == low)).trailing_zeros(),
+                )
+            };
             if visible_score(t.policy, score) < visible_score(t.policy, low) {
                 // SAFETY: the outputs have room for n entries; row_in holds width words.
                 unsafe {
@@ -323,12 +367,12 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
                 };
                 None
             } else {
-                let s = base + victim;
-                // SAFETY: s < slots; the victim's row holds width words.
+                let s = base + u64::from(victim);
+                // SAFETY: collectives; s < slots; the victim's row holds width words.
                 unsafe {
                     let (k, e) = (
-                        M::load_sync(w64(t.keys, s)),
-                        M::load_sync(w64(t.expires, s)),
+                        M::shfl(M::map(slots, |_, s| s.key), victim),
+                        M::shfl(M::map(slots, |_, s| s.expires), victim),
                     );
                     report::<M>(
                         a,
@@ -344,80 +388,85 @@ pub unsafe fn put<M: Mem>(a: &CacheArgs, i: u64) -> CachePutItem {
         }
     };
     if let Some((j, score)) = put_at {
-        let s = base + j;
+        let s = base + u64::from(j);
         // SAFETY: s < slots, b < buckets; row_in holds width words and the slot's row too.
+        // The lanes that copied the victim's row out read each word before they write it.
         unsafe {
-            if hit == CACHE_BUCKET {
-                M::store_u32(w32(t.used, b), used | (1 << j));
-                M::store(w64(t.keys, s), key);
-            }
-            M::store(w64(t.scores, s), score);
-            M::store(w64(t.expires, s), expires);
-            copy_row::<M>(w64(t.rows, s * w), row_in, t.width);
+            lane0::<M>(|| {
+                if hit == none {
+                    M::store_u32(w32(t.used, b), used | (1 << j));
+                    M::store(w64(t.keys, s), key);
+                }
+                M::store(w64(t.scores, s), score);
+                M::store(w64(t.expires, s), expires);
+            });
+            warp_copy_row::<M>(w64(t.rows, s * w), row_in, t.width, false);
         }
     }
-    // SAFETY: the lock is held by this thread.
+    // SAFETY: the lock is held by lane 0 of this warp; the barrier orders every lane's
+    // writes before its release.
     unsafe {
-        M::fence();
-        M::and_u32(lock, 0);
+        M::sync();
+        lane0::<M>(|| {
+            M::fence();
+            M::and_u32(lock, 0);
+        });
     }
     out
 }
 
-/// The slot (in the table) of `key`'s live entry, if it has one.
+/// The slot (in the table) of `key`'s live entry, if it has one: lane `j` compares slot
+/// `j`'s key (a coalesced load of the bucket's keys) and, where it matches, reads its
+/// expiry time; a ballot picks the first live match.
 ///
 /// # Safety
-/// `a` describes valid device buffers; `used` is the bucket's used word.
+/// `a` describes valid device buffers; `used` is the bucket's used word; a collective of
+/// `M`.
 #[inline(always)]
-unsafe fn find<M: Mem>(a: &CacheArgs, key: u64, base: u64, used: u32) -> Option<u64> {
+unsafe fn find<M: Warp>(a: &CacheArgs, key: u64, base: u64, used: u32) -> Option<u64> {
     let t = &a.table;
-    let mut j = 0;
-    while j < CACHE_BUCKET {
-        let s = base + j;
-        if used & (1 << j) != 0 {
-            // SAFETY: s < slots.
-            let (k, e) = unsafe { (M::load(w64(t.keys, s)), M::load(w64(t.expires, s))) };
-            if k == key && !expired(e, a.now) {
-                return Some(s);
-            }
-        }
-        j += 1;
-    }
-    None
+    let live = M::lanes(|j| {
+        let s = base + u64::from(j);
+        // SAFETY: s < slots.
+        used & (1 << j) != 0
+            && unsafe { M::load(w64(t.keys, s)) } == key
+            && !expired(unsafe { M::load(w64(t.expires, s)) }, a.now)
+    });
+    // SAFETY: forwarded.
+    let m = unsafe { M::ballot(live) };
+    (m != 0).then(|| base + u64::from(m.trailing_zeros()))
 }
 
-/// Writes item `i`'s outputs of a lookup: its row (from `slot`, zeros for none) when rows
-/// are wanted, and its found flag when flags are.
+/// Writes item `i`'s outputs of a lookup: its row (from `slot`, zeros for none; copied by
+/// the warp) when rows are wanted, and its found flag (by lane 0) when flags are.
 ///
 /// # Safety
-/// `a` describes valid device buffers for `n` items; `slot < slots`.
+/// `a` describes valid device buffers for `n` items; `slot < slots`; a collective of `M`.
 #[inline(always)]
-unsafe fn write_out<M: Mem>(a: &CacheArgs, i: u64, slot: Option<u64>) {
+unsafe fn write_out<M: Warp>(a: &CacheArgs, i: u64, slot: Option<u64>) {
     let t = &a.table;
     let w = u64::from(t.width);
     // SAFETY: the outputs hold n items; the slot's row width words.
     unsafe {
         if a.values != 0 {
-            let dst = w64(a.values, i * w);
-            match slot {
-                Some(s) => copy_row::<M>(dst, w64(t.rows, s * w), t.width),
-                None => zero_row::<M>(dst, t.width),
-            }
+            let src = slot.map_or(0, |s| w64(t.rows, s * w));
+            warp_copy_row::<M>(w64(a.values, i * w), src, t.width, false);
         }
         if a.found_out != 0 {
-            M::store_u8(a.found_out + i, slot.is_some() as u8);
+            lane0::<M>(|| M::store_u8(a.found_out + i, slot.is_some() as u8));
         }
     }
 }
 
-/// Get, peek or contains for item `i`: its row and found flag; when `a.access` is set, the
-/// entry's score changes as an access says (LRU: the clock; LFU: one more). Returns
-/// whether the key was found.
+/// Get, peek or contains for item `i`, by a whole warp: its row and found flag; when
+/// `a.access` is set, the entry's score changes as an access says (LRU: the clock; LFU:
+/// one more). Returns whether the key was found (in every lane).
 ///
 /// # Safety
-/// `a` describes valid device buffers for `n` items, and `i < a.n`.
+/// `a` describes valid device buffers for `n` items, `i < a.n`, and all 32 lanes call it
+/// with the same `i` (a collective of `M`).
 #[inline(always)]
-pub unsafe fn lookup<M: Mem>(a: &CacheArgs, i: u64) -> bool {
+pub unsafe fn lookup<M: Warp>(a: &CacheArgs, i: u64) -> bool {
     let t = &a.table;
     // SAFETY: i < n.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
@@ -427,13 +476,13 @@ pub unsafe fn lookup<M: Mem>(a: &CacheArgs, i: u64) -> bool {
     if let Some(s) = slot
         && a.access != 0
     {
-        // SAFETY: s < slots.
+        // SAFETY: s < slots; a collective.
         unsafe {
-            match t.policy {
+            lane0::<M>(|| match t.policy {
                 cache_policy::LRU => M::max_u64(w64(t.scores, s), lru_score(a.clock, i)),
                 cache_policy::LFU => M::add(w64(t.scores, s), 1),
                 _ => {}
-            }
+            })
         }
     }
     // SAFETY: forwarded.
@@ -441,44 +490,48 @@ pub unsafe fn lookup<M: Mem>(a: &CacheArgs, i: u64) -> bool {
     slot.is_some()
 }
 
-/// Take or delete for item `i`: removes its key's live entry (when the item acts for its
-/// key: the dedup pass ran with the first occurrence winning, or `a.pick` is 0 and every
-/// item acts) and writes what it held (row, found flag, expiry time) to the outputs that
-/// are wanted. Returns whether this item removed the entry.
+/// Take or delete for item `i`, by a whole warp: removes its key's live entry (when the
+/// item acts for its key: the dedup pass ran with the first occurrence winning, or `a.pick`
+/// is 0 and every item acts) and writes what it held (row, found flag, expiry time) to the
+/// outputs that are wanted. Returns whether this item removed the entry (in every lane).
 ///
 /// # Safety
-/// `a` describes valid device buffers for `n` items, and `i < a.n`.
+/// `a` describes valid device buffers for `n` items, `i < a.n`, and all 32 lanes call it
+/// with the same `i` (a collective of `M`).
 #[inline(always)]
-pub unsafe fn take<M: Mem>(a: &CacheArgs, i: u64) -> bool {
+pub unsafe fn take<M: Warp>(a: &CacheArgs, i: u64) -> bool {
     let t = &a.table;
     // SAFETY: i < n.
     let key = unsafe { M::load(w64(a.keys_in, i)) };
     let b = cache_bucket(key, t.seed, t.buckets);
     let at = w32(t.used, b);
-    let mut taken = None;
-    // SAFETY: the dedup pass ran when pick is set; b < buckets.
+    // SAFETY: the dedup pass ran when pick is set; b < buckets; collectives (the used word
+    // is read once, by lane 0, so that every lane agrees on it).
     let found = unsafe {
         match acts::<M>(a, i) {
-            Some(_) => find::<M>(a, key, b * CACHE_BUCKET, M::load_u32_sync(at)),
+            Some(_) => {
+                let used = M::one(|| u64::from(M::load_u32_sync(at))) as u32;
+                find::<M>(a, key, b * CACHE_BUCKET, used)
+            }
             None => None,
         }
     };
-    if let Some(s) = found {
+    let taken = found.filter(|&s| {
         let bit = 1u32 << (s - b * CACHE_BUCKET);
-        // SAFETY: b < buckets.
-        if unsafe { M::and_u32(at, !bit) } & bit != 0 {
-            taken = Some(s);
-        }
-    }
+        // SAFETY: b < buckets; a collective (found is the same in every lane).
+        unsafe { M::one(|| u64::from(M::and_u32(at, !bit) & bit != 0)) != 0 }
+    });
     // SAFETY: forwarded; s < slots.
     unsafe {
         write_out::<M>(a, i, taken);
         if a.expires_out != 0 {
-            let e = match taken {
-                Some(s) => M::load(w64(t.expires, s)),
-                None => 0,
-            };
-            M::store(w64(a.expires_out, i), e);
+            lane0::<M>(|| {
+                let e = match taken {
+                    Some(s) => M::load(w64(t.expires, s)),
+                    None => 0,
+                };
+                M::store(w64(a.expires_out, i), e);
+            });
         }
     }
     taken.is_some()
