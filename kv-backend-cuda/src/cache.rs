@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaStream, result};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, check_contains, check_get, check_put,
-    check_take,
+    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items, check_cache_batch,
+    check_contains, check_get, check_put, check_take,
 };
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
@@ -45,10 +45,6 @@ use crate::options::CudaOptions;
 
 const B: usize = CACHE_BUCKET_SLOTS;
 const _: () = assert!(B as u64 == kv_kernels::layout::CACHE_BUCKET);
-
-/// The most keys one batch may hold: the kernels index items and the batch-local table
-/// with u32 words.
-const MAX_BATCH: usize = 1 << 30;
 
 /// `count * size` bytes, or [`Error::OutOfDeviceMemory`] when that overflows.
 fn bytes_of(count: usize, size: usize) -> Result<usize> {
@@ -161,7 +157,7 @@ impl State {
     /// none (the next batch allocates it again).
     fn scratch(&mut self, dev: &Device, n: usize, width: usize) -> Result<&Scratch> {
         if self.scratch.as_ref().is_none_or(|s| s.cap < n) {
-            let cap = n.next_power_of_two().max(256);
+            let cap = cache_scratch_items(n);
             // Free the old buffers first, so that growth needs no room for both.
             self.scratch = None;
             self.scratch = Some(Scratch::new(dev, cap, width)?);
@@ -378,15 +374,6 @@ impl CudaCache {
         }
     }
 
-    fn check_batch_len(n: usize) -> Result<()> {
-        if n > MAX_BATCH {
-            return Err(Error::InvalidArgument(format!(
-                "a cache batch holds at most {MAX_BATCH} keys; this one has {n}"
-            )));
-        }
-        Ok(())
-    }
-
     /// The put of every cache put, on a checked batch (`scores` may be absent under
     /// [`CachePolicy::Custom`] for a plain put: every score is then 0). Writes what it
     /// evicted into `evicted` when given.
@@ -399,7 +386,7 @@ impl CudaCache {
         evicted: Option<&mut Evicted<'_>>,
     ) -> Result<PutDone> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(PutDone::default());
         }
@@ -490,7 +477,7 @@ impl CudaCache {
         access: bool,
     ) -> Result<()> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(());
         }
@@ -552,7 +539,7 @@ impl CudaCache {
         outputs: Option<(&mut [u64], &mut [bool], &mut [u64])>,
     ) -> Result<usize> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(0);
         }

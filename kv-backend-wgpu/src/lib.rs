@@ -81,6 +81,7 @@
 //! on a trace of where each batch's time went. [`WgpuOptions::from_env`] reads them from
 //! `VRAMKV_WGPU_*` variables, for tools; the library never reads the environment itself.
 
+mod cache;
 mod gpu;
 mod gpu_trace;
 mod lane;
@@ -102,6 +103,7 @@ use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 use kv_staging::trace::Recorder;
 
+pub use cache::{ROUND_ITEMS, WgpuCache};
 pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};
 use lane::Lane;
@@ -227,7 +229,7 @@ impl WgpuBackend {
         if cfg.cache.is_some() {
             return Err(Error::Unsupported {
                 backend: "wgpu",
-                what: "cache tables (TableConfig::cache); the CPU backend has them",
+                what: "cache tables (TableConfig::cache) in a WgpuBackend; open them with WgpuCache",
             });
         }
         let gpu = gpu::gpu(&cfg)?;
