@@ -46,8 +46,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items,
-    check_cache_batch, check_contains, check_get, check_put, check_take,
+    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items, check_cache_batch,
+    check_contains, check_get, check_put, check_take,
 };
 use kv_kernels::layout::{cache_bucket, cache_counter, cache_policy};
 use kv_kernels::ops::cache::{expiry, lru_score, visible_score};
@@ -335,7 +335,12 @@ impl WgpuCache {
             expires: gpu.buffer("vramkv cache expiry", words, storage, false)?,
             rows: gpu.buffer("vramkv cache rows", row_bytes, storage, false)?,
             used: gpu.buffer("vramkv cache used", buckets as u64 * 4, storage, false)?,
-            ctl: gpu.buffer("vramkv cache counters", RB_CTL, storage | U::COPY_SRC, false)?,
+            ctl: gpu.buffer(
+                "vramkv cache counters",
+                RB_CTL,
+                storage | U::COPY_SRC,
+                false,
+            )?,
             params: crate::state::params_buffer(&gpu)?,
         };
         // Compile the kernels now, so that a table that opens can run.

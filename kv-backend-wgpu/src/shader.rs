@@ -952,7 +952,10 @@ fn cache_constants() -> String {
         ("SLOTS", l::CACHE_BUCKET),
         ("LRU", u64::from(pol::LRU)),
         ("LFU", u64::from(pol::LFU)),
-        ("LRU_ORDER_BITS", u64::from(kv_kernels::ops::cache::LRU_ORDER_BITS)),
+        (
+            "LRU_ORDER_BITS",
+            u64::from(kv_kernels::ops::cache::LRU_ORDER_BITS),
+        ),
         ("C_EXPIRED_REUSED", c::EXPIRED_REUSED as u64),
         ("C_LIVE", c::LIVE as u64),
         ("C_APPLIED", c::APPLIED as u64),

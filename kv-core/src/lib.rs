@@ -23,8 +23,8 @@ pub use backend::{
 };
 pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
 pub use cache::{
-    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Evicted,
-    ManualClock, SystemClock, CACHE_MAX_BATCH, cache_buckets, cache_capacity_for_budget,
+    CACHE_BUCKET_SLOTS, CACHE_MAX_BATCH, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
+    Evicted, ManualClock, SystemClock, cache_buckets, cache_capacity_for_budget,
     cache_scratch_items, cache_slot_bytes, check_cache_batch,
 };
 pub use config::{
