@@ -190,6 +190,13 @@ struct State {
     /// The logical clock: put and get batches so far.
     clock: u64,
     stats: CacheStats,
+    /// Items per piece of a batch at most (a power of two, at least 256).
+    piece: usize,
+    /// Put rounds sent before the host reads back how far the buckets got (`None`: as many
+    /// as the fullest bucket needs).
+    put_rounds: Option<usize>,
+    /// Put submissions that resumed buckets left unfinished, a diagnostic.
+    resumed: u64,
 }
 
 /// An item of a batch as the device takes it: its index in the batch, its home bucket, and
@@ -229,6 +236,12 @@ fn distinct(keys: &[u64], homes: &[u32], last_wins: bool) -> Vec<Item> {
     }
     out.par_sort_unstable_by_key(|it| (it.home, it.idx));
     out
+}
+
+/// Items per piece for a wish of `items`: a power of two, at least 256 (the smallest
+/// scratch, `kv_core::cache_scratch_items`).
+fn piece_items(items: usize) -> usize {
+    1 << items.max(256).ilog2()
 }
 
 /// The touched buckets of a piece of items grouped by bucket: their ids, the offset of
@@ -274,8 +287,8 @@ pub struct WgpuCache {
     width: usize,
     seed: u64,
     buckets: usize,
-    /// Items per piece of a batch at most (a power of two).
-    piece: usize,
+    /// The most items per piece: what one binding of the batch's inputs holds.
+    max_piece: usize,
     cache: CacheConfig,
     state: Mutex<State>,
 }
@@ -349,20 +362,22 @@ impl WgpuCache {
         }
         gpu.check()?;
         let piece_bytes = gpu.max_binding / ((3 + width as u64) * 8);
-        let piece = (piece_bytes.min(MAX_PIECE as u64) as usize).max(1);
-        let piece = 1 << piece.ilog2();
+        let piece = piece_items(piece_bytes.min(MAX_PIECE as u64) as usize);
         Ok(WgpuCache {
             gpu,
             width,
             seed: cfg.table_seed(),
             buckets,
-            piece,
+            max_piece: piece,
             cache,
             state: Mutex::new(State {
                 t,
                 scratch: None,
                 clock: 0,
                 stats: CacheStats::default(),
+                piece,
+                put_rounds: None,
+                resumed: 0,
             }),
         })
     }
@@ -380,6 +395,34 @@ impl WgpuCache {
     /// Whether the table lives on a discrete GPU (vramkv's automatic choice uses only those).
     pub fn is_discrete_gpu(&self) -> bool {
         self.gpu.discrete
+    }
+
+    /// Sets the most items of a batch that one piece (one upload, dispatch and readback)
+    /// holds: rounded down to a power of two, at least 256, and never more than the
+    /// default, which is what one storage binding of the batch's inputs holds (at most
+    /// 2^20). Larger batches run in pieces, in order. Tests set a small one to run their
+    /// batches in several pieces.
+    pub fn set_piece_items(&self, items: usize) {
+        let mut st = self.lock();
+        st.piece = piece_items(items).min(self.max_piece);
+        // The next batch allocates scratch of at most a piece.
+        st.scratch = None;
+    }
+
+    /// Sets how many rounds of the put kernel are sent before the host reads back how far
+    /// each bucket got (at least 1; `None`: as many as the fullest bucket of the piece
+    /// needs, [`ROUND_ITEMS`] keys a round). The host resumes unfinished buckets one round
+    /// a submission, as it does after a dispatch that a driver cut short: tests set 1 to
+    /// run that path.
+    pub fn set_put_rounds(&self, rounds: Option<usize>) {
+        self.lock().put_rounds = rounds.map(|r| r.max(1));
+    }
+
+    /// Put submissions so far that resumed buckets a previous one left unfinished: zero
+    /// unless a bucket got more than [`ROUND_ITEMS`] keys of one batch with
+    /// [`set_put_rounds`](Self::set_put_rounds) set, or a driver cut a dispatch short.
+    pub fn resume_rounds(&self) -> u64 {
+        self.lock().resumed
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -419,9 +462,9 @@ impl WgpuCache {
     /// Makes sure the scratch holds pieces of `n` items (at most a piece), growing it by
     /// the rule the CUDA backend uses. The old scratch is dropped first.
     fn ensure_scratch(&self, st: &mut State, n: usize) -> Result<()> {
-        let want = n.min(self.piece);
+        let want = n.min(st.piece);
         if st.scratch.as_ref().is_none_or(|s| s.cap < want) {
-            let cap = cache_scratch_items(want).min(self.piece.max(256));
+            let cap = cache_scratch_items(want).min(st.piece);
             st.scratch = None;
             st.scratch = Some(Scratch::new(&self.gpu, &st.t, cap, self.width)?);
         }
@@ -594,7 +637,8 @@ impl WgpuCache {
                 } else {
                     &[]
                 };
-                let mut rounds = most.div_ceil(ROUND_ITEMS as usize);
+                let need = most.div_ceil(ROUND_ITEMS as usize);
+                let mut rounds = st.put_rounds.map_or(need, |r| r.min(need));
                 let mut first = true;
                 let mut applied_before = 0u64;
                 loop {
@@ -642,6 +686,7 @@ impl WgpuCache {
                             applied_before = applied;
                             first = false;
                             rounds = 1;
+                            st.resumed += 1;
                         }
                         Err(applied) => {
                             return Err(device_error(format!(
