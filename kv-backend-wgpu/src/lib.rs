@@ -74,6 +74,13 @@
 //! [`Error::Device`] or [`Error::OutOfDeviceMemory`]. A put or delete that fails part-way
 //! still counts what it applied when the device can report it (contract item g).
 //!
+//! # Cache tables
+//!
+//! [`WgpuCache`] is a cache table (a [`TableConfig::cache`] config: a fixed budget, an
+//! eviction policy, expiry, docs/cache.md) on the same devices, with kernels of its own:
+//! a put applies its keys one invocation per touched bucket, in batch order, with no
+//! locks. [`WgpuBackend`] refuses a cache config with [`Error::Unsupported`].
+//!
 //! # Options
 //!
 //! [`WgpuOptions`], passed to [`WgpuBackend::open_with`], set the staging chunk size, the
