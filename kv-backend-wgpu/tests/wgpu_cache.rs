@@ -207,7 +207,29 @@ fn pieces_keep_the_contract(policy: CachePolicy) -> Result<(), String> {
     Ok(())
 }
 
+/// A table whose rows pass one storage binding (at most 2 GiB on any adapter) is refused
+/// as out of memory when it opens, before anything is allocated.
+fn larger_than_a_binding_is_refused() -> Result<(), String> {
+    let cfg = TableConfig::new(1 << 25)
+        .width(16)
+        .cache(CacheConfig::new(CachePolicy::Lru));
+    match WgpuCache::open(cfg) {
+        Err(kv_core::Error::OutOfDeviceMemory {
+            backend,
+            requested_bytes,
+        }) => {
+            if backend != "wgpu" || requested_bytes < (1 << 25) * 16 * 8 {
+                return Err(format!("refused as {backend}, {requested_bytes} bytes"));
+            }
+            Ok(())
+        }
+        Err(e) => Err(format!("a 4 GiB row array gave {e}")),
+        Ok(_) => Err("a 4 GiB row array opened".into()),
+    }
+}
+
 fn cache_in_pieces_and_rounds() -> Result<(), Failed> {
+    larger_than_a_binding_is_refused()?;
     for policy in [CachePolicy::Lfu, CachePolicy::Custom] {
         same_as_cpu(policy)?;
     }
