@@ -309,8 +309,8 @@ pub fn open_with(cfg: TableConfig, options: &Options) -> Result<Table> {
                     skipped,
                 });
             }
-            // A backend that cannot open this kind of table (a cache table on a GPU backend
-            // that has none yet) is skipped too, and says so in `skipped`.
+            // A backend that cannot open this kind of table (one without cache tables, for
+            // a cache config) is skipped too, and says so in `skipped`.
             Err(
                 e @ (Error::BackendUnavailable { .. }
                 | Error::Device { .. }
@@ -385,6 +385,17 @@ fn open_kind(
             cfg,
             &options.cuda,
         )?)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu if cfg.cache.is_some() => {
+            let t = kv_backend_wgpu::WgpuCache::open_with(cfg, &options.wgpu)?;
+            if auto && !t.is_discrete_gpu() {
+                return Err(Error::BackendUnavailable {
+                    backend: "wgpu",
+                    reason: format!("adapter {} is not a discrete GPU", t.adapter_name()),
+                });
+            }
+            Ok(Box::new(t))
+        }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             let t = kv_backend_wgpu::WgpuBackend::open_with(cfg, &options.wgpu)?;

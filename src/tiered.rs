@@ -1,5 +1,5 @@
-//! [`Tiered`]: a cache table over a cache table, the upper one in VRAM when the CUDA
-//! backend runs here, the lower one in host RAM: the CPU as the manager of what stays
+//! [`Tiered`]: a cache table over a cache table, the upper one in VRAM when a GPU backend
+//! (CUDA, or wgpu) runs here, the lower one in host RAM: the CPU as the manager of what stays
 //! resident in VRAM (docs/cache.md, "Tiers").
 //!
 //! - A put writes to the upper tier. What the upper tier evicts moves down to the lower
@@ -92,8 +92,9 @@ pub struct Tiered {
 
 impl Tiered {
     /// Opens a tiered store: the upper tier on the backend `options` pick for a cache table
-    /// (CUDA when it runs here; the CPU otherwise, which
-    /// [`upper`](Self::upper)`.describe()` shows), the lower tier on the CPU.
+    /// (CUDA when it runs here, then wgpu on a discrete GPU, else the CPU; a backend that
+    /// `options` force, with no fallback; [`upper`](Self::upper)`.describe()` says which),
+    /// the lower tier on the CPU.
     pub fn open(cfg: TieredConfig, options: &Options) -> Result<Self> {
         let table = |bytes| {
             let mut t = TableConfig::default()

@@ -8,7 +8,9 @@
 //!
 //! `PROPTEST_CASES` sets the sequences per backend (default 200). A backend without cache
 //! tables, or that cannot run here, prints `skipped: <reason>` and its trial is ignored;
-//! with `VRAMKV_REQUIRE_CUDA=1` a CUDA device that is missing fails instead.
+//! with `VRAMKV_REQUIRE_CUDA=1` a CUDA device that is missing fails instead, and with
+//! `VRAMKV_REQUIRE_WGPU=1` a wgpu adapter (lavapipe will do: a forced backend need not be
+//! a discrete GPU).
 
 use std::sync::Arc;
 
@@ -163,15 +165,22 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let require_cuda = std::env::var("VRAMKV_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let required = |kind: BackendKind| {
+        let var = match kind {
+            BackendKind::Cuda => "VRAMKV_REQUIRE_CUDA",
+            BackendKind::Wgpu => "VRAMKV_REQUIRE_WGPU",
+            _ => return false,
+        };
+        std::env::var(var).is_ok_and(|v| v == "1")
+    };
     let mut trials = Vec::new();
     for kind in BackendKind::ALL.into_iter().filter(|k| k.compiled_in()) {
         let name = format!("cache_differential::{kind}");
         let probe = TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Lru));
         match vramkv::open_backend(kind, probe) {
             Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e) if kind == BackendKind::Cuda && require_cuda => {
-                let msg = format!("VRAMKV_REQUIRE_CUDA=1 but cuda cache tables cannot run: {e}");
+            Err(e) if required(kind) => {
+                let msg = format!("{kind} is required here but its cache tables cannot run: {e}");
                 trials.push(Trial::test(name, move || Err(msg.into())));
             }
             Err(e @ (Error::Unsupported { .. } | Error::BackendUnavailable { .. })) => {

@@ -71,33 +71,36 @@ fn the_facade_forwards_audit() {
 }
 
 #[test]
-fn cache_tables_open_on_the_cpu_and_cuda_and_wgpu_refuses_them() {
+fn cache_tables_open_on_every_backend_and_a_forced_one_never_falls_back() {
     use vramkv::{CacheConfig, CachePolicy};
     let cfg = TableConfig::new(64).cache(CacheConfig::new(CachePolicy::Lru));
-    // Automatic choice lands on a backend that has cache tables (the GPU when CUDA is
-    // compiled in and a device is there, else the CPU), and says why it skipped the others.
+    // Automatic choice lands on a backend that has cache tables (CUDA when it is compiled
+    // in and a device is there, then wgpu on a discrete GPU, else the CPU), and says why
+    // it skipped the others.
     let t = vramkv::open_with_choice(None, cfg.clone()).expect("the cpu has cache tables");
-    assert!(matches!(t.kind(), BackendKind::Cpu | BackendKind::Cuda));
+    assert!(matches!(
+        t.kind(),
+        BackendKind::Cpu | BackendKind::Cuda | BackendKind::Wgpu
+    ));
+    assert_eq!(t.describe().backend, t.kind().name());
     assert!(t.skipped().iter().all(|(_, why)| !why.is_empty()));
     t.put(&[1, 2], &[10, 20]).expect("put");
     assert_eq!(t.cache_stats().expect("a cache table").evicted, 0);
-    // Forcing CUDA opens a CUDA cache table, or says that there is no GPU.
-    match vramkv::open_with_choice(Some("cuda"), cfg.clone()) {
-        Ok(t) => {
-            assert_eq!(t.kind(), BackendKind::Cuda);
-            t.put(&[1, 2], &[10, 20]).expect("put");
-            assert_eq!(t.cache_stats().expect("a cache table").evicted, 0);
+    // Forcing a GPU backend opens a cache table there, or says that it cannot run: never
+    // a table of another backend, never an ordinary table in its place.
+    for kind in [BackendKind::Cuda, BackendKind::Wgpu] {
+        match vramkv::open_with_choice(Some(kind.name()), cfg.clone()) {
+            Ok(t) => {
+                assert_eq!(t.kind(), kind);
+                assert_eq!(t.describe().backend, kind.name());
+                assert_eq!(t.cache_policy().expect("a cache table"), CachePolicy::Lru);
+                t.put(&[1, 2], &[10, 20]).expect("put");
+                assert_eq!(t.cache_stats().expect("a cache table").evicted, 0);
+                assert_eq!(t.len(), 2);
+            }
+            Err(Error::BackendUnavailable { backend, .. }) => assert_eq!(backend, kind.name()),
+            Err(e) => panic!("forcing {kind} with a cache config gave {e:?}"),
         }
-        Err(Error::BackendUnavailable { backend, .. }) => assert_eq!(backend, "cuda"),
-        Err(e) => panic!("forcing cuda with a cache config gave {e:?}"),
-    }
-    // Forcing wgpu never opens an ordinary table in its place.
-    match vramkv::open_with_choice(Some("wgpu"), cfg.clone()) {
-        Ok(_) => panic!("wgpu opened a cache table it does not have"),
-        Err(Error::Unsupported { backend, .. } | Error::BackendUnavailable { backend, .. }) => {
-            assert_eq!(backend, "wgpu")
-        }
-        Err(e) => panic!("forcing wgpu with a cache config gave {e:?}"),
     }
     // An ordinary table has no cache capabilities, and says so.
     let plain = vramkv::open_with_choice(Some("cpu"), TableConfig::new(16)).expect("cpu");

@@ -1,6 +1,11 @@
 //! The tiered store (a cache table over a cache table) against a model: nothing is lost
 //! while the lower tier has room, everything that leaves is reported or counted, and
 //! times to live move with entries between tiers.
+//!
+//! Each test runs with the upper tier on every backend of this build whose cache tables
+//! open here (the CPU always; CUDA with a device; wgpu with an adapter, lavapipe included,
+//! as a forced backend need not be a discrete GPU). A backend that cannot run prints
+//! `skipped: ...`, unless `VRAMKV_REQUIRE_CUDA=1` or `VRAMKV_REQUIRE_WGPU=1` requires it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,11 +13,40 @@ use std::sync::Arc;
 use kv_conformance::SplitMix64;
 
 use vramkv::{
-    CacheConfig, CachePolicy, CachePut, Clock, Error, Evicted, KvBackend, ManualClock, Options,
-    TableConfig, Tiered, TieredConfig,
+    BackendKind, CacheConfig, CachePolicy, CachePut, Clock, Error, Evicted, KvBackend, ManualClock,
+    Options, TableConfig, Tiered, TieredConfig,
 };
 
-fn store(policy: CachePolicy, upper_slots: u64, lower_slots: u64) -> (Tiered, Arc<ManualClock>) {
+/// The backends the upper tier runs on in these tests; see the module docs.
+fn uppers() -> Vec<BackendKind> {
+    let mut out = Vec::new();
+    for kind in BackendKind::ALL.into_iter().filter(|k| k.compiled_in()) {
+        let probe = TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Lru));
+        match vramkv::open_backend(kind, probe) {
+            Ok(_) => out.push(kind),
+            Err(e) => {
+                let var = match kind {
+                    BackendKind::Cuda => "VRAMKV_REQUIRE_CUDA",
+                    BackendKind::Wgpu => "VRAMKV_REQUIRE_WGPU",
+                    _ => "",
+                };
+                assert!(
+                    !std::env::var(var).is_ok_and(|v| v == "1"),
+                    "{var}=1 but {kind} cache tables cannot run: {e}"
+                );
+                println!("skipped: an upper tier on {kind}: {e}");
+            }
+        }
+    }
+    out
+}
+
+fn store(
+    upper: BackendKind,
+    policy: CachePolicy,
+    upper_slots: u64,
+    lower_slots: u64,
+) -> (Tiered, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(10));
     let cfg = TieredConfig {
         width: 2,
@@ -21,7 +55,9 @@ fn store(policy: CachePolicy, upper_slots: u64, lower_slots: u64) -> (Tiered, Ar
         lower_bytes: lower_slots * vramkv::cache_slot_bytes(2) as u64,
         seed: Some(3),
     };
-    (Tiered::open(cfg, &Options::default()).expect("open"), clock)
+    let t = Tiered::open(cfg, &Options::default().backend(upper)).expect("open");
+    assert_eq!(t.upper().describe().backend, upper.name());
+    (t, clock)
 }
 
 /// The model: key -> (row, expiry or 0).
@@ -48,8 +84,8 @@ fn missing(t: &Tiered, m: &Model) -> Vec<u64> {
     gone
 }
 
-fn run(policy: CachePolicy, lower_slots: u64, seed: u64) {
-    let (t, clock) = store(policy, 64, lower_slots);
+fn run(upper: BackendKind, policy: CachePolicy, lower_slots: u64, seed: u64) {
+    let (t, clock) = store(upper, policy, 64, lower_slots);
     let mut m = Model::new();
     let mut rng = SplitMix64(seed);
     let mut reported_or_counted = 0u64;
@@ -155,19 +191,29 @@ fn run(policy: CachePolicy, lower_slots: u64, seed: u64) {
 
 #[test]
 fn nothing_is_lost_while_host_ram_has_room() {
-    run(CachePolicy::Lru, 2048, 1);
-    run(CachePolicy::Lfu, 2048, 2);
+    for upper in uppers() {
+        run(upper, CachePolicy::Lru, 2048, 1);
+        run(upper, CachePolicy::Lfu, 2048, 2);
+    }
 }
 
 #[test]
 fn what_leaves_a_full_store_is_reported_or_counted() {
-    run(CachePolicy::Lru, 128, 3);
-    run(CachePolicy::Lfu, 128, 4);
+    for upper in uppers() {
+        run(upper, CachePolicy::Lru, 128, 3);
+        run(upper, CachePolicy::Lfu, 128, 4);
+    }
 }
 
 #[test]
 fn times_to_live_move_with_entries() {
-    let (t, clock) = store(CachePolicy::Lru, 32, 4096);
+    for upper in uppers() {
+        times_to_live_move_with_entries_on(upper);
+    }
+}
+
+fn times_to_live_move_with_entries_on(upper: BackendKind) {
+    let (t, clock) = store(upper, CachePolicy::Lru, 32, 4096);
     // Key 1 expires in 50 ms; a flood of other keys pushes it down to host RAM.
     t.put_cached(CachePut::new(&[1], &[1, 1]).ttl_ms(&[50]))
         .expect("put");

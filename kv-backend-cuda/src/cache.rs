@@ -38,8 +38,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, result};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, check_cache_put_len, check_contains,
-    check_evicted_len, check_get, check_get_len, check_put, check_take,
+    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items, check_cache_batch,
+    check_cache_put_len, check_contains, check_evicted_len, check_get, check_get_len, check_put,
+    check_take,
 };
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
@@ -58,10 +59,6 @@ fn timing_event(dev: &Device) -> Result<CudaEvent> {
         .drv("cuEventCreate")
 }
 const _: () = assert!(B as u64 == kv_kernels::layout::CACHE_BUCKET);
-
-/// The most keys one batch may hold: the kernels index items and the batch-local table
-/// with u32 words.
-const MAX_BATCH: usize = 1 << 30;
 
 /// `count * size` bytes, or [`Error::OutOfDeviceMemory`] when that overflows.
 fn bytes_of(count: usize, size: usize) -> Result<usize> {
@@ -165,7 +162,7 @@ fn grown<T>(
 ) -> Result<&T> {
     if slot.as_ref().is_none_or(|s| cap(s) < n) {
         *slot = None;
-        *slot = Some(make(n.next_power_of_two().max(256))?);
+        *slot = Some(make(cache_scratch_items(n))?);
     }
     slot.as_ref()
         .ok_or_else(|| device_error("cache scratch missing after allocation"))
@@ -523,15 +520,6 @@ impl CudaCache {
         }
     }
 
-    fn check_batch_len(n: usize) -> Result<()> {
-        if n > MAX_BATCH {
-            return Err(Error::InvalidArgument(format!(
-                "a cache batch holds at most {MAX_BATCH} keys; this one has {n}"
-            )));
-        }
-        Ok(())
-    }
-
     /// A new stream on the table's context, e.g. to allocate and fill device-resident
     /// batches.
     pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
@@ -681,7 +669,7 @@ impl CudaCache {
         evicted: Option<&mut Evicted<'_>>,
     ) -> Result<usize> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(0);
         }
@@ -740,7 +728,7 @@ impl CudaCache {
         access: bool,
     ) -> Result<()> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(());
         }
@@ -784,7 +772,7 @@ impl CudaCache {
         outputs: Option<(&mut [u64], &mut [bool], &mut [u64])>,
     ) -> Result<usize> {
         let n = keys.len();
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         if n == 0 {
             return Ok(0);
         }
@@ -920,7 +908,7 @@ impl CudaCache {
                 ev.expires_ms.as_ref().map(|e| e.len()),
             )?;
         }
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         let mut streams = vec![batch.keys.stream(), batch.values.stream()];
         streams.extend(batch.scores.map(|s| s.stream()));
         streams.extend(batch.ttl_ms.map(|t| t.stream()));
@@ -1014,7 +1002,7 @@ impl CudaCache {
     ) -> Result<()> {
         let n = keys.len();
         check_get_len(self.width, n, values_out.len(), found_out.len())?;
-        Self::check_batch_len(n)?;
+        check_cache_batch(n)?;
         for s in [keys.stream(), values_out.stream(), found_out.stream()] {
             self.dev.check_context(s)?;
         }

@@ -226,6 +226,8 @@ pub(crate) struct Layout {
 enum PipeKey {
     Batch(usize, &'static str),
     Rehash(usize),
+    /// A kernel of the cache module (`shader::cache_module`).
+    Cache(&'static str),
 }
 
 /// One adapter's device, shared by every table on it.
@@ -259,6 +261,8 @@ pub(crate) struct Gpu {
     batch_layouts: Mutex<HashMap<usize, Arc<Layout>>>,
     rehash_layouts: Mutex<HashMap<usize, Arc<Layout>>>,
     modules: Mutex<HashMap<(Flavour, usize, bool), wgpu::ShaderModule>>,
+    cache_layout: Mutex<Option<Arc<Layout>>>,
+    cache_module: Mutex<Option<wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipeKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -321,6 +325,8 @@ impl Gpu {
             batch_layouts: Mutex::new(HashMap::new()),
             rehash_layouts: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            cache_layout: Mutex::new(None),
+            cache_module: Mutex::new(None),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -492,6 +498,57 @@ impl Gpu {
         Ok(l)
     }
 
+    /// The layout of the cache kernels (`shader::cache_module`).
+    pub fn cache_layout(&self) -> Result<Arc<Layout>> {
+        let mut l = lock(&self.cache_layout);
+        if let Some(l) = l.as_ref() {
+            return Ok(l.clone());
+        }
+        let made = self.make_layout(1, shader::CACHE_STORAGE)?;
+        *l = Some(made.clone());
+        Ok(made)
+    }
+
+    /// The cache kernel `entry`.
+    pub fn cache_pipeline(&self, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline(PipeKey::Cache(entry))
+    }
+
+    /// A shader module of `src`, in error scopes.
+    fn module(&self, src: String) -> Result<wgpu::ShaderModule> {
+        self.scoped("shader module", 0, || {
+            self.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some("vramkv"),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                })
+        })
+    }
+
+    /// The compute pipeline of `entry` in `module` with `layout`, cached under `key`.
+    fn make_pipeline(
+        &self,
+        key: PipeKey,
+        entry: &'static str,
+        layout: &Layout,
+        module: &wgpu::ShaderModule,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let p = self.scoped(entry, 0, || {
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry),
+                    layout: Some(&layout.pl),
+                    module,
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+        })?;
+        let p = Arc::new(p);
+        lock(&self.pipelines).insert(key, p.clone());
+        Ok(p)
+    }
+
     fn pipeline(&self, key: PipeKey) -> Result<Arc<wgpu::ComputePipeline>> {
         if let Some(p) = lock(&self.pipelines).get(&key) {
             return Ok(p.clone());
@@ -499,6 +556,21 @@ impl Gpu {
         let (flavour, segs, rehash, entry) = match key {
             PipeKey::Batch(segs, entry) => (Flavour::of(entry), segs, false, entry),
             PipeKey::Rehash(segs) => (Flavour::Plain, segs, true, "kv_rehash"),
+            PipeKey::Cache(entry) => {
+                let layout = self.cache_layout()?;
+                let module = {
+                    let mut m = lock(&self.cache_module);
+                    match m.as_ref() {
+                        Some(m) => m.clone(),
+                        None => {
+                            let made = self.module(shader::cache_module())?;
+                            *m = Some(made.clone());
+                            made
+                        }
+                    }
+                };
+                return self.make_pipeline(key, entry, &layout, &module);
+            }
         };
         let layout = if rehash {
             self.rehash_layout(segs)?
@@ -515,32 +587,13 @@ impl Gpu {
                     } else {
                         shader::batch_module(segs, flavour)
                     };
-                    let m = self.scoped("shader module", 0, || {
-                        self.device
-                            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                                label: Some("vramkv"),
-                                source: wgpu::ShaderSource::Wgsl(src.into()),
-                            })
-                    })?;
+                    let m = self.module(src)?;
                     modules.insert((flavour, segs, rehash), m.clone());
                     m
                 }
             }
         };
-        let p = self.scoped(entry, 0, || {
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(entry),
-                    layout: Some(&layout.pl),
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-        })?;
-        let p = Arc::new(p);
-        lock(&self.pipelines).insert(key, p.clone());
-        Ok(p)
+        self.make_pipeline(key, entry, &layout, &module)
     }
 
     /// The batch kernel `entry` for a table of `segs` segments.

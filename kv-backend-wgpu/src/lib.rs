@@ -74,6 +74,13 @@
 //! [`Error::Device`] or [`Error::OutOfDeviceMemory`]. A put or delete that fails part-way
 //! still counts what it applied when the device can report it (contract item g).
 //!
+//! # Cache tables
+//!
+//! [`WgpuCache`] is a cache table (a [`TableConfig::cache`] config: a fixed budget, an
+//! eviction policy, expiry, docs/cache.md) on the same devices, with kernels of its own:
+//! a put applies its keys one invocation per touched bucket, in batch order, with no
+//! locks. [`WgpuBackend`] refuses a cache config with [`Error::Unsupported`].
+//!
 //! # Options
 //!
 //! [`WgpuOptions`], passed to [`WgpuBackend::open_with`], set the staging chunk size, the
@@ -81,6 +88,7 @@
 //! on a trace of where each batch's time went. [`WgpuOptions::from_env`] reads them from
 //! `VRAMKV_WGPU_*` variables, for tools; the library never reads the environment itself.
 
+mod cache;
 mod gpu;
 mod gpu_trace;
 mod lane;
@@ -102,6 +110,7 @@ use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 use kv_staging::trace::Recorder;
 
+pub use cache::{ROUND_ITEMS, WgpuCache};
 pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};
 use lane::Lane;
@@ -227,7 +236,7 @@ impl WgpuBackend {
         if cfg.cache.is_some() {
             return Err(Error::Unsupported {
                 backend: "wgpu",
-                what: "cache tables (TableConfig::cache); the CPU backend has them",
+                what: "cache tables (TableConfig::cache) in a WgpuBackend; open them with WgpuCache",
             });
         }
         let gpu = gpu::gpu(&cfg)?;

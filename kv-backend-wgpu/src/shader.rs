@@ -907,6 +907,323 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     s
 }
 
+/// Kernel parameters of the cache module, as its WGSL `CParams` struct (u64 values as
+/// halves). Sections of the batch buffers are `cap` items apart (`crate::cache`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct CacheParams {
+    /// Items of the dispatch (put: grouped items of the piece; lookups, takes: items; count:
+    /// buckets).
+    pub n: u32,
+    /// Put: the touched buckets of the piece.
+    pub touched: u32,
+    /// Items per section of the batch buffers.
+    pub cap: u32,
+    pub width: u32,
+    /// `kv_kernels::layout::cache_policy`.
+    pub policy: u32,
+    /// Lookup: 1 for a get (scores change), 0 for a peek or contains.
+    pub access: u32,
+    /// Lookup, take: 1 when the rows are wanted.
+    pub want_rows: u32,
+    /// Put: the most items one bucket's invocation applies per dispatch.
+    pub round_items: u32,
+    /// Lookup: the batch index of the dispatch's first item (LRU order bits).
+    pub base: u32,
+    pub pad: [u32; 3],
+    /// Now, in the table clock's milliseconds.
+    pub now_lo: u32,
+    pub now_hi: u32,
+    /// Lookup: `kv_kernels::ops::cache::lru_score(clock, 0)` of the batch.
+    pub lru0_lo: u32,
+    pub lru0_hi: u32,
+}
+
+/// Bindings of the cache module after the parameters (all storage).
+pub(crate) const CACHE_STORAGE: u32 = 9;
+
+/// The WGSL constants of the cache module, from their one definition in
+/// `kv_kernels::layout` and `kv_kernels::ops::cache`.
+fn cache_constants() -> String {
+    use kv_kernels::layout::{self as l, cache_counter as c, cache_policy as pol};
+    let mut out = String::new();
+    let u32s = [
+        ("WG", l::WORKGROUP as u64),
+        ("SLOTS", l::CACHE_BUCKET),
+        ("LRU", u64::from(pol::LRU)),
+        ("LFU", u64::from(pol::LFU)),
+        (
+            "LRU_ORDER_BITS",
+            u64::from(kv_kernels::ops::cache::LRU_ORDER_BITS),
+        ),
+        ("C_EXPIRED_REUSED", c::EXPIRED_REUSED as u64),
+        ("C_LIVE", c::LIVE as u64),
+        ("C_APPLIED", c::APPLIED as u64),
+    ];
+    for (name, v) in u32s {
+        let _ = writeln!(out, "const {name}: u32 = {v}u;");
+    }
+    out
+}
+
+/// The cache-table module (`crate::cache`): one array per field of the table (bindings 2 to
+/// 6), the batch's u64 inputs (`bin`: keys, scores, expiry times, then rows, sections
+/// `cap` items apart), its u64 outputs (`bout`: the same sections) and its u32 words
+/// (`b32`: flags, bucket per item or per touched bucket, offsets, progress).
+///
+/// - `kc_put`: one invocation per touched bucket applies that bucket's items in batch
+///   order (the host deduplicated and grouped them) with the CPU backend's rule, at most
+///   `p.round_items` per dispatch; `b32` keeps how far each bucket got, and the APPLIED
+///   counter how many items the dispatch applied, so that a dispatch cut short is resumed,
+///   never taken as done. No atomics but the counters: a bucket has one writer.
+/// - `kc_lookup`: get, peek, contains, one invocation per item; a get's score change is one
+///   64-bit atomic (LRU max, LFU add).
+/// - `kc_take`: take and delete of distinct keys (the host deduplicated them), one
+///   invocation per key; the used bit is cleared with an atomic and.
+/// - `kc_count`: the live entries, one invocation per bucket.
+///
+/// Every loop is bounded: 32 slots, `width` words, `p.round_items` items.
+pub(crate) fn cache_module() -> String {
+    let mut s = cache_constants();
+    s.push_str(CACHE_SRC);
+    s
+}
+
+const CACHE_SRC: &str = r#"
+struct CParams {
+    n: u32,
+    touched: u32,
+    cap: u32,
+    width: u32,
+    policy: u32,
+    access: u32,
+    want_rows: u32,
+    round_items: u32,
+    base: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+    now_lo: u32,
+    now_hi: u32,
+    lru0_lo: u32,
+    lru0_hi: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: CParams;
+@group(0) @binding(1) var<storage, read_write> ctl: array<atomic<u64>>;
+@group(0) @binding(2) var<storage, read_write> tkeys: array<u64>;
+@group(0) @binding(3) var<storage, read_write> tscores: array<atomic<u64>>;
+@group(0) @binding(4) var<storage, read_write> texp: array<u64>;
+@group(0) @binding(5) var<storage, read_write> trows: array<u64>;
+@group(0) @binding(6) var<storage, read_write> tused: array<atomic<u32>>;
+@group(0) @binding(7) var<storage, read_write> bin: array<u64>;
+@group(0) @binding(8) var<storage, read_write> bout: array<u64>;
+@group(0) @binding(9) var<storage, read_write> b32: array<u32>;
+
+const NONE: u32 = SLOTS;
+const U64_MAX: u64 = 0xfffffffffffffffflu;
+
+fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid;
+}
+
+fn now() -> u64 { return (u64(p.now_hi) << 32u) | u64(p.now_lo); }
+
+// kv_kernels::ops::cache: an entry with expiry time e has expired at now.
+fn expired(e: u64) -> bool { return e != 0lu && e <= now(); }
+
+// kv_kernels::ops::cache::visible_score.
+fn visible(s: u64) -> u64 {
+    if p.policy == LRU { return s >> LRU_ORDER_BITS; }
+    return s;
+}
+
+// Sections of the batch buffers: u64 words (bin, bout) and u32 words (b32).
+fn sec_score(i: u32) -> u32 { return p.cap + i; }
+fn sec_exp(i: u32) -> u32 { return 2u * p.cap + i; }
+fn sec_row(i: u32) -> u32 { return 3u * p.cap + i * p.width; }
+fn sec_bucket(i: u32) -> u32 { return p.cap + i; }
+fn sec_off(t: u32) -> u32 { return 2u * p.cap + t; }
+fn sec_done(t: u32) -> u32 { return 3u * p.cap + 1u + t; }
+
+// The slot (0..SLOTS) of key's live entry in bucket b, NONE if it has none.
+fn find(b: u32, key: u64) -> u32 {
+    let used = atomicLoad(&tused[b]);
+    let base = b * SLOTS;
+    for (var j = 0u; j < SLOTS; j += 1u) {
+        if ((used >> j) & 1u) != 0u && tkeys[base + j] == key && !expired(texp[base + j]) {
+            return j;
+        }
+    }
+    return NONE;
+}
+
+// Reports an eviction at item position i: key, stored score, expiry time; the row is copied
+// by the caller.
+fn report(i: u32, key: u64, score: u64, e: u64) {
+    bout[i] = key;
+    bout[sec_score(i)] = score;
+    bout[sec_exp(i)] = e;
+    b32[i] = 1u;
+}
+
+@compute @workgroup_size(WG)
+fn kc_put(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = item(wid, nwg, lid);
+    if t >= p.touched { return; }
+    let b = b32[sec_bucket(t)];
+    let lo = b32[sec_off(t)];
+    let hi = b32[sec_off(t + 1u)];
+    var done = b32[sec_done(t)];
+    let base = b * SLOTS;
+    let w = p.width;
+    var used = atomicLoad(&tused[b]);
+    // Expired entries leave the bucket as soon as a put touches it (CpuCache's rule).
+    var dropped = 0u;
+    for (var j = 0u; j < SLOTS; j += 1u) {
+        if ((used >> j) & 1u) != 0u && expired(texp[base + j]) {
+            used &= ~(1u << j);
+            dropped += 1u;
+        }
+    }
+    var applied = 0u;
+    for (var r = 0u; r < p.round_items; r += 1u) {
+        let i = lo + done;
+        if i >= hi { break; }
+        let key = bin[i];
+        let score = bin[sec_score(i)];
+        let e = bin[sec_exp(i)];
+        var hit = NONE;
+        var free = NONE;
+        var victim = NONE;
+        var low = 0lu;
+        for (var j = 0u; j < SLOTS; j += 1u) {
+            if ((used >> j) & 1u) != 0u {
+                let s = atomicLoad(&tscores[base + j]);
+                if hit == NONE && tkeys[base + j] == key { hit = j; }
+                if victim == NONE || s < low { victim = j; low = s; }
+            } else if free == NONE {
+                free = j;
+            }
+        }
+        b32[i] = 0u;
+        var at = NONE;
+        var stored = score;
+        if hit != NONE {
+            at = hit;
+            if p.policy == LFU {
+                let old = atomicLoad(&tscores[base + hit]);
+                stored = old + score;
+                if stored < old { stored = U64_MAX; }
+            }
+        } else if free != NONE {
+            at = free;
+        } else if visible(score) < visible(low) {
+            // Full, and the new key scores below every entry: it is turned away (ties go
+            // against the entry already there).
+            report(i, key, score, e);
+            for (var k = 0u; k < w; k += 1u) { bout[sec_row(i) + k] = bin[sec_row(i) + k]; }
+        } else {
+            // Full: the entry of lowest (score, slot) leaves.
+            let v = base + victim;
+            report(i, tkeys[v], low, texp[v]);
+            for (var k = 0u; k < w; k += 1u) { bout[sec_row(i) + k] = trows[v * w + k]; }
+            at = victim;
+        }
+        if at != NONE {
+            let s = base + at;
+            used |= 1u << at;
+            tkeys[s] = key;
+            atomicStore(&tscores[s], stored);
+            texp[s] = e;
+            for (var k = 0u; k < w; k += 1u) { trows[s * w + k] = bin[sec_row(i) + k]; }
+        }
+        done += 1u;
+        applied += 1u;
+    }
+    atomicStore(&tused[b], used);
+    b32[sec_done(t)] = done;
+    if dropped != 0u { atomicAdd(&ctl[C_EXPIRED_REUSED], u64(dropped)); }
+    if applied != 0u { atomicAdd(&ctl[C_APPLIED], u64(applied)); }
+}
+
+// Get (p.access = 1), peek or contains of item i.
+@compute @workgroup_size(WG)
+fn kc_lookup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i >= p.n { return; }
+    let b = b32[sec_bucket(i)];
+    let j = find(b, bin[i]);
+    let w = p.width;
+    let s = b * SLOTS + j;
+    if j != NONE && p.access != 0u {
+        if p.policy == LRU {
+            // kv_kernels::ops::cache::lru_score(clock, base + i).
+            let lru0 = (u64(p.lru0_hi) << 32u) | u64(p.lru0_lo);
+            atomicMax(&tscores[s], lru0 + u64(p.base + i));
+        } else if p.policy == LFU {
+            atomicAdd(&tscores[s], 1lu);
+        }
+    }
+    if p.want_rows != 0u {
+        for (var k = 0u; k < w; k += 1u) {
+            var v = 0lu;
+            if j != NONE { v = trows[s * w + k]; }
+            bout[sec_row(i) + k] = v;
+        }
+    }
+    b32[i] = select(0u, 1u, j != NONE);
+}
+
+// Take (p.want_rows = 1) or delete of item i; the batch's keys are distinct.
+@compute @workgroup_size(WG)
+fn kc_take(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let i = item(wid, nwg, lid);
+    if i >= p.n { return; }
+    let b = b32[sec_bucket(i)];
+    let j = find(b, bin[i]);
+    var taken = false;
+    if j != NONE {
+        let bit = 1u << j;
+        taken = (atomicAnd(&tused[b], ~bit) & bit) != 0u;
+    }
+    let s = b * SLOTS + j;
+    if p.want_rows != 0u {
+        let w = p.width;
+        for (var k = 0u; k < w; k += 1u) {
+            var v = 0lu;
+            if taken { v = trows[s * w + k]; }
+            bout[sec_row(i) + k] = v;
+        }
+        var e = 0lu;
+        if taken { e = texp[s]; }
+        bout[sec_exp(i)] = e;
+    }
+    b32[i] = select(0u, 1u, taken);
+}
+
+var<workgroup> wg_live: atomic<u32>;
+
+// Live entries of the buckets 0 .. p.n into ctl[C_LIVE].
+@compute @workgroup_size(WG)
+fn kc_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let b = item(wid, nwg, lid);
+    if b < p.n {
+        let used = atomicLoad(&tused[b]);
+        var live = 0u;
+        for (var j = 0u; j < SLOTS; j += 1u) {
+            if ((used >> j) & 1u) != 0u && !expired(texp[b * SLOTS + j]) { live += 1u; }
+        }
+        if live != 0u { atomicAdd(&wg_live, live); }
+    }
+    workgroupBarrier();
+    if lid == 0u {
+        let c = atomicLoad(&wg_live);
+        if c != 0u { atomicAdd(&ctl[C_LIVE], u64(c)); }
+    }
+}
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +1248,7 @@ mod tests {
             }
             validate(&rehash_module(segs));
         }
+        validate(&cache_module());
     }
 
     #[test]

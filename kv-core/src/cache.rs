@@ -182,6 +182,38 @@ pub fn cache_buckets(capacity: usize) -> usize {
     capacity.div_ceil(CACHE_BUCKET_SLOTS).max(1)
 }
 
+/// The most keys one batch of a cache table on a GPU backend may hold: the kernels index a
+/// batch's items (and the CUDA put's batch-local table) with u32 words.
+pub const CACHE_MAX_BATCH: usize = 1 << 30;
+
+/// Refuses a batch of `n` keys that a GPU backend's cache table cannot index
+/// ([`CACHE_MAX_BATCH`]); every GPU backend calls it before it touches the device.
+///
+/// ```
+/// assert!(kv_core::check_cache_batch(1 << 20).is_ok());
+/// assert!(kv_core::check_cache_batch(kv_core::CACHE_MAX_BATCH + 1).is_err());
+/// ```
+pub fn check_cache_batch(n: usize) -> Result<()> {
+    if n > CACHE_MAX_BATCH {
+        return Err(Error::InvalidArgument(format!(
+            "a cache batch holds at most {CACHE_MAX_BATCH} keys; this one has {n}"
+        )));
+    }
+    Ok(())
+}
+
+/// Items of the device scratch a GPU backend's cache table keeps for a batch of `n` items:
+/// the next power of two, at least 256, so that scratch grows a few times and is then
+/// reused (it is never shrunk).
+///
+/// ```
+/// assert_eq!(kv_core::cache_scratch_items(1), 256);
+/// assert_eq!(kv_core::cache_scratch_items(1000), 1024);
+/// ```
+pub fn cache_scratch_items(n: usize) -> usize {
+    n.next_power_of_two().max(256)
+}
+
 /// Bytes a cache table spends on one slot of `width` words: the key, its row, its score,
 /// its expiry time, and one byte of bookkeeping.
 pub fn cache_slot_bytes(width: usize) -> usize {

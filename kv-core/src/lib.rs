@@ -31,9 +31,10 @@ pub use bytes::{
     check_byte_lookup, check_byte_put, check_per_key,
 };
 pub use cache::{
-    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Evicted,
-    ManualClock, SystemClock, cache_buckets, cache_capacity_for_budget, cache_slot_bytes,
-    check_cache_put_len, check_evicted_len,
+    CACHE_BUCKET_SLOTS, CACHE_MAX_BATCH, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
+    Evicted, ManualClock, SystemClock, cache_buckets, cache_capacity_for_budget,
+    cache_scratch_items, cache_slot_bytes, check_cache_batch, check_cache_put_len,
+    check_evicted_len,
 };
 pub use config::{
     MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, MIN_SLOTS, PutPlan, TableConfig, capacity_of, plan_put,

@@ -471,6 +471,9 @@ pub mod cache_counter {
     pub const LIVE: usize = 5;
     /// Probes of the batch-local table that found no room (a broken invariant).
     pub const ERRORS: usize = 6;
+    /// wgpu only: items the per-bucket put pass applied, so that the host sees a dispatch
+    /// that a driver cut short (kv-backend-wgpu's `cache` module).
+    pub const APPLIED: usize = 7;
     /// Length of the counter buffer in u64 words.
     pub const LEN: usize = 8;
 }
