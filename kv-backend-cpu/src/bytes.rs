@@ -153,6 +153,11 @@ impl State {
     }
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
+        // An empty value of a record that ends a segment starts at the next segment's
+        // first byte, which may have no memory: there is nothing to write.
+        if bytes.is_empty() {
+            return;
+        }
         let seg = self.arena.segment_of(addr) as usize;
         let off = self.arena.offset_of(addr) as usize;
         self.memory[seg][off..off + bytes.len()].copy_from_slice(bytes);
@@ -212,6 +217,10 @@ impl State {
 }
 
 fn read<'m>(memory: &'m [Box<[u8]>], arena: &ArenaPlan, addr: u64, len: u64) -> &'m [u8] {
+    // As in `State::write`: an empty value may start past its segment's end.
+    if len == 0 {
+        return &[];
+    }
     let seg = arena.segment_of(addr) as usize;
     let off = arena.offset_of(addr) as usize;
     &memory[seg][off..off + len as usize]
