@@ -21,7 +21,7 @@ use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
     TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
-    plan_put,
+    last_occurrences, plan_put,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -279,21 +279,6 @@ impl CpuBytes {
             (0..keys.len()).map(one).collect()
         }
     }
-}
-
-/// The items of a batch that act: the last occurrence of each key, in batch order.
-fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
-    let mut seen: HashTable<usize> = HashTable::with_capacity(keys.len());
-    let mut winners = Vec::with_capacity(keys.len());
-    for i in (0..keys.len()).rev() {
-        let key = keys.get(i);
-        if seen.find(hashes[i], |&j| keys.get(j) == key).is_none() {
-            seen.insert_unique(hashes[i], i, |&j| hashes[j]);
-            winners.push(i);
-        }
-    }
-    winners.reverse();
-    winners
 }
 
 impl CpuBytes {

@@ -572,6 +572,45 @@ pub fn check_per_key<T>(keys: Binary<'_>, what: &'static str, per_key: &[T]) -> 
     Ok(())
 }
 
+/// The items of a batch that act: the last occurrence of each distinct key, in batch
+/// order (`hashes[i]` is key `i`'s hash under any seed; equal keys must have equal hashes).
+/// A put keeps these (the last occurrence wins); a delete or any other batch that acts once
+/// per key can use them too, as every occurrence of a key names the same entry.
+///
+/// ```
+/// use kv_core::{BinaryBuf, last_occurrences};
+/// let keys = BinaryBuf::from_slices(["x", "y", "x", "z", "y"]);
+/// // Colliding hashes: keys are still told apart by their bytes.
+/// assert_eq!(last_occurrences(keys.as_binary(), &[7; 5]), [2, 3, 4]);
+/// ```
+pub fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
+    use rayon::prelude::*;
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    let by_key = |&a: &usize, &b: &usize| {
+        hashes[a]
+            .cmp(&hashes[b])
+            .then_with(|| keys.get(a).cmp(keys.get(b)))
+            .then(a.cmp(&b))
+    };
+    if order.len() >= 4096 {
+        order.par_sort_unstable_by(by_key);
+    } else {
+        order.sort_unstable_by(by_key);
+    }
+    let mut winners: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|&(at, &i)| {
+            order
+                .get(at + 1)
+                .is_none_or(|&j| hashes[j] != hashes[i] || keys.get(j) != keys.get(i))
+        })
+        .map(|(_, &i)| i)
+        .collect();
+    winners.sort_unstable();
+    winners
+}
+
 /// What [`ByteTable::ttl`] answers for a key that is not in the table (Redis's `PTTL`).
 pub const TTL_MISSING: i64 = -2;
 /// What [`ByteTable::ttl`] answers for a key that never expires.
