@@ -148,11 +148,11 @@ fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
         .map_err(|e| Failed::from(format!("{kind}: {e}")))
 }
 
-/// Whether a backend must run here: wgpu when `VRAMKV_REQUIRE_WGPU=1` (CI, with lavapipe).
+/// Whether a backend must run here: wgpu when `VRAMKV_REQUIRE_WGPU` is set to anything but 0 (CI, with lavapipe).
 fn required(kind: BackendKind) -> bool {
     #[cfg(feature = "wgpu")]
     if kind == BackendKind::Wgpu {
-        return std::env::var(vramkv::wgpu::REQUIRE_ENV).is_ok_and(|v| v == "1");
+        return std::env::var_os(vramkv::wgpu::REQUIRE_ENV).is_some_and(|v| v != "0");
     }
     let _ = kind;
     false

@@ -43,8 +43,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use kv_arena::{ArenaPlan, RECORD_ALIGN, compaction_bound, default_segment_bytes, padded};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
-    last_occurrences, plan_put,
+    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, plan_put,
+    remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -202,6 +202,13 @@ fn new_index(gpu: &Gpu, slots: usize) -> Result<Index> {
         kl: storage_buffer(gpu, "vramkv bytes index lengths", slots as u64 * 4)?,
         words: storage_buffer(gpu, "vramkv bytes index slots", bytes)?,
     })
+}
+
+/// The scratch, which `WgpuBytes::ensure_scratch` made.
+fn scratch(st: &State) -> Result<&Scratch> {
+    st.scratch
+        .as_ref()
+        .ok_or_else(|| device_error("byte table scratch missing"))
 }
 
 /// Copies `key` into `words` from a word boundary, zero-padded.
@@ -404,10 +411,7 @@ impl WgpuBytes {
         rounds: usize,
         read: Read,
     ) -> Result<([u32; counter::LEN], Vec<u8>)> {
-        let s = st
-            .scratch
-            .as_ref()
-            .ok_or_else(|| device_error("byte table scratch missing"))?;
+        let s = scratch(st)?;
         self.upload(&st.params, std::slice::from_ref(p));
         let layout = self.gpu.fixed_layout(Fixed::Bytes)?;
         let bind = self.gpu.bind_buffers(
@@ -547,10 +551,7 @@ impl WgpuBytes {
                 })
                 .collect();
             self.ensure_scratch(st, words.len(), items.len(), items.len(), 0)?;
-            let s = st
-                .scratch
-                .as_ref()
-                .ok_or_else(|| device_error("byte table scratch missing"))?;
+            let s = scratch(st)?;
             self.upload(&s.q, &words);
             self.upload(&s.items, &items);
             let (_, found) = self.run_probes(st, bs::FIND, items.len())?;
@@ -563,10 +564,7 @@ impl WgpuBytes {
     fn set(&self, st: &mut State, mode: u32, items: &[Item]) -> Result<()> {
         for piece in items.chunks(st.piece) {
             self.ensure_scratch(st, 0, piece.len(), 0, 0)?;
-            let s = st
-                .scratch
-                .as_ref()
-                .ok_or_else(|| device_error("byte table scratch missing"))?;
+            let s = scratch(st)?;
             self.upload(&s.items, piece);
             let p = self.params(st, piece.len(), mode);
             let (ctl, _) = self.run(st, bs::SET, &p, 1, Read::Nothing)?;
@@ -587,10 +585,7 @@ impl WgpuBytes {
         let mut reused = 0;
         for piece in items.chunks(st.piece) {
             self.ensure_scratch(st, 0, piece.len(), 0, 0)?;
-            let s = st
-                .scratch
-                .as_ref()
-                .ok_or_else(|| device_error("byte table scratch missing"))?;
+            let s = scratch(st)?;
             self.upload(&s.items, piece);
             let (ctl, _) = self.run_probes(st, bs::CLAIM, piece.len())?;
             reused += ctl[counter::REUSED] as usize;
@@ -643,10 +638,7 @@ impl WgpuBytes {
         read_words: usize,
     ) -> Result<Vec<u8>> {
         self.ensure_scratch(st, read_words, 0, 0, pieces.len())?;
-        let s = st
-            .scratch
-            .as_ref()
-            .ok_or_else(|| device_error("byte table scratch missing"))?;
+        let s = scratch(st)?;
         self.upload(&s.pieces, pieces);
         let p = self.params(st, pieces.len(), mode);
         let (ctl, bytes) = self.run(st, bs::COPY, &p, 1, Read::Words(read_words))?;
@@ -799,14 +791,7 @@ impl WgpuBytes {
         for (e, &to) in moving.iter().zip(&placed.addrs) {
             let words = (padded(e.record_len()) / 4) as u32;
             let (src, dst) = ((e.addr / 4) as u32, (to / 4) as u32);
-            for k in (0..words).step_by(COPY_WORDS as usize) {
-                pieces.push(Piece {
-                    src: src + k,
-                    dst: dst + k,
-                    nw: COPY_WORDS.min(words - k),
-                    pad: 0,
-                });
-            }
+            Piece::cut(src, dst, words, &mut pieces);
         }
         // The copies go to places no entry uses yet: an error leaves the table as it was.
         for chunk in pieces.chunks(st.piece.max(COPY_WORDS as usize)) {
@@ -815,15 +800,7 @@ impl WgpuBytes {
         let items: Vec<Item> = moving
             .iter()
             .zip(&placed.addrs)
-            .map(|(e, &to)| {
-                let (addr_lo, addr_hi) = split(to);
-                Item {
-                    home: e.slot,
-                    addr_lo,
-                    addr_hi,
-                    ..Item::default()
-                }
-            })
+            .map(|(e, &to)| Item::at(e.slot).addr(to))
             .collect();
         let r = self.set(st, bs::set::MOVE, &items);
         self.guard(st, r)?;
@@ -898,21 +875,16 @@ impl WgpuBytes {
         let smask = (st.index.slots - 1) as u64;
         for ((&i, &addr), f) in winners.iter().zip(&placed.addrs).zip(&found) {
             let expires = expiry_time(now, ttl_ms.map_or(0, |t| t[i]));
-            let (addr_lo, addr_hi) = split(addr);
-            let (exp_lo, exp_hi) = split(expires);
             let (hash_lo, hash_hi) = split(hashes[i]);
             let item = Item {
-                home: f.map_or((hashes[i] & smask) as u32, |e| e.slot),
                 klen: keys.item_len(i) as u32,
                 vlen: values.item_len(i) as u32,
                 hash_lo,
                 hash_hi,
-                addr_lo,
-                addr_hi,
-                exp_lo,
-                exp_hi,
-                ..Item::default()
-            };
+                ..Item::at(f.map_or((hashes[i] & smask) as u32, |e| e.slot))
+            }
+            .addr(addr)
+            .expires(expires);
             if f.is_some() {
                 overwrite.push(item);
             } else {
@@ -990,6 +962,22 @@ impl WgpuBytes {
             .collect())
     }
 
+    /// A lookup batch: the state, the live entry of each key now, and now.
+    #[allow(clippy::type_complexity)]
+    fn lookup_now(
+        &self,
+        keys: Binary<'_>,
+    ) -> Result<(MutexGuard<'_, State>, Vec<Option<Entry>>, u64)> {
+        let mut st = self.lock()?;
+        let now = self.now();
+        let hits = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.lookup(&mut st, keys, now)?
+        };
+        Ok((st, hits, now))
+    }
+
     /// Gathers the values of `hits` into `data` (laid out as `reset_with_lens` did).
     fn gather(&self, st: &mut State, hits: &[Option<Entry>], data: &mut [u8]) -> Result<()> {
         // (entry, offset in data) of each non-empty value, in groups of at most
@@ -1014,14 +1002,7 @@ impl WgpuBytes {
                 let src = (lo / 4) as u32;
                 let words = words_of(e) as u32;
                 offs.push(dst as usize * 4 + (lo % 4) as usize);
-                for k in (0..words).step_by(COPY_WORDS as usize) {
-                    pieces.push(Piece {
-                        src: src + k,
-                        dst: dst + k,
-                        nw: COPY_WORDS.min(words - k),
-                        pad: 0,
-                    });
-                }
+                Piece::cut(src, dst, words, &mut pieces);
                 dst += words;
             }
             let bytes = self.copy(st, bs::copy::GATHER, &pieces, dst as usize)?;
@@ -1098,16 +1079,7 @@ impl ByteTable for WgpuBytes {
         order.sort_unstable();
         let items: Vec<Item> = order
             .iter()
-            .map(|&(slot, i)| {
-                let expires = expiry_time(now, ttl_ms[i]);
-                let (exp_lo, exp_hi) = split(expires);
-                Item {
-                    home: slot,
-                    exp_lo,
-                    exp_hi,
-                    ..Item::default()
-                }
-            })
+            .map(|&(slot, i)| Item::at(slot).expires(expiry_time(now, ttl_ms[i])))
             .collect();
         let r = self.set(st, bs::set::EXPIRE, &items);
         self.guard(st, r)?;
@@ -1123,17 +1095,9 @@ impl ByteTable for WgpuBytes {
     fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
         self.limits().check_keys(keys)?;
         check_per_key(keys, "ttl_out", ttl_out)?;
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut st = self.lock()?;
-        let now = self.now();
-        for (hit, out) in self.lookup(&mut st, keys, now)?.iter().zip(ttl_out) {
-            *out = match hit {
-                None => TTL_MISSING,
-                Some(e) if e.expires == 0 => TTL_NEVER,
-                Some(e) => i64::try_from(e.expires - now).unwrap_or(i64::MAX),
-            };
+        let (_st, hits, now) = self.lookup_now(keys)?;
+        for (hit, out) in hits.iter().zip(ttl_out) {
+            *out = remaining_ttl(hit.map(|e| e.expires), now);
         }
         Ok(())
     }
@@ -1145,13 +1109,7 @@ impl ByteTable for WgpuBytes {
         found_out: &mut [bool],
     ) -> Result<()> {
         check_byte_lookup(&self.limits(), keys, found_out)?;
-        let mut st = self.lock()?;
-        let now = self.now();
-        let hits = if keys.is_empty() {
-            Vec::new()
-        } else {
-            self.lookup(&mut st, keys, now)?
-        };
+        let (mut st, hits, _) = self.lookup_now(keys)?;
         let mut data = Vec::new();
         {
             let total: usize = hits.iter().flatten().map(|e| e.value_len as usize).sum();
@@ -1186,13 +1144,7 @@ impl ByteTable for WgpuBytes {
         if found.is_empty() {
             return Ok(0);
         }
-        let items: Vec<Item> = found
-            .iter()
-            .map(|e| Item {
-                home: e.slot,
-                ..Item::default()
-            })
-            .collect();
+        let items: Vec<Item> = found.iter().map(|e| Item::at(e.slot)).collect();
         let r = self.set(st, bs::set::DELETE, &items);
         self.guard(st, r)?;
         let mut freed = 0;
@@ -1210,12 +1162,8 @@ impl ByteTable for WgpuBytes {
 
     fn contains(&self, keys: Binary<'_>, found_out: &mut [bool]) -> Result<()> {
         check_byte_lookup(&self.limits(), keys, found_out)?;
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut st = self.lock()?;
-        let now = self.now();
-        for (hit, found) in self.lookup(&mut st, keys, now)?.iter().zip(found_out) {
+        let (_st, hits, _) = self.lookup_now(keys)?;
+        for (hit, found) in hits.iter().zip(found_out) {
             *found = hit.is_some();
         }
         Ok(())

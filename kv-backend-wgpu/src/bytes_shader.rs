@@ -153,6 +153,48 @@ gpu_struct! {
     }
 }
 
+impl Item {
+    /// An item of slot (or home slot) `slot`, all else zero.
+    pub(crate) fn at(slot: u32) -> Item {
+        Item {
+            home: slot,
+            ..Item::default()
+        }
+    }
+
+    /// The item with record address `addr`.
+    pub(crate) fn addr(self, addr: u64) -> Item {
+        let (addr_lo, addr_hi) = split(addr);
+        Item {
+            addr_lo,
+            addr_hi,
+            ..self
+        }
+    }
+
+    /// The item with expiry time `expires`.
+    pub(crate) fn expires(self, expires: u64) -> Item {
+        let (exp_lo, exp_hi) = split(expires);
+        Item {
+            exp_lo,
+            exp_hi,
+            ..self
+        }
+    }
+}
+
+impl Piece {
+    /// Appends the pieces of a copy of `words` words from `src` to `dst` to `out`.
+    pub(crate) fn cut(src: u32, dst: u32, words: u32, out: &mut Vec<Piece>) {
+        out.extend((0..words).step_by(COPY_WORDS as usize).map(|k| Piece {
+            src: src + k,
+            dst: dst + k,
+            nw: COPY_WORDS.min(words - k),
+            pad: 0,
+        }));
+    }
+}
+
 impl Found {
     /// The slot, if any.
     pub(crate) fn slot(&self) -> Option<u32> {

@@ -616,6 +616,23 @@ pub const TTL_MISSING: i64 = -2;
 /// What [`ByteTable::ttl`] answers for a key that never expires.
 pub const TTL_NEVER: i64 = -1;
 
+/// What [`ByteTable::ttl`] answers for an entry that expires at `expires` (0: never;
+/// `None`: no live entry) at `now`: Redis's `PTTL`.
+///
+/// ```
+/// use kv_core::{TTL_MISSING, TTL_NEVER, remaining_ttl};
+/// assert_eq!(remaining_ttl(None, 5), TTL_MISSING);
+/// assert_eq!(remaining_ttl(Some(0), 5), TTL_NEVER);
+/// assert_eq!(remaining_ttl(Some(105), 5), 100);
+/// ```
+pub fn remaining_ttl(expires: Option<u64>, now: u64) -> i64 {
+    match expires {
+        None => TTL_MISSING,
+        Some(0) => TTL_NEVER,
+        Some(e) => i64::try_from(e.saturating_sub(now)).unwrap_or(i64::MAX),
+    }
+}
+
 /// What an arena holds: the bytes it has taken from its device and the bytes of the live
 /// records in them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
