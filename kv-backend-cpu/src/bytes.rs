@@ -20,8 +20,8 @@ use hashbrown::HashTable;
 use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
-    plan_put,
+    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, plan_put,
+    remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -290,21 +290,6 @@ impl CpuBytes {
     }
 }
 
-/// The items of a batch that act: the last occurrence of each key, in batch order.
-fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
-    let mut seen: HashTable<usize> = HashTable::with_capacity(keys.len());
-    let mut winners = Vec::with_capacity(keys.len());
-    for i in (0..keys.len()).rev() {
-        let key = keys.get(i);
-        if seen.find(hashes[i], |&j| keys.get(j) == key).is_none() {
-            seen.insert_unique(hashes[i], i, |&j| hashes[j]);
-            winners.push(i);
-        }
-    }
-    winners.reverse();
-    winners
-}
-
 impl CpuBytes {
     fn put_inner(
         &self,
@@ -451,11 +436,7 @@ impl ByteTable for CpuBytes {
         let now = self.now();
         let st = self.read();
         for (hit, out) in self.lookup(&st, keys, now).iter().zip(ttl_out.iter_mut()) {
-            *out = match hit {
-                None => TTL_MISSING,
-                Some(e) if e.expires == 0 => TTL_NEVER,
-                Some(e) => i64::try_from(e.expires - now).unwrap_or(i64::MAX),
-            };
+            *out = remaining_ttl(hit.map(|e| e.expires), now);
         }
         Ok(())
     }
