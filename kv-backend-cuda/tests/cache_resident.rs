@@ -250,7 +250,7 @@ fn resident_batches_match_host_batches() -> std::result::Result<(), Failed> {
         (CachePolicy::Lru, 4, 1u64),
         (CachePolicy::Lfu, 1, 2),
         (CachePolicy::Custom, 3, 3),
-        (CachePolicy::Lru, 40, 4),
+        (CachePolicy::Lru, kv_core::MAX_WIDTH, 4),
     ] {
         let clock = Arc::new(ManualClock::new(1000));
         let cfg = || {
