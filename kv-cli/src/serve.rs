@@ -172,6 +172,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         workers,
         max_value_bytes: usize::try_from(max_value).unwrap_or(usize::MAX),
         maxmemory,
+        direct_reads: kind == BackendKind::Cpu,
     };
     let server = Server::start(config, Arc::new(table), kind.name())
         .map_err(|e| Error::InvalidConfig(format!("cannot listen: {e}")))?;

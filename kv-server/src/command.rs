@@ -89,6 +89,19 @@ pub enum Table {
 }
 
 impl Table {
+    /// Whether the command only reads the table.
+    pub fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Table::Get(_)
+                | Table::MGet(_)
+                | Table::Exists(_)
+                | Table::Ttl(..)
+                | Table::Strlen(_)
+                | Table::DbSize
+        )
+    }
+
     /// The keys the command names (to check their sizes before the batch).
     pub fn keys(&self) -> Vec<&Bytes> {
         match self {

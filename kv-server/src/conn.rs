@@ -104,6 +104,11 @@ pub async fn serve(mut sock: TcpStream, sh: Arc<Shared>) {
             .fetch_add(items.len() as u64, Ordering::Relaxed);
         let mut replies = if table.is_empty() {
             Vec::new()
+        } else if sh.config.direct_reads && table.iter().all(|c| c.reads_only()) {
+            // Reads alone: run them here. This connection's earlier writes were answered
+            // before it read on, so they are in the table already.
+            let cmds: Vec<&command::Table> = table.iter().collect();
+            sh.exec.execute(&cmds)
         } else {
             let (tx, rx) = oneshot::channel();
             let job = Job {

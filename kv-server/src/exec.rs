@@ -14,6 +14,11 @@
 //! connection, pipelined or not, returns the new value), and each command is atomic,
 //! because nothing else touches the table while the executor works.
 //!
+//! A connection may also run a pipeline of reads only itself, through
+//! [`Executor::execute`], when the server is configured so
+//! ([`ServeConfig::direct_reads`](crate::ServeConfig::direct_reads)): reads take the
+//! table's read lock, so they run beside each other and never see half a batch.
+//!
 //! Batching adapts to load without a timer: while a batch runs, the next jobs queue, and
 //! the executor takes all of them at once. An idle server runs each job as soon as it
 //! arrives; a loaded one runs batches as large as the load.

@@ -65,6 +65,12 @@ pub struct ServeConfig {
     pub max_value_bytes: usize,
     /// `maxmemory`, as configured (reported by `CONFIG GET maxmemory`).
     pub maxmemory: u64,
+    /// Whether a connection runs a pipeline of reads only (`GET`, `MGET`, `EXISTS`, `TTL`,
+    /// `PTTL`, `STRLEN`, `DBSIZE`) itself, on its own thread, instead of handing it to the
+    /// executor. Right for tables whose small batches are cheap (the CPU backend): reads of
+    /// many connections then run on every core. A GPU table wants few large batches and
+    /// leaves it off. Either way the order guarantee holds (docs/server.md).
+    pub direct_reads: bool,
 }
 
 impl ServeConfig {
@@ -78,6 +84,7 @@ impl ServeConfig {
             workers: None,
             max_value_bytes: kv_core::DEFAULT_MAX_VALUE_BYTES as usize,
             maxmemory: 0,
+            direct_reads: true,
         }
     }
 }
@@ -87,6 +94,7 @@ pub(crate) struct Shared {
     pub(crate) config: ServeConfig,
     pub(crate) stats: Arc<Stats>,
     pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) exec: Arc<Executor>,
     pub(crate) next_client: AtomicU64,
     table: Arc<dyn ByteTable>,
     backend: String,
@@ -232,15 +240,17 @@ impl Server {
         let runtime = rt.build()?;
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
-        let executor = Executor::new(table.clone(), stats.clone());
+        let exec = Arc::new(Executor::new(table.clone(), stats.clone()));
         let max_batch = config.max_batch.max(1);
+        let serving = exec.clone();
         let executor = std::thread::Builder::new()
             .name("vramkv-executor".into())
-            .spawn(move || executor.serve(&rx, max_batch))?;
+            .spawn(move || serving.serve(&rx, max_batch))?;
         let shared = Arc::new(Shared {
             config,
             stats: stats.clone(),
             jobs: tx,
+            exec,
             next_client: AtomicU64::new(0),
             table,
             backend: backend.to_string(),

@@ -196,8 +196,20 @@ fn bad_keys_and_values_are_refused_alone() {
 
 #[test]
 fn a_pipeline_sees_its_own_writes_in_order() {
-    let s = server();
-    let mut c = client(&s);
+    for direct_reads in [true, false] {
+        let s = server_with(
+            ServeConfig {
+                direct_reads,
+                ..ServeConfig::local(0)
+            },
+            ByteConfig::new(1000),
+        );
+        pipeline_in_order(&s);
+    }
+}
+
+fn pipeline_in_order(s: &Server) {
+    let mut c = client(s);
     let mut p = redis::pipe();
     for i in 0..500 {
         p.cmd("SET")
@@ -213,6 +225,17 @@ fn a_pipeline_sees_its_own_writes_in_order() {
         assert_eq!(r[3 * i + 1], Value::BulkString(i.to_string().into_bytes()));
         assert_eq!(r[3 * i + 2], Value::Int(i as i64 + 1));
     }
+    // Reads alone after the writes (the path direct reads take) see them.
+    let mut p = redis::pipe();
+    p.cmd("GET")
+        .arg("k")
+        .cmd("EXISTS")
+        .arg("k")
+        .arg("nope")
+        .cmd("STRLEN")
+        .arg("k");
+    let r: (String, i64, i64) = p.query(&mut c).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r, ("500".to_string(), 1, 3));
 }
 
 #[test]
