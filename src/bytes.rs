@@ -145,8 +145,13 @@ fn open_bytes_kind(
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBytes::open(cfg)?)),
-        #[cfg(any(feature = "cuda", feature = "wgpu"))]
-        BackendKind::Cuda | BackendKind::Wgpu if kind.compiled_in() => Err(Error::Unsupported {
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBytes::open_with(
+            cfg,
+            &options.cuda,
+        )?)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu if kind.compiled_in() => Err(Error::Unsupported {
             backend: kind.name(),
             what: "byte tables (they run on the CPU backend so far)",
         }),

@@ -118,6 +118,9 @@ use kv_core::{
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 
+mod bytes;
+mod bytes_gpu;
+mod bytes_host;
 mod cache;
 mod gpu;
 mod lane;
@@ -129,6 +132,7 @@ mod plan;
 mod state;
 mod trace;
 
+pub use bytes::{CudaBytes, HostMirrorBytes};
 pub use cache::{CudaCache, DeviceCachePut, DeviceEvicted};
 use gpu::{BACKEND, Device, Drv, device_error};
 pub use gpu::{DeviceInfo, devices, is_available};
