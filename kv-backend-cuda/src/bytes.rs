@@ -282,7 +282,12 @@ impl<D: Dev> Table<D> {
         if n == 0 {
             return Ok(());
         }
-        self.dev.launch(k, &self.args(st, batch), n)
+        // The kernels loop over `a.n` items: the launch's count.
+        let a = BytesArgs {
+            n,
+            ..self.args(st, batch)
+        };
+        self.dev.launch(k, &a, n)
     }
 
     /// Copies a batch's Arrow buffers (`values` too, and the times to live, if given) to
@@ -423,6 +428,7 @@ impl<D: Dev> Table<D> {
         let mut full = self.args(st, &a);
         full.slots = D::addr(&new);
         full.mask = phys as u64 - 1;
+        full.n = st.phys as u64;
         self.dev.launch(K::Rehash, &full, st.phys as u64)?;
         let c = self.check_errors(st, "rehash")?;
         if c[bc::MOVED] as usize != st.entries {

@@ -140,6 +140,8 @@ impl Dev for HostDev {
 
     fn launch(&self, k: K, a: &BytesArgs, n: u64) -> Result<()> {
         let a = *a;
+        // The device's kernels loop over `a.n` items, whatever the grid.
+        assert_eq!(a.n, n, "a launch's item count is its arguments' n");
         // SAFETY: the driver passes valid buffers for the kernel's n items, as it does to
         // the device's kernels.
         run(n, |i| unsafe { item(k, &a, i) });
