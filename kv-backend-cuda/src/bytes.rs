@@ -403,12 +403,18 @@ impl<D: Dev> Table<D> {
         }
     }
 
-    /// Undoes a placement whose records were never written.
-    fn unplace(&self, st: &mut State<D>, addrs: &[u64], lens: &[u64]) {
-        for (&addr, &len) in addrs.iter().zip(lens) {
-            st.arena.free(addr, len);
+    /// Undoes a placement whose records were never written: the plan as it was before
+    /// (`saved`), and no memory for the segments the placement opened. (Freeing the placed
+    /// records would not do: the plan would keep a head segment that has no memory.)
+    fn unplace(&self, st: &mut State<D>, saved: ArenaPlan, opened: &[u32]) {
+        st.arena = saved;
+        for &id in opened {
+            if let Some(b) = st.segments.get_mut(id as usize).and_then(Option::take)
+                && st.spare.len() < SPARE_SEGMENTS
+            {
+                st.spare.push(b);
+            }
         }
-        self.drop_released(st);
     }
 
     /// Moves every entry into a new index of `phys` slots (tombstones dropped); on failure
@@ -513,18 +519,19 @@ impl<D: Dev> Table<D> {
         }
         let olds: Vec<u64> = self.download_from(st, S::ListAddr, k)?;
         let lens: Vec<u64> = self.download_from(st, S::ListLen, k)?;
+        let saved = st.arena.clone();
         let Ok(placed) = st.arena.place(&lens) else {
             return Ok(());
         };
         if self.provide(st, &placed.opened).is_err() {
-            self.unplace(st, &placed.addrs, &lens);
+            self.unplace(st, saved.clone(), &placed.opened);
             return Ok(());
         }
         if let Err(e) = self
             .dev
             .upload(self.buf(st, S::MoveTo)?, 0, as_bytes(&placed.addrs))
         {
-            self.unplace(st, &placed.addrs, &lens);
+            self.unplace(st, saved.clone(), &placed.opened);
             return Err(e);
         }
         a.n = k as u64;
@@ -575,22 +582,24 @@ impl<D: Dev> Table<D> {
             .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
             .collect();
         let written: u64 = lens.iter().sum();
+        let mut saved = st.arena.clone();
         let placed = match st.arena.place(&lens) {
             Ok(p) => p,
             Err(Error::BudgetExceeded { .. }) => {
                 self.compact(st, u64::MAX, true)?;
+                saved = st.arena.clone();
                 st.arena.place(&lens)?
             }
             Err(e) => return Err(e),
         };
         if let Err(e) = self.provide(st, &placed.opened) {
-            self.unplace(st, &placed.addrs, &lens);
+            self.unplace(st, saved.clone(), &placed.opened);
             return Err(e);
         }
         let phys = phys_for(slots).max(st.phys);
         if phys > st.phys || st.entries + st.tombs + fresh > st.phys / 4 * 3 {
             if let Err(e) = self.rebuild(st, phys) {
-                self.unplace(st, &placed.addrs, &lens);
+                self.unplace(st, saved.clone(), &placed.opened);
                 return Err(e);
             }
             // The slots moved: find the keys again.
@@ -624,7 +633,7 @@ impl<D: Dev> Table<D> {
         }
         self.drop_released(st);
         let bound = compaction_bound(written, st.arena.segment_bytes());
-        self.compact(st, bound, false)
+        tolerant(self.compact(st, bound, false))
     }
 
     /// Hashes and finds `keys` (checked, not empty): the batch with `found_slot` (and the
@@ -806,7 +815,7 @@ impl<D: Dev> Table<D> {
         self.drop_released(st);
         if removed > 0 {
             let bound = compaction_bound(freed, st.arena.segment_bytes());
-            self.compact(st, bound, false)?;
+            tolerant(self.compact(st, bound, false))?;
         }
         Ok(removed)
     }
@@ -850,6 +859,15 @@ impl<D: Dev> Table<D> {
             index_bytes: (st.phys * 32) as u64,
             arena: st.arena.stats(),
         }
+    }
+}
+
+/// The result of a compaction after a batch that went through: best effort, so running
+/// out of device memory for its scratch only leaves the arena as fragmented as it was.
+fn tolerant(r: Result<()>) -> Result<()> {
+    match r {
+        Err(Error::OutOfDeviceMemory { .. }) => Ok(()),
+        r => r,
     }
 }
 
