@@ -145,16 +145,34 @@ fn open_bytes_kind(
     match kind {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBytes::open(cfg)?)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            let auto = options.backend.is_none();
+            let t = match kv_backend_wgpu::WgpuBytes::open_with(cfg, &options.wgpu) {
+                Ok(t) => t,
+                // A table that does not fit this adapter leaves the choice to the next
+                // backend.
+                Err(e @ Error::OutOfDeviceMemory { .. }) if auto => {
+                    return Err(Error::BackendUnavailable {
+                        backend: "wgpu",
+                        reason: e.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            if auto && !t.is_discrete_gpu() {
+                return Err(Error::BackendUnavailable {
+                    backend: "wgpu",
+                    reason: format!("adapter {} is not a discrete GPU", t.adapter_name()),
+                });
+            }
+            Ok(Box::new(t))
+        }
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBytes::open_with(
             cfg,
             &options.cuda,
         )?)),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu if kind.compiled_in() => Err(Error::Unsupported {
-            backend: kind.name(),
-            what: "byte tables (they run on the CPU backend so far)",
-        }),
         #[allow(unreachable_patterns)]
         other => Err(crate::not_compiled(other)),
     }

@@ -6,7 +6,8 @@
 //! tables and checked after every batch by `kv_conformance::bytes::ByteModel`.
 //!
 //! `PROPTEST_CASES` sets the sequences per backend (default 200). A backend without byte
-//! tables prints `skipped: <reason>` and its trial is ignored.
+//! tables prints `skipped: <reason>` and its trial is ignored, except wgpu when
+//! `VRAMKV_REQUIRE_WGPU=1`: then a missing adapter fails the trial.
 
 use kv_conformance::bytes::ByteModel;
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -147,6 +148,16 @@ fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
         .map_err(|e| Failed::from(format!("{kind}: {e}")))
 }
 
+/// Whether a backend must run here: wgpu when `VRAMKV_REQUIRE_WGPU` is set to anything but 0 (CI, with lavapipe).
+fn required(kind: BackendKind) -> bool {
+    #[cfg(feature = "wgpu")]
+    if kind == BackendKind::Wgpu {
+        return std::env::var_os(vramkv::wgpu::REQUIRE_ENV).is_some_and(|v| v != "0");
+    }
+    let _ = kind;
+    false
+}
+
 fn main() {
     let args = Arguments::from_args();
     let cases: u32 = std::env::var("PROPTEST_CASES")
@@ -159,7 +170,9 @@ fn main() {
         let probe = ByteConfig::new(16);
         match vramkv::open_bytes_with(probe, &vramkv::Options::default().backend(kind)) {
             Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e @ (Error::Unsupported { .. } | Error::BackendUnavailable { .. })) => {
+            Err(e @ (Error::Unsupported { .. } | Error::BackendUnavailable { .. }))
+                if !required(kind) =>
+            {
                 println!("skipped: {kind}: {e}");
                 trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
             }

@@ -299,21 +299,39 @@ impl ArenaPlan {
         }
     }
 
-    /// Segments given back since the last call: the backend may free their memory.
+    /// Segments given back since the last call and still free: the backend may free their
+    /// memory. A segment given back and opened again since (a head emptied before it was
+    /// sealed becomes the next head at once) is not among them: it holds new records.
     pub fn take_released(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.released)
+        let mut out = std::mem::take(&mut self.released);
+        out.retain(|&id| self.segments[id as usize].state == State::Free);
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
-    /// Whether the arena holds more than [`COMPACT_ABOVE`] times its live bytes.
+    /// Bytes held that compaction could give back: every segment in use but the head's
+    /// unwritten tail, which the next records fill anyway.
+    fn reclaimable_held(&self) -> u64 {
+        let tail = self
+            .head
+            .map_or(0, |h| self.segment_bytes - self.segments[h as usize].fill);
+        self.held * self.segment_bytes - tail
+    }
+
+    /// Whether the arena holds more than [`COMPACT_ABOVE`] times its live bytes, not
+    /// counting the head's unwritten tail (compaction cannot give that back: a small table
+    /// in one large segment is not fragmented).
     pub fn fragmented(&self) -> bool {
-        (self.held * self.segment_bytes) as f64 > COMPACT_ABOVE * self.live as f64
+        self.reclaimable_held() as f64 > COMPACT_ABOVE * self.live as f64
     }
 
     /// The sealed segments to compact now, emptiest first, whose live bytes together stay
     /// within `max_live_bytes` (the first one always, if any qualifies): sealed segments
     /// with a dead record, chosen while what stays held is still
-    /// [`fragmented`](Self::fragmented). With `force` (room is needed under a budget),
-    /// the choice stops only at the byte bound.
+    /// [`fragmented`](Self::fragmented), and only when moving them gives back at least a
+    /// whole segment. With `force` (room is needed under a budget), the choice stops only
+    /// at the byte bound.
     pub fn victims(&self, max_live_bytes: u64, force: bool) -> Vec<u32> {
         if !force && !self.fragmented() {
             return Vec::new();
@@ -331,7 +349,7 @@ impl ArenaPlan {
         let mut moved = 0u64;
         // Stop once what stays held would no longer be fragmented. Moving a victim gives
         // back its segment and takes its live bytes' worth at the head.
-        let mut held = self.held * self.segment_bytes;
+        let mut held = self.reclaimable_held();
         for (live, id) in candidates {
             if !out.is_empty() && moved + live > max_live_bytes {
                 break;
@@ -342,6 +360,12 @@ impl ArenaPlan {
             out.push(id);
             moved += live;
             held -= self.segment_bytes - live;
+        }
+        // Moving records costs a scan of the index and their bytes: do it only when it
+        // gives back at least one whole segment.
+        let gained = out.len() as u64 * self.segment_bytes - moved;
+        if !force && gained < self.segment_bytes {
+            out.clear();
         }
         out
     }
@@ -414,11 +438,32 @@ mod tests {
         a.free(p.addrs[0], 32); // segment 0: 32 live
         a.free(p.addrs[2], 32); // segment 1: 32 live
         assert!(a.fragmented());
-        assert_eq!(a.victims(32, false), [0]);
+        // One victim would give back half a segment only: not worth a scan.
+        assert!(a.victims(32, false).is_empty());
         assert_eq!(a.victims(1000, false), [0, 1]);
+        assert_eq!(
+            a.victims(32, true),
+            [0],
+            "room under a budget takes what it can"
+        );
         a.free(p.addrs[4], 32);
         a.free(p.addrs[5], 32); // segment 2 emptied: released
         assert_eq!(a.take_released(), [2]);
+    }
+
+    #[test]
+    fn a_segment_given_back_and_reopened_is_not_released() {
+        let mut a = ArenaPlan::new(16, None);
+        let p = a.place(&[16]).expect("placed");
+        a.free(p.addrs[0], 16); // the head is empty but not sealed
+        assert!(a.take_released().is_empty());
+        // The next record seals the empty head, which is given back and reopened at once.
+        let q = a.place(&[8]).expect("placed");
+        assert_eq!(q.opened, [0]);
+        assert!(
+            a.take_released().is_empty(),
+            "segment 0 holds the new record"
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ use hashbrown::HashTable;
 use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
-    plan_put,
+    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, plan_put,
+    remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -153,6 +153,11 @@ impl State {
     }
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
+        // An empty value of a record that ends a segment starts at the next segment's
+        // first byte, which may have no memory: there is nothing to write.
+        if bytes.is_empty() {
+            return;
+        }
         let seg = self.arena.segment_of(addr) as usize;
         let off = self.arena.offset_of(addr) as usize;
         self.memory[seg][off..off + bytes.len()].copy_from_slice(bytes);
@@ -212,6 +217,10 @@ impl State {
 }
 
 fn read<'m>(memory: &'m [Box<[u8]>], arena: &ArenaPlan, addr: u64, len: u64) -> &'m [u8] {
+    // As in `State::write`: an empty value may start past its segment's end.
+    if len == 0 {
+        return &[];
+    }
     let seg = arena.segment_of(addr) as usize;
     let off = arena.offset_of(addr) as usize;
     &memory[seg][off..off + len as usize]
@@ -279,21 +288,6 @@ impl CpuBytes {
             (0..keys.len()).map(one).collect()
         }
     }
-}
-
-/// The items of a batch that act: the last occurrence of each key, in batch order.
-fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
-    let mut seen: HashTable<usize> = HashTable::with_capacity(keys.len());
-    let mut winners = Vec::with_capacity(keys.len());
-    for i in (0..keys.len()).rev() {
-        let key = keys.get(i);
-        if seen.find(hashes[i], |&j| keys.get(j) == key).is_none() {
-            seen.insert_unique(hashes[i], i, |&j| hashes[j]);
-            winners.push(i);
-        }
-    }
-    winners.reverse();
-    winners
 }
 
 impl CpuBytes {
@@ -442,11 +436,7 @@ impl ByteTable for CpuBytes {
         let now = self.now();
         let st = self.read();
         for (hit, out) in self.lookup(&st, keys, now).iter().zip(ttl_out.iter_mut()) {
-            *out = match hit {
-                None => TTL_MISSING,
-                Some(e) if e.expires == 0 => TTL_NEVER,
-                Some(e) => i64::try_from(e.expires - now).unwrap_or(i64::MAX),
-            };
+            *out = remaining_ttl(hit.map(|e| e.expires), now);
         }
         Ok(())
     }

@@ -54,7 +54,7 @@ use kv_kernels::ops::cache::{expiry, lru_score, visible_score};
 use rayon::prelude::*;
 
 use crate::WgpuOptions;
-use crate::gpu::{BACKEND, Gpu, device_error, oom};
+use crate::gpu::{BACKEND, Fixed, Gpu, device_error, oom};
 use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map_range};
 use crate::shader::CacheParams;
 
@@ -141,7 +141,7 @@ impl Scratch {
             U::MAP_READ | U::COPY_DST,
             false,
         )?;
-        let layout = gpu.cache_layout()?;
+        let layout = gpu.fixed_layout(Fixed::Cache)?;
         let bind = gpu.bind_buffers(
             "vramkv cache",
             &layout.bgl,
@@ -358,7 +358,7 @@ impl WgpuCache {
         };
         // Compile the kernels now, so that a table that opens can run.
         for e in [PUT, LOOKUP, TAKE, COUNT] {
-            gpu.cache_pipeline(e)?;
+            gpu.fixed_pipeline(Fixed::Cache, e)?;
         }
         gpu.check()?;
         let piece_bytes = gpu.max_binding / ((3 + width as u64) * 8);
@@ -509,7 +509,7 @@ impl WgpuCache {
         n: usize,
         times: usize,
     ) -> Result<()> {
-        let pipe = self.gpu.cache_pipeline(entry)?;
+        let pipe = self.gpu.fixed_pipeline(Fixed::Cache, entry)?;
         let (x, y) = self.gpu.groups(n as u64);
         let mut pass = enc.begin_compute_pass(&Default::default());
         pass.set_pipeline(&pipe);

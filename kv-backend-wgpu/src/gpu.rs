@@ -226,8 +226,35 @@ pub(crate) struct Layout {
 enum PipeKey {
     Batch(usize, &'static str),
     Rehash(usize),
-    /// A kernel of the cache module (`shader::cache_module`).
-    Cache(&'static str),
+    /// A kernel of a module with a fixed layout (cache, bytes).
+    Fixed(Fixed, &'static str),
+}
+
+/// A module whose bind group layout does not depend on the table: the cache module
+/// (`shader::cache_module`) and the byte-table module (`bytes_shader::module`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Fixed {
+    /// The cache table's kernels.
+    Cache,
+    /// The byte table's kernels.
+    Bytes,
+}
+
+impl Fixed {
+    /// Storage bindings after the parameters.
+    fn storage(self) -> u32 {
+        match self {
+            Fixed::Cache => shader::CACHE_STORAGE,
+            Fixed::Bytes => crate::bytes_shader::STORAGE,
+        }
+    }
+
+    fn source(self) -> String {
+        match self {
+            Fixed::Cache => shader::cache_module(),
+            Fixed::Bytes => crate::bytes_shader::module(),
+        }
+    }
 }
 
 /// One adapter's device, shared by every table on it.
@@ -261,8 +288,8 @@ pub(crate) struct Gpu {
     batch_layouts: Mutex<HashMap<usize, Arc<Layout>>>,
     rehash_layouts: Mutex<HashMap<usize, Arc<Layout>>>,
     modules: Mutex<HashMap<(Flavour, usize, bool), wgpu::ShaderModule>>,
-    cache_layout: Mutex<Option<Arc<Layout>>>,
-    cache_module: Mutex<Option<wgpu::ShaderModule>>,
+    fixed_layouts: Mutex<HashMap<Fixed, Arc<Layout>>>,
+    fixed_modules: Mutex<HashMap<Fixed, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipeKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -325,8 +352,8 @@ impl Gpu {
             batch_layouts: Mutex::new(HashMap::new()),
             rehash_layouts: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
-            cache_layout: Mutex::new(None),
-            cache_module: Mutex::new(None),
+            fixed_layouts: Mutex::new(HashMap::new()),
+            fixed_modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -498,20 +525,24 @@ impl Gpu {
         Ok(l)
     }
 
-    /// The layout of the cache kernels (`shader::cache_module`).
-    pub fn cache_layout(&self) -> Result<Arc<Layout>> {
-        let mut l = lock(&self.cache_layout);
-        if let Some(l) = l.as_ref() {
+    /// The layout of a fixed module's kernels.
+    pub fn fixed_layout(&self, f: Fixed) -> Result<Arc<Layout>> {
+        let mut l = lock(&self.fixed_layouts);
+        if let Some(l) = l.get(&f) {
             return Ok(l.clone());
         }
-        let made = self.make_layout(1, shader::CACHE_STORAGE)?;
-        *l = Some(made.clone());
+        let made = self.make_layout(1, f.storage())?;
+        l.insert(f, made.clone());
         Ok(made)
     }
 
-    /// The cache kernel `entry`.
-    pub fn cache_pipeline(&self, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipeline(PipeKey::Cache(entry))
+    /// The kernel `entry` of a fixed module.
+    pub fn fixed_pipeline(
+        &self,
+        f: Fixed,
+        entry: &'static str,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        self.pipeline(PipeKey::Fixed(f, entry))
     }
 
     /// A shader module of `src`, in error scopes.
@@ -556,15 +587,15 @@ impl Gpu {
         let (flavour, segs, rehash, entry) = match key {
             PipeKey::Batch(segs, entry) => (Flavour::of(entry), segs, false, entry),
             PipeKey::Rehash(segs) => (Flavour::Plain, segs, true, "kv_rehash"),
-            PipeKey::Cache(entry) => {
-                let layout = self.cache_layout()?;
+            PipeKey::Fixed(f, entry) => {
+                let layout = self.fixed_layout(f)?;
                 let module = {
-                    let mut m = lock(&self.cache_module);
-                    match m.as_ref() {
+                    let mut m = lock(&self.fixed_modules);
+                    match m.get(&f) {
                         Some(m) => m.clone(),
                         None => {
-                            let made = self.module(shader::cache_module())?;
-                            *m = Some(made.clone());
+                            let made = self.module(f.source())?;
+                            m.insert(f, made.clone());
                             made
                         }
                     }

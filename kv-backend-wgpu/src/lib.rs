@@ -81,6 +81,13 @@
 //! a put applies its keys one invocation per touched bucket, in batch order, with no
 //! locks. [`WgpuBackend`] refuses a cache config with [`Error::Unsupported`].
 //!
+//! # Byte tables
+//!
+//! [`WgpuBytes`] is a byte table ([`kv_core::ByteTable`], docs/arena.md: byte-string keys
+//! and values, expiry, an arena planned by `kv_arena`): the index and the arena live in
+//! storage buffers and WGSL kernels probe, compare keys byte for byte, write entries,
+//! gather values and move records; the host hashes, deduplicates and plans.
+//!
 //! # Options
 //!
 //! [`WgpuOptions`], passed to [`WgpuBackend::open_with`], set the staging chunk size, the
@@ -88,6 +95,8 @@
 //! on a trace of where each batch's time went. [`WgpuOptions::from_env`] reads them from
 //! `VRAMKV_WGPU_*` variables, for tools; the library never reads the environment itself.
 
+mod bytes;
+mod bytes_shader;
 mod cache;
 mod gpu;
 mod gpu_trace;
@@ -110,6 +119,7 @@ use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 use kv_staging::trace::Recorder;
 
+pub use bytes::WgpuBytes;
 pub use cache::{ROUND_ITEMS, WgpuCache};
 pub use gpu::{AdapterInfo, CPU_PROBE_BUDGET, GPU_PROBE_BUDGET};
 use gpu::{BACKEND, Gpu};

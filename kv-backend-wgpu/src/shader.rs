@@ -907,6 +907,11 @@ fn kv_rehash(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     s
 }
 
+/// `kv_kernels::layout::expired` in WGSL, for every module with expiry times: an entry
+/// whose expiry time is `e` (0: never) has expired at `now`.
+pub(crate) const EXPIRED_WGSL: &str =
+    "fn expired_at(e: u64, now: u64) -> bool { return e != 0lu && e <= now; }\n";
+
 /// Kernel parameters of the cache module, as its WGSL `CParams` struct (u64 values as
 /// halves). Sections of the batch buffers are `cap` items apart (`crate::cache`).
 #[repr(C)]
@@ -985,6 +990,7 @@ fn cache_constants() -> String {
 /// Every loop is bounded: 32 slots, `width` words, `p.round_items` items.
 pub(crate) fn cache_module() -> String {
     let mut s = cache_constants();
+    s.push_str(EXPIRED_WGSL);
     s.push_str(CACHE_SRC);
     s
 }
@@ -1029,8 +1035,7 @@ fn item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
 
 fn now() -> u64 { return (u64(p.now_hi) << 32u) | u64(p.now_lo); }
 
-// kv_kernels::ops::cache: an entry with expiry time e has expired at now.
-fn expired(e: u64) -> bool { return e != 0lu && e <= now(); }
+fn expired(e: u64) -> bool { return expired_at(e, now()); }
 
 // kv_kernels::ops::cache::visible_score.
 fn visible(s: u64) -> u64 {
@@ -1225,12 +1230,12 @@ fn kc_count(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
 "#;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use wgpu::naga;
 
     /// Parses and validates a module as wgpu would, with the features the backend requires.
-    fn validate(src: &str) {
+    pub(crate) fn validate(src: &str) {
         let module = naga::front::wgsl::parse_str(src)
             .unwrap_or_else(|e| panic!("{}\n{src}", e.emit_to_string(src)));
         let caps = naga::valid::Capabilities::SHADER_INT64

@@ -39,6 +39,7 @@ pub fn all() -> Vec<ByteCase> {
         bytes_keys_are_compared_byte_for_byte,
         bytes_colliding_hashes_stay_distinct,
         bytes_largest_keys_and_values,
+        bytes_empty_values_that_end_a_segment,
         bytes_bad_input_changes_nothing,
         bytes_growth_off_refuses_whole_batch,
         bytes_growth_keeps_every_entry,
@@ -358,6 +359,45 @@ fn bytes_colliding_hashes_stay_distinct(o: &OpenBytes) {
         );
         m.check(&*t, &[b"key-500".to_vec(), b"key-".to_vec()]);
     }
+}
+
+/// Records of a 64-byte key and an empty value fill a 64 KiB segment exactly, so the last
+/// one's empty value starts at the next segment's first byte, which may not exist yet.
+fn bytes_empty_values_that_end_a_segment(o: &OpenBytes) {
+    let t = open(o, small(3000));
+    let mut m = ByteModel::new();
+    let keys: Vec<Vec<u8>> = (0..2100u32)
+        .map(|i| {
+            let mut k = vec![b'.'; 64];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k
+        })
+        .collect();
+    let empty: Vec<&[u8]> = vec![&[]; keys.len()];
+    // Exactly one segment's worth first: no next segment exists yet.
+    for range in [0..1024, 1024..keys.len()] {
+        let (k, v) = (&keys[range.clone()], &empty[range]);
+        put(
+            &*t,
+            &mut m,
+            &BinaryBuf::from_slices(k),
+            &BinaryBuf::from_slices(v),
+        );
+        m.check(&*t, &[]);
+    }
+    // Overwrite them (compaction moves what is left), then delete a third.
+    put(
+        &*t,
+        &mut m,
+        &BinaryBuf::from_slices(&keys[..1500]),
+        &BinaryBuf::from_slices(&empty[..1500]),
+    );
+    let dels = BinaryBuf::from_slices(keys.iter().step_by(3));
+    assert_eq!(
+        t.delete(dels.as_binary()).expect("delete"),
+        m.delete(dels.as_binary())
+    );
+    m.check(&*t, &keys[..10]);
 }
 
 fn bytes_largest_keys_and_values(o: &OpenBytes) {

@@ -572,10 +572,66 @@ pub fn check_per_key<T>(keys: Binary<'_>, what: &'static str, per_key: &[T]) -> 
     Ok(())
 }
 
+/// The items of a batch that act: the last occurrence of each distinct key, in batch
+/// order (`hashes[i]` is key `i`'s hash under any seed; equal keys must have equal hashes).
+/// A put keeps these (the last occurrence wins); a delete or any other batch that acts once
+/// per key can use them too, as every occurrence of a key names the same entry.
+///
+/// ```
+/// use kv_core::{BinaryBuf, last_occurrences};
+/// let keys = BinaryBuf::from_slices(["x", "y", "x", "z", "y"]);
+/// // Colliding hashes: keys are still told apart by their bytes.
+/// assert_eq!(last_occurrences(keys.as_binary(), &[7; 5]), [2, 3, 4]);
+/// ```
+pub fn last_occurrences(keys: Binary<'_>, hashes: &[u64]) -> Vec<usize> {
+    use rayon::prelude::*;
+    let mut order: Vec<usize> = (0..keys.len()).collect();
+    let by_key = |&a: &usize, &b: &usize| {
+        hashes[a]
+            .cmp(&hashes[b])
+            .then_with(|| keys.get(a).cmp(keys.get(b)))
+            .then(a.cmp(&b))
+    };
+    if order.len() >= 4096 {
+        order.par_sort_unstable_by(by_key);
+    } else {
+        order.sort_unstable_by(by_key);
+    }
+    let mut winners: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|&(at, &i)| {
+            order
+                .get(at + 1)
+                .is_none_or(|&j| hashes[j] != hashes[i] || keys.get(j) != keys.get(i))
+        })
+        .map(|(_, &i)| i)
+        .collect();
+    winners.sort_unstable();
+    winners
+}
+
 /// What [`ByteTable::ttl`] answers for a key that is not in the table (Redis's `PTTL`).
 pub const TTL_MISSING: i64 = -2;
 /// What [`ByteTable::ttl`] answers for a key that never expires.
 pub const TTL_NEVER: i64 = -1;
+
+/// What [`ByteTable::ttl`] answers for an entry that expires at `expires` (0: never;
+/// `None`: no live entry) at `now`: Redis's `PTTL`.
+///
+/// ```
+/// use kv_core::{TTL_MISSING, TTL_NEVER, remaining_ttl};
+/// assert_eq!(remaining_ttl(None, 5), TTL_MISSING);
+/// assert_eq!(remaining_ttl(Some(0), 5), TTL_NEVER);
+/// assert_eq!(remaining_ttl(Some(105), 5), 100);
+/// ```
+pub fn remaining_ttl(expires: Option<u64>, now: u64) -> i64 {
+    match expires {
+        None => TTL_MISSING,
+        Some(0) => TTL_NEVER,
+        Some(e) => i64::try_from(e.saturating_sub(now)).unwrap_or(i64::MAX),
+    }
+}
 
 /// What an arena holds: the bytes it has taken from its device and the bytes of the live
 /// records in them.

@@ -28,7 +28,7 @@ pub use books::{Applied, Books, Housekeeping, count_distinct, prepare_put};
 pub use bytes::{
     ArenaStats, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable,
     DEFAULT_MAX_VALUE_BYTES, MAX_KEY_BYTES, MAX_VALUE_LIMIT, Offsets, TTL_MISSING, TTL_NEVER,
-    check_byte_lookup, check_byte_put, check_per_key,
+    check_byte_lookup, check_byte_put, check_per_key, last_occurrences, remaining_ttl,
 };
 pub use cache::{
     CACHE_BUCKET_SLOTS, CACHE_MAX_BATCH, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
