@@ -169,10 +169,10 @@ fn open_bytes_kind(
             Ok(Box::new(t))
         }
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda if kind.compiled_in() => Err(Error::Unsupported {
-            backend: kind.name(),
-            what: "byte tables (they run on the CPU and wgpu backends so far)",
-        }),
+        BackendKind::Cuda => Ok(Box::new(kv_backend_cuda::CudaBytes::open_with(
+            cfg,
+            &options.cuda,
+        )?)),
         #[allow(unreachable_patterns)]
         other => Err(crate::not_compiled(other)),
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction, CUresult};
 use cudarc::driver::{CudaContext, CudaStream, DriverError, result};
 use kv_core::{Error, Result};
-use kv_kernels::layout::{BatchArgs, CacheArgs, RehashArgs, TableArgs};
+use kv_kernels::layout::{BatchArgs, BytesArgs, CacheArgs, RehashArgs, TableArgs};
 use kv_staging::copy::CopyMode;
 use kv_staging::trace::Tracer;
 
@@ -273,6 +273,23 @@ pub(crate) struct Kernels {
     /// The cache-table kernels; `None` for PTX loaded through
     /// [`CudaOptions::ptx`](crate::CudaOptions::ptx) that lacks them.
     pub cache: Option<CacheKernels>,
+    /// The byte-table kernels; `None` for PTX that lacks them.
+    pub bytes: Option<BytesKernels>,
+}
+
+/// The kernels of byte tables (`kv_kernels::ops::bytes`).
+pub(crate) struct BytesKernels {
+    pub hash: Kernel<BytesArgs>,
+    pub dedup: Kernel<BytesArgs>,
+    pub lookup: Kernel<BytesArgs>,
+    pub write: Kernel<BytesArgs>,
+    pub get: Kernel<BytesArgs>,
+    pub delete: Kernel<BytesArgs>,
+    pub set_expiry: Kernel<BytesArgs>,
+    pub purge: Kernel<BytesArgs>,
+    pub gather: Kernel<BytesArgs>,
+    pub moves: Kernel<BytesArgs>,
+    pub rehash: Kernel<BytesArgs>,
 }
 
 /// The kernels of cache tables (`kv_kernels::ops::cache`).
@@ -561,6 +578,22 @@ fn load_kernels(ptx: &str) -> Result<Kernels> {
                 get: k(f(n::CACHE_GET)?),
                 take: k(f(n::CACHE_TAKE)?),
                 count: k(f(n::CACHE_COUNT)?),
+            })
+        })()
+        .ok(),
+        bytes: (|| {
+            Ok::<_, Error>(BytesKernels {
+                hash: k(f(n::BYTES_HASH)?),
+                dedup: k(f(n::BYTES_DEDUP)?),
+                lookup: k(f(n::BYTES_LOOKUP)?),
+                write: k(f(n::BYTES_WRITE)?),
+                get: k(f(n::BYTES_GET)?),
+                delete: k(f(n::BYTES_DELETE)?),
+                set_expiry: k(f(n::BYTES_SET_EXPIRY)?),
+                purge: k(f(n::BYTES_PURGE)?),
+                gather: k(f(n::BYTES_GATHER)?),
+                moves: k(f(n::BYTES_MOVE)?),
+                rehash: k(f(n::BYTES_REHASH)?),
             })
         })()
         .ok(),

@@ -97,6 +97,14 @@
 //! [`CudaBackend::put_device`] and [`CudaBackend::get_device`] take keys and values already
 //! in VRAM (cudarc device slices allocated on [`CudaBackend::context`]), for GPU pipelines.
 //!
+//! # Byte tables
+//!
+//! [`CudaBytes`] is a byte table in VRAM (docs/arena.md): byte-string keys and values in
+//! Arrow-layout batches, an open-addressing index of (hash, arena address, lengths,
+//! expiry) and an arena of device segments that the host plans (`kv_arena`) and the
+//! kernels of `kv_kernels::ops::bytes` fill, read, compact and purge. `vramkv::open_bytes`
+//! opens one on the CUDA backend.
+//!
 //! # Cache tables
 //!
 //! [`CudaCache`] is a cache table in VRAM (docs/cache.md): a fixed budget of buckets, an
@@ -118,6 +126,9 @@ use kv_core::{
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
 
+mod bytes;
+mod bytes_gpu;
+mod bytes_host;
 mod cache;
 mod gpu;
 mod lane;
@@ -129,6 +140,7 @@ mod plan;
 mod state;
 mod trace;
 
+pub use bytes::{CudaBytes, HostMirrorBytes};
 pub use cache::{CudaCache, DeviceCachePut, DeviceEvicted};
 use gpu::{BACKEND, Device, Drv, device_error};
 pub use gpu::{DeviceInfo, devices, is_available};

@@ -16,9 +16,10 @@ use core::arch::asm;
 use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 
 use crate::layout::{
-    BatchArgs, COOP_WIDTH, CacheArgs, RehashArgs, TableArgs, cache_counter, counter, flag,
+    BatchArgs, BytesArgs, COOP_WIDTH, CacheArgs, RehashArgs, TableArgs, cache_counter, counter,
+    flag,
 };
-use crate::ops::{self, Found, Mem, Warp, cache};
+use crate::ops::{self, Found, Mem, Warp, bytes, cache};
 
 /// PTX memory operations.
 struct Ptx;
@@ -734,6 +735,99 @@ pub unsafe extern "ptx-kernel" fn kv_cache_count(a: CacheArgs) {
         b += stride;
     }
     count_at(a.table.counters, cache_counter::LIVE, live);
+}
+
+/// Runs `f(i)` for `i < n`, a thread per item (grid-stride).
+#[inline(always)]
+fn for_items(n: u64, mut f: impl FnMut(u64)) {
+    let (mut i, stride) = grid();
+    while i < n {
+        f(i);
+        i += stride;
+    }
+}
+
+/// Byte tables: each key's hash (`BytesArgs`, a thread per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_hash(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    for_items(a.n, |i| unsafe { bytes::hash_item::<Ptx>(&a, i) });
+}
+
+/// Byte tables: each key into the batch-local dedup table (a thread per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_dedup(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items and zeroed local tables.
+    for_items(a.n, |i| {
+        let _ = unsafe { bytes::dedup_item::<Ptx>(&a, i) };
+    });
+}
+
+/// Byte tables: each key's slot, value length, expiry and winner flag (a thread per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_lookup(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    for_items(a.n, |i| {
+        let _ = unsafe { bytes::lookup_item::<Ptx>(&a, i) };
+    });
+}
+
+/// Byte tables: each winner's record into the arena and its slot (a warp per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_write(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items; the whole warp runs each item.
+    for_each_warp_item(a.n, |i| unsafe { bytes::write_item::<Ptx>(&a, i) });
+}
+
+/// Byte tables: each found key's value bytes out (a warp per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_get(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items; the whole warp runs each item.
+    for_each_warp_item(a.n, |i| unsafe { bytes::get_item::<Ptx>(&a, i) });
+}
+
+/// Byte tables: delete (a thread per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_delete(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    for_items(a.n, |i| {
+        let _ = unsafe { bytes::delete_item::<Ptx>(&a, i) };
+    });
+}
+
+/// Byte tables: set expiry times (a thread per key).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_set_expiry(a: BytesArgs) {
+    // SAFETY: the host passes valid buffers for n items.
+    for_items(a.n, |i| unsafe { bytes::set_expiry_item::<Ptx>(&a, i) });
+}
+
+/// Byte tables: remove expired entries (a thread per index slot, `n` = slots).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_purge(a: BytesArgs) {
+    // SAFETY: n = mask + 1; the lists hold room for every entry.
+    for_items(a.n, |s| unsafe { bytes::purge_item::<Ptx>(&a, s) });
+}
+
+/// Byte tables: list the live records of compaction's victims (a thread per index slot).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_gather(a: BytesArgs) {
+    // SAFETY: n = mask + 1; the lists hold room for every entry.
+    for_items(a.n, |s| unsafe { bytes::gather_item::<Ptx>(&a, s) });
+}
+
+/// Byte tables: move listed records (a warp per record).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_move(a: BytesArgs) {
+    // SAFETY: the host passes n listed records with their new places.
+    for_each_warp_item(a.n, |k| unsafe { bytes::move_item::<Ptx>(&a, k) });
+}
+
+/// Byte tables: rehash the old index (`n` old slots) into the new one.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_bytes_rehash(a: BytesArgs) {
+    // SAFETY: the host passes the old array of n slots and a zeroed new one.
+    for_items(a.n, |s| unsafe { bytes::rehash_item::<Ptx>(&a, s) });
 }
 
 #[panic_handler]

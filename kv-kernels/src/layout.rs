@@ -575,3 +575,149 @@ pub const fn dedup_rank(i: u64, n: u64, first_wins: bool) -> u32 {
 
 const _: () = assert!(core::mem::size_of::<CacheTableArgs>() == 10 * 8);
 const _: () = assert!(core::mem::size_of::<CacheArgs>() == 10 * 8 + 18 * 8 + 8);
+
+/// A byte table's index slot (docs/arena.md): four u64 words, [`bytes_slot::HASH`],
+/// [`bytes_slot::ADDR`], [`bytes_slot::META`] and [`bytes_slot::EXPIRES`]. The meta word
+/// says what the slot holds: [`bytes_slot::EMPTY`], [`bytes_slot::TOMBSTONE`], or a live
+/// entry's key length (low 32 bits, never 0) and value length (high 32 bits).
+pub mod bytes_slot {
+    /// Words per slot.
+    pub const WORDS: u64 = 4;
+    /// The key's hash (masked by the table's hash bits).
+    pub const HASH: u64 = 0;
+    /// The record's arena address (key bytes, then value bytes).
+    pub const ADDR: u64 = 1;
+    /// The lengths, or EMPTY / TOMBSTONE.
+    pub const META: u64 = 2;
+    /// The expiry time (0: never).
+    pub const EXPIRES: u64 = 3;
+    /// Meta of a slot that never held an entry: probes stop here.
+    pub const EMPTY: u64 = 0;
+    /// Meta of a slot whose entry was removed: probes go past it, inserts reuse it.
+    pub const TOMBSTONE: u64 = u64::MAX;
+    /// "No slot" (a key not found) in the kernels' per-item slot outputs.
+    pub const NONE: u64 = u64::MAX;
+    /// The local slot of an item whose dedup probe found no room (a broken invariant).
+    pub const NO_LOCAL: u32 = u32::MAX;
+}
+
+/// The meta word of a live byte-table entry ([`bytes_slot::META`]).
+#[inline(always)]
+pub const fn byte_meta(key_len: u64, value_len: u64) -> u64 {
+    key_len | (value_len << 32)
+}
+
+/// Whether a byte-table meta word is a live entry's.
+#[inline(always)]
+pub const fn byte_live(meta: u64) -> bool {
+    meta != bytes_slot::EMPTY && meta != bytes_slot::TOMBSTONE
+}
+
+/// The key length of a live meta word.
+#[inline(always)]
+pub const fn byte_key_len(meta: u64) -> u64 {
+    meta & 0xffff_ffff
+}
+
+/// The value length of a live meta word.
+#[inline(always)]
+pub const fn byte_value_len(meta: u64) -> u64 {
+    meta >> 32
+}
+
+/// Indices of the u64 words of a byte table's counter buffer.
+pub mod bytes_counter {
+    /// Entries a put inserted (claimed from EMPTY or TOMBSTONE).
+    pub const INSERTED: usize = 0;
+    /// Of those, the ones that reused a tombstone.
+    pub const REUSED: usize = 1;
+    /// Entries a delete removed.
+    pub const REMOVED: usize = 2;
+    /// Entries appended to the list outputs (purge, gather).
+    pub const LISTED: usize = 3;
+    /// The largest `!expires` of the live entries a purge kept (so `!` of it is the
+    /// earliest expiry time left; 0: none).
+    pub const NEXT_EXPIRY: usize = 4;
+    /// Probes that found no room (a broken invariant).
+    pub const ERRORS: usize = 5;
+    /// Entries a rehash moved.
+    pub const MOVED: usize = 6;
+    /// Length of the counter buffer in u64 words.
+    pub const LEN: usize = 8;
+}
+
+/// Arguments of every byte-table kernel (`kv_kernels::ops::bytes`): the index, the arena's
+/// segment directory, the batch and its scratch and outputs. Pointers are device
+/// addresses; 0 where a kernel takes none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BytesArgs {
+    /// `u64[(mask + 1) * bytes_slot::WORDS]` the index's slots.
+    pub slots: u64,
+    /// Index slots minus one (a power of two minus one).
+    pub mask: u64,
+    /// The hash seed.
+    pub seed: u64,
+    /// The mask of the table's hash bits.
+    pub hash_mask: u64,
+    /// `u64[segments]`: the device address of each arena segment.
+    pub segs: u64,
+    /// log2 of the segment size.
+    pub seg_shift: u64,
+    /// `u64[bytes_counter::LEN]` counters.
+    pub counters: u64,
+    /// Now on the table's clock (ms).
+    pub now: u64,
+    /// Items of the batch (slots, for the passes over the index).
+    pub n: u64,
+    /// `u64[n + 1]` offsets of the keys in `key_data` (from 0).
+    pub key_offsets: u64,
+    /// The keys' bytes.
+    pub key_data: u64,
+    /// `u64[n + 1]` offsets of the values in `value_data` (from 0).
+    pub value_offsets: u64,
+    /// The values' bytes.
+    pub value_data: u64,
+    /// `u64[n]` each key's hash.
+    pub hashes: u64,
+    /// `u32[local_mask + 1]` batch-local dedup table (zeroed): 0 or `1 + i` of its claimer.
+    pub local: u64,
+    /// `u32[local_mask + 1]` per local slot: `1 + ` the last occurrence of its key (zeroed).
+    pub pick: u64,
+    /// `u32[n]` each item's local slot.
+    pub slot_of: u64,
+    /// Local slots minus one.
+    pub local_mask: u64,
+    /// `u64[n]` each key's index slot, or `bytes_slot::NONE`.
+    pub found_slot: u64,
+    /// `u8[n]` whether item `i` is its key's last occurrence.
+    pub win: u64,
+    /// `u64[n]` each winner's new arena address (put), or each listed record's (move).
+    pub addrs: u64,
+    /// `u64[n]` times to live in ms (0 pointer: none).
+    pub ttl: u64,
+    /// `u64[n]` out: the arena address of the record an item replaced or removed.
+    pub old_addr: u64,
+    /// `u64[n]` out: its length (0: none).
+    pub old_len: u64,
+    /// `u64[n]` out: each found key's value length, `bytes_slot::NONE` for a miss.
+    pub value_len_out: u64,
+    /// `u64[n]` out: each found key's expiry time.
+    pub expires_out: u64,
+    /// `u64[n + 1]` offsets of a get's values in `out_data`.
+    pub out_offsets: u64,
+    /// A get's value bytes.
+    pub out_data: u64,
+    /// `u8[segments]`: 1 for a segment compaction empties.
+    pub victims: u64,
+    /// `u64[..]` out: listed slots (gather).
+    pub list_slot: u64,
+    /// `u64[..]` out: listed records' addresses (purge, gather).
+    pub list_addr: u64,
+    /// `u64[..]` out: listed records' lengths (purge, gather).
+    pub list_len: u64,
+    /// The old slot array of a rehash (`n` slots).
+    pub old_slots: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BytesArgs>() == 33 * 8);

@@ -107,8 +107,30 @@ pub mod names {
     pub const CACHE_TAKE: &str = "kv_cache_take";
     /// Cache tables: count live entries (`CacheArgs`).
     pub const CACHE_COUNT: &str = "kv_cache_count";
+    /// Byte tables: hash each key (`BytesArgs`).
+    pub const BYTES_HASH: &str = "kv_bytes_hash";
+    /// Byte tables: batch-local dedup, last occurrence wins (`BytesArgs`).
+    pub const BYTES_DEDUP: &str = "kv_bytes_dedup";
+    /// Byte tables: find each key (`BytesArgs`).
+    pub const BYTES_LOOKUP: &str = "kv_bytes_lookup";
+    /// Byte tables: write records and slots (`BytesArgs`, a warp per key).
+    pub const BYTES_WRITE: &str = "kv_bytes_write";
+    /// Byte tables: copy found values out (`BytesArgs`, a warp per key).
+    pub const BYTES_GET: &str = "kv_bytes_get";
+    /// Byte tables: delete (`BytesArgs`).
+    pub const BYTES_DELETE: &str = "kv_bytes_delete";
+    /// Byte tables: set expiry times (`BytesArgs`).
+    pub const BYTES_SET_EXPIRY: &str = "kv_bytes_set_expiry";
+    /// Byte tables: purge expired entries (`BytesArgs`, a thread per slot).
+    pub const BYTES_PURGE: &str = "kv_bytes_purge";
+    /// Byte tables: list compaction victims' records (`BytesArgs`, a thread per slot).
+    pub const BYTES_GATHER: &str = "kv_bytes_gather";
+    /// Byte tables: move listed records (`BytesArgs`, a warp per record).
+    pub const BYTES_MOVE: &str = "kv_bytes_move";
+    /// Byte tables: rehash into a new index (`BytesArgs`).
+    pub const BYTES_REHASH: &str = "kv_bytes_rehash";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 27] = [
         PUT_PLACE,
         PUT_PLACE_WIDE,
         PUT_SETTLE,
@@ -125,6 +147,17 @@ pub mod names {
         CACHE_GET,
         CACHE_TAKE,
         CACHE_COUNT,
+        BYTES_HASH,
+        BYTES_DEDUP,
+        BYTES_LOOKUP,
+        BYTES_WRITE,
+        BYTES_GET,
+        BYTES_DELETE,
+        BYTES_SET_EXPIRY,
+        BYTES_PURGE,
+        BYTES_GATHER,
+        BYTES_MOVE,
+        BYTES_REHASH,
     ];
 }
 

@@ -48,6 +48,7 @@
 //!    key finds its slot in the table and writes its row again, after every racing write of
 //!    pass 1.
 
+pub mod bytes;
 pub mod cache;
 
 use crate::layout::{
