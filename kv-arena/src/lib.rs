@@ -167,6 +167,13 @@ impl ArenaPlan {
         addr & (self.segment_bytes - 1)
     }
 
+    /// Whether segment `id` is in use (the head, or sealed with live records).
+    pub fn in_use(&self, id: u32) -> bool {
+        self.segments
+            .get(id as usize)
+            .is_some_and(|s| s.state != State::Free)
+    }
+
     /// Segments ever used (the highest segment number plus one): the size of a backend's
     /// segment directory.
     pub fn segment_count(&self) -> usize {

@@ -163,6 +163,21 @@ impl State {
         self.memory[seg][off..off + bytes.len()].copy_from_slice(bytes);
     }
 
+    /// Puts back the plan saved before a placement whose memory could not be had, and
+    /// frees what the placement's new segments were given. Freeing the placed records
+    /// instead would leave an emptied head that the plan still writes to.
+    fn undo_placement(&mut self, saved: ArenaPlan, opened: &[u32]) {
+        self.arena = saved;
+        for &id in opened {
+            // A head emptied and reopened by the placement is in use again in the plan.
+            if !self.arena.in_use(id)
+                && let Some(m) = self.memory.get_mut(id as usize)
+            {
+                *m = Box::default();
+            }
+        }
+    }
+
     /// Frees the memory of the segments the arena gave back.
     fn drop_released(&mut self) {
         for id in self.arena.take_released() {
@@ -189,16 +204,14 @@ impl State {
                 lens.push(e.record_len());
             }
         }
+        let saved = self.arena.clone();
         let placed = match self.arena.place(&lens) {
             Ok(p) => p,
             Err(_) => return,
         };
         if self.provide(&placed.opened).is_err() {
             // Undo the placement: the new places were never written.
-            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
-                self.arena.free(addr, len);
-            }
-            self.drop_released();
+            self.undo_placement(saved, &placed.opened);
             return;
         }
         let mut record = Vec::new();
@@ -323,26 +336,19 @@ impl CpuBytes {
             .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
             .collect();
         let written: u64 = lens.iter().sum();
-        let placed = match st.arena.place(&lens) {
-            Ok(p) => p,
-            Err(Error::BudgetExceeded { .. }) => {
-                st.compact(u64::MAX, true);
-                st.arena.place(&lens)?
-            }
-            Err(e) => return Err(e),
-        };
+        // Over the budget: compact first (that moves records, never changes contents),
+        // then place on the plan as compaction left it.
+        if let Err(Error::BudgetExceeded { .. }) = st.arena.clone().place(&lens) {
+            st.compact(u64::MAX, true);
+        }
+        let saved = st.arena.clone();
+        let placed = st.arena.place(&lens)?;
         if let Err(e) = st.provide(&placed.opened) {
-            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
-                st.arena.free(addr, len);
-            }
-            st.drop_released();
+            st.undo_placement(saved, &placed.opened);
             return Err(e);
         }
         if st.index.try_reserve(fresh, |e| e.hash).is_err() {
-            for (&addr, &len) in placed.addrs.iter().zip(&lens) {
-                st.arena.free(addr, len);
-            }
-            st.drop_released();
+            st.undo_placement(saved, &placed.opened);
             return Err(Error::OutOfDeviceMemory {
                 backend: "cpu",
                 requested_bytes: (fresh * std::mem::size_of::<Entry>()) as u64,
