@@ -103,36 +103,13 @@ pub fn open_bytes(cfg: ByteConfig) -> Result<BytesTable> {
 /// available one that has byte tables.
 pub fn open_bytes_with(cfg: ByteConfig, options: &Options) -> Result<BytesTable> {
     cfg.validate()?;
-    if let Some(kind) = options.backend {
-        let inner = open_bytes_kind(kind, cfg, options)?;
-        return Ok(BytesTable {
-            inner,
-            kind,
-            skipped: Vec::new(),
-        });
-    }
-    let mut skipped = Vec::new();
-    for kind in BackendKind::ALL {
-        match open_bytes_kind(kind, cfg.clone(), options) {
-            Ok(inner) => {
-                return Ok(BytesTable {
-                    inner,
-                    kind,
-                    skipped,
-                });
-            }
-            Err(
-                e @ (Error::BackendUnavailable { .. }
-                | Error::Device { .. }
-                | Error::Unsupported { .. }),
-            ) => skipped.push((kind, e.to_string())),
-            Err(e) => return Err(e),
-        }
-    }
-    let reasons: Vec<String> = skipped.iter().map(|(k, r)| format!("{k}: {r}")).collect();
-    Err(Error::BackendUnavailable {
-        backend: "auto",
-        reason: reasons.join("; "),
+    let (inner, kind, skipped) = crate::choose(options, |kind, auto| {
+        open_bytes_kind(kind, cfg.clone(), auto, options)
+    })?;
+    Ok(BytesTable {
+        inner,
+        kind,
+        skipped,
     })
 }
 
@@ -140,6 +117,7 @@ pub fn open_bytes_with(cfg: ByteConfig, options: &Options) -> Result<BytesTable>
 fn open_bytes_kind(
     kind: BackendKind,
     cfg: ByteConfig,
+    auto: bool,
     options: &Options,
 ) -> Result<Box<dyn ByteTable>> {
     match kind {
@@ -147,7 +125,6 @@ fn open_bytes_kind(
         BackendKind::Cpu => Ok(Box::new(kv_backend_cpu::CpuBytes::open(cfg)?)),
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
-            let auto = options.backend.is_none();
             let t = match kv_backend_wgpu::WgpuBytes::open_with(cfg, &options.wgpu) {
                 Ok(t) => t,
                 // A table that does not fit this adapter leaves the choice to the next

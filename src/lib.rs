@@ -291,26 +291,36 @@ pub fn open(cfg: TableConfig) -> Result<Table> {
 /// available one, with each backend's options.
 pub fn open_with(cfg: TableConfig, options: &Options) -> Result<Table> {
     cfg.validate()?;
+    let (inner, kind, skipped) = choose(options, |kind, auto| {
+        open_kind(kind, cfg.clone(), auto, options)
+    })?;
+    Ok(Table {
+        inner,
+        kind,
+        skipped,
+    })
+}
+
+/// Each better backend that was not used, and why.
+pub(crate) type Skipped = Vec<(BackendKind, String)>;
+
+/// The rule every kind of table is opened by: `options`' backend when it names one (no
+/// fallback), else the first of [`BackendKind::ALL`] that opens, with the reason each
+/// better one was skipped. `open(kind, auto)` opens on `kind`; `auto` says the choice is
+/// automatic (a backend may then decline, say a wgpu adapter that is not a discrete GPU).
+/// Only a backend that cannot run or cannot open this kind of table is skipped; any other
+/// error (a bad config) is the answer.
+pub(crate) fn choose<T>(
+    options: &Options,
+    mut open: impl FnMut(BackendKind, bool) -> Result<T>,
+) -> Result<(T, BackendKind, Skipped)> {
     if let Some(kind) = options.backend {
-        let inner = open_kind(kind, cfg, false, options)?;
-        return Ok(Table {
-            inner,
-            kind,
-            skipped: Vec::new(),
-        });
+        return Ok((open(kind, false)?, kind, Vec::new()));
     }
     let mut skipped = Vec::new();
     for kind in BackendKind::ALL {
-        match open_kind(kind, cfg.clone(), true, options) {
-            Ok(inner) => {
-                return Ok(Table {
-                    inner,
-                    kind,
-                    skipped,
-                });
-            }
-            // A backend that cannot open this kind of table (one without cache tables, for
-            // a cache config) is skipped too, and says so in `skipped`.
+        match open(kind, true) {
+            Ok(t) => return Ok((t, kind, skipped)),
             Err(
                 e @ (Error::BackendUnavailable { .. }
                 | Error::Device { .. }

@@ -282,6 +282,18 @@ fn for_kind(options: &Options, kind: Option<BackendKind>) -> Options {
     }
 }
 
+/// The backend `choice` forces (`None`: automatic choice); `all` is refused, `why` saying
+/// why one is needed.
+fn one_backend(choice: Choice, why: &str) -> vramkv::Result<Option<BackendKind>> {
+    match choice {
+        Choice::Auto => Ok(None),
+        Choice::Cpu => Ok(Some(BackendKind::Cpu)),
+        Choice::Cuda => Ok(Some(BackendKind::Cuda)),
+        Choice::Wgpu => Ok(Some(BackendKind::Wgpu)),
+        Choice::All => Err(vramkv::Error::InvalidConfig(format!("{why}, not all"))),
+    }
+}
+
 fn backends_for(choice: Choice, options: &Options) -> vramkv::Result<Vec<Option<BackendKind>>> {
     Ok(match choice {
         Choice::Auto => vec![None],
@@ -335,17 +347,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         return host_copy::run(a).map(|()| true);
     }
     if a.bytes || a.churn {
-        let kind = match a.backend {
-            Choice::Auto => None,
-            Choice::Cpu => Some(BackendKind::Cpu),
-            Choice::Cuda => Some(BackendKind::Cuda),
-            Choice::Wgpu => Some(BackendKind::Wgpu),
-            Choice::All => {
-                return Err(vramkv::Error::InvalidConfig(
-                    "--bytes and --churn run one backend, not all".into(),
-                ));
-            }
-        };
+        let kind = one_backend(a.backend, "--bytes and --churn run one backend")?;
         let opts = for_kind(&options, kind);
         return if a.churn {
             bytes_bench::churn(a.items, a.rounds, a.chunk, a.seed, &opts)
@@ -354,17 +356,7 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         };
     }
     if a.cache {
-        let kind = match a.backend {
-            Choice::Auto => None,
-            Choice::Cpu => Some(BackendKind::Cpu),
-            Choice::Cuda => Some(BackendKind::Cuda),
-            Choice::Wgpu => Some(BackendKind::Wgpu),
-            Choice::All => {
-                return Err(vramkv::Error::InvalidConfig(
-                    "--cache runs one backend for its upper tier, not all".into(),
-                ));
-            }
-        };
+        let kind = one_backend(a.backend, "--cache runs one backend for its upper tier")?;
         let opts = for_kind(&options, kind);
         let mut rows = Vec::new();
         let bar = ProgressBar::new((a.zipf.len() * a.space.len()) as u64);

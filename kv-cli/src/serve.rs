@@ -20,7 +20,8 @@ pub struct ServeArgs {
     /// The port (0: any free one, printed at start).
     #[arg(long)]
     port: Option<u16>,
-    /// The backend of the table: auto, cpu, cuda or wgpu (byte tables run on the CPU so far).
+    /// The backend of the byte table: auto (CUDA, then wgpu on a discrete GPU, then the
+    /// CPU), cpu, cuda or wgpu.
     #[arg(long)]
     backend: Option<String>,
     /// The most bytes the table's arena may hold (0: no limit). Writes past it answer
