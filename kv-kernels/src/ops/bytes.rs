@@ -4,7 +4,7 @@
 //!
 //! # The index
 //!
-//! Open addressing with linear probing over slots of four words ([`bytes_slot`]): the
+//! Open addressing with linear probing over slots of four words ([`bytes_slot`](crate::layout::bytes_slot)): the
 //! key's hash, the record's arena address, a meta word (EMPTY, TOMBSTONE, or the key and
 //! value lengths) and the expiry time. A key is found by its hash, its length and then a
 //! comparison of its bytes with the record's key bytes in the arena, so keys whose hashes
