@@ -38,7 +38,7 @@
 //! assert_eq!(arena.stats().held_bytes, 64);
 //! ```
 
-use kv_core::{ArenaStats, Error, Result};
+use kv_core::{ArenaStats, Binary, Error, Result};
 
 /// Records start at multiples of this many bytes.
 pub const RECORD_ALIGN: u64 = 8;
@@ -70,6 +70,22 @@ pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
 /// The bytes a record takes in its segment: its length rounded up to [`RECORD_ALIGN`].
 pub const fn padded(len: u64) -> u64 {
     len.next_multiple_of(RECORD_ALIGN)
+}
+
+/// The unpadded lengths of the records of `items` of a put: each item's key and value, in
+/// the order the arena stores them (what [`ArenaPlan::place`] takes).
+///
+/// ```
+/// use kv_core::BinaryBuf;
+/// let keys = BinaryBuf::from_slices(["a", "bb", "a"]);
+/// let values = BinaryBuf::from_slices(["123", "", "4"]);
+/// assert_eq!(kv_arena::record_lens(keys.as_binary(), values.as_binary(), &[1, 2]), [2, 2]);
+/// ```
+pub fn record_lens(keys: Binary<'_>, values: Binary<'_>, items: &[usize]) -> Vec<u64> {
+    items
+        .iter()
+        .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
+        .collect()
 }
 
 /// The default segment size for records of at most `max_record` bytes: eight of the

@@ -17,11 +17,10 @@ use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::HashTable;
-use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
+use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes, record_lens};
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, plan_put,
-    remaining_ttl,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, Result,
+    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -77,10 +76,6 @@ struct State {
 }
 
 impl State {
-    fn key(&self, e: &Entry) -> &[u8] {
-        read(&self.memory, &self.arena, e.addr, u64::from(e.key_len))
-    }
-
     fn value(&self, e: &Entry) -> &[u8] {
         read(
             &self.memory,
@@ -91,9 +86,8 @@ impl State {
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
-        self.index.find(hash, |e| {
-            e.key_len as usize == key.len() && self.key(e) == key
-        })
+        self.index
+            .find(hash, holds_key(&self.memory, &self.arena, key))
     }
 
     /// The live (not expired at `now`) entry of `key`.
@@ -229,6 +223,19 @@ impl State {
     }
 }
 
+/// The index's equality: whether an entry holds `key`, byte for byte (its hash may be
+/// shared by other keys). Takes the arena's parts, not the state, so that callers can hold
+/// the index mutably beside it.
+fn holds_key<'a>(
+    memory: &'a [Box<[u8]>],
+    arena: &'a ArenaPlan,
+    key: &'a [u8],
+) -> impl Fn(&Entry) -> bool + 'a {
+    move |e| {
+        e.key_len as usize == key.len() && read(memory, arena, e.addr, u64::from(e.key_len)) == key
+    }
+}
+
 fn read<'m>(memory: &'m [Box<[u8]>], arena: &ArenaPlan, addr: u64, len: u64) -> &'m [u8] {
     // As in `State::write`: an empty value may start past its segment's end.
     if len == 0 {
@@ -326,23 +333,21 @@ impl CpuBytes {
             .iter()
             .filter(|&&i| st.find(hashes[i], keys.get(i)).is_none())
             .count();
-        let t = &self.cfg.table;
-        let slots = match plan_put(st.index.len(), fresh, st.slots, t.max_load_factor, t.growth)? {
-            PutPlan::Fits => st.slots,
-            PutPlan::Grow { slots } => slots,
-        };
-        let lens: Vec<u64> = winners
-            .iter()
-            .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
-            .collect();
+        let slots = self.cfg.admit(st.index.len(), fresh, st.slots)?;
+        let lens = record_lens(keys, values, &winners);
         let written: u64 = lens.iter().sum();
-        // Over the budget: compact first (that moves records, never changes contents),
-        // then place on the plan as compaction left it.
-        if let Err(Error::BudgetExceeded { .. }) = st.arena.clone().place(&lens) {
-            st.compact(u64::MAX, true);
-        }
-        let saved = st.arena.clone();
-        let placed = st.arena.place(&lens)?;
+        // Over the budget: compact (that moves records, never changes contents) and place
+        // again, on the plan as compaction left it, which is what a failure restores.
+        let mut saved = st.arena.clone();
+        let placed = match st.arena.place(&lens) {
+            Ok(p) => p,
+            Err(Error::BudgetExceeded { .. }) => {
+                st.compact(u64::MAX, true);
+                saved = st.arena.clone();
+                st.arena.place(&lens)?
+            }
+            Err(e) => return Err(e),
+        };
         if let Err(e) = st.provide(&placed.opened) {
             st.undo_placement(saved, &placed.opened);
             return Err(e);
@@ -374,10 +379,7 @@ impl CpuBytes {
                 ..
             } = &mut *st;
             State::set_expiry(timers, &mut entry, now, ttl_ms.map_or(0, |t| t[i]));
-            let eq = |e: &Entry| {
-                e.key_len as usize == key.len()
-                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
-            };
+            let eq = holds_key(memory, arena, key);
             match index.find_mut(hashes[i], eq) {
                 Some(old) => {
                     let (old_addr, old_len) = (old.addr, old.record_len());
@@ -421,10 +423,7 @@ impl ByteTable for CpuBytes {
                 timers,
                 ..
             } = &mut *st;
-            let eq = |e: &Entry| {
-                e.key_len as usize == key.len()
-                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
-            };
+            let eq = holds_key(memory, arena, key);
             found_out[i] = match index.find_mut(h, eq) {
                 Some(e) => {
                     State::set_expiry(timers, e, now, ttl_ms[i]);
@@ -486,10 +485,7 @@ impl ByteTable for CpuBytes {
                 arena,
                 ..
             } = &mut *st;
-            let eq = |e: &Entry| {
-                e.key_len as usize == key.len()
-                    && read(memory, arena, e.addr, u64::from(e.key_len)) == key
-            };
+            let eq = holds_key(memory, arena, key);
             if let Ok(found) = index.find_entry(h, eq) {
                 let (e, _) = found.remove();
                 arena.free(e.addr, e.record_len());

@@ -41,11 +41,10 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytemuck::Pod;
-use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
+use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes, record_lens};
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, Error, Offsets, PutPlan, Result,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, Error, Offsets, Result,
     TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
-    plan_put,
 };
 use kv_kernels::layout::{
     BytesArgs, bytes_counter as bc, bytes_slot as bs, expiry_time, local_slots,
@@ -572,15 +571,8 @@ impl<D: Dev> Table<D> {
         let found: Vec<u64> = self.download_from(st, S::FoundSlot, n)?;
         let winners: Vec<usize> = (0..n).filter(|&i| win[i] != 0).collect();
         let fresh = winners.iter().filter(|&&i| found[i] == bs::NONE).count();
-        let t = &self.cfg.table;
-        let slots = match plan_put(st.entries, fresh, st.slots, t.max_load_factor, t.growth)? {
-            PutPlan::Fits => st.slots,
-            PutPlan::Grow { slots } => slots,
-        };
-        let lens: Vec<u64> = winners
-            .iter()
-            .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
-            .collect();
+        let slots = self.cfg.admit(st.entries, fresh, st.slots)?;
+        let lens = record_lens(keys, values, &winners);
         let written: u64 = lens.iter().sum();
         let mut saved = st.arena.clone();
         let placed = match st.arena.place(&lens) {

@@ -40,11 +40,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kv_arena::{ArenaPlan, RECORD_ALIGN, compaction_bound, default_segment_bytes, padded};
+use kv_arena::{
+    ArenaPlan, RECORD_ALIGN, compaction_bound, default_segment_bytes, padded, record_lens,
+};
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, PutPlan, Result,
-    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, plan_put,
-    remaining_ttl,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, Result,
+    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -835,20 +836,8 @@ impl WgpuBytes {
         let mut found = self.find(st, keys, &hashes, &winners)?;
         let fresh = found.iter().filter(|f| f.is_none()).count();
         let t = &self.cfg.table;
-        let slots = match plan_put(
-            st.occupied,
-            fresh,
-            st.index.slots,
-            t.max_load_factor,
-            t.growth,
-        )? {
-            PutPlan::Fits => st.index.slots,
-            PutPlan::Grow { slots } => slots,
-        };
-        let lens: Vec<u64> = winners
-            .iter()
-            .map(|&i| (keys.item_len(i) + values.item_len(i)) as u64)
-            .collect();
+        let slots = self.cfg.admit(st.occupied, fresh, st.index.slots)?;
+        let lens = record_lens(keys, values, &winners);
         let written: u64 = lens.iter().sum();
         let mut plan = st.plan.clone();
         let placed = match plan.place(&lens) {

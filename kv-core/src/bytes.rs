@@ -16,7 +16,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{Clock, Error, Result, SystemClock, TableConfig};
+use crate::{Clock, Error, PutPlan, Result, SystemClock, TableConfig, plan_put};
 
 /// The longest key a byte table takes, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
@@ -435,6 +435,29 @@ impl ByteConfig {
     /// The largest record (key and value) a table of this config stores.
     pub fn max_record_bytes(&self) -> u64 {
         self.max_key_bytes as u64 + self.max_value_bytes
+    }
+
+    /// The admission rule of a byte put ([`plan_put`] with an exact count): the index's slot
+    /// count after a put that brings `fresh` distinct new keys to a table of `len` entries
+    /// in `slots` slots, or [`Error::CapacityExceeded`] when growth is off and they do not
+    /// fit. Every backend's byte table admits by this one rule.
+    ///
+    /// ```
+    /// use kv_core::{ByteConfig, TableConfig};
+    /// let cfg = ByteConfig::new(12);
+    /// assert_eq!(cfg.admit(0, 12, 16), Ok(16));
+    /// assert_eq!(cfg.admit(12, 1, 16), Ok(32));
+    /// let fixed = cfg.clone().table(TableConfig::new(12).growth(false));
+    /// assert!(fixed.admit(12, 1, 16).is_err());
+    /// ```
+    pub fn admit(&self, len: usize, fresh: usize, slots: usize) -> Result<usize> {
+        let t = &self.table;
+        Ok(
+            match plan_put(len, fresh, slots, t.max_load_factor, t.growth)? {
+                PutPlan::Fits => slots,
+                PutPlan::Grow { slots } => slots,
+            },
+        )
     }
 
     /// Checks the config: [`Error::InvalidConfig`] says what is wrong.
