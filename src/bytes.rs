@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::{BackendKind, Options, Result};
-use kv_core::{Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error};
+use kv_core::{Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable};
 
 /// A byte table on the backend [`open_bytes`] chose, with the record of that choice. It
 /// implements [`ByteTable`] by handing every call to that backend.
@@ -129,8 +129,8 @@ fn open_bytes_kind(
                 Ok(t) => t,
                 // A table that does not fit this adapter leaves the choice to the next
                 // backend.
-                Err(e @ Error::OutOfDeviceMemory { .. }) if auto => {
-                    return Err(Error::BackendUnavailable {
+                Err(e @ crate::Error::OutOfDeviceMemory { .. }) if auto => {
+                    return Err(crate::Error::BackendUnavailable {
                         backend: "wgpu",
                         reason: e.to_string(),
                     });
@@ -138,7 +138,7 @@ fn open_bytes_kind(
                 Err(e) => return Err(e),
             };
             if auto && !t.is_discrete_gpu() {
-                return Err(Error::BackendUnavailable {
+                return Err(crate::Error::BackendUnavailable {
                     backend: "wgpu",
                     reason: format!("adapter {} is not a discrete GPU", t.adapter_name()),
                 });

@@ -9,8 +9,10 @@
 //! tables prints `skipped: <reason>` and its trial is ignored, except wgpu when
 //! `VRAMKV_REQUIRE_WGPU=1`: then a missing adapter fails the trial.
 
+mod common;
+
 use kv_conformance::bytes::ByteModel;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vramkv::{BackendKind, BinaryBuf, ByteConfig, ByteTable, Error, TableConfig};
@@ -149,38 +151,18 @@ fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
 }
 
 /// Whether a backend must run here: wgpu when `VRAMKV_REQUIRE_WGPU` is set to anything but 0 (CI, with lavapipe).
-fn required(kind: BackendKind) -> bool {
-    #[cfg(feature = "wgpu")]
-    if kind == BackendKind::Wgpu {
-        return std::env::var_os(vramkv::wgpu::REQUIRE_ENV).is_some_and(|v| v != "0");
-    }
-    let _ = kind;
-    false
-}
-
 fn main() {
     let args = Arguments::from_args();
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let mut trials = Vec::new();
-    for kind in BackendKind::ALL.into_iter().filter(|k| k.compiled_in()) {
-        let name = format!("bytes_differential::{kind}");
-        let probe = ByteConfig::new(16);
-        match vramkv::open_bytes_with(probe, &vramkv::Options::default().backend(kind)) {
-            Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e @ (Error::Unsupported { .. } | Error::BackendUnavailable { .. }))
-                if !required(kind) =>
-            {
-                println!("skipped: {kind}: {e}");
-                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
-            }
-            Err(e) => {
-                let msg = format!("opening a {kind} byte table: {e}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-        }
-    }
+    let cases = common::cases(200);
+    let probe = |kind| {
+        vramkv::open_bytes_with(
+            ByteConfig::new(16),
+            &vramkv::Options::default().backend(kind),
+        )
+        .map(drop)
+    };
+    let trials = common::per_backend("bytes_differential", "byte table", probe, move |kind| {
+        differential(kind, cases)
+    });
     libtest_mimic::run(&args, trials).exit();
 }

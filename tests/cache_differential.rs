@@ -14,12 +14,14 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use kv_conformance::cache::CacheModel;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use vramkv::{
-    BackendKind, CacheConfig, CachePolicy, CachePut, Clock, Error, Evicted, KvBackend, ManualClock,
+    BackendKind, CacheConfig, CachePolicy, CachePut, Clock, Evicted, KvBackend, ManualClock,
     TableConfig,
 };
 
@@ -161,37 +163,13 @@ fn differential(kind: BackendKind, cases: u32) -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let required = |kind: BackendKind| {
-        let var = match kind {
-            BackendKind::Cuda => "VRAMKV_REQUIRE_CUDA",
-            BackendKind::Wgpu => "VRAMKV_REQUIRE_WGPU",
-            _ => return false,
-        };
-        std::env::var(var).is_ok_and(|v| v == "1")
+    let cases = common::cases(200);
+    let probe = |kind| {
+        let cfg = TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Lru));
+        vramkv::open_backend(kind, cfg).map(drop)
     };
-    let mut trials = Vec::new();
-    for kind in BackendKind::ALL.into_iter().filter(|k| k.compiled_in()) {
-        let name = format!("cache_differential::{kind}");
-        let probe = TableConfig::new(32).cache(CacheConfig::new(CachePolicy::Lru));
-        match vramkv::open_backend(kind, probe) {
-            Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e) if required(kind) => {
-                let msg = format!("{kind} is required here but its cache tables cannot run: {e}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-            Err(e @ (Error::Unsupported { .. } | Error::BackendUnavailable { .. })) => {
-                println!("skipped: {kind}: {e}");
-                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
-            }
-            Err(e) => {
-                let msg = format!("opening a {kind} cache table: {e}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-        }
-    }
+    let trials = common::per_backend("cache_differential", "cache table", probe, move |kind| {
+        differential(kind, cases)
+    });
     libtest_mimic::run(&args, trials).exit();
 }

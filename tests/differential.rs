@@ -19,9 +19,11 @@
 
 use std::sync::LazyLock;
 
+mod common;
+
 use kv_conformance::Model;
 use kv_conformance::stress::{CRAFT_SEED, crafted_keys};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use vramkv::{BackendKind, Error, KvBackend, PutPlan, TableConfig};
@@ -338,52 +340,25 @@ fn budget_2_resumes() -> Result<(), Failed> {
 
 fn main() {
     let args = Arguments::from_args();
-    let cases: u32 = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    let require = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
-    let require_wgpu = require("VRAMKV_REQUIRE_WGPU");
-    let require_cuda = require("VRAMKV_REQUIRE_CUDA");
-    let mut trials = Vec::new();
-    for kind in BackendKind::ALL {
-        let name = format!("differential::{kind}");
-        if !kind.compiled_in() {
-            continue;
-        }
-        match vramkv::open_backend(kind, TableConfig::new(16)) {
-            Ok(_) => trials.push(Trial::test(name, move || differential(kind, cases))),
-            Err(e)
-                if (kind == BackendKind::Wgpu && require_wgpu)
-                    || (kind == BackendKind::Cuda && require_cuda) =>
-            {
-                let var = format!("VRAMKV_REQUIRE_{}", kind.name().to_uppercase());
-                let msg = format!("{var}=1 but {kind} cannot run: {e}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-            Err(e) => {
-                println!("skipped: {kind}: {e}");
-                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
-            }
-        }
-    }
+    let cases = common::cases(1000);
+    let probe = |kind| vramkv::open_backend(kind, TableConfig::new(16)).map(drop);
+    #[allow(unused_mut)]
+    let mut trials = common::per_backend("differential", "table", probe, move |kind| {
+        differential(kind, cases)
+    });
     #[cfg(feature = "wgpu")]
     {
         let name = "differential::wgpu_probe_budget_2";
-        match kv_backend_wgpu::unavailable_reason() {
-            None => trials.push(Trial::test(name, move || {
-                differential_with(BackendKind::Wgpu, cases.div_ceil(4), open_wgpu_budget_2)?;
-                budget_2_resumes()
-            })),
-            Some(e) if require_wgpu => {
-                let msg = format!("VRAMKV_REQUIRE_WGPU=1 but wgpu cannot run: {e}");
-                trials.push(Trial::test(name, move || Err(msg.into())));
-            }
-            Some(e) => {
-                println!("skipped: wgpu: {e}");
-                trials.push(Trial::test(name, || Ok(())).with_ignored_flag(true));
-            }
-        }
+        let availability = kv_conformance::Availability::unless_missing(
+            kv_backend_wgpu::unavailable_reason(),
+            kv_backend_wgpu::REQUIRE_ENV,
+            "wgpu",
+        );
+        availability.announce(name);
+        trials.push(availability.trial(name, move || {
+            differential_with(BackendKind::Wgpu, cases.div_ceil(4), open_wgpu_budget_2)?;
+            budget_2_resumes()
+        }));
     }
     libtest_mimic::run(&args, trials).exit();
 }
