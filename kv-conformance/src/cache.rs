@@ -43,6 +43,7 @@ pub fn all() -> Vec<Case> {
         cache_nothing_lost_lru,
         cache_nothing_lost_lfu,
         cache_nothing_lost_custom,
+        cache_export_restore_keeps_scores_and_expiry,
     ]
 }
 
@@ -738,4 +739,105 @@ fn cache_nothing_lost_lfu(o: &Open) {
 
 fn cache_nothing_lost_custom(o: &Open) {
     nothing_lost(o, CachePolicy::Custom);
+}
+
+/// A cache table's image holds each live entry's score and absolute expiry time and no
+/// expired entry; restored into a new table with the same config, it gives the same
+/// image back, evicts nothing, and an LRU clock that goes on past the image's.
+fn cache_export_restore_keeps_scores_and_expiry(o: &Open) {
+    for policy in [CachePolicy::Lru, CachePolicy::Lfu, CachePolicy::Custom] {
+        let w = 2;
+        let (t, clock) = open_cache(o, 512, w, policy);
+        let keys: Vec<u64> = (0..300u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        let vals: Vec<u64> = keys.iter().flat_map(|&k| row(k, w, 4)).collect();
+        let ttl: Vec<u64> = (0..300u64)
+            .map(|i| [0, 100, 5000][(i % 3) as usize])
+            .collect();
+        let scores: Vec<u64> = (0..300u64).map(|i| i * 3 + 1).collect();
+        let put = CachePut::new(&keys, &vals).ttl_ms(&ttl);
+        let put = if policy == CachePolicy::Custom {
+            put.scores(&scores)
+        } else {
+            put
+        };
+        t.put_cached(put).expect("put");
+        // Accesses that change LRU and LFU scores.
+        for _ in 0..2 {
+            let mut v = vec![0; 100 * w];
+            let mut f = vec![false; 100];
+            t.get(&keys[..100], &mut v, &mut f).expect("get");
+        }
+        clock.advance(150);
+        let mut img = t.export().expect("export");
+        img.check().expect("the image's columns agree");
+        assert!(
+            img.is_cache(),
+            "{policy:?}: a cache table's image has scores"
+        );
+        assert_eq!(img.len(), t.len(), "{policy:?}: image length");
+        img.sort();
+        let expires = img.expires.clone().expect("expiry times");
+        let got_scores = img.scores.clone().expect("scores");
+        for (i, &k) in img.keys.iter().enumerate() {
+            let j = keys
+                .iter()
+                .position(|&x| x == k)
+                .expect("an exported key was put");
+            assert_eq!(&img.values[i * w..(i + 1) * w], &vals[j * w..(j + 1) * w]);
+            let want = if ttl[j] == 0 { 0 } else { 1000 + ttl[j] };
+            assert_ne!(ttl[j], 100, "{policy:?}: an expired entry was exported");
+            assert_eq!(expires[i], want, "{policy:?}: expiry time of key {k}");
+            match policy {
+                CachePolicy::Custom => assert_eq!(got_scores[i], scores[j]),
+                CachePolicy::Lfu => assert_eq!(got_scores[i], if j < 100 { 3 } else { 1 }),
+                CachePolicy::Lru => assert!(got_scores[i] <= img.clock, "LRU score past the clock"),
+            }
+        }
+        let (u, clock_u) = open_cache(o, 512, w, policy);
+        clock_u.advance(150);
+        for part in img.parts(64) {
+            u.restore(part).expect("restore");
+        }
+        assert_eq!(u.len(), t.len(), "{policy:?}: restored length");
+        assert_eq!(
+            u.cache_stats().expect("stats").evicted,
+            0,
+            "{policy:?}: a restore evicted"
+        );
+        let mut back = u.export().expect("export of the restored table");
+        back.sort();
+        assert_eq!(back.keys, img.keys, "{policy:?}");
+        assert_eq!(back.values, img.values, "{policy:?}");
+        assert_eq!(back.expires, img.expires, "{policy:?}");
+        assert_eq!(back.scores, img.scores, "{policy:?}");
+        assert!(
+            back.clock >= img.clock,
+            "{policy:?}: the restored clock went back"
+        );
+        if policy == CachePolicy::Lru {
+            let fresh = [u64::MAX - 3];
+            u.put(&fresh, &[1, 2]).expect("put after restore");
+            let after = u.export().expect("export");
+            let s = after.scores.as_deref().expect("scores");
+            let i = after
+                .keys
+                .iter()
+                .position(|&k| k == fresh[0])
+                .expect("fresh key");
+            let top = img
+                .scores
+                .as_deref()
+                .expect("scores")
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0);
+            assert!(
+                s[i] > top,
+                "a put after a restore is more recent than every restored entry"
+            );
+        }
+    }
 }

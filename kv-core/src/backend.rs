@@ -1,6 +1,6 @@
 //! The [`KvBackend`] trait: the contract every vramkv backend meets exactly.
 
-use crate::{CachePut, CacheStats, Error, Evicted, Result};
+use crate::{CachePut, CacheStats, Error, Evicted, ImagePart, Result, TableImage};
 
 /// What a backend says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +263,51 @@ pub trait KvBackend: Send + Sync {
             backend: self.describe().backend,
             what: "cache tables (cache_stats)",
         })
+    }
+
+    /// Optional (snapshots): every live entry, copied out at one point in time.
+    ///
+    /// The backend copies its table out under one hold of its lock (for a GPU backend, a
+    /// device-to-host copy of the table in chunks) and lets the lock go before it decodes
+    /// the copy: other batches wait no longer than the copy, and the image holds each
+    /// batch whole or not at all (item d). A cache table's image holds each entry's score
+    /// and expiry time, and leaves out entries that have expired. The default answers
+    /// [`Error::Unsupported`].
+    ///
+    /// ```
+    /// use kv_core::{KvBackend, TableConfig};
+    /// # fn demo(open: impl Fn(TableConfig) -> kv_core::Result<Box<dyn KvBackend>>) -> kv_core::Result<()> {
+    /// let a = open(TableConfig::new(100))?;
+    /// a.put(&[1, 2], &[10, 20])?;
+    /// let image = a.export()?;
+    /// let b = open(TableConfig::new(100))?;
+    /// for part in image.parts(1 << 20) {
+    ///     b.restore(part)?;
+    /// }
+    /// assert_eq!(b.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    fn export(&self) -> Result<TableImage> {
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "export (snapshots)",
+        })
+    }
+
+    /// Puts the entries of an image back (snapshots): keys and rows, and on a cache table
+    /// each entry's score and expiry time as they were (an entry whose expiry time has
+    /// passed is left out), with an LRU table's clock moved to at least the image's. On a
+    /// table that is not a cache table this is a [`put`](Self::put) of the keys and rows,
+    /// which is what the default does; it refuses scores and expiry times there.
+    fn restore(&self, part: ImagePart<'_>) -> Result<()> {
+        part.check(self.width())?;
+        if part.scores.is_some() || part.expires.is_some() {
+            return Err(Error::Unsupported {
+                backend: self.describe().backend,
+                what: "restoring a cache table's image",
+            });
+        }
+        self.put(part.keys, part.values)
     }
 }
 

@@ -787,6 +787,20 @@ pub trait ByteTable: Send + Sync {
         })
     }
 
+    /// Optional (snapshots): every live entry, copied out at one point in time, as
+    /// [`KvBackend::export`](crate::KvBackend::export) does for fixed-width tables: under
+    /// one hold of the table's lock, decoded after it is let go. Expired entries are left
+    /// out. The default answers [`Error::Unsupported`].
+    ///
+    /// An image goes back into a table with [`ByteImage::live_runs`] and
+    /// [`put_ttl`](Self::put_ttl).
+    fn export(&self) -> Result<crate::ByteImage> {
+        Err(Error::Unsupported {
+            backend: self.describe().backend,
+            what: "export (snapshots)",
+        })
+    }
+
     /// A put from slices, for small batches.
     fn put_slices(&self, keys: &[&[u8]], values: &[&[u8]]) -> Result<()> {
         let k = BinaryBuf::from_slices(keys);

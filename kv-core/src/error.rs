@@ -109,6 +109,38 @@ pub enum Error {
         /// The budget.
         budget_bytes: u64,
     },
+    /// A file could not be read or written (a snapshot, a log): the operating system's
+    /// error, by kind and in words.
+    #[error("{what}: {message}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The operating system's error kind.
+        kind: std::io::ErrorKind,
+        /// The operating system's message.
+        message: String,
+    },
+    /// A snapshot or log file is damaged (truncated, bit-flipped) or is not a vramkv file
+    /// at all. Nothing of it was loaded.
+    #[error("{file}: {detail}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// What is wrong, and where.
+        detail: String,
+    },
+    /// A snapshot or log written in a newer format than this vramkv reads.
+    #[error(
+        "{file}: format version {found} is newer than this vramkv reads (up to {supported}); upgrade vramkv to load it"
+    )]
+    NewerFormat {
+        /// The file.
+        file: String,
+        /// The file's format version.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
     /// An optional capability that this backend does not offer.
     #[error("{backend} does not support {what}")]
     Unsupported {
@@ -132,6 +164,20 @@ impl Error {
             backend,
             message: message.into(),
             source: None,
+        }
+    }
+
+    /// An [`Error::Io`] from an operating system error met while doing `what`.
+    ///
+    /// ```
+    /// let e = kv_core::Error::io("writing /tmp/x", std::io::Error::from(std::io::ErrorKind::StorageFull));
+    /// assert!(matches!(e, kv_core::Error::Io { kind: std::io::ErrorKind::StorageFull, .. }));
+    /// ```
+    pub fn io(what: impl Into<String>, err: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            kind: err.kind(),
+            message: err.to_string(),
         }
     }
 

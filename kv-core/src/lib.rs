@@ -18,6 +18,7 @@ mod bytes;
 mod cache;
 mod config;
 mod error;
+mod image;
 mod options;
 
 pub use backend::{
@@ -41,4 +42,5 @@ pub use config::{
     slots_for,
 };
 pub use error::{DriverError, Error, Result};
+pub use image::{ByteImage, ByteRun, CacheMeta, ImagePart, TableImage};
 pub use options::{check_option, env_flag, env_value};
