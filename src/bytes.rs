@@ -76,6 +76,9 @@ impl ByteTable for BytesTable {
     fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
         self.inner.ttl(keys, ttl_out)
     }
+    fn export(&self) -> Result<kv_core::ByteImage> {
+        self.inner.export()
+    }
 }
 
 /// Opens a byte table on the backend `VRAMKV_BACKEND` forces (no fallback), or on the best

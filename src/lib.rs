@@ -208,6 +208,12 @@ impl KvBackend for Table {
     fn cache_stats(&self) -> Result<CacheStats> {
         self.inner.cache_stats()
     }
+    fn export(&self) -> Result<kv_core::TableImage> {
+        self.inner.export()
+    }
+    fn restore(&self, part: kv_core::ImagePart<'_>) -> Result<()> {
+        self.inner.restore(part)
+    }
 }
 
 /// How [`open_with`] opens a table: the backend to force (none: the best available), and

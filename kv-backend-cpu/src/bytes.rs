@@ -19,8 +19,9 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use hashbrown::HashTable;
 use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes, record_lens};
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, Result,
-    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, remaining_ttl,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, ByteTable, Error,
+    Result, capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences,
+    remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -530,6 +531,17 @@ impl ByteTable for CpuBytes {
 
     fn limits(&self) -> ByteLimits {
         self.cfg.limits()
+    }
+
+    fn export(&self) -> Result<ByteImage> {
+        let now = self.now();
+        let st = self.read();
+        let mut img = ByteImage::default();
+        for e in st.index.iter().filter(|e| !expired(e.expires, now)) {
+            let key = read(&st.memory, &st.arena, e.addr, u64::from(e.key_len));
+            img.push(key, st.value(e), e.expires);
+        }
+        Ok(img)
     }
 
     fn describe(&self) -> ByteDescription {

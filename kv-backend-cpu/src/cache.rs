@@ -13,8 +13,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_slot_bytes, check_contains,
-    check_get, check_take,
+    Evicted, ImagePart, KvBackend, Result, TableConfig, TableImage, cache_buckets,
+    cache_slot_bytes, check_contains, check_get, check_take,
 };
 use kv_kernels::layout::cache_bucket;
 use rayon::prelude::*;
@@ -593,6 +593,72 @@ impl KvBackend for CpuCache {
 
     fn cache_policy(&self) -> Result<CachePolicy> {
         Ok(self.cache.policy)
+    }
+
+    fn export(&self) -> Result<TableImage> {
+        let w = self.width;
+        let now = self.cache.clock.now_ms();
+        let st = self.read();
+        let mut img = TableImage::new_cache(w, st.clock);
+        for (b, bucket) in st.buckets.iter().enumerate() {
+            for j in (0..B).filter(|&j| bucket.live(j, now)) {
+                let at = (b * B + j) * w;
+                img.push(
+                    bucket.keys[j],
+                    &st.rows[at..at + w],
+                    Some((bucket.scores[j], bucket.expires[j])),
+                );
+            }
+        }
+        Ok(img)
+    }
+
+    fn restore(&self, part: ImagePart<'_>) -> Result<()> {
+        part.check(self.width)?;
+        check_batch_len(part.keys.len())?;
+        let now = self.cache.clock.now_ms();
+        let w = self.width;
+        let mut st = self.write();
+        // Restored entries keep their scores whatever the policy, and their absolute expiry
+        // times; one whose time has passed stays out. A bucket that is full (an image
+        // restored into a smaller table) evicts its lowest score, as a put does.
+        let d = self.by_bucket(&mut st, part.keys, |_, bucket, rows, items, d| {
+            for &i in items {
+                let i = i as usize;
+                let key = part.keys[i];
+                let score = part.scores.map_or(0, |s| s[i]);
+                let expires = part.expires.map_or(0, |e| e[i]);
+                if expires != 0 && expires <= now {
+                    continue;
+                }
+                let row = &part.values[i * w..(i + 1) * w];
+                let j = match bucket.find(key, now) {
+                    Some(j) => j,
+                    None => match (0..B).find(|&j| !bucket.live(j, now)) {
+                        Some(j) => j,
+                        None => {
+                            let v = (0..B)
+                                .min_by_key(|&j| (bucket.scores[j], j))
+                                .expect("a bucket has slots");
+                            d.evicted_count += 1;
+                            if score < bucket.scores[v] {
+                                continue;
+                            }
+                            v
+                        }
+                    },
+                };
+                bucket.used |= 1 << j;
+                bucket.keys[j] = key;
+                bucket.scores[j] = score;
+                bucket.expires[j] = expires;
+                rows[j * w..(j + 1) * w].copy_from_slice(row);
+            }
+        });
+        st.stats.evicted += d.evicted_count;
+        st.clock = st.clock.max(part.clock);
+        st.stats.clock = st.clock;
+        Ok(())
     }
 
     fn cache_stats(&self) -> Result<CacheStats> {

@@ -29,7 +29,7 @@ pub use bytes::CpuBytes;
 pub use cache::CpuCache;
 
 use kv_core::{
-    Applied, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig,
+    Applied, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, TableImage,
     check_contains, check_get, check_put, count_distinct, prepare_put,
 };
 use part::{Part, hash};
@@ -541,6 +541,24 @@ impl KvBackend for CpuBackend {
         st.parts.par_iter_mut().for_each(Part::clear);
         st.books.cleared();
         Ok(())
+    }
+
+    fn export(&self) -> Result<TableImage> {
+        let w = self.cfg.width;
+        // The read lock holds writers back while the live entries are copied: the image is
+        // one point in time, and the copy is all the time the lock is held.
+        let st = self.read();
+        let n = st.books.len();
+        let mut img = TableImage::new(w);
+        let oom = |_| oom((n * (w + 1) * 8) as u64);
+        img.keys.try_reserve_exact(n).map_err(oom)?;
+        img.values.try_reserve_exact(n * w).map_err(oom)?;
+        for part in &st.parts {
+            for i in part.live_slots() {
+                img.push(part.keys[i], part.row(i), None);
+            }
+        }
+        Ok(img)
     }
 
     fn describe(&self) -> Description {

@@ -269,6 +269,19 @@ impl kv_core::KvBackend for ModelBackend {
         books.cleared();
         Ok(())
     }
+    fn export(&self) -> kv_core::Result<kv_core::TableImage> {
+        let w = self.cfg.width;
+        Ok(self.with(|m| {
+            let keys = m.keys();
+            let (values, _) = m.get(&keys);
+            kv_core::TableImage {
+                width: w,
+                keys,
+                values,
+                ..Default::default()
+            }
+        }))
+    }
     fn describe(&self) -> kv_core::Description {
         let slots = self.books.lock().unwrap_or_else(|p| p.into_inner()).slots();
         kv_core::Description {
