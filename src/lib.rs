@@ -34,18 +34,21 @@
 //! ```
 
 pub use kv_core::{
-    ArenaStats, Audit, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable,
-    CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
-    DEFAULT_MAX_VALUE_BYTES, Description, DriverError, Error, Evicted, KvBackend, MAX_KEY_BYTES,
-    MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock, PutPlan, Result, SystemClock, TableConfig,
-    cache_capacity_for_budget, cache_slot_bytes, capacity_of, check_contains, check_get, check_put,
-    check_take, plan_put, slots_for,
+    ArenaStats, Audit, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits,
+    ByteTable, CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Clock,
+    DEFAULT_MAX_VALUE_BYTES, Description, DriverError, Error, Evicted, ImagePart, KvBackend,
+    MAX_KEY_BYTES, MAX_LOAD_FACTOR, MAX_SLOTS, MAX_WIDTH, ManualClock, PutPlan, Result,
+    SystemClock, TableConfig, TableImage, cache_capacity_for_budget, cache_slot_bytes, capacity_of,
+    check_contains, check_get, check_put, check_take, plan_put, slots_for,
 };
 pub use kv_staging::trace::Tracer;
 
 mod bytes;
+mod persist;
 mod tiered;
 pub use bytes::{BytesTable, open_bytes, open_bytes_with};
+pub use kv_durable as durable;
+pub use persist::{open_bytes_snapshot, open_snapshot, open_snapshot_as, save, save_bytes};
 pub use tiered::{TierStats, Tiered, TieredConfig};
 
 #[cfg(feature = "cpu")]

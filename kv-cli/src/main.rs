@@ -5,6 +5,7 @@ mod bytes_bench;
 mod cache_bench;
 #[cfg(feature = "cuda")]
 mod cache_resident;
+mod durability_bench;
 mod host_copy;
 #[cfg(feature = "cuda")]
 mod pinned;
@@ -41,6 +42,25 @@ enum Cmd {
     Info,
     /// A Redis-protocol server over a byte table (redis-cli and Redis clients connect).
     Serve(serve::ServeArgs),
+    /// Snapshot files: `vramkv snapshot inspect FILE` prints a snapshot's header, its
+    /// counts and whether every checksum holds.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// The header, the counts and the checksum status of a snapshot file; exit code 1
+    /// when it is damaged.
+    Inspect {
+        /// The snapshot file.
+        file: std::path::PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -157,6 +177,22 @@ struct BenchArgs {
     /// Keys per batch of --churn.
     #[arg(long, default_value_t = 1_000_000, requires = "churn")]
     chunk: usize,
+    /// Snapshots and the log: the disk's rates (dd), a snapshot of --items entries saved
+    /// and loaded, and PUT throughput under each fsync policy at the batch sizes of
+    /// --log-items.
+    #[arg(long)]
+    durability: bool,
+    /// Batch sizes for the log's cost in --durability.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2000000,20000000",
+        requires = "durability"
+    )]
+    log_items: Vec<usize>,
+    /// Where --durability writes its files (default: the system's temporary directory).
+    #[arg(long, requires = "durability")]
+    dir: Option<std::path::PathBuf>,
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
     device: Option<usize>,
@@ -241,6 +277,9 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Cmd::Serve(a) => serve::run(&a).map(|()| true),
+        Cmd::Snapshot {
+            cmd: SnapshotCmd::Inspect { file, json },
+        } => Ok(inspect(&file, json)),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -250,6 +289,65 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `vramkv snapshot inspect`: prints what [`vramkv::durable::snapshot::inspect`] found;
+/// `false` (exit code 1) for a damaged file.
+fn inspect(file: &std::path::Path, json: bool) -> bool {
+    let ins = vramkv::durable::snapshot::inspect(file);
+    let ok = ins.complete && ins.error.is_none();
+    if json {
+        let v = serde_json::json!({
+            "file": file.display().to_string(),
+            "file_bytes": ins.file_bytes,
+            "version": ins.version,
+            "header": ins.header,
+            "chunks_ok": ins.chunks_ok,
+            "entries_ok": ins.entries_ok,
+            "complete": ins.complete,
+            "error": ins.error.as_ref().map(ToString::to_string),
+        });
+        println!("{v}");
+        return ok;
+    }
+    println!("file:     {} ({} bytes)", file.display(), ins.file_bytes);
+    match ins.version {
+        Some(v) => println!("format:   vramkv snapshot, version {v}"),
+        None => println!("format:   unknown"),
+    }
+    if let Some(h) = &ins.header {
+        let kind = match (h.kind, &h.cache) {
+            (vramkv::durable::snapshot::TableKind::Bytes, _) => "byte table".to_string(),
+            (_, Some(p)) => format!("cache table ({p}), width {}", h.width),
+            (_, None) => format!("fixed-width table, width {}", h.width),
+        };
+        println!("table:    {kind}");
+        println!("entries:  {} (header)", h.entries);
+        println!(
+            "written:  by {} at {} ms since the Unix epoch",
+            h.backend, h.written_ms
+        );
+        println!(
+            "config:   capacity {}, max load {}, growth {}, seed {}",
+            h.capacity,
+            h.max_load_factor,
+            h.growth,
+            h.seed.map_or("random".into(), |s| s.to_string())
+        );
+        if let (Some(k), Some(v)) = (h.max_key_bytes, h.max_value_bytes) {
+            println!("limits:   keys up to {k} bytes, values up to {v} bytes");
+        }
+    }
+    println!(
+        "checked:  {} chunks, {} entries, checksums {}",
+        ins.chunks_ok,
+        ins.entries_ok,
+        if ok { "all good" } else { "NOT all good" }
+    );
+    if let Some(e) = &ins.error {
+        println!("damage:   {e}");
+    }
+    ok
 }
 
 /// The options of every table the CLI opens: what the environment asks for
@@ -345,6 +443,10 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     }
     if a.host_copy {
         return host_copy::run(a).map(|()| true);
+    }
+    if a.durability {
+        let kind = one_backend(a.backend, "--durability runs one backend")?;
+        return durability_bench::run(a, &for_kind(&options, kind));
     }
     if a.bytes || a.churn {
         let kind = one_backend(a.backend, "--bytes and --churn run one backend")?;

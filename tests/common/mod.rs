@@ -8,6 +8,7 @@ use libtest_mimic::{Failed, Trial};
 use vramkv::{BackendKind, Error};
 
 /// Sequences per backend: `PROPTEST_CASES`, else `default`.
+#[allow(dead_code)] // Each test binary compiles this module; not every one runs sequences.
 pub fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
