@@ -448,3 +448,8 @@ pub fn availability() -> Vec<(BackendKind, std::result::Result<String, String>)>
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// docs/durability.md's examples, run as doctests so that they stay true.
+#[doc = include_str!("../docs/durability.md")]
+#[cfg(doctest)]
+pub struct DurabilityDoctests;
