@@ -20,15 +20,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kv_backend_cpu::CpuBackend;
+use kv_backend_cpu::CpuBytes;
 use kv_conformance::SplitMix64;
-use kv_core::{KvBackend, TableConfig};
+use kv_core::{BinaryBuf, ByteConfig, ByteTable, KvBackend, TableConfig};
 use kv_durable::snapshot::{self, Contents};
-use kv_durable::{DurableTable, Fsync, LogConfig};
+use kv_durable::{DurableBytes, DurableTable, Fsync, LogConfig};
 
 const WIDTH: usize = 2;
 const KEYS: u64 = 3000;
 const MARK: u64 = u64::MAX;
-const KILLS: usize = 300;
+const KILLS: usize = 350;
 const TIME_LIMIT: Duration = Duration::from_secs(240);
 
 fn cfg() -> TableConfig {
@@ -57,42 +58,125 @@ fn step(s: u64) -> Step {
     }
 }
 
-fn apply_model(m: &mut HashMap<u64, [u64; WIDTH]>, s: u64) {
+/// The entries of a state, as bytes: a fixed-width table's keys and rows in
+/// little-endian, or a byte table's keys and values.
+type State = HashMap<Vec<u8>, Vec<u8>>;
+
+/// How a step's entries look in a byte table: key `k` is `"k<k>"`, its value the first
+/// `(k ^ s) % 17` bytes of its row (the mark's value whole).
+fn byte_entry(key: u64, row: [u64; WIDTH]) -> (Vec<u8>, Vec<u8>) {
+    let mut v: Vec<u8> = row.iter().flat_map(|w| w.to_le_bytes()).collect();
+    if key != MARK {
+        v.truncate((row[1] % 17) as usize);
+    }
+    (format!("k{key}").into_bytes(), v)
+}
+
+fn fixed_entry(key: u64, row: [u64; WIDTH]) -> (Vec<u8>, Vec<u8>) {
+    (
+        key.to_le_bytes().to_vec(),
+        row.iter().flat_map(|w| w.to_le_bytes()).collect(),
+    )
+}
+
+fn apply_model(m: &mut State, s: u64, bytes: bool) {
+    let entry = if bytes { byte_entry } else { fixed_entry };
     match step(s) {
         Step::Put(k, v) => {
             for (i, key) in k.iter().enumerate() {
-                m.insert(*key, [v[i * 2], v[i * 2 + 1]]);
+                let (k, v) = entry(*key, [v[i * 2], v[i * 2 + 1]]);
+                m.insert(k, v);
             }
         }
         Step::Delete(k) => {
             for key in k {
-                m.remove(&key);
+                m.remove(&entry(key, [0; WIDTH]).0);
             }
         }
     }
 }
 
-fn apply_table(t: &dyn KvBackend, s: u64) -> kv_core::Result<()> {
-    match step(s) {
-        Step::Put(k, v) => t.put(&k, &v),
-        Step::Delete(k) => t.delete(&k).map(|_| ()),
+/// The table under test: a fixed-width table or a byte table.
+#[derive(Clone, Copy)]
+enum Subject<'a> {
+    Fixed(&'a dyn KvBackend),
+    Bytes(&'a dyn ByteTable),
+}
+
+impl Subject<'_> {
+    fn apply(self, s: u64) -> kv_core::Result<()> {
+        match (self, step(s)) {
+            (Subject::Fixed(t), Step::Put(k, v)) => t.put(&k, &v),
+            (Subject::Fixed(t), Step::Delete(k)) => t.delete(&k).map(|_| ()),
+            (Subject::Bytes(t), Step::Put(k, v)) => {
+                let e: Vec<_> = k
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &key)| byte_entry(key, [v[i * 2], v[i * 2 + 1]]))
+                    .collect();
+                let keys = BinaryBuf::from_slices(e.iter().map(|x| &x.0));
+                let vals = BinaryBuf::from_slices(e.iter().map(|x| &x.1));
+                t.put(keys.as_binary(), vals.as_binary())
+            }
+            (Subject::Bytes(t), Step::Delete(k)) => {
+                let keys = BinaryBuf::from_slices(k.iter().map(|&key| byte_entry(key, [0; 2]).0));
+                t.delete(keys.as_binary()).map(|_| ())
+            }
+        }
+    }
+
+    /// The last put step the table holds (0: none yet).
+    fn mark(self) -> u64 {
+        let state = self.contents();
+        let key = match self {
+            Subject::Fixed(_) => fixed_entry(MARK, [0; WIDTH]).0,
+            Subject::Bytes(_) => byte_entry(MARK, [0; WIDTH]).0,
+        };
+        state.get(&key).map_or(0, |v| {
+            u64::from_le_bytes(v[..8].try_into().expect("a mark of 16 bytes"))
+        })
+    }
+
+    fn contents(self) -> State {
+        match self {
+            Subject::Fixed(t) => {
+                let img = t.export().expect("export");
+                img.keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| fixed_entry(k, [img.values[i * 2], img.values[i * 2 + 1]]))
+                    .collect()
+            }
+            Subject::Bytes(t) => {
+                let img = t.export().expect("export");
+                (0..img.len())
+                    .map(|i| {
+                        (
+                            img.keys.get(i).unwrap_or_default().to_vec(),
+                            img.values.get(i).unwrap_or_default().to_vec(),
+                        )
+                    })
+                    .collect()
+            }
+        }
     }
 }
 
-/// The last put step a table holds (0: none yet).
-fn mark_of(t: &dyn KvBackend) -> u64 {
-    let (mut v, mut f) = ([0u64; WIDTH], [false]);
-    t.get(&[MARK], &mut v, &mut f).expect("get the mark");
-    if f[0] { v[0] } else { 0 }
+/// The fsync policy of a mode, and whether it runs a byte table (`bytes-<policy>`).
+fn fsync_of(mode: &str) -> (Fsync, bool) {
+    let (policy, bytes) = match mode.strip_prefix("bytes-") {
+        Some(p) => (p, true),
+        None => (mode, false),
+    };
+    (policy.parse().expect("a mode names an fsync policy"), bytes)
 }
 
-fn contents(t: &dyn KvBackend) -> HashMap<u64, [u64; WIDTH]> {
-    let img = t.export().expect("export");
-    img.keys
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| (k, [img.values[i * 2], img.values[i * 2 + 1]]))
-        .collect()
+fn byte_cfg() -> ByteConfig {
+    ByteConfig::new(8192).max_key_bytes(32).max_value_bytes(64)
+}
+
+fn open_bytes(cfg: ByteConfig) -> kv_core::Result<Box<dyn ByteTable>> {
+    Ok(Box::new(CpuBytes::open(cfg)?))
 }
 
 /// The child: opens the table in the directory and writes steps until it is killed.
@@ -119,10 +203,10 @@ fn crash_child() {
             };
             snapshot::restore_table(&t, img, 1 << 20).expect("restore");
         }
-        let mut s = mark_of(&t) + 1;
+        let mut s = Subject::Fixed(&t).mark() + 1;
         say("ready".into());
         loop {
-            apply_table(&t, s).expect("step");
+            Subject::Fixed(&t).apply(s).expect("step");
             say(format!("ack {s}"));
             if s % 10 == 1 {
                 snapshot::save_table(&path, &t, &cfg()).expect("save");
@@ -131,13 +215,24 @@ fn crash_child() {
             s += 1;
         }
     }
-    let fsync: Fsync = mode.parse().expect("mode");
+    let (fsync, bytes) = fsync_of(&mode);
     let log = LogConfig::new(fsync).rewrite_bytes(48 << 10);
-    let (t, _) = DurableTable::open(&dir, cfg(), log, &open_cpu).expect("open");
-    let mut s = mark_of(&t) + 1;
+    let (fixed, byte);
+    let t = if bytes {
+        byte = DurableBytes::open(&dir, byte_cfg(), log, &open_bytes)
+            .expect("open")
+            .0;
+        Subject::Bytes(&byte)
+    } else {
+        fixed = DurableTable::open(&dir, cfg(), log, &open_cpu)
+            .expect("open")
+            .0;
+        Subject::Fixed(&fixed)
+    };
+    let mut s = t.mark() + 1;
     say("ready".into());
     loop {
-        apply_table(&t, s).expect("step");
+        t.apply(s).expect("step");
         say(format!("ack {s}"));
         s += 1;
     }
@@ -245,7 +340,8 @@ fn run_child(dir: &Path, mode: &str, pause: Option<(&str, u64)>, delay_us: u64) 
 /// The model after step `p`, kept moving forward.
 struct Models {
     at: u64,
-    state: HashMap<u64, [u64; WIDTH]>,
+    state: State,
+    bytes: bool,
 }
 
 impl Models {
@@ -257,16 +353,16 @@ impl Models {
         );
         while self.at < p {
             self.at += 1;
-            apply_model(&mut self.state, self.at);
+            apply_model(&mut self.state, self.at, self.bytes);
         }
     }
 }
 
 /// Checks a recovered table: it is exactly the model after a whole step, at or past the
 /// least step the mode promises. Returns that step.
-fn check(t: &dyn KvBackend, models: &mut Models, least: u64, ctx: &str) -> u64 {
-    let p = mark_of(t);
-    let got = contents(t);
+fn check(t: Subject<'_>, models: &mut Models, least: u64, ctx: &str) -> u64 {
+    let p = t.mark();
+    let got = t.contents();
     let r = if models.at == p + 1 {
         // The delete after put `p` was recovered before: it must still be there.
         assert!(
@@ -281,7 +377,7 @@ fn check(t: &dyn KvBackend, models: &mut Models, least: u64, ctx: &str) -> u64 {
         } else {
             // A delete step after the last put may have been applied whole.
             let mut next = models.state.clone();
-            apply_model(&mut next, p + 1);
+            apply_model(&mut next, p + 1, models.bytes);
             assert!(
                 (p + 1).is_multiple_of(4) && got == next,
                 "{ctx}: the table is not the state after any whole step (mark {p}): a batch \
@@ -305,7 +401,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
     }
     let root = std::env::temp_dir().join(format!("vramkv-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let modes = ["always", "everysec", "no", "snapshot"];
+    let modes = ["always", "everysec", "no", "snapshot", "bytes-always"];
     let log_points = [
         "log.torn",
         "log.appended",
@@ -348,6 +444,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         let m = models.entry(mode).or_insert(Models {
             at: 0,
             state: HashMap::new(),
+            bytes: mode.starts_with("bytes"),
         });
         // The child started at the step after the last recovered one.
         let attempted = m.at.max(k.acked) + 1;
@@ -364,7 +461,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
                 panic!("kind")
             };
             snapshot::restore_table(&t, img, 1 << 20).expect("restore");
-            let p = check(&t, m, k.saved, &ctx);
+            let p = check(Subject::Fixed(&t), m, k.saved, &ctx);
             assert_eq!(p % 10, 1, "{ctx}: a snapshot of step {p}, between saves");
             assert!(
                 p <= attempted,
@@ -372,14 +469,25 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
             );
             continue;
         }
-        let least = match mode {
-            "always" => k.acked,
-            "everysec" => k.acked_1s_before,
-            _ => 0,
+        let (fsync, bytes) = fsync_of(mode);
+        let least = match fsync {
+            Fsync::Always => k.acked,
+            Fsync::EverySec => k.acked_1s_before,
+            Fsync::No => 0,
         };
-        let fsync: Fsync = mode.parse().expect("mode");
-        let (t, report) = DurableTable::open(&dir, cfg(), LogConfig::new(fsync), &open_cpu)
-            .unwrap_or_else(|e| panic!("{ctx}: reopening failed: {e}"));
+        let reopen_failed = |e: kv_core::Error| -> ! { panic!("{ctx}: reopening failed: {e}") };
+        let (fixed, byte);
+        let (t, report) = if bytes {
+            let r = DurableBytes::open(&dir, byte_cfg(), LogConfig::new(fsync), &open_bytes)
+                .unwrap_or_else(|e| reopen_failed(e));
+            byte = r.0;
+            (Subject::Bytes(&byte), r.1)
+        } else {
+            let r = DurableTable::open(&dir, cfg(), LogConfig::new(fsync), &open_cpu)
+                .unwrap_or_else(|e| reopen_failed(e));
+            fixed = r.0;
+            (Subject::Fixed(&fixed), r.1)
+        };
         if report.torn.is_some() {
             torn_seen += 1;
         }
@@ -389,7 +497,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
                 "{ctx}: the torn record was not reported"
             );
         }
-        check(&t, m, least, &ctx);
+        check(t, m, least, &ctx);
         assert!(
             m.at <= attempted,
             "{ctx}: the table holds step {} that was never attempted",
