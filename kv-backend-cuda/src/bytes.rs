@@ -43,12 +43,14 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use bytemuck::Pod;
 use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes, record_lens};
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, Error, Offsets, Result,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, Error, Offsets, Result,
     TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
 };
 use kv_kernels::layout::{
-    BytesArgs, bytes_counter as bc, bytes_slot as bs, expiry_time, local_slots,
+    BytesArgs, byte_key_len, byte_live, byte_value_len, bytes_counter as bc, bytes_slot as bs,
+    expired, expiry_time, local_slots,
 };
+use kv_staging::image::EXPORT_CHUNK_BYTES;
 
 /// The byte-table kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -840,6 +842,46 @@ impl<D: Dev> Table<D> {
         self.cfg.limits()
     }
 
+    /// Copies the first `dst.len()` bytes of `src` to the host in pieces of at most
+    /// [`EXPORT_CHUNK_BYTES`] (each a plain copy on the table's stream, waited for).
+    fn read_chunked(&self, dst: &mut [u8], src: &D::Buf) -> Result<()> {
+        for (k, piece) in dst.chunks_mut(EXPORT_CHUNK_BYTES).enumerate() {
+            self.dev.download(piece, src, k * EXPORT_CHUNK_BYTES)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the index and the arena's segments to the host under the table's lock, then
+    /// decodes the entries live at the time read under it with the lock let go.
+    pub(crate) fn export(&self) -> Result<ByteImage> {
+        let copy = {
+            let st = self.lock();
+            let now = self.now();
+            let mut index = vec![0u64; st.phys * bs::WORDS as usize];
+            self.read_chunked(bytemuck::cast_slice_mut(&mut index), &st.index)?;
+            let seg = st.arena.segment_bytes() as usize;
+            let segments = st
+                .segments
+                .iter()
+                .map(|b| {
+                    b.as_ref()
+                        .map(|b| {
+                            let mut v = vec![0u8; seg];
+                            self.read_chunked(&mut v, b).map(|()| v)
+                        })
+                        .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            IndexCopy {
+                index,
+                segments,
+                seg_shift: seg.trailing_zeros(),
+                now,
+            }
+        };
+        copy.decode(self.backend())
+    }
+
     pub(crate) fn describe(&self) -> ByteDescription {
         let mut st = self.lock();
         let _ = self.purge(&mut st, self.now());
@@ -851,6 +893,54 @@ impl<D: Dev> Table<D> {
             index_bytes: (st.phys * 32) as u64,
             arena: st.arena.stats(),
         }
+    }
+}
+
+/// A host copy of a byte table's index and arena segments ([`Table::export`]), decoded
+/// once the table's lock is let go.
+struct IndexCopy {
+    /// The index's slots, [`bs::WORDS`] words each.
+    index: Vec<u64>,
+    /// Each segment's bytes (`None`: a segment without memory).
+    segments: Vec<Option<Vec<u8>>>,
+    /// log2 of the segment size: an arena address is `segment << seg_shift | offset`.
+    seg_shift: u32,
+    /// The table's time when it was copied.
+    now: u64,
+}
+
+impl IndexCopy {
+    /// The entries live at `now`: each occupied slot's key and value bytes out of its
+    /// record, and its absolute expiry time.
+    fn decode(&self, backend: &'static str) -> Result<ByteImage> {
+        let mut img = ByteImage::default();
+        let offset_mask = (1u64 << self.seg_shift) - 1;
+        for slot in self.index.chunks_exact(bs::WORDS as usize) {
+            let meta = slot[bs::META as usize];
+            let expires = slot[bs::EXPIRES as usize];
+            if !byte_live(meta) || expired(expires, self.now) {
+                continue;
+            }
+            let addr = slot[bs::ADDR as usize];
+            let (kl, vl) = (byte_key_len(meta) as usize, byte_value_len(meta) as usize);
+            let at = (addr & offset_mask) as usize;
+            let record = self
+                .segments
+                .get((addr >> self.seg_shift) as usize)
+                .and_then(Option::as_ref)
+                .and_then(|seg| seg.get(at..at + kl + vl));
+            let Some(record) = record else {
+                return Err(Error::device(
+                    backend,
+                    format!(
+                        "an index entry's record ({} bytes at arena address {addr}) lies outside the arena",
+                        kl + vl
+                    ),
+                ));
+            };
+            img.push(&record[..kl], &record[kl..], expires);
+        }
+        Ok(img)
     }
 }
 
@@ -936,6 +1026,9 @@ macro_rules! byte_table_impl {
             }
             fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
                 self.t.ttl(keys, ttl_out)
+            }
+            fn export(&self) -> Result<ByteImage> {
+                self.t.export()
             }
         }
     };

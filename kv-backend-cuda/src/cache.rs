@@ -32,19 +32,26 @@
 //! lookup, by CUDA events.
 //!
 //! Host copies are pageable (`cuMemcpy` from and to the caller's slices).
+//!
+//! An export copies the table's arrays to the host under the mutex and decodes them after
+//! (`kv_staging::image::CacheArrays`); a restore runs the put kernels with the custom
+//! policy (the entries' scores stored as given, `kv_staging::image::stored_score`) and
+//! each entry's time to live from the time the batch reads, which gives back its expiry
+//! time, then moves the logical clock to at least the image's.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DevicePtr, DevicePtrMut, result};
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items, check_cache_batch,
-    check_cache_put_len, check_contains, check_evicted_len, check_get, check_get_len, check_put,
-    check_take,
+    Evicted, ImagePart, KvBackend, Result, TableConfig, TableImage, cache_buckets,
+    cache_scratch_items, check_cache_batch, check_cache_put_len, check_contains, check_evicted_len,
+    check_get, check_get_len, check_put, check_take,
 };
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
 };
+use kv_staging::image::{CacheArrays, CacheRestore, policy_word};
 
 use crate::gpu::{BACKEND, CacheKernels, Device, Drv, device_error};
 use crate::memory::{DevBuf, stream};
@@ -277,6 +284,24 @@ struct PutIo {
     ev_rows: u64,
     ev_scores: u64,
     ev_expires: u64,
+}
+
+/// A put batch from host slices (checked): keys, rows, and scores and times to live where
+/// given.
+#[derive(Clone, Copy)]
+struct HostPut<'a> {
+    keys: &'a [u64],
+    values: &'a [u64],
+    scores: Option<&'a [u64]>,
+    ttl: Option<&'a [u64]>,
+}
+
+/// What a put run is: a put (scores by the policy, the logical clock advanced by one), or
+/// a restore (the scores stored as given, whatever the policy; the clock left as it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PutKind {
+    Put,
+    Restore,
 }
 
 /// The device addresses of a lookup's (get, peek, contains) keys and outputs.
@@ -512,11 +537,7 @@ impl CudaCache {
             buckets: self.buckets as u64,
             seed: self.seed,
             width: self.width as u32,
-            policy: match self.cache.policy {
-                CachePolicy::Lru => cache_policy::LRU,
-                CachePolicy::Lfu => cache_policy::LFU,
-                CachePolicy::Custom => cache_policy::CUSTOM,
-            },
+            policy: policy_word(self.cache.policy),
         }
     }
 
@@ -552,12 +573,20 @@ impl CudaCache {
 
     /// Runs a put whose inputs and outputs are at `io`'s device addresses (checked, `n > 0`)
     /// on the table's stream, after whatever that stream holds, and waits for it: the dedup
-    /// pass, then the put pass (a warp per item). Returns how many entries it evicted.
-    fn run_put(&self, st: &mut State, io: &PutIo) -> Result<usize> {
+    /// pass, then the put pass (a warp per item), at time `now` (when the time to live of
+    /// each key starts). Returns how many entries it evicted.
+    fn run_put(&self, st: &mut State, io: &PutIo, now: u64, kind: PutKind) -> Result<usize> {
         let k = self.kernels()?;
         let n = io.n;
-        let now = self.cache.clock.now_ms();
-        let table = self.table_args(st);
+        let mut table = self.table_args(st);
+        let clock = match kind {
+            PutKind::Put => st.clock + 1,
+            PutKind::Restore => {
+                // The scores given are the ones to store, whatever the table's policy.
+                table.policy = cache_policy::CUSTOM;
+                st.clock
+            }
+        };
         let ls = local_slots(n as u64) as usize;
         let stream = st.stream.clone();
         st.mark(false)?;
@@ -569,7 +598,7 @@ impl CudaCache {
         )?;
         let a = CacheArgs {
             table,
-            clock: st.clock + 1,
+            clock,
             now,
             n: n as u64,
             keys_in: io.keys,
@@ -592,7 +621,7 @@ impl CudaCache {
             b.memset(0, ls * 4, &stream)?;
         }
         st.reset_counters()?;
-        st.clock += 1;
+        st.clock = clock;
         self.dev.launch(&k.dedup, &a, n as u64, &stream)?;
         self.dev.launch_warps(&k.put, &a, n as u64, &stream)?;
         st.mark(true)?;
@@ -668,14 +697,40 @@ impl CudaCache {
         ttl: Option<&[u64]>,
         evicted: Option<&mut Evicted<'_>>,
     ) -> Result<usize> {
-        let n = keys.len();
-        check_cache_batch(n)?;
-        if n == 0 {
+        check_cache_batch(keys.len())?;
+        if keys.is_empty() {
             return Ok(0);
         }
         self.dev.bind()?;
         let mut guard = self.lock();
-        let st = &mut *guard;
+        let now = self.cache.clock.now_ms();
+        let batch = HostPut {
+            keys,
+            values,
+            scores,
+            ttl,
+        };
+        self.put_host(&mut guard, &batch, now, PutKind::Put, evicted)
+    }
+
+    /// Copies a checked host batch (`n > 0`) into device staging, runs it with
+    /// [`run_put`](Self::run_put) at `now`, and copies what it evicted into `evicted` when
+    /// given. Returns how many entries it evicted.
+    fn put_host(
+        &self,
+        st: &mut State,
+        batch: &HostPut<'_>,
+        now: u64,
+        kind: PutKind,
+        evicted: Option<&mut Evicted<'_>>,
+    ) -> Result<usize> {
+        let HostPut {
+            keys,
+            values,
+            scores,
+            ttl,
+        } = *batch;
+        let n = keys.len();
         let w = self.width;
         let s = self.staging(&mut st.staging, n)?;
         let stream = &st.stream;
@@ -702,7 +757,7 @@ impl CudaCache {
             ev_scores: s.ev_scores.ptr(),
             ev_expires: s.ev_expires.ptr(),
         };
-        let m = self.run_put(st, &io)?;
+        let m = self.run_put(st, &io, now, kind)?;
         if let Some(ev) = evicted {
             let s = st
                 .staging
@@ -952,8 +1007,9 @@ impl CudaCache {
             ttl,
             ..PutIo::default()
         };
+        let now = self.cache.clock.now_ms();
         let Some(ev) = evicted else {
-            return self.run_put(st, &io);
+            return self.run_put(st, &io, now, PutKind::Put);
         };
         let (ek, _ek) = ev.keys.device_ptr_mut(&stream);
         let (er, _er) = ev.values.device_ptr_mut(&stream);
@@ -966,7 +1022,7 @@ impl CudaCache {
             None => (0, None),
         };
         (io.ev_keys, io.ev_rows, io.ev_scores, io.ev_expires) = (ek, er, es, ee);
-        self.run_put(st, &io)
+        self.run_put(st, &io, now, PutKind::Put)
     }
 
     /// [`KvBackend::get`] of keys already in device memory of the table's context: writes
@@ -1024,6 +1080,67 @@ impl CudaCache {
             access,
         };
         self.run_lookup(st, &io)
+    }
+
+    /// Copies the table's arrays to the host under its lock (plain device-to-host copies on
+    /// the table's stream, in pieces), then decodes them with the lock let go: each live
+    /// entry with its score as the contract states it and its expiry time.
+    fn export_image(&self) -> Result<TableImage> {
+        self.dev.bind()?;
+        let slots = self.buckets * B;
+        let mut keys = vec![0u64; slots];
+        let mut scores = vec![0u64; slots];
+        let mut expires = vec![0u64; slots];
+        let mut rows = vec![0u64; slots * self.width];
+        let mut used = vec![0u32; self.buckets];
+        let (clock, now) = {
+            let st = self.lock();
+            st.keys.read_to_host(&mut keys, &st.stream)?;
+            st.scores.read_to_host(&mut scores, &st.stream)?;
+            st.expires.read_to_host(&mut expires, &st.stream)?;
+            st.rows.read_to_host(&mut rows, &st.stream)?;
+            st.used.read_to_host(&mut used, &st.stream)?;
+            (st.clock, self.cache.clock.now_ms())
+        };
+        let arrays = CacheArrays {
+            keys: &keys,
+            scores: &scores,
+            expires: &expires,
+            rows: &rows,
+            used: &used,
+        };
+        Ok(arrays.image(self.width, self.cache.policy, clock, now))
+    }
+
+    /// Puts a part of an image back: the entries not expired now, through the put kernels
+    /// with the scores stored as given (the custom policy; a part without scores is put as
+    /// a put would) and each entry's time to live from now, which gives back its expiry
+    /// time; then the logical clock moves to at least the image's. A part with bad lengths
+    /// changes nothing.
+    fn restore_part(&self, part: ImagePart<'_>) -> Result<()> {
+        part.check(self.width)?;
+        check_cache_batch(part.keys.len())?;
+        self.dev.bind()?;
+        let mut guard = self.lock();
+        let now = self.cache.clock.now_ms();
+        let r = CacheRestore::new(&part, self.width, self.cache.policy, now)?;
+        if !r.keys.is_empty() {
+            let ttl = r.ttl(now);
+            let batch = HostPut {
+                keys: &r.keys,
+                values: &r.values,
+                scores: r.scores.as_deref(),
+                ttl: Some(&ttl),
+            };
+            let kind = match r.scores {
+                Some(_) => PutKind::Restore,
+                None => PutKind::Put,
+            };
+            self.put_host(&mut guard, &batch, now, kind, None)?;
+        }
+        guard.clock = guard.clock.max(r.clock);
+        guard.stats.clock = guard.clock;
+        Ok(())
     }
 
     /// Live entries, counted on the device.
@@ -1143,5 +1260,15 @@ impl KvBackend for CudaCache {
 
     fn cache_stats(&self) -> Result<CacheStats> {
         Ok(self.lock().stats)
+    }
+
+    fn export(&self) -> Result<TableImage> {
+        self.export_image()
+    }
+
+    /// Puts the entries back with their scores and absolute expiry times, leaving out those
+    /// expired now, and moves the logical clock to at least the image's.
+    fn restore(&self, part: ImagePart<'_>) -> Result<()> {
+        self.restore_part(part)
     }
 }

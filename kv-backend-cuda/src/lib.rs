@@ -111,6 +111,18 @@
 //! eviction policy (LRU, LFU or the caller's scores), expiry, and puts that report what
 //! they evict. [`CudaBackend`] refuses a cache config; `vramkv::open` opens a
 //! [`CudaCache`] for one.
+//!
+//! # Exports
+//!
+//! [`KvBackend::export`] (and [`kv_core::ByteTable::export`]) copies the table's device
+//! arrays (the slot array and the special area; a cache table's keys, scores, expiry
+//! times, rows and used words; a byte table's index and arena segments) to host memory
+//! with plain device-to-host copies on the table's stream, at most
+//! [`kv_staging::image::EXPORT_CHUNK_BYTES`] at a time, under one hold of the table's
+//! lock, lets the lock go, and only then decodes the copy on the host: no kernel runs, and
+//! other batches wait no longer than the copy. [`CudaCache`]'s restore runs its put kernels
+//! with the custom policy, so that the image's scores are stored as given, and each
+//! entry's time to live from now, which gives back its expiry time.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -120,8 +132,9 @@ pub use cudarc;
 
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 use kv_core::{
-    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, check_contains,
-    check_get, check_get_len, check_put, check_put_len, count_distinct, prepare_put,
+    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, TableImage,
+    check_contains, check_get, check_get_len, check_put, check_put_len, count_distinct,
+    prepare_put,
 };
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
@@ -667,6 +680,15 @@ impl KvBackend for CudaBackend {
         let mut st = self.write();
         let (live, tombs) = st.count(&self.dev, self.cfg.width)?;
         Ok(st.books.audit(live, tombs))
+    }
+
+    /// Copies the slot array and the special area to the host under the write lock (plain
+    /// device-to-host copies on the table's main stream, in pieces), then decodes them with
+    /// the lock let go.
+    fn export(&self) -> Result<TableImage> {
+        self.dev.bind()?;
+        let raw = self.write().copy_out(self.cfg.width)?;
+        Ok(raw.decode())
     }
 
     fn describe(&self) -> Description {

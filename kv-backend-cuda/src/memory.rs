@@ -60,6 +60,34 @@ impl DevBuf {
     }
 }
 
+impl DevBuf {
+    /// Copies the first `dst.len()` elements to `dst` (ordinary host memory) with plain
+    /// device-to-host copies on `stream`, in pieces of at most
+    /// [`EXPORT_CHUNK_BYTES`](kv_staging::image::EXPORT_CHUNK_BYTES), and waits for them:
+    /// how an export copies a table out.
+    pub fn read_to_host<T: bytemuck::Pod>(&self, dst: &mut [T], stream: &CudaStream) -> Result<()> {
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        if dst.len() > self.bytes {
+            return Err(crate::gpu::device_error(format!(
+                "a copy of {} bytes out of a {}-byte device buffer",
+                dst.len(),
+                self.bytes
+            )));
+        }
+        let chunk = kv_staging::image::EXPORT_CHUNK_BYTES;
+        for (k, piece) in dst.chunks_mut(chunk).enumerate() {
+            // SAFETY: the piece lies inside this allocation (checked above). `piece` is
+            // pageable host memory: the driver has filled it when the call returns, and the
+            // stream is synchronized below before `dst` is read or its borrow ends.
+            unsafe {
+                result::memcpy_dtoh_async(piece, self.ptr + (k * chunk) as u64, stream.cu_stream())
+            }
+            .drv("cuMemcpyDtoHAsync")?;
+        }
+        stream.synchronize().drv("cuStreamSynchronize")
+    }
+}
+
 impl Drop for DevBuf {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();

@@ -1,12 +1,15 @@
 //! The table's device state: its key and value arrays, the special area and the counters
 //! in VRAM, with the host's [`Books`] of them; and the table-wide work on them (clear,
-//! rehash, count).
+//! rehash, count, the copy an export takes).
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaStream};
-use kv_core::{Books, Error, Result, TableConfig};
-use kv_kernels::layout::{RehashArgs, TableArgs, bucket_shift, counter, special_words};
+use kv_core::{Books, Error, Result, TableConfig, TableImage};
+use kv_kernels::layout::{
+    RehashArgs, TableArgs, bucket_shift, counter, is_sentinel, key_word, row_word, special_row,
+    special_words,
+};
 use kv_staging::counts;
 
 use crate::gpu::{BACKEND, Device, Drv, Gpu, device_error};
@@ -155,6 +158,24 @@ impl State {
         Ok(())
     }
 
+    /// Copies the slot array and the special area to the host as they are now, on the main
+    /// stream (the caller holds the write lock: no batch is running, so the copy is one
+    /// point in time).
+    pub fn copy_out(&self, width: usize) -> Result<RawTable> {
+        let slots = self.books.slots();
+        let mut array = vec![0u64; array_bytes(slots, width + 1)? / 8];
+        self.slots.read_to_host(&mut array, &self.main)?;
+        let mut special = vec![0u64; special_words(width as u32) as usize];
+        self.special.read_to_host(&mut special, &self.main)?;
+        Ok(RawTable {
+            width,
+            slots,
+            shift: self.bucket_shift(slots, width),
+            array,
+            special,
+        })
+    }
+
     /// Live keys and tombstones as the device counts them (checks and diagnostics).
     pub fn count(&mut self, dev: &Device, width: usize) -> Result<(u64, u64)> {
         self.reset_counters()?;
@@ -173,4 +194,44 @@ impl State {
 fn fill_empty(array: &DevBuf, stream: &CudaStream) -> Result<()> {
     const _: () = assert!(kv_kernels::layout::EMPTY == 0);
     array.memset(0, array.bytes(), stream)
+}
+
+/// A host copy of a table's slot array and special area ([`State::copy_out`]), decoded
+/// into an image once the table's lock is let go.
+pub(crate) struct RawTable {
+    width: usize,
+    slots: usize,
+    /// The slot array's bucket shift.
+    shift: u32,
+    array: Vec<u64>,
+    /// `present[2]`, then the rows of the user keys 0 and 1.
+    special: Vec<u64>,
+}
+
+impl RawTable {
+    /// The live entries: every slot whose key is neither EMPTY nor TOMBSTONE with its row
+    /// (`kv_kernels::layout::{key_word, row_word}`), then the present special keys.
+    pub fn decode(&self) -> TableImage {
+        let (w, shift) = (self.width, self.shift);
+        let mut img = TableImage::new(w);
+        for slot in 0..self.slots as u64 {
+            let k = self.array.get(key_word(slot, w as u32, shift) as usize);
+            let at = row_word(slot, w as u32, shift) as usize;
+            if let Some(&k) = k
+                && !is_sentinel(k)
+                && let Some(row) = self.array.get(at..at + w)
+            {
+                img.push(k, row, None);
+            }
+        }
+        for k in 0..2u64 {
+            let at = special_row(k, w as u32) as usize;
+            if self.special.get(k as usize).is_some_and(|&p| p != 0)
+                && let Some(row) = self.special.get(at..at + w)
+            {
+                img.push(k, row, None);
+            }
+        }
+        img
+    }
 }

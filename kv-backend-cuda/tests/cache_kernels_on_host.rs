@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, check_contains, check_get, check_put,
-    check_take,
+    Evicted, ImagePart, KvBackend, Result, TableConfig, TableImage, cache_buckets, check_contains,
+    check_get, check_put, check_take,
 };
 use kv_kernels::host::Host;
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
 };
 use kv_kernels::ops::cache;
+use kv_staging::image::{CacheArrays, CacheRestore};
 
 const B: usize = CACHE_BUCKET_SLOTS;
 const THREADS: u64 = 4;
@@ -122,15 +123,36 @@ impl HostCache {
         ttl: Option<&[u64]>,
         evicted: Option<&mut Evicted<'_>>,
     ) -> Result<usize> {
-        let (n, w) = (keys.len(), self.width);
-        if n == 0 {
+        if keys.is_empty() {
             return Ok(0);
         }
         let mut guard = self.st.lock().expect("lock");
-        let st = &mut *guard;
         let now = self.cache.clock.now_ms();
+        self.run_put(&mut guard, keys, values, scores, ttl, evicted, now, false)
+    }
+
+    /// `CudaCache::run_put` at `now`; a `restore` stores the scores as given (the custom
+    /// policy) and leaves the logical clock as it is.
+    #[allow(clippy::too_many_arguments)]
+    fn run_put(
+        &self,
+        st: &mut State,
+        keys: &[u64],
+        values: &[u64],
+        scores: Option<&[u64]>,
+        ttl: Option<&[u64]>,
+        evicted: Option<&mut Evicted<'_>>,
+        now: u64,
+        restore: bool,
+    ) -> Result<usize> {
+        let (n, w) = (keys.len(), self.width);
         st.counters.fill(0);
-        st.clock += 1;
+        let mut table = self.table(st);
+        if restore {
+            table.policy = cache_policy::CUSTOM;
+        } else {
+            st.clock += 1;
+        }
         let ls = local_slots(n as u64) as usize;
         let (mut local, mut pick, mut occurs) = (vec![0u32; ls], vec![0u32; ls], vec![0u32; ls]);
         let mut slot_of = vec![0u32; n];
@@ -141,7 +163,7 @@ impl HostCache {
             vec![0u64; n],
         );
         let a = CacheArgs {
-            table: self.table(st),
+            table,
             clock: st.clock,
             now,
             n: n as u64,
@@ -185,6 +207,32 @@ impl HostCache {
             }
         }
         Ok(m)
+    }
+
+    /// `CudaCache::restore_part` over host memory.
+    fn restore_part(&self, part: ImagePart<'_>) -> Result<()> {
+        part.check(self.width)?;
+        let mut guard = self.st.lock().expect("lock");
+        let now = self.cache.clock.now_ms();
+        let r = CacheRestore::new(&part, self.width, self.cache.policy, now)?;
+        if !r.keys.is_empty() {
+            let ttl = r.ttl(now);
+            let scores = r.scores.as_deref();
+            let restore = scores.is_some();
+            self.run_put(
+                &mut guard,
+                &r.keys,
+                &r.values,
+                scores,
+                Some(&ttl),
+                None,
+                now,
+                restore,
+            )?;
+        }
+        guard.clock = guard.clock.max(r.clock);
+        guard.stats.clock = guard.clock;
+        Ok(())
     }
 
     fn lookup(
@@ -376,6 +424,25 @@ impl KvBackend for HostCache {
     }
     fn cache_stats(&self) -> Result<CacheStats> {
         Ok(self.st.lock().expect("lock").stats)
+    }
+    fn export(&self) -> Result<TableImage> {
+        let st = self.st.lock().expect("lock");
+        let arrays = CacheArrays {
+            keys: &st.keys,
+            scores: &st.scores,
+            expires: &st.expires,
+            rows: &st.rows,
+            used: &st.used,
+        };
+        Ok(arrays.image(
+            self.width,
+            self.cache.policy,
+            st.clock,
+            self.cache.clock.now_ms(),
+        ))
+    }
+    fn restore(&self, part: ImagePart<'_>) -> Result<()> {
+        self.restore_part(part)
     }
 }
 

@@ -44,8 +44,9 @@ use kv_arena::{
     ArenaPlan, RECORD_ALIGN, compaction_bound, default_segment_bytes, padded, record_lens,
 };
 use kv_core::{
-    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable, Error, Result,
-    capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences, remaining_ttl,
+    Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, ByteTable, Error,
+    Result, capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences,
+    remaining_ttl,
 };
 use kv_kernels::layout::{byte_hash, expired, expiry_time};
 use rayon::prelude::*;
@@ -56,7 +57,7 @@ use crate::bytes_shader::{
     split,
 };
 use crate::gpu::{BACKEND, Fixed, Gpu, device_error, oom};
-use crate::mapping::{MAP_PENDING, expect_mapped, map_range};
+use crate::mapping::{MAP_PENDING, bytes, expect_mapped, map_range, read_back};
 
 /// Items per piece of a batch at most, by default (one upload, dispatch and readback).
 const DEFAULT_PIECE: usize = 1 << 16;
@@ -109,6 +110,62 @@ struct Index {
     kl: wgpu::Buffer,
     /// [`Slot`] per slot.
     words: wgpu::Buffer,
+}
+
+/// A host copy of the index and of the arena's bytes in use ([`WgpuBytes::copy_out`]):
+/// what a rebuild reinserts and an export decodes.
+struct IndexCopy {
+    slots: usize,
+    /// Key length per slot, as u32 words in u64s.
+    kl: Vec<u64>,
+    /// [`Slot`] per slot, in u64s.
+    words: Vec<u64>,
+    /// The arena's first `arena_bytes` bytes, in u64s.
+    arena: Vec<u64>,
+    arena_bytes: u64,
+}
+
+impl IndexCopy {
+    /// Each occupied slot's key length and [`Slot`], in slot order.
+    fn occupied(&self) -> impl Iterator<Item = (u32, &Slot)> + '_ {
+        let kl: &[u32] = bytemuck::cast_slice(&self.kl);
+        let words: &[Slot] = bytemuck::cast_slice(&self.words);
+        kl.iter()
+            .zip(words)
+            .take(self.slots)
+            .filter(|(k, _)| **k != KL_EMPTY && **k != KL_TOMB)
+            .map(|(k, w)| (*k, w))
+    }
+
+    /// The entries live at `now`, with their key and value bytes out of the arena and their
+    /// absolute expiry times.
+    fn decode(&self, now: u64) -> Result<ByteImage> {
+        let arena = bytes(&self.arena, self.arena_bytes);
+        let mut img = ByteImage::default();
+        for (klen, w) in self.occupied() {
+            let expires = join(w.exp_lo, w.exp_hi);
+            if expired(expires, now) {
+                continue;
+            }
+            let at = join(w.addr_lo, w.addr_hi);
+            let (k_end, v_end) = (
+                at + u64::from(klen),
+                at + u64::from(klen) + u64::from(w.vlen),
+            );
+            let (Some(key), Some(value)) = (
+                arena.get(at as usize..k_end as usize),
+                arena.get(k_end as usize..v_end as usize),
+            ) else {
+                return Err(device_error(format!(
+                    "an index entry's record ({} bytes at byte {at}) lies past the arena's {} bytes",
+                    v_end - at,
+                    arena.len()
+                )));
+            };
+            img.push(key, value, expires);
+        }
+        Ok(img)
+    }
 }
 
 /// The batch buffers, grown as batches need and never shrunk.
@@ -674,51 +731,48 @@ impl WgpuBytes {
         Ok(())
     }
 
+    /// Copies the index, and the first `arena_bytes` of the arena, to the host as they
+    /// are now (the caller holds the table's lock).
+    fn copy_out(&self, st: &State, arena_bytes: u64) -> Result<IndexCopy> {
+        let slots = st.index.slots;
+        let words = read_back(
+            &self.gpu,
+            &[
+                (&st.index.kl, 0, slots as u64 * 4),
+                (
+                    &st.index.words,
+                    0,
+                    (slots * std::mem::size_of::<Slot>()) as u64,
+                ),
+                (&st.arena, 0, arena_bytes),
+            ],
+        )?;
+        let [kl, words, arena] = <[Vec<u64>; 3]>::try_from(words)
+            .map_err(|_| device_error("the index copy read back the wrong arrays"))?;
+        Ok(IndexCopy {
+            slots,
+            kl,
+            words,
+            arena,
+            arena_bytes,
+        })
+    }
+
     /// Rebuilds the index with `slots` slots on the host: reads it back, reinserts every
     /// occupied slot by the probe rule of the kernels, and writes it to new buffers. The
     /// old index stays until the new one is written.
     fn rebuild(&self, st: &mut State, slots: usize) -> Result<()> {
-        use wgpu::BufferUsages as U;
-        let old = st.index.slots as u64;
-        let kl_bytes = old * 4;
-        let word_bytes = old * std::mem::size_of::<Slot>() as u64;
-        let rb = self.gpu.buffer(
-            "vramkv bytes rebuild",
-            kl_bytes + word_bytes,
-            U::MAP_READ | U::COPY_DST,
-            false,
-        )?;
-        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&st.index.kl, 0, &rb, 0, kl_bytes);
-        enc.copy_buffer_to_buffer(&st.index.words, 0, &rb, kl_bytes, word_bytes);
-        let idx = self.gpu.queue.submit([enc.finish()]);
-        let state = Arc::new(AtomicU8::new(MAP_PENDING));
-        map_range(&rb, wgpu::MapMode::Read, &state, None);
-        self.gpu.wait(idx)?;
-        expect_mapped(&self.gpu, &state, "index rebuild")?;
-        let (kl, words): (Vec<u32>, Vec<Slot>) = {
-            let view = rb
-                .get_mapped_range(..)
-                .map_err(|e| device_error(format!("index rebuild: {e}")))?;
-            (
-                bytemuck::pod_collect_to_vec(&view[..kl_bytes as usize]),
-                bytemuck::pod_collect_to_vec(&view[kl_bytes as usize..]),
-            )
-        };
-        rb.unmap();
+        let copy = self.copy_out(st, 0)?;
         let mask = slots - 1;
         let mut new_kl = vec![KL_EMPTY; slots];
         let mut new_words = vec![Slot::default(); slots];
         let mut occupied = 0;
-        for (k, w) in kl.iter().zip(&words) {
-            if *k == KL_EMPTY || *k == KL_TOMB {
-                continue;
-            }
+        for (k, w) in copy.occupied() {
             let mut s = (join(w.hash_lo, w.hash_hi) as usize) & mask;
             while new_kl[s] != KL_EMPTY {
                 s = (s + 1) & mask;
             }
-            new_kl[s] = *k;
+            new_kl[s] = k;
             new_words[s] = *w;
             occupied += 1;
         }
@@ -1181,6 +1235,18 @@ impl ByteTable for WgpuBytes {
 
     fn limits(&self) -> ByteLimits {
         self.cfg.limits()
+    }
+
+    /// Copies the index and the arena's segments in use to the host under the table's lock
+    /// (in chunks through a mapped staging buffer), then decodes the live entries with the
+    /// lock let go.
+    fn export(&self) -> Result<ByteImage> {
+        let (copy, now) = {
+            let st = self.lock()?;
+            let arena_bytes = (st.plan.segment_count() as u64 * self.segment).min(st.arena.size());
+            (self.copy_out(&st, arena_bytes)?, self.now())
+        };
+        copy.decode(now)
     }
 
     fn describe(&self) -> ByteDescription {

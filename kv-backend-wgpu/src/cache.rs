@@ -35,6 +35,11 @@
 //!   `lru_score(clock, i)`, an LFU add of one, per occurrence).
 //! - **take, delete**: the host keeps each key's first occurrence (a take returns the row
 //!   there), one invocation per distinct key clears its used bit with an atomic and.
+//! - **export**: the table's arrays are read back (one copy under the mutex) and decoded on
+//!   the host (`kv_staging::image::CacheArrays`). **restore**: `kc_put` with the custom
+//!   policy, so that each entry's score (`kv_staging::image::stored_score`) and absolute
+//!   expiry time are stored as they are given; the logical clock moves to at least the
+//!   image's.
 //!
 //! Bounded work: every kernel loop is bounded (32 slots, `width` words), and a bucket's
 //! invocation applies at most [`ROUND_ITEMS`] keys per dispatch, keeping how far it got;
@@ -46,16 +51,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kv_core::{
     CACHE_BUCKET_SLOTS, CacheConfig, CachePolicy, CachePut, CacheStats, Description, Error,
-    Evicted, KvBackend, Result, TableConfig, cache_buckets, cache_scratch_items, check_cache_batch,
-    check_contains, check_get, check_put, check_take,
+    Evicted, ImagePart, KvBackend, Result, TableConfig, TableImage, cache_buckets,
+    cache_scratch_items, check_cache_batch, check_contains, check_get, check_put, check_take,
 };
 use kv_kernels::layout::{cache_bucket, cache_counter, cache_policy};
 use kv_kernels::ops::cache::{expiry, lru_score, visible_score};
+use kv_staging::image::{CacheArrays, CacheRestore, policy_word};
 use rayon::prelude::*;
 
 use crate::WgpuOptions;
 use crate::gpu::{BACKEND, Fixed, Gpu, device_error, oom};
-use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map_range};
+use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map_range, read_back};
 use crate::shader::CacheParams;
 
 const B: usize = CACHE_BUCKET_SLOTS;
@@ -199,6 +205,24 @@ struct State {
     resumed: u64,
 }
 
+/// What [`WgpuCache::store`] stores for each key of its batch.
+#[derive(Clone, Copy)]
+enum Stored<'a> {
+    /// A put: scores by the table's policy (the caller's under [`CachePolicy::Custom`], 0
+    /// when absent), expiry times from times to live at now; the logical clock advances.
+    Put {
+        scores: Option<&'a [u64]>,
+        ttl: Option<&'a [u64]>,
+    },
+    /// A restore: the scores to store (`kv_staging::image::stored_score`) and the absolute
+    /// expiry times, none of them past, stored as they are; the logical clock is left as
+    /// it is.
+    Restore {
+        scores: &'a [u64],
+        expires: &'a [u64],
+    },
+}
+
 /// An item of a batch as the device takes it: its index in the batch, its home bucket, and
 /// how many times its key occurs in the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,7 +363,8 @@ impl WgpuCache {
         if row_bytes > gpu.max_binding {
             return Err(oom(total));
         }
-        let storage = U::STORAGE | U::COPY_DST;
+        // Copied from by an export.
+        let storage = U::STORAGE | U::COPY_DST | U::COPY_SRC;
         let words = slots * 8;
         // Fresh wgpu buffers read as zeros: every bucket starts empty.
         let t = Table {
@@ -348,12 +373,7 @@ impl WgpuCache {
             expires: gpu.buffer("vramkv cache expiry", words, storage, false)?,
             rows: gpu.buffer("vramkv cache rows", row_bytes, storage, false)?,
             used: gpu.buffer("vramkv cache used", buckets as u64 * 4, storage, false)?,
-            ctl: gpu.buffer(
-                "vramkv cache counters",
-                RB_CTL,
-                storage | U::COPY_SRC,
-                false,
-            )?,
+            ctl: gpu.buffer("vramkv cache counters", RB_CTL, storage, false)?,
             params: crate::state::params_buffer(&gpu)?,
         };
         // Compile the kernels now, so that a table that opens can run.
@@ -438,11 +458,7 @@ impl WgpuCache {
     }
 
     fn policy_word(&self) -> u32 {
-        match self.cache.policy {
-            CachePolicy::Lru => cache_policy::LRU,
-            CachePolicy::Lfu => cache_policy::LFU,
-            CachePolicy::Custom => cache_policy::CUSTOM,
-        }
+        policy_word(self.cache.policy)
     }
 
     /// Parameters of a dispatch over `n` items.
@@ -577,19 +593,45 @@ impl WgpuCache {
         values: &[u64],
         scores: Option<&[u64]>,
         ttl: Option<&[u64]>,
+        evicted: Option<&mut Evicted<'_>>,
+    ) -> Result<usize> {
+        self.store(keys, values, Stored::Put { scores, ttl }, 0, evicted)
+    }
+
+    /// Writes a checked batch of keys and rows with what `stored` says each key stores
+    /// (a put's or a restore's scores and expiry times), evicting where a bucket is full,
+    /// then moves the logical clock to at least `floor` (in the same hold of the lock).
+    /// Writes what it evicted into `evicted` when given; returns how many entries it
+    /// evicted.
+    fn store(
+        &self,
+        keys: &[u64],
+        values: &[u64],
+        stored: Stored<'_>,
+        floor: u64,
         mut evicted: Option<&mut Evicted<'_>>,
     ) -> Result<usize> {
         let n = keys.len();
         check_cache_batch(n)?;
         if n == 0 {
+            let mut st = self.lock();
+            st.clock = st.clock.max(floor);
+            st.stats.clock = st.clock;
             return Ok(0);
         }
         let w = self.width;
         let items = distinct(keys, &self.homes(keys), true);
         self.with_scratch(items.len(), |st, s| {
             let now = self.cache.clock.now_ms();
-            st.clock += 1;
-            st.stats.clock = st.clock;
+            let policy_word = match stored {
+                Stored::Put { .. } => {
+                    st.clock += 1;
+                    st.stats.clock = st.clock;
+                    self.policy_word()
+                }
+                // The scores given are the ones to store, whatever the policy.
+                Stored::Restore { .. } => cache_policy::CUSTOM,
+            };
             let clock = st.clock;
             let policy = self.cache.policy;
             let mut out = 0usize;
@@ -600,15 +642,29 @@ impl WgpuCache {
                 let in_keys: Vec<u64> = piece.par_iter().map(|it| keys[it.idx as usize]).collect();
                 let in_scores: Vec<u64> = piece
                     .par_iter()
-                    .map(|it| match policy {
-                        CachePolicy::Lru => lru_score(clock, u64::from(it.idx)),
-                        CachePolicy::Lfu => u64::from(it.occurs),
-                        CachePolicy::Custom => scores.map_or(0, |x| x[it.idx as usize]),
+                    .map(|it| {
+                        let i = it.idx as usize;
+                        match (stored, policy) {
+                            (Stored::Restore { scores, .. }, _) => scores[i],
+                            (Stored::Put { .. }, CachePolicy::Lru) => {
+                                lru_score(clock, u64::from(it.idx))
+                            }
+                            (Stored::Put { .. }, CachePolicy::Lfu) => u64::from(it.occurs),
+                            (Stored::Put { scores, .. }, CachePolicy::Custom) => {
+                                scores.map_or(0, |x| x[i])
+                            }
+                        }
                     })
                     .collect();
                 let in_exp: Vec<u64> = piece
                     .par_iter()
-                    .map(|it| expiry(now, ttl.map_or(0, |x| x[it.idx as usize])))
+                    .map(|it| {
+                        let i = it.idx as usize;
+                        match stored {
+                            Stored::Put { ttl, .. } => expiry(now, ttl.map_or(0, |x| x[i])),
+                            Stored::Restore { expires, .. } => expires[i],
+                        }
+                    })
                     .collect();
                 let mut in_rows = vec![0u64; m * w];
                 in_rows
@@ -628,6 +684,7 @@ impl WgpuCache {
                 self.upload(&s.b32, (3 * s.cap as u64 + 1) * 4, &vec![0u32; t]);
                 let p = CacheParams {
                     touched: t as u32,
+                    policy: policy_word,
                     ..self.params(s, m, now)
                 };
                 self.upload(&st.t.params, 0, std::slice::from_ref(&p));
@@ -701,6 +758,8 @@ impl WgpuCache {
                     "the cache put reported {out} evictions for {n} keys"
                 )));
             }
+            st.clock = st.clock.max(floor);
+            st.stats.clock = st.clock;
             Ok(out)
         })
     }
@@ -827,6 +886,65 @@ impl WgpuCache {
             }
             Ok(removed)
         })
+    }
+
+    /// Puts a part of an image back: the entries not expired now, through the put kernel
+    /// with the scores stored as given (the custom policy; a part without scores is put as
+    /// a put would) and their absolute expiry times; then the logical clock moves to at
+    /// least the image's. A part with bad lengths changes nothing.
+    fn restore_part(&self, part: ImagePart<'_>) -> Result<()> {
+        part.check(self.width)?;
+        check_cache_batch(part.keys.len())?;
+        let now = self.cache.clock.now_ms();
+        let r = CacheRestore::new(&part, self.width, self.cache.policy, now)?;
+        let ttl = r.ttl(now);
+        let stored = match &r.scores {
+            Some(scores) => Stored::Restore {
+                scores,
+                expires: &r.expires,
+            },
+            None => Stored::Put {
+                scores: None,
+                ttl: Some(&ttl),
+            },
+        };
+        self.store(&r.keys, &r.values, stored, r.clock, None)
+            .map(|_| ())
+    }
+
+    /// Copies the table's arrays to the host under its lock (in chunks through a mapped
+    /// staging buffer), then decodes them with the lock let go: each live entry with its
+    /// score as the contract states it and its expiry time.
+    fn export_image(&self) -> Result<TableImage> {
+        self.gpu.check()?;
+        let w = self.width as u64;
+        let slots = (self.buckets * B) as u64;
+        let (words, clock, now) = {
+            let st = self.lock();
+            let t = &st.t;
+            let words = read_back(
+                &self.gpu,
+                &[
+                    (&t.keys, 0, slots * 8),
+                    (&t.scores, 0, slots * 8),
+                    (&t.expires, 0, slots * 8),
+                    (&t.rows, 0, slots * 8 * w),
+                    (&t.used, 0, self.buckets as u64 * 4),
+                ],
+            )?;
+            (words, st.clock, self.cache.clock.now_ms())
+        };
+        let [keys, scores, expires, rows, used] = &words[..] else {
+            return Err(device_error("cache export read back the wrong arrays"));
+        };
+        let arrays = CacheArrays {
+            keys,
+            scores,
+            expires,
+            rows,
+            used: &bytemuck::cast_slice(used)[..self.buckets],
+        };
+        Ok(arrays.image(self.width, self.cache.policy, clock, now))
     }
 
     /// Live entries, counted on the device.
@@ -987,6 +1105,17 @@ impl KvBackend for WgpuCache {
 
     fn cache_stats(&self) -> Result<CacheStats> {
         Ok(self.lock().stats)
+    }
+
+    fn export(&self) -> Result<TableImage> {
+        self.export_image()
+    }
+
+    /// Puts the entries back with their scores and absolute expiry times (through the put
+    /// kernel, with the scores stored as given), leaving out those expired now, and moves
+    /// the logical clock to at least the image's. A part with bad lengths changes nothing.
+    fn restore(&self, part: ImagePart<'_>) -> Result<()> {
+        self.restore_part(part)
     }
 }
 

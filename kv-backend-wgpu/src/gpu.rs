@@ -435,14 +435,14 @@ impl Gpu {
 
     /// A storage buffer of `size` bytes (a multiple of 4) for the table's key or value
     /// segments, bound as ranges: up to [`max_buffer`](Self::max_buffer) bytes, zeroed, or
-    /// `OutOfDeviceMemory`.
+    /// `OutOfDeviceMemory`. It can be copied from (an export reads it back).
     pub fn table_buffer(&self, label: &str, size: u64) -> Result<wgpu::Buffer> {
         use wgpu::BufferUsages as U;
         let size = size.max(4).next_multiple_of(4);
         if size > self.max_buffer {
             return Err(oom(size));
         }
-        self.create_buffer(label, size, U::STORAGE | U::COPY_DST, false)
+        self.create_buffer(label, size, U::STORAGE | U::COPY_DST | U::COPY_SRC, false)
     }
 
     fn create_buffer(

@@ -88,6 +88,16 @@
 //! storage buffers and WGSL kernels probe, compare keys byte for byte, write entries,
 //! gather values and move records; the host hashes, deduplicates and plans.
 //!
+//! # Exports
+//!
+//! [`KvBackend::export`] (and [`kv_core::ByteTable::export`]) copies the table's buffers
+//! (the key and value segments and the special area; a cache table's keys, scores, expiry
+//! times, rows and used words; a byte table's index and arena) into a mapped staging
+//! buffer, in chunks of at most [`kv_staging::image::EXPORT_CHUNK_BYTES`], under one hold
+//! of the table's lock, lets the lock go, and only then decodes the copy on the host: no
+//! shader runs, and other batches wait no longer than the copy. [`WgpuCache`]'s restore
+//! runs its put kernel with the image's scores stored as given and their expiry times.
+//!
 //! # Options
 //!
 //! [`WgpuOptions`], passed to [`WgpuBackend::open_with`], set the staging chunk size, the
@@ -112,8 +122,8 @@ mod state;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
-    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, check_contains,
-    check_get, check_put, count_distinct, prepare_put,
+    Audit, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, TableImage,
+    check_contains, check_get, check_put, count_distinct, prepare_put,
 };
 use kv_kernels::layout::counter;
 use kv_staging::LanePool;
@@ -491,6 +501,15 @@ impl KvBackend for WgpuBackend {
         self.pool.give_back(lanes);
         let (live, tombs) = dev?;
         Ok(st.books.audit(live, tombs))
+    }
+
+    /// Copies the key and value arrays and the special area to the host under the write
+    /// lock (in chunks through a mapped staging buffer), then decodes them with the lock
+    /// let go.
+    fn export(&self) -> Result<TableImage> {
+        self.gpu.check()?;
+        let raw = self.write().copy_out(&self.gpu)?;
+        Ok(raw.decode())
     }
 
     fn describe(&self) -> Description {

@@ -1,5 +1,6 @@
-//! Mapped buffers: asking for a mapping and waiting until it is there, and the parallel
-//! copies between the caller's slices and mapped ranges.
+//! Mapped buffers: asking for a mapping and waiting until it is there, the parallel copies
+//! between the caller's slices and mapped ranges, and chunked readbacks of device buffers
+//! ([`read_back`], what table exports copy the table out with).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -78,7 +79,11 @@ pub(crate) fn copy_bools(dst: &mut [bool], src: &[u8]) {
 }
 
 pub(crate) fn copy_words(dst: &mut [u64], src: &[u8]) {
-    let dst = bytemuck::cast_slice_mut::<u64, u8>(dst);
+    copy_bytes(bytemuck::cast_slice_mut::<u64, u8>(dst), src);
+}
+
+/// Copies `src` into `dst` (of the same length), on all cores when it is large.
+fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     if dst.len() < PAR_MIN {
         dst.copy_from_slice(src);
     } else {
@@ -110,4 +115,138 @@ pub(crate) fn write_mapped(buffer: &wgpu::Buffer, offset: usize, src: &[u8]) -> 
         .zip(src.par_chunks(PAR_PIECE))
         .for_each(|(mut d, s)| d.copy_from_slice(s));
     Ok(())
+}
+
+/// Bytes of the staging buffer of a [`read_back`] at most: larger copies go through it in
+/// chunks, one submission and one mapping each.
+pub(crate) const READBACK_CHUNK: u64 = kv_staging::image::EXPORT_CHUNK_BYTES as u64;
+
+/// A range of a device buffer (which has `COPY_SRC`): the buffer, its first byte and its
+/// length in bytes, both multiples of 4.
+pub(crate) type Range<'a> = (&'a wgpu::Buffer, u64, u64);
+
+/// Copies `ranges` of device buffers to the host, through one `MAP_READ` staging buffer of
+/// at most [`READBACK_CHUNK`] bytes (and the device's largest buffer): as many ranges, or
+/// pieces of a range, as fit go in one submission, which is waited for and its mapping
+/// copied out before the next. Each range comes back as u64 words (aligned for any plain
+/// type), its last word zero-padded; [`bytes`] gives the range's bytes back.
+///
+/// The copies see the buffers as every submission before this one left them: a caller
+/// that holds its table's lock gets one point in time.
+pub(crate) fn read_back(gpu: &Gpu, ranges: &[Range<'_>]) -> Result<Vec<Vec<u64>>> {
+    read_back_in(gpu, ranges, READBACK_CHUNK)
+}
+
+/// [`read_back`] through a staging buffer of at most `chunk` bytes.
+fn read_back_in(gpu: &Gpu, ranges: &[Range<'_>], chunk: u64) -> Result<Vec<Vec<u64>>> {
+    use wgpu::BufferUsages as U;
+    if let Some(r) = ranges.iter().find(|r| r.1 % 4 != 0 || r.2 % 4 != 0) {
+        return Err(device_error(format!(
+            "readback of {} bytes at byte {}: not whole words",
+            r.2, r.1
+        )));
+    }
+    let mut out: Vec<Vec<u64>> = ranges
+        .iter()
+        .map(|r| vec![0u64; (r.2 as usize).div_ceil(8)])
+        .collect();
+    let total: u64 = ranges.iter().map(|r| r.2).sum();
+    if total == 0 {
+        return Ok(out);
+    }
+    let chunk = chunk
+        .min(gpu.max_buffer / 8 * 8)
+        .min(total.next_multiple_of(8))
+        .max(8);
+    let staging = gpu.buffer(
+        "vramkv readback staging",
+        chunk,
+        U::MAP_READ | U::COPY_DST,
+        false,
+    )?;
+    let state = Arc::new(AtomicU8::new(MAP_PENDING));
+    // Pieces in the staging buffer: (range, byte in the range, bytes, byte in staging).
+    let mut pieces: Vec<(usize, u64, u64, u64)> = Vec::new();
+    let mut used = 0u64;
+    let mut flush = |pieces: &mut Vec<(usize, u64, u64, u64)>, used: &mut u64| -> Result<()> {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for &(r, at, len, to) in pieces.iter() {
+            enc.copy_buffer_to_buffer(ranges[r].0, ranges[r].1 + at, &staging, to, len);
+        }
+        let idx = gpu.queue.submit([enc.finish()]);
+        map_range(&staging, wgpu::MapMode::Read, &state, Some(*used));
+        gpu.wait(idx)?;
+        expect_mapped(gpu, &state, "readback staging")?;
+        {
+            let view = staging
+                .get_mapped_range(..*used)
+                .map_err(|e| device_error(format!("readback staging: {e}")))?;
+            for &(r, at, len, to) in pieces.iter() {
+                let (at, len, to) = (at as usize, len as usize, to as usize);
+                let dst = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut out[r])[at..at + len];
+                copy_bytes(dst, &view[to..to + len]);
+            }
+        }
+        staging.unmap();
+        pieces.clear();
+        *used = 0;
+        Ok(())
+    };
+    for (r, range) in ranges.iter().enumerate() {
+        let mut at = 0;
+        while at < range.2 {
+            if used == chunk {
+                flush(&mut pieces, &mut used)?;
+            }
+            let len = (range.2 - at).min(chunk - used);
+            pieces.push((r, at, len, used));
+            used += len;
+            at += len;
+        }
+    }
+    if used > 0 {
+        flush(&mut pieces, &mut used)?;
+    }
+    Ok(out)
+}
+
+/// The first `len` bytes of words that [`read_back`] returned.
+pub(crate) fn bytes(words: &[u64], len: u64) -> &[u8] {
+    let b = bytemuck::cast_slice::<u64, u8>(words);
+    &b[..(len as usize).min(b.len())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranges cut into pieces across several staging chunks (of 8 and 24 bytes, and one
+    /// that holds everything) come back whole, a range of 0 bytes too; a range that is not
+    /// whole words is refused.
+    #[test]
+    fn read_back_cuts_ranges_into_chunks() {
+        let gpu = match crate::gpu::gpu(&kv_core::TableConfig::default()) {
+            Ok(g) => g,
+            Err(e) if std::env::var_os(crate::REQUIRE_ENV).is_none() => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("no wgpu adapter: {e}"),
+        };
+        use wgpu::BufferUsages as U;
+        let data: Vec<u32> = (0..64).map(|i| i * 7 + 1).collect();
+        let src = gpu
+            .buffer("test src", 256, U::COPY_SRC | U::COPY_DST, false)
+            .expect("buffer");
+        gpu.queue.write_buffer(&src, 0, bytemuck::cast_slice(&data));
+        let ranges: [Range<'_>; 4] = [(&src, 4, 20), (&src, 0, 0), (&src, 64, 128), (&src, 252, 4)];
+        for chunk in [8, 24, 1 << 20] {
+            let got = read_back_in(&gpu, &ranges, chunk).expect("read back");
+            for (r, words) in ranges.iter().zip(&got) {
+                let want: &[u8] = &bytemuck::cast_slice(&data)[r.1 as usize..(r.1 + r.2) as usize];
+                assert_eq!(bytes(words, r.2), want, "range {r:?} in chunks of {chunk}");
+            }
+        }
+        assert!(read_back(&gpu, &[(&src, 2, 8)]).is_err());
+    }
 }

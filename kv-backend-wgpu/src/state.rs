@@ -1,16 +1,16 @@
 //! The table's device state: its key and value arrays in segments and buffers, the special
 //! area and the control words, with the host's [`Books`] of them; and the table-wide work
-//! on them (clear, rehash, count).
+//! on them (clear, rehash, count, the copy an export takes).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use kv_core::{Books, Result, TableConfig};
-use kv_kernels::layout::{counter, special_words};
+use kv_core::{Books, Result, TableConfig, TableImage};
+use kv_kernels::layout::{counter, is_sentinel, special_row, special_words};
 use kv_staging::counts;
 
 use crate::gpu::{BACKEND, Gpu, device_error, oom};
-use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map};
+use crate::mapping::{MAP_PENDING, copy_words, expect_mapped, map, read_back};
 use crate::plan::{resume_rounds, round_limit};
 use crate::shader::{PARAMS_BYTES, Params};
 
@@ -246,7 +246,7 @@ impl State {
             special: gpu.buffer(
                 "vramkv special",
                 special_words(width as u32) * 8,
-                U::STORAGE | U::COPY_DST,
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
                 false,
             )?,
             ctl: gpu.buffer(
@@ -437,6 +437,31 @@ impl State {
         Ok(())
     }
 
+    /// Copies the key and value arrays and the special area to the host as they are now
+    /// (the caller holds the table's lock, so that the copy is one point in time).
+    pub fn copy_out(&self, gpu: &Gpu) -> Result<RawTable> {
+        let w = self.width as u64;
+        let mut ranges = Vec::with_capacity(2 * self.segs.len() + 1);
+        for s in &self.segs {
+            let n = s.slots as u64;
+            ranges.push((&s.keys.buffer, s.keys.offset, n * 8));
+            ranges.push((&s.vals.buffer, s.vals.offset, n * 8 * w));
+        }
+        ranges.push((&self.special, 0, special_words(self.width as u32) * 8));
+        let mut words = read_back(gpu, &ranges)?;
+        let special = words.pop().unwrap_or_default();
+        let mut segs = Vec::with_capacity(self.segs.len());
+        let mut it = words.into_iter();
+        while let (Some(keys), Some(vals)) = (it.next(), it.next()) {
+            segs.push((keys, vals));
+        }
+        Ok(RawTable {
+            width: self.width,
+            segs,
+            special,
+        })
+    }
+
     /// Zeroes the control words: a queue write, which runs before the next submission
     /// (no submission of its own, which would cost a small batch a few percent).
     pub fn zero_counters(&self, gpu: &Gpu) {
@@ -460,6 +485,43 @@ impl State {
     /// Hands the counts of a delete to the books; returns the entries removed.
     pub fn count_delete(&mut self, c: &[u64; counter::LEN]) -> usize {
         counts::apply_delete(&mut self.books, c)
+    }
+}
+
+/// A host copy of a table's arrays ([`State::copy_out`]), decoded into an image once the
+/// table's lock is let go.
+pub(crate) struct RawTable {
+    width: usize,
+    /// Each segment's keys and value rows.
+    segs: Vec<(Vec<u64>, Vec<u64>)>,
+    /// The special area: `present[2]`, then the rows of the user keys 0 and 1.
+    special: Vec<u64>,
+}
+
+impl RawTable {
+    /// The live entries: every key slot that holds a key (neither EMPTY nor TOMBSTONE) with
+    /// its row, then the present special keys.
+    pub fn decode(&self) -> TableImage {
+        let w = self.width;
+        let mut img = TableImage::new(w);
+        for (keys, vals) in &self.segs {
+            for (j, &k) in keys.iter().enumerate() {
+                if !is_sentinel(k)
+                    && let Some(row) = vals.get(j * w..(j + 1) * w)
+                {
+                    img.push(k, row, None);
+                }
+            }
+        }
+        for k in 0..2u64 {
+            let at = special_row(k, w as u32) as usize;
+            if self.special.get(k as usize).is_some_and(|&p| p != 0)
+                && let Some(row) = self.special.get(at..at + w)
+            {
+                img.push(k, row, None);
+            }
+        }
+        img
     }
 }
 

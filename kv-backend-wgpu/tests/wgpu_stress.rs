@@ -2,9 +2,9 @@
 //! stress suite (`kv_conformance::stress`: random operations at widths 1 to 16, last-wins
 //! across chunks, tombstone churn, several threads at once) plus the wgpu-only trials
 //! below: growth across several rehashes, tables split over many segments (storage
-//! bindings), a table larger than one real binding, overwrite-only and repeat-heavy
-//! batches over several chunks, tombstone reuse, out-of-memory and a short throughput
-//! report. Sizes are kept for lavapipe on two cores. Without an adapter every trial is
+//! bindings), a table larger than one real binding (both exported and checked),
+//! overwrite-only and repeat-heavy batches over several chunks, tombstone reuse,
+//! out-of-memory and a short throughput report. Sizes are kept for lavapipe on two cores. Without an adapter every trial is
 //! reported as ignored (after `skipped: no wgpu adapter ...`), unless
 //! `VRAMKV_REQUIRE_WGPU=1`.
 
@@ -20,6 +20,25 @@ fn open(cfg: TableConfig) -> Result<WgpuBackend, kv_conformance::libtest_mimic::
 
 fn open_boxed(cfg: TableConfig) -> kv_core::Result<Box<dyn KvBackend>> {
     Ok(Box::new(WgpuBackend::open(cfg)?))
+}
+
+/// The table's export holds each live key once (as many as `len`), with the row a get
+/// returns for it.
+fn export_agrees(t: &WgpuBackend, ctx: &str) -> R {
+    let w = t.width();
+    let mut img = t.export().map_err(|x| e("export", x))?;
+    img.sort();
+    if img.keys.windows(2).any(|p| p[0] == p[1]) || img.len() != t.len() {
+        return Err(format!("{ctx}: export of {} keys, len {}", img.len(), t.len()).into());
+    }
+    let mut vals = vec![0u64; img.len() * w];
+    let mut found = vec![false; img.len()];
+    t.get(&img.keys, &mut vals, &mut found)
+        .map_err(|x| e("get", x))?;
+    if found.iter().any(|f| !f) || vals != img.values {
+        return Err(format!("{ctx}: exported rows differ from the table's").into());
+    }
+    Ok(())
 }
 
 fn many_segments() -> R {
@@ -44,6 +63,7 @@ fn many_segments() -> R {
             range: 6000,
         };
         stress::random_ops(&t, phase, seed)?;
+        export_agrees(&t, &format!("w{w}"))?;
         let (segs, bufs) = (t.segments(), t.table_buffers());
         let layout_ok = match segs_per_buffer {
             u64::MAX => bufs == 2,
@@ -256,6 +276,16 @@ fn larger_than_one_binding() -> R {
         }
     }
     check_audit(&t, "after the deletes")?;
+    // An export reads the whole table back, more than one staging chunk of it.
+    let img = t.export().map_err(|x| e("export", x))?;
+    if img.len() != n - del.len() {
+        return Err(format!("export of {} keys, {} live", img.len(), n - del.len()).into());
+    }
+    for (i, &k) in img.keys.iter().enumerate() {
+        if (0..w).any(|j| img.values[i * w + j] != row(k, j)) {
+            return Err(format!("exported row of key {k:#x}").into());
+        }
+    }
     println!(
         "  {} slots of {w} words in {} segments of {} buffers, {:.0} MiB on {}",
         t.describe().slots,

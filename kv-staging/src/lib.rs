@@ -1,7 +1,8 @@
 //! Staging for vramkv's GPU backends: a thread-safe pool of reusable, capacity-sized
 //! staging resources, the parallel host copies into and out of staging buffers
 //! ([`copy`]), the translation of the device counters into the books' counts ([`counts`]),
-//! and the trace of a batch's host pipeline ([`trace`]).
+//! what table exports and restores share ([`image`]), and the trace of a batch's host
+//! pipeline ([`trace`]).
 //!
 //! Both GPU backends (CUDA and wgpu) cut a host batch into chunks that travel through a
 //! few *staging lanes*: a lane owns the device buffers (and, on CUDA, the stream and pinned
@@ -59,6 +60,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub mod copy;
 pub mod counts;
+pub mod image;
 pub mod trace;
 
 /// A staging resource a [`LanePool`] can keep: sized in items, perhaps not always reusable.
