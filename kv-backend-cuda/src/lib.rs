@@ -687,8 +687,7 @@ impl KvBackend for CudaBackend {
     /// the lock let go.
     fn export(&self) -> Result<TableImage> {
         self.dev.bind()?;
-        let raw = self.write().copy_out(self.cfg.width)?;
-        Ok(raw.decode())
+        self.write().export(&self.dev, self.cfg.width)
     }
 
     fn describe(&self) -> Description {

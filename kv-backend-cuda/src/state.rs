@@ -7,8 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaEvent, CudaStream};
 use kv_core::{Books, Error, Result, TableConfig, TableImage};
 use kv_kernels::layout::{
-    RehashArgs, TableArgs, bucket_shift, counter, is_sentinel, key_word, row_word, special_row,
-    special_words,
+    RehashArgs, TableArgs, bucket_shift, counter, is_sentinel, special_row, special_words,
 };
 use kv_staging::counts;
 
@@ -158,22 +157,73 @@ impl State {
         Ok(())
     }
 
-    /// Copies the slot array and the special area to the host as they are now, on the main
-    /// stream (the caller holds the write lock: no batch is running, so the copy is one
-    /// point in time).
-    pub fn copy_out(&self, width: usize) -> Result<RawTable> {
+    /// Every live entry, copied out as the table is now (the caller holds the write lock:
+    /// no batch is running, so the image is one point in time).
+    ///
+    /// The slot array streams through two page-locked buffers of whole buckets: while one
+    /// piece copies on the main stream, the previous one is decoded on every core straight
+    /// into the image, so the table is held for about the device-to-host copy of its slot
+    /// array, and no host copy of the whole array is ever made.
+    pub fn export(&self, gpu: &Gpu, width: usize) -> Result<TableImage> {
         let slots = self.books.slots();
-        let mut array = vec![0u64; array_bytes(slots, width + 1)? / 8];
-        self.slots.read_to_host(&mut array, &self.main)?;
+        let shift = self.bucket_shift(slots, width);
+        let bucket_slots = 1usize << shift;
+        let bucket_words = bucket_slots * (width + 1);
+        let buckets = slots / bucket_slots;
+        let per_piece = (EXPORT_PIECE_BYTES / 8 / bucket_words).clamp(1, buckets.max(1));
+        let pieces = buckets.div_ceil(per_piece);
+        let mut img = TableImage::new(width);
+        let expect = self.books.len();
+        let oom = |_| Error::OutOfDeviceMemory {
+            backend: BACKEND,
+            requested_bytes: (expect * (width + 1) * 8) as u64,
+        };
+        img.keys.try_reserve_exact(expect).map_err(oom)?;
+        img.values.try_reserve_exact(expect * width).map_err(oom)?;
+        let mut bufs = [
+            Pinned::<u64>::new(gpu, per_piece * bucket_words, false)?,
+            Pinned::<u64>::new(gpu, per_piece * bucket_words, false)?,
+        ];
+        let done = [event(gpu)?, event(gpu)?];
+        let piece_buckets = |p: usize| per_piece.min(buckets - p * per_piece);
+        let enqueue = |p: usize, buf: &mut Pinned<u64>, ev: &CudaEvent| -> Result<()> {
+            let src = self.slots.ptr() + (p * per_piece * bucket_words * 8) as u64;
+            // SAFETY: the piece lies inside the slot array (`pieces` whole pieces of at most
+            // `per_piece` buckets); this buffer is read again only after `ev`, recorded after
+            // the copy, has been waited for, and no earlier copy into it is in flight (its
+            // previous piece was waited for and decoded before this call).
+            unsafe { buf.dtoh(src, piece_buckets(p) * bucket_words, &self.main)? };
+            ev.record(&self.main).drv("cuEventRecord")
+        };
+        if pieces > 0 {
+            enqueue(0, &mut bufs[0], &done[0])?;
+        }
+        for p in 0..pieces {
+            if p + 1 < pieces {
+                enqueue(p + 1, &mut bufs[(p + 1) % 2], &done[(p + 1) % 2])?;
+            }
+            done[p % 2].synchronize().drv("cuEventSynchronize")?;
+            // SAFETY: the copy into this buffer has completed (its event was waited for) and
+            // the next copy into it is enqueued only after this decode.
+            let words = unsafe { bufs[p % 2].as_slice() };
+            decode_buckets(
+                &words[..piece_buckets(p) * bucket_words],
+                width,
+                bucket_slots,
+                &mut img,
+            );
+        }
         let mut special = vec![0u64; special_words(width as u32) as usize];
         self.special.read_to_host(&mut special, &self.main)?;
-        Ok(RawTable {
-            width,
-            slots,
-            shift: self.bucket_shift(slots, width),
-            array,
-            special,
-        })
+        for k in 0..2u64 {
+            let at = special_row(k, width as u32) as usize;
+            if special.get(k as usize).is_some_and(|&p| p != 0)
+                && let Some(row) = special.get(at..at + width)
+            {
+                img.push(k, row, None);
+            }
+        }
+        Ok(img)
     }
 
     /// Live keys and tombstones as the device counts them (checks and diagnostics).
@@ -196,42 +246,114 @@ fn fill_empty(array: &DevBuf, stream: &CudaStream) -> Result<()> {
     array.memset(0, array.bytes(), stream)
 }
 
-/// A host copy of a table's slot array and special area ([`State::copy_out`]), decoded
-/// into an image once the table's lock is let go.
-pub(crate) struct RawTable {
-    width: usize,
-    slots: usize,
-    /// The slot array's bucket shift.
-    shift: u32,
-    array: Vec<u64>,
-    /// `present[2]`, then the rows of the user keys 0 and 1.
-    special: Vec<u64>,
+/// Bytes of each of the two page-locked buffers an export streams the slot array through.
+const EXPORT_PIECE_BYTES: usize = 64 << 20;
+
+/// Buckets a task of [`decode_buckets`] takes.
+const DECODE_TASK: usize = 4096;
+
+/// Appends the live entries of `words` (whole buckets of `bucket_slots` keys, then their
+/// rows: `kv_kernels::layout::{key_word, row_word}`) to `img`, on every core: a count per
+/// run of buckets, then each run written into its own part of the image's arrays.
+fn decode_buckets(words: &[u64], width: usize, bucket_slots: usize, img: &mut TableImage) {
+    use rayon::prelude::*;
+    let bw = bucket_slots * (width + 1);
+    let nb = words.len() / bw;
+    let tasks = nb.div_ceil(DECODE_TASK);
+    let range = |t: usize| t * DECODE_TASK..((t + 1) * DECODE_TASK).min(nb);
+    let counts: Vec<usize> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            range(t)
+                .map(|b| {
+                    words[b * bw..b * bw + bucket_slots]
+                        .iter()
+                        .filter(|&&k| !is_sentinel(k))
+                        .count()
+                })
+                .sum()
+        })
+        .collect();
+    let total: usize = counts.iter().sum();
+    img.keys.reserve(total);
+    img.values.reserve(total * width);
+    let (k0, v0) = (img.keys.len(), img.values.len());
+    {
+        let mut kr = &mut img.keys.spare_capacity_mut()[..total];
+        let mut vr = &mut img.values.spare_capacity_mut()[..total * width];
+        let mut parts = Vec::with_capacity(tasks);
+        for (t, &c) in counts.iter().enumerate() {
+            let (ka, kb) = std::mem::take(&mut kr).split_at_mut(c);
+            let (va, vb) = std::mem::take(&mut vr).split_at_mut(c * width);
+            parts.push((t, ka, va));
+            (kr, vr) = (kb, vb);
+        }
+        parts.into_par_iter().for_each(|(t, ks, vs)| {
+            let mut j = 0;
+            for b in range(t) {
+                let base = b * bw;
+                for s in 0..bucket_slots {
+                    let k = words[base + s];
+                    if is_sentinel(k) {
+                        continue;
+                    }
+                    ks[j].write(k);
+                    let row = base + bucket_slots + s * width;
+                    for (d, &v) in vs[j * width..(j + 1) * width]
+                        .iter_mut()
+                        .zip(&words[row..row + width])
+                    {
+                        d.write(v);
+                    }
+                    j += 1;
+                }
+            }
+        });
+    }
+    // SAFETY: the parts above cover the first `total` spare elements of each array exactly
+    // (one count per run, computed from the same words), and each run wrote every element
+    // of its part: `counts[t]` keys and `counts[t] * width` row words.
+    unsafe {
+        img.keys.set_len(k0 + total);
+        img.values.set_len(v0 + total * width);
+    }
 }
 
-impl RawTable {
-    /// The live entries: every slot whose key is neither EMPTY nor TOMBSTONE with its row
-    /// (`kv_kernels::layout::{key_word, row_word}`), then the present special keys.
-    pub fn decode(&self) -> TableImage {
-        let (w, shift) = (self.width, self.shift);
-        let mut img = TableImage::new(w);
-        for slot in 0..self.slots as u64 {
-            let k = self.array.get(key_word(slot, w as u32, shift) as usize);
-            let at = row_word(slot, w as u32, shift) as usize;
-            if let Some(&k) = k
-                && !is_sentinel(k)
-                && let Some(row) = self.array.get(at..at + w)
-            {
-                img.push(k, row, None);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_kernels::layout::{TOMBSTONE, key_word, row_word};
+
+    /// The parallel decode finds exactly the entries the layout's own addressing does, in
+    /// slot order, across runs of buckets and pieces.
+    #[test]
+    fn decode_buckets_matches_the_layout() {
+        for (width, slots) in [(1usize, 1usize << 15), (3, 1 << 14), (16, 1 << 12)] {
+            let shift = bucket_shift(slots as u64, width as u32);
+            let mut words = vec![0u64; slots * (width + 1)];
+            let mut want = TableImage::new(width);
+            for slot in 0..slots as u64 {
+                let k = match slot % 5 {
+                    0 => 0,
+                    1 => TOMBSTONE,
+                    _ => slot.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 2,
+                };
+                words[key_word(slot, width as u32, shift) as usize] = k;
+                let at = row_word(slot, width as u32, shift) as usize;
+                for j in 0..width {
+                    words[at + j] = k ^ j as u64;
+                }
+                if !is_sentinel(k) {
+                    want.push(k, &words[at..at + width], None);
+                }
             }
+            let bs = 1usize << shift;
+            let mut got = TableImage::new(width);
+            // Two pieces, as an export streams them.
+            let half = (slots / bs / 2) * bs * (width + 1);
+            decode_buckets(&words[..half], width, bs, &mut got);
+            decode_buckets(&words[half..], width, bs, &mut got);
+            assert_eq!(got, want, "width {width}");
         }
-        for k in 0..2u64 {
-            let at = special_row(k, w as u32) as usize;
-            if self.special.get(k as usize).is_some_and(|&p| p != 0)
-                && let Some(row) = self.special.get(at..at + w)
-            {
-                img.push(k, row, None);
-            }
-        }
-        img
     }
 }
