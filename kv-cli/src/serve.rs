@@ -174,6 +174,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         max_value_bytes: usize::try_from(max_value).unwrap_or(usize::MAX),
         maxmemory,
         direct_reads: kind == BackendKind::Cpu,
+        persistence: kv_server::Persistence::default(),
     };
     let server = Server::start(config, Arc::new(table), kind.name())
         .map_err(|e| Error::InvalidConfig(format!("cannot listen: {e}")))?;
