@@ -40,7 +40,7 @@ enum Cmd {
     /// The backends compiled in, the devices found, and what `auto` would pick.
     Info,
     /// A Redis-protocol server over a byte table (redis-cli and Redis clients connect).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
