@@ -41,7 +41,7 @@ enum Cmd {
     /// The backends compiled in, the devices found, and what `auto` would pick.
     Info,
     /// A Redis-protocol server over a byte table (redis-cli and Redis clients connect).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Snapshot files: `vramkv snapshot inspect FILE` prints a snapshot's header, its
     /// counts and whether every checksum holds.
     Snapshot {

@@ -3,13 +3,18 @@
 //! Settings come from the command line, or from a file (`--config FILE`) of `name value`
 //! lines in redis.conf's style (`port 6380`, `maxmemory 1073741824`, `# comments`); the
 //! command line wins where both set one.
+//!
+//! Persistence follows Redis's settings (`dir`, `dbfilename`, `appendonly`, `appendfsync`,
+//! `appenddirname`): the table is loaded at start from the dump file, or from the
+//! append-only directory when the log is on (docs/server.md, "Persistence").
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use clap::Args;
-use kv_server::{ServeConfig, Server};
-use vramkv::{BackendKind, ByteConfig, Error, Options, Result, TableConfig};
+use kv_server::{Fsync, Persistence, ServeConfig, Server, Store};
+use vramkv::{BackendKind, ByteConfig, ByteTable, Error, Options, Result, TableConfig};
 
 /// The arguments of `vramkv serve`.
 #[derive(Args, Debug, Clone)]
@@ -44,9 +49,65 @@ pub struct ServeArgs {
     /// Connection worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// The directory of the dump file and of the append-only directory (default `.`); it
+    /// must exist.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The dump file's name in --dir (default `dump.vkv`): SAVE and BGSAVE write it, and it
+    /// is loaded at start when the append-only log is off.
+    #[arg(long)]
+    dbfilename: Option<String>,
+    /// yes: log every write in --appenddirname and load the keys from there at start (the
+    /// dump file is then not loaded, as in Redis); no (default): the dump file only.
+    #[arg(long)]
+    appendonly: Option<String>,
+    /// When logged writes reach the disk: always (before each reply), everysec (default;
+    /// a power loss loses at most about a second) or no (when the system likes).
+    #[arg(long)]
+    appendfsync: Option<String>,
+    /// The append-only directory's name in --dir (default `appendonlydir`).
+    #[arg(long)]
+    appenddirname: Option<String>,
     /// A file of `name value` lines with any of the settings above.
     #[arg(long)]
-    config: Option<std::path::PathBuf>,
+    config: Option<PathBuf>,
+}
+
+fn yes_no(name: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => Err(Error::InvalidConfig(format!(
+            "{name} must be yes or no, not {v:?}"
+        ))),
+    }
+}
+
+/// The persistence settings from the command line and the config file.
+fn persistence(a: &ServeArgs, f: &dyn Fn(&str) -> Option<String>) -> Result<Persistence> {
+    let d = Persistence::default();
+    let pick = |arg: &Option<String>, key: &str| arg.clone().or_else(|| f(key));
+    let appendonly = match pick(&a.appendonly, "appendonly") {
+        Some(v) => yes_no("appendonly", &v)?,
+        None => d.appendonly,
+    };
+    let appendfsync = match pick(&a.appendfsync, "appendfsync") {
+        Some(v) => v.parse::<Fsync>()?,
+        None => d.appendfsync,
+    };
+    let p = Persistence {
+        dir: a
+            .dir
+            .clone()
+            .or_else(|| f("dir").map(PathBuf::from))
+            .unwrap_or(d.dir),
+        dbfilename: pick(&a.dbfilename, "dbfilename").unwrap_or(d.dbfilename),
+        appendonly,
+        appendfsync,
+        appenddirname: pick(&a.appenddirname, "appenddirname").unwrap_or(d.appenddirname),
+    };
+    p.check()?;
+    Ok(p)
 }
 
 fn read_file(path: &std::path::Path) -> Result<HashMap<String, String>> {
@@ -78,7 +139,7 @@ fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
         .map_err(|_| Error::InvalidConfig(format!("{name}: cannot read {v:?}")))
 }
 
-/// Runs the server until Ctrl-C.
+/// Runs the server until Ctrl-C or SIGTERM.
 pub fn run(a: &ServeArgs) -> Result<()> {
     let file = match &a.config {
         Some(p) => read_file(p)?,
@@ -97,6 +158,11 @@ pub fn run(a: &ServeArgs) -> Result<()> {
                 | "requirepass"
                 | "max-value"
                 | "workers"
+                | "dir"
+                | "dbfilename"
+                | "appendonly"
+                | "appendfsync"
+                | "appenddirname"
         ) {
             return Err(Error::InvalidConfig(format!(
                 "unknown setting {k:?} in the config file"
@@ -104,6 +170,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         }
     }
     let f = |k: &str| file.get(k).map(String::as_str);
+    let persistence = persistence(a, &|k: &str| file.get(k).cloned())?;
     let bind = a
         .bind
         .clone()
@@ -160,11 +227,24 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     if maxmemory > 0 {
         cfg = cfg.arena_budget(maxmemory);
     }
-    let table = vramkv::open_bytes_with(cfg, &options)?;
-    for (kind, why) in table.skipped() {
-        eprintln!("vramkv serve: skipped {kind}: {why}");
+    // The table is opened by the store (inside the append-only directory's loader when the
+    // log is on); this records the backend it chose.
+    let chosen = RefCell::new(None);
+    let open = |cfg: ByteConfig| -> Result<Box<dyn ByteTable>> {
+        let table = vramkv::open_bytes_with(cfg, &options)?;
+        for (kind, why) in table.skipped() {
+            eprintln!("vramkv serve: skipped {kind}: {why}");
+        }
+        *chosen.borrow_mut() = Some(table.kind());
+        Ok(Box::new(table))
+    };
+    let (store, loaded) = Store::open(&persistence, cfg, &open)?;
+    for line in loaded.messages() {
+        eprintln!("vramkv serve: {line}");
     }
-    let kind = table.kind();
+    let kind = chosen
+        .into_inner()
+        .ok_or_else(|| Error::InvalidConfig("the table was not opened (internal)".into()))?;
     let config = ServeConfig {
         bind,
         port,
@@ -174,8 +254,9 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         max_value_bytes: usize::try_from(max_value).unwrap_or(usize::MAX),
         maxmemory,
         direct_reads: kind == BackendKind::Cpu,
+        persistence,
     };
-    let server = Server::start(config, Arc::new(table), kind.name())
+    let server = Server::start_store(config, store, kind.name())
         .map_err(|e| Error::InvalidConfig(format!("cannot listen: {e}")))?;
     println!(
         "vramkv serve: listening on {} ({} byte table); Ctrl-C stops",
@@ -184,5 +265,5 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     );
     server
         .run_until_ctrl_c()
-        .map_err(|e| Error::InvalidConfig(format!("waiting for Ctrl-C: {e}")))
+        .map_err(|e| Error::io("stopping the server", e))
 }

@@ -86,6 +86,14 @@ pub enum Table {
     DbSize,
     /// `FLUSHDB` / `FLUSHALL`.
     Flush,
+    /// `SAVE`: a snapshot to the dump file, answered when it is written.
+    Save,
+    /// `BGSAVE`: a snapshot to the dump file, written in the background.
+    BgSave,
+    /// `LASTSAVE`: when the last save succeeded.
+    LastSave,
+    /// `BGREWRITEAOF`: the append-only log rewritten from a fresh snapshot.
+    BgRewriteAof,
 }
 
 impl Table {
@@ -99,6 +107,16 @@ impl Table {
                 | Table::Ttl(..)
                 | Table::Strlen(_)
                 | Table::DbSize
+                | Table::LastSave
+        )
+    }
+
+    /// Whether the command is one of persistence's (`SAVE`, `BGSAVE`, `LASTSAVE`,
+    /// `BGREWRITEAOF`): it runs between table batches and reads or writes no key.
+    pub fn persistence(&self) -> bool {
+        matches!(
+            self,
+            Table::Save | Table::BgSave | Table::LastSave | Table::BgRewriteAof
         )
     }
 
@@ -116,7 +134,12 @@ impl Table {
             | Table::GetDel(k) => vec![k],
             Table::MGet(ks) | Table::Del(ks) | Table::Exists(ks) => ks.iter().collect(),
             Table::MSet(kv) => kv.iter().map(|(k, _)| k).collect(),
-            Table::DbSize | Table::Flush => Vec::new(),
+            Table::DbSize
+            | Table::Flush
+            | Table::Save
+            | Table::BgSave
+            | Table::LastSave
+            | Table::BgRewriteAof => Vec::new(),
         }
     }
 }
@@ -255,13 +278,21 @@ pub fn parse(args: Vec<Bytes>) -> Cmd {
         ("GETDEL", 2) => Cmd::Table(T::GetDel(take(&mut a))),
         ("DBSIZE", 1) => Cmd::Table(T::DbSize),
         ("FLUSHDB" | "FLUSHALL", _) if n <= 2 => Cmd::Table(T::Flush),
+        ("SAVE", 1) => Cmd::Table(T::Save),
+        // `BGSAVE SCHEDULE` is Redis's way to wait for a running AOF rewrite; here a save
+        // never waits for one, so it starts at once.
+        ("BGSAVE", 1) => Cmd::Table(T::BgSave),
+        ("BGSAVE", 2) if upper(&take(&mut a)) == "SCHEDULE" => Cmd::Table(T::BgSave),
+        ("LASTSAVE", 1) => Cmd::Table(T::LastSave),
+        ("BGREWRITEAOF", 1) => Cmd::Table(T::BgRewriteAof),
         (
             "PING" | "ECHO" | "SELECT" | "AUTH" | "CLIENT" | "CONFIG" | "GET" | "SET" | "MGET"
             | "MSET" | "DEL" | "EXISTS" | "EXPIRE" | "PEXPIRE" | "TTL" | "PTTL" | "PERSIST"
             | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "APPEND" | "STRLEN" | "GETDEL" | "DBSIZE"
-            | "FLUSHDB" | "FLUSHALL",
+            | "FLUSHDB" | "FLUSHALL" | "SAVE" | "LASTSAVE" | "BGREWRITEAOF",
             _,
         ) => arity(&name),
+        ("BGSAVE", _) => syntax(),
         _ => {
             let shown: Vec<String> = a
                 .take(4)

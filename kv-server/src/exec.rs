@@ -33,6 +33,7 @@ use kv_core::{BinaryBuf, ByteTable, Error, TTL_MISSING, TTL_NEVER};
 use tokio::sync::oneshot;
 
 use crate::command::Table;
+use crate::persist::Persist;
 use crate::reply::Reply;
 
 /// One connection's table commands, and where their replies go.
@@ -66,6 +67,10 @@ pub struct Stats {
     pub connections: AtomicU64,
     /// Connections open now.
     pub connected: AtomicU64,
+    /// Changes to the keyspace since the server started: one per write command that
+    /// changed something (`MSET`: one per key; `DEL`, `EXPIRE`: one per key changed).
+    /// `INFO`'s `rdb_changes_since_last_save` counts from the last save.
+    pub changes: AtomicU64,
 }
 
 impl Stats {
@@ -80,6 +85,7 @@ impl Stats {
 pub struct Executor {
     table: Arc<dyn ByteTable>,
     stats: Arc<Stats>,
+    persist: Option<Arc<Persist>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,14 +125,49 @@ fn error_reply(e: &Error) -> Reply {
     }
 }
 
+/// The changes to the keyspace a command made, by its reply (see [`Stats::changes`]).
+fn changes(c: &Table, r: &Reply) -> u64 {
+    match (c, r) {
+        (_, Reply::Error(_)) => 0,
+        // SET NX / XX that did not write.
+        (Table::Set { get: false, .. }, Reply::Null) => 0,
+        (Table::Set { .. } | Table::Incr(..) | Table::Append(..) | Table::Flush, _) => 1,
+        (Table::MSet(kv), _) => kv.len() as u64,
+        (Table::Del(_) | Table::Expire(..) | Table::Persist(_), Reply::Int(n)) => *n as u64,
+        (Table::GetDel(_), Reply::Bulk(_)) => 1,
+        _ => 0,
+    }
+}
+
 fn bin<'a>(items: impl IntoIterator<Item = &'a Bytes>) -> BinaryBuf {
     BinaryBuf::from_slices(items.into_iter().map(|b| b.as_ref()))
 }
 
 impl Executor {
     /// An executor for `table`, counting into `stats`.
+    ///
+    /// Alone it has no persistence: `SAVE`, `BGSAVE`, `LASTSAVE` and `BGREWRITEAOF`
+    /// answer that persistence is not configured (a [`crate::Server`]'s executor has it).
     pub fn new(table: Arc<dyn ByteTable>, stats: Arc<Stats>) -> Self {
-        Executor { table, stats }
+        Executor {
+            table,
+            stats,
+            persist: None,
+        }
+    }
+
+    /// The executor of a server with persistence (the same table as `persist`'s).
+    pub(crate) fn with_persist(mut self, persist: Arc<Persist>) -> Self {
+        self.persist = Some(persist);
+        self
+    }
+
+    /// The reply for a table error, noting an error of the append-only log.
+    fn fail(&self, e: &Error) -> Reply {
+        if let Some(p) = &self.persist {
+            p.note_error(e);
+        }
+        error_reply(e)
     }
 
     /// Serves jobs until every sender is gone. Each round takes every waiting job, up to
@@ -216,6 +257,12 @@ impl Executor {
                 Kind::Exists => self.exists(cmds, &run, &mut out),
                 Kind::Single => out[i] = self.single(cmds[i]),
             }
+            // Counted before the next command runs, so that a save among them knows
+            // exactly which changes it holds.
+            let changed: u64 = run.iter().map(|&x| changes(cmds[x], &out[x])).sum();
+            if changed > 0 {
+                self.stats.changes.fetch_add(changed, Ordering::AcqRel);
+            }
             i = j;
         }
         out
@@ -228,7 +275,7 @@ impl Executor {
         let mut found = vec![false; keys.len()];
         self.stats.batch(keys.len());
         if let Err(e) = self.table.get(kb.as_binary(), &mut values, &mut found) {
-            let r = error_reply(&e);
+            let r = self.fail(&e);
             run.iter().for_each(|&i| out[i] = r.clone());
             return;
         }
@@ -286,7 +333,7 @@ impl Executor {
         self.stats.batch(keys.len());
         let r = match self.put(&keys, &values, &ttl) {
             Ok(()) => Reply::Ok,
-            Err(e) => error_reply(&e),
+            Err(e) => self.fail(&e),
         };
         run.iter().for_each(|&i| out[i] = r.clone());
     }
@@ -314,7 +361,7 @@ impl Executor {
             .contains(kb.as_binary(), &mut found)
             .and_then(|()| self.table.delete(kb.as_binary()));
         if let Err(e) = r {
-            let r = error_reply(&e);
+            let r = self.fail(&e);
             run.iter().for_each(|&i| out[i] = r.clone());
             return;
         }
@@ -340,7 +387,7 @@ impl Executor {
         let mut found = vec![false; keys.len()];
         self.stats.batch(keys.len());
         if let Err(e) = self.table.contains(kb.as_binary(), &mut found) {
-            let r = error_reply(&e);
+            let r = self.fail(&e);
             run.iter().for_each(|&i| out[i] = r.clone());
             return;
         }
@@ -389,8 +436,25 @@ impl Executor {
     }
 
     fn single(&self, c: &Table) -> Reply {
+        if c.persistence() {
+            return self.persistence(c);
+        }
         self.stats.batch(c.keys().len().max(1));
-        self.single_inner(c).unwrap_or_else(|e| error_reply(&e))
+        self.single_inner(c).unwrap_or_else(|e| self.fail(&e))
+    }
+
+    /// `SAVE`, `BGSAVE`, `LASTSAVE`, `BGREWRITEAOF`: between the table commands before and
+    /// after them, so that a save holds exactly the commands sent before it.
+    fn persistence(&self, c: &Table) -> Reply {
+        let Some(p) = &self.persist else {
+            return Reply::err("persistence is not configured on this server");
+        };
+        match c {
+            Table::Save => p.save(),
+            Table::BgSave => p.bgsave(),
+            Table::BgRewriteAof => p.bgrewriteaof(),
+            _ => p.lastsave(),
+        }
     }
 
     fn single_inner(&self, c: &Table) -> kv_core::Result<Reply> {
@@ -496,6 +560,9 @@ impl Executor {
             Table::Flush => {
                 self.table.clear()?;
                 Reply::Ok
+            }
+            Table::Save | Table::BgSave | Table::LastSave | Table::BgRewriteAof => {
+                self.persistence(c)
             }
             // The batched kinds reach here only when they are alone; run them as a run.
             Table::Get(_) | Table::MGet(_) | Table::MSet(_) | Table::Del(_) | Table::Exists(_) => {

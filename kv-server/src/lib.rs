@@ -3,7 +3,9 @@
 //! Connections run on a tokio runtime; one executor thread owns the table and runs the
 //! commands of every connection in batches ([`exec`] states the order it keeps). Requests
 //! are framed by [`request`] (RESP arrays of bulk strings, and inline commands), replies
-//! encoded by `redis-protocol` in RESP2, or RESP3 after `HELLO 3`.
+//! encoded by `redis-protocol` in RESP2, or RESP3 after `HELLO 3`. The table is kept on
+//! disk as [`persist`] says: a dump file (`SAVE`, `BGSAVE`), or a log of every write
+//! (`appendonly yes`).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -23,6 +25,7 @@
 pub mod command;
 mod conn;
 pub mod exec;
+pub mod persist;
 pub mod reply;
 pub mod request;
 
@@ -32,9 +35,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use kv_core::ByteTable;
+use kv_core::{ByteConfig, ByteTable};
+/// The fsync policies of the append-only log (`appendfsync`).
+pub use kv_durable::Fsync;
 
 use crate::exec::{Executor, Job, Stats};
+use crate::persist::Persist;
+pub use crate::persist::{Loaded, Persistence, Store};
 
 /// The Redis version the server reports (`INFO server`, `HELLO`): the command set it
 /// follows.
@@ -42,10 +49,41 @@ pub const REDIS_VERSION: &str = "7.0.0";
 
 /// The commands the server knows (`COMMAND COUNT`, docs/server.md).
 pub const COMMANDS: &[&str] = &[
-    "PING", "ECHO", "QUIT", "SELECT", "HELLO", "AUTH", "CLIENT", "COMMAND", "CONFIG", "INFO",
-    "GET", "SET", "MGET", "MSET", "DEL", "EXISTS", "EXPIRE", "PEXPIRE", "TTL", "PTTL", "PERSIST",
-    "INCR", "INCRBY", "DECR", "DECRBY", "APPEND", "STRLEN", "GETDEL", "DBSIZE", "FLUSHDB",
+    "PING",
+    "ECHO",
+    "QUIT",
+    "SELECT",
+    "HELLO",
+    "AUTH",
+    "CLIENT",
+    "COMMAND",
+    "CONFIG",
+    "INFO",
+    "GET",
+    "SET",
+    "MGET",
+    "MSET",
+    "DEL",
+    "EXISTS",
+    "EXPIRE",
+    "PEXPIRE",
+    "TTL",
+    "PTTL",
+    "PERSIST",
+    "INCR",
+    "INCRBY",
+    "DECR",
+    "DECRBY",
+    "APPEND",
+    "STRLEN",
+    "GETDEL",
+    "DBSIZE",
+    "FLUSHDB",
     "FLUSHALL",
+    "SAVE",
+    "BGSAVE",
+    "LASTSAVE",
+    "BGREWRITEAOF",
 ];
 
 /// How the server listens and limits its clients.
@@ -71,6 +109,9 @@ pub struct ServeConfig {
     /// many connections then run on every core. A GPU table wants few large batches and
     /// leaves it off. Either way the order guarantee holds (docs/server.md).
     pub direct_reads: bool,
+    /// Where `SAVE` and `BGSAVE` write, and what `CONFIG GET` reports of persistence. The
+    /// table itself is opened from disk by [`Store::open`] with the same settings.
+    pub persistence: Persistence,
 }
 
 impl ServeConfig {
@@ -85,6 +126,7 @@ impl ServeConfig {
             max_value_bytes: kv_core::DEFAULT_MAX_VALUE_BYTES as usize,
             maxmemory: 0,
             direct_reads: true,
+            persistence: Persistence::default(),
         }
     }
 }
@@ -96,6 +138,7 @@ pub(crate) struct Shared {
     pub(crate) jobs: mpsc::Sender<Job>,
     pub(crate) exec: Arc<Executor>,
     pub(crate) next_client: AtomicU64,
+    persist: Arc<Persist>,
     table: Arc<dyn ByteTable>,
     backend: String,
     started: Instant,
@@ -105,11 +148,22 @@ pub(crate) struct Shared {
 impl Shared {
     /// The parameters `CONFIG GET` answers.
     pub(crate) fn config_pairs(&self) -> Vec<(&'static str, String)> {
+        let p = &self.persist.settings;
+        // Redis answers the directory it changed into: an absolute path.
+        let dir = std::fs::canonicalize(&p.dir).unwrap_or_else(|_| p.dir.clone());
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
         vec![
             ("bind", self.config.bind.clone()),
             ("port", self.port.to_string()),
             ("save", String::new()),
-            ("appendonly", "no".into()),
+            ("dir", dir.display().to_string()),
+            ("dbfilename", p.dbfilename.clone()),
+            ("appendonly", yes_no(self.persist.aof())),
+            (
+                "appendfsync",
+                persist::fsync_name(p.appendfsync).to_string(),
+            ),
+            ("appenddirname", p.appenddirname.clone()),
             ("databases", "1".into()),
             ("maxmemory", self.config.maxmemory.to_string()),
             ("maxmemory-policy", "noeviction".into()),
@@ -171,6 +225,7 @@ impl Shared {
                 ),
             ],
         );
+        section("persistence", self.persist.info());
         section(
             "stats",
             vec![
@@ -219,16 +274,37 @@ pub struct Server {
     runtime: Option<tokio::runtime::Runtime>,
     executor: Option<std::thread::JoinHandle<()>>,
     stats: Arc<Stats>,
+    persist: Arc<Persist>,
 }
 
 impl Server {
     /// Binds `config.bind:config.port` and starts serving `table`; `backend` names the
     /// table's backend for `INFO`. Errors when the address cannot be bound.
+    ///
+    /// Nothing is loaded from disk; `SAVE` and `BGSAVE` write `config.persistence`'s dump
+    /// file with a header that knows the table's capacity and limits only. A server that
+    /// loads its keys at start, or logs them, is started by [`Server::start_store`].
     pub fn start(
         config: ServeConfig,
         table: Arc<dyn ByteTable>,
         backend: &str,
     ) -> std::io::Result<Server> {
+        let limits = table.limits();
+        let cfg = ByteConfig::new(table.capacity().max(1))
+            .max_key_bytes(limits.max_key_bytes)
+            .max_value_bytes(limits.max_value_bytes);
+        Self::start_store(config, Store::new(table, cfg), backend)
+    }
+
+    /// Binds `config.bind:config.port` and starts serving `store`'s table (see
+    /// [`Store::open`]); `backend` names the table's backend for `INFO`. Errors when the
+    /// address cannot be bound.
+    pub fn start_store(
+        config: ServeConfig,
+        store: Store,
+        backend: &str,
+    ) -> std::io::Result<Server> {
+        let table = store.table().clone();
         let listener = TcpListener::bind((config.bind.as_str(), config.port))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -240,7 +316,13 @@ impl Server {
         let runtime = rt.build()?;
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel();
-        let exec = Arc::new(Executor::new(table.clone(), stats.clone()));
+        let persist = Arc::new(Persist::new(
+            config.persistence.clone(),
+            store,
+            stats.clone(),
+        ));
+        let exec =
+            Arc::new(Executor::new(table.clone(), stats.clone()).with_persist(persist.clone()));
         let max_batch = config.max_batch.max(1);
         let serving = exec.clone();
         let executor = std::thread::Builder::new()
@@ -252,6 +334,7 @@ impl Server {
             jobs: tx,
             exec,
             next_client: AtomicU64::new(0),
+            persist: persist.clone(),
             table,
             backend: backend.to_string(),
             started: Instant::now(),
@@ -277,6 +360,7 @@ impl Server {
             runtime: Some(runtime),
             executor: Some(executor),
             stats,
+            persist,
         })
     }
 
@@ -290,23 +374,56 @@ impl Server {
         &self.stats
     }
 
-    /// Serves until the process gets Ctrl-C (SIGINT), then stops.
-    pub fn run_until_ctrl_c(self) -> std::io::Result<()> {
+    /// Serves until the process gets Ctrl-C (SIGINT) or, on Unix, SIGTERM, then stops as
+    /// [`Server::shutdown`] does.
+    pub fn run_until_ctrl_c(mut self) -> std::io::Result<()> {
         if let Some(rt) = &self.runtime {
-            rt.block_on(tokio::signal::ctrl_c())?;
+            rt.block_on(async {
+                #[cfg(unix)]
+                {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let mut term = signal(SignalKind::terminate())?;
+                    tokio::select! {
+                        r = tokio::signal::ctrl_c() => r,
+                        _ = term.recv() => Ok(()),
+                    }
+                }
+                #[cfg(not(unix))]
+                tokio::signal::ctrl_c().await
+            })?;
         }
-        Ok(())
+        self.stop()
+    }
+
+    /// Stops serving: closes every connection, lets the executor finish the commands it
+    /// took, waits for a background save or log rewrite, and makes every logged write
+    /// durable (append-only log on). No save is made (docs/server.md). The error of that
+    /// last sync, if any. Dropping the server does the same and prints the error.
+    pub fn shutdown(mut self) -> std::io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> std::io::Result<()> {
+        // Dropping the runtime's tasks drops every job sender, which ends the executor.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+        match self.executor.take() {
+            Some(h) => {
+                let _ = h.join();
+                self.persist
+                    .shutdown()
+                    .map_err(|e| std::io::Error::other(format!("syncing the log: {e}")))
+            }
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // Dropping the runtime's tasks drops every job sender, which ends the executor.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(std::time::Duration::from_secs(2));
-        }
-        if let Some(h) = self.executor.take() {
-            let _ = h.join();
+        if let Err(e) = self.stop() {
+            eprintln!("vramkv serve: at shutdown: {e}");
         }
     }
 }
