@@ -282,6 +282,19 @@ impl DurableTable {
         self.journal.position()
     }
 
+    /// Whether a rewrite (started by [`rewrite`](Self::rewrite) or by the log's size) is
+    /// writing its snapshot now.
+    pub fn rewrite_in_progress(&self) -> bool {
+        self.journal.rewriting()
+    }
+
+    /// The failure (a failed append or fsync, a device fault part-way through a batch)
+    /// that made the log refuse writes until the table is reopened; `None` while it
+    /// accepts them.
+    pub fn log_failure(&self) -> Option<Error> {
+        self.journal.failure()
+    }
+
     /// Makes every logged batch durable now, whatever the fsync policy.
     pub fn sync(&self) -> Result<()> {
         self.journal.sync()
@@ -533,6 +546,19 @@ impl DurableBytes {
     /// The current generation and its log's size in bytes.
     pub fn log_position(&self) -> (u64, u64) {
         self.journal.position()
+    }
+
+    /// Whether a rewrite (started by [`rewrite`](Self::rewrite) or by the log's size) is
+    /// writing its snapshot now.
+    pub fn rewrite_in_progress(&self) -> bool {
+        self.journal.rewriting()
+    }
+
+    /// The failure (a failed append or fsync, a device fault part-way through a batch)
+    /// that made the log refuse writes until the table is reopened; `None` while it
+    /// accepts them.
+    pub fn log_failure(&self) -> Option<Error> {
+        self.journal.failure()
     }
 
     /// Makes every logged batch durable now, whatever the fsync policy.

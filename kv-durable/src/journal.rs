@@ -480,6 +480,20 @@ impl Journal {
         (st.generation, st.writer.bytes())
     }
 
+    /// Whether a rewrite's snapshot is being written now.
+    pub(crate) fn rewriting(&self) -> bool {
+        self.rewriting.load(Ordering::Acquire)
+    }
+
+    /// The failure that made the log refuse writes, if one did.
+    pub(crate) fn failure(&self) -> Option<Error> {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .broken
+            .clone()
+    }
+
     /// Makes every append so far durable, whatever the policy.
     pub(crate) fn sync(&self) -> Result<()> {
         self.lock()?.writer.sync()

@@ -580,7 +580,14 @@ impl Persist {
             ("aof_enabled", u8::from(self.aof()).to_string()),
             (
                 "aof_rewrite_in_progress",
-                u8::from(self.rewrite.running()).to_string(),
+                u8::from(
+                    self.rewrite.running()
+                        || self
+                            .durable
+                            .as_ref()
+                            .is_some_and(|d| d.rewrite_in_progress()),
+                )
+                .to_string(),
             ),
             (
                 "aof_last_bgrewrite_status",
@@ -588,7 +595,13 @@ impl Persist {
             ),
             (
                 "aof_last_write_status",
-                status(self.aof_write_ok.load(Ordering::Acquire)),
+                status(
+                    self.aof_write_ok.load(Ordering::Acquire)
+                        && self
+                            .durable
+                            .as_ref()
+                            .is_none_or(|d| d.log_failure().is_none()),
+                ),
             ),
         ]
     }
