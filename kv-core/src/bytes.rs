@@ -792,7 +792,7 @@ pub trait ByteTable: Send + Sync {
     /// one hold of the table's lock, decoded after it is let go. Expired entries are left
     /// out. The default answers [`Error::Unsupported`].
     ///
-    /// An image goes back into a table with [`ByteImage::live_runs`] and
+    /// An image goes back into a table with [`ByteImage::live_runs`](crate::ByteImage::live_runs) and
     /// [`put_ttl`](Self::put_ttl).
     fn export(&self) -> Result<crate::ByteImage> {
         Err(Error::Unsupported {
