@@ -207,6 +207,12 @@ impl KvBackend for Resident {
     fn cache_stats(&self) -> Result<CacheStats> {
         self.t.cache_stats()
     }
+    fn export(&self) -> Result<kv_core::TableImage> {
+        self.t.export()
+    }
+    fn restore(&self, part: kv_core::ImagePart<'_>) -> Result<()> {
+        self.t.restore(part)
+    }
 }
 
 fn the_cache_contract_holds_through_the_resident_api() -> std::result::Result<(), Failed> {
