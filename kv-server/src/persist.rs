@@ -49,6 +49,27 @@ impl Default for Persistence {
     }
 }
 
+/// Loads the dump file at `path` into `table`; returns the entries the file held (those
+/// expired since are left out). A damaged file is an error that stops the start.
+fn load_dump(path: &Path, table: &dyn ByteTable, cfg: &ByteConfig) -> Result<u64> {
+    let hint = "the server does not start on a damaged dump file; move it away to start \
+                with no keys";
+    let snap = snapshot::read(path).map_err(|e| damaged(e, hint))?;
+    let Contents::Bytes(image) = &snap.contents else {
+        return Err(Error::Corrupt {
+            file: path.display().to_string(),
+            detail: format!("it holds a fixed-width table's snapshot, not a byte table's; {hint}"),
+        });
+    };
+    snapshot::restore_bytes(table, image, cfg.clock.now_ms()).map_err(|e| {
+        Error::InvalidConfig(format!(
+            "loading {} into the table: {e} (a larger --maxmemory may be needed)",
+            path.display()
+        ))
+    })?;
+    Ok(image.len() as u64)
+}
+
 /// The name of an `Fsync` policy, as `CONFIG GET appendfsync` answers it.
 pub fn fsync_name(f: Fsync) -> &'static str {
     match f {
@@ -133,9 +154,11 @@ pub enum Loaded {
         report: OpenReport,
         /// Keys in the table after the load.
         keys: u64,
-        /// A dump file that exists but was not loaded, because the log wins (Redis's rule),
-        /// named when the directory was new and so held no keys.
-        ignored_dump: Option<PathBuf>,
+        /// The dump file the new append-only directory was started from: when the log is
+        /// turned on for the first time (the directory does not exist yet) and a dump file
+        /// exists, its keys are loaded into the new log, so that turning the log on loses
+        /// nothing. Once the directory exists, it alone is loaded.
+        from_dump: Option<PathBuf>,
     },
 }
 
@@ -162,10 +185,16 @@ impl Loaded {
                 dir,
                 report,
                 keys,
-                ignored_dump,
+                from_dump,
             } => {
                 let mut out = Vec::new();
-                if report.created {
+                if let Some(p) = from_dump {
+                    out.push(format!(
+                        "append-only log on: created {} from the dump file {} ({keys} keys)",
+                        dir.display(),
+                        p.display()
+                    ));
+                } else if report.created {
                     out.push(format!(
                         "append-only log on: created {} (no keys yet)",
                         dir.display()
@@ -187,14 +216,6 @@ impl Loaded {
                          the batch being logged when the server last stopped; the log is cut \
                          there",
                         path.display()
-                    ));
-                }
-                if let Some(p) = ignored_dump {
-                    out.push(format!(
-                        "warning: {} was not loaded: with appendonly yes the keys come from {} \
-                         only, as in Redis; start with appendonly no to serve the dump file",
-                        p.display(),
-                        dir.display()
                     ));
                 }
                 out
@@ -249,14 +270,20 @@ impl Store {
                          move it away to start without it",
                     )
                 })?;
-            let durable = Arc::new(durable);
             let dump = p.dump_path();
-            let ignored_dump = (report.created && dump.exists()).then_some(dump);
+            let from_dump = (report.created && dump.exists()).then_some(dump);
+            if let Some(path) = &from_dump {
+                // The dump's keys go through the durable table, so they are logged, then a
+                // rewrite makes them the new directory's snapshot.
+                load_dump(path, &durable, &cfg)?;
+                durable.rewrite().and_then(|()| durable.wait_rewrite())?;
+            }
+            let durable = Arc::new(durable);
             let loaded = Loaded::Log {
                 dir,
                 keys: durable.len() as u64,
                 report,
-                ignored_dump,
+                from_dump,
             };
             let table: Arc<dyn ByteTable> = durable.clone();
             return Ok((
@@ -274,28 +301,12 @@ impl Store {
             return Ok((Store::new(table, cfg), Loaded::Empty { path }));
         }
         let t0 = Instant::now();
-        let hint = "the server does not start on a damaged dump file; move it away to start \
-                    with no keys";
-        let snap = snapshot::read(&path).map_err(|e| damaged(e, hint))?;
-        let Contents::Bytes(image) = &snap.contents else {
-            return Err(Error::Corrupt {
-                file: path.display().to_string(),
-                detail: format!(
-                    "it holds a fixed-width table's snapshot, not a byte table's; {hint}"
-                ),
-            });
-        };
-        snapshot::restore_bytes(&*table, image, cfg.clock.now_ms()).map_err(|e| {
-            Error::InvalidConfig(format!(
-                "loading {} into the table: {e} (a larger --maxmemory may be needed)",
-                path.display()
-            ))
-        })?;
+        let entries = load_dump(&path, &*table, &cfg)?;
         let keys = table.len() as u64;
         let loaded = Loaded::Dump {
             path,
             keys,
-            expired: (image.len() as u64).saturating_sub(keys),
+            expired: entries.saturating_sub(keys),
             secs: t0.elapsed().as_secs_f64(),
         };
         Ok((Store::new(table, cfg), loaded))

@@ -333,9 +333,10 @@ fn appendonly_restores_every_write_exactly() {
 }
 
 #[test]
-fn appendonly_reports_a_torn_record_and_wins_over_the_dump_file() {
+fn appendonly_reports_a_torn_record_and_starts_from_the_dump_file() {
     let dir = Dir::new("torn");
-    // A dump file, then the log turned on: the log wins, as in Redis, and says so.
+    // A dump file, then the log turned on for the first time: the new log starts from the
+    // dump's keys, so turning it on loses nothing.
     {
         let (s, _) = start(&settings(&dir.0, false, Fsync::No), bytes());
         let mut c = client(&s);
@@ -347,8 +348,8 @@ fn appendonly_reports_a_torn_record_and_wins_over_the_dump_file() {
         let (s, loaded) = start(&p, bytes());
         match &loaded {
             Loaded::Log {
-                ignored_dump: Some(d),
-                keys: 0,
+                from_dump: Some(d),
+                keys: 1,
                 ..
             } => assert_eq!(d, &p.dump_path()),
             other => panic!("{other:?}"),
@@ -357,10 +358,13 @@ fn appendonly_reports_a_torn_record_and_wins_over_the_dump_file() {
             loaded
                 .messages()
                 .iter()
-                .any(|m| m.contains("was not loaded"))
+                .any(|m| m.contains("from the dump file"))
         );
         let mut c = client(&s);
-        assert_eq!(q::<Option<String>>(&mut c, &["GET", "dumped"]), None);
+        assert_eq!(
+            q::<Option<String>>(&mut c, &["GET", "dumped"]).as_deref(),
+            Some("1")
+        );
         assert_eq!(q::<String>(&mut c, &["SET", "k", "v"]), "OK");
     }
     // Half a record at the end of the log, as a crash in the middle of an append leaves.
@@ -380,7 +384,7 @@ fn appendonly_reports_a_torn_record_and_wins_over_the_dump_file() {
     match &loaded {
         Loaded::Log { report, keys, .. } => {
             assert_eq!(report.torn.as_ref().map(|t| t.2), Some(5));
-            assert_eq!(*keys, 1);
+            assert_eq!(*keys, 2, "the dump's key and the one set since");
         }
         other => panic!("{other:?}"),
     }
