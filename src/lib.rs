@@ -45,10 +45,14 @@ pub use kv_staging::trace::Tracer;
 
 mod bytes;
 mod persist;
+mod sharded;
 mod tiered;
 pub use bytes::{BytesTable, open_bytes, open_bytes_with};
 pub use kv_durable as durable;
 pub use persist::{open_bytes_snapshot, open_snapshot, open_snapshot_as, save, save_bytes};
+pub use sharded::{
+    MAX_SHARDS, ShardSpec, Sharded, device_ranking, open_sharded, open_sharded_gpus,
+};
 pub use tiered::{TierStats, Tiered, TieredConfig};
 
 #[cfg(feature = "cpu")]

@@ -11,6 +11,9 @@
 //! tables whose probes stop after 2 slots per dispatch, so that nearly every probe of those
 //! chains is finished in resume rounds.
 //!
+//! `differential_sharded_<n>::<backend>` runs the property on tables of `n` shards of that
+//! backend (`vramkv::Sharded`), which must answer exactly as one table does.
+//!
 //! `PROPTEST_CASES` sets the sequences per backend (default 1000; a quarter of that for the
 //! small-budget run). A backend that cannot run here (no GPU, no adapter) prints
 //! `skipped: <reason>` and its trial is reported as ignored; with `VRAMKV_REQUIRE_WGPU=1` or
@@ -305,6 +308,30 @@ fn open(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestC
         .map_err(|e| TestCaseError::fail(format!("opening {kind}: {e}")))
 }
 
+/// A table of `n` shards of `kind` (`vramkv::Sharded`).
+fn open_shards(
+    n: usize,
+    kind: BackendKind,
+    cfg: TableConfig,
+) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    let specs = vec![vramkv::ShardSpec::on(kind); n];
+    vramkv::open_sharded(cfg, &specs, &vramkv::Options::default())
+        .map(|t| Box::new(t) as Box<dyn KvBackend>)
+        .map_err(|e| TestCaseError::fail(format!("opening {n} {kind} shards: {e}")))
+}
+
+fn open_shards1(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    open_shards(1, kind, cfg)
+}
+
+fn open_shards2(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    open_shards(2, kind, cfg)
+}
+
+fn open_shards3(kind: BackendKind, cfg: TableConfig) -> Result<Box<dyn KvBackend>, TestCaseError> {
+    open_shards(3, kind, cfg)
+}
+
 /// A wgpu table whose probes stop after 2 slots per dispatch.
 #[cfg(feature = "wgpu")]
 fn open_wgpu_budget_2(
@@ -346,6 +373,20 @@ fn main() {
     let mut trials = common::per_backend("differential", "table", probe, move |kind| {
         differential(kind, cases)
     });
+    // Sharded tables of 1, 2 and 3 shards of each backend, a quarter of the sequences each:
+    // the same answers, admission and growth as one table.
+    for (n, opener) in [
+        (1, open_shards1 as Opener),
+        (2, open_shards2),
+        (3, open_shards3),
+    ] {
+        trials.extend(common::per_backend(
+            &format!("differential_sharded_{n}"),
+            "table",
+            probe,
+            move |kind| differential_with(kind, cases.div_ceil(4), opener),
+        ));
+    }
     #[cfg(feature = "wgpu")]
     {
         let name = "differential::wgpu_probe_budget_2";

@@ -193,6 +193,11 @@ struct BenchArgs {
     /// Where --durability writes its files (default: the system's temporary directory).
     #[arg(long, requires = "durability")]
     dir: Option<std::path::PathBuf>,
+    /// A table of N shards (`vramkv::Sharded`) instead of one: on CUDA, shard i on the
+    /// i-th GPU of the device ranking (cycling when there are fewer GPUs than shards); on
+    /// another backend, N tables of it. 0: one plain table.
+    #[arg(long, default_value_t = 0)]
+    shards: usize,
     /// CUDA device ordinal (default: the GPU with the most free memory).
     #[arg(long)]
     device: Option<usize>,
@@ -507,11 +512,11 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
     let mut all_ok = true;
     let mut table_rows: Vec<(String, Vec<BatchResult>)> = Vec::new();
     for kind in kinds {
-        let table = vramkv::open_with(cfg.clone(), &for_kind(&options, kind))?;
+        let (table, skipped) = open_bench_table(a, cfg.clone(), kind, &options)?;
         let d = table.describe();
         if !a.json {
             bar.suspend(|| {
-                for (k, why) in table.skipped() {
+                for (k, why) in &skipped {
                     println!("skipped: {k}: {why}");
                 }
                 println!(
@@ -562,6 +567,43 @@ fn bench(a: &BenchArgs) -> vramkv::Result<bool> {
         );
     }
     Ok(all_ok)
+}
+
+/// Each better backend that automatic choice skipped, and why.
+type Skipped = Vec<(BackendKind, String)>;
+
+/// The table a plain bench runs on: one table of `kind`, or with `--shards N` a table of
+/// N shards (CUDA shards spread over the GPUs in the order of the device ranking), and
+/// each better backend that was skipped.
+fn open_bench_table(
+    a: &BenchArgs,
+    cfg: TableConfig,
+    kind: Option<BackendKind>,
+    options: &Options,
+) -> vramkv::Result<(Box<dyn KvBackend>, Skipped)> {
+    let opts = for_kind(options, kind);
+    if a.shards == 0 {
+        let t = vramkv::open_with(cfg, &opts)?;
+        let skipped = t.skipped().to_vec();
+        return Ok((Box::new(t), skipped));
+    }
+    let kind = match kind {
+        Some(k) => k,
+        None => vramkv::open_with(TableConfig::new(16), &opts)?.kind(),
+    };
+    let ranking = vramkv::device_ranking();
+    let specs: Vec<vramkv::ShardSpec> = (0..a.shards)
+        .map(|i| match (kind, ranking.is_empty()) {
+            (BackendKind::Cuda, false) => {
+                vramkv::ShardSpec::on_device(kind, ranking[i % ranking.len()].0)
+            }
+            _ => vramkv::ShardSpec::on(kind),
+        })
+        .collect();
+    Ok((
+        Box::new(vramkv::open_sharded(cfg, &specs, options)?),
+        Vec::new(),
+    ))
 }
 
 /// One batch's line (or JSON object).
@@ -817,6 +859,16 @@ fn info() {
         );
     }
     devices();
+    let ranking = vramkv::device_ranking();
+    if !ranking.is_empty() {
+        println!("device ranking (most free memory first; the shards of a table over every GPU):");
+        for (i, (ordinal, name, free)) in ranking.iter().enumerate() {
+            println!(
+                "  shard {i}: CUDA device {ordinal} ({name}), {:.1} GiB free",
+                *free as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     println!("availability, best first:");
     let avail = vramkv::availability();
     for (k, r) in &avail {
