@@ -48,6 +48,7 @@
 //! # Ok::<(), kv_core::Error>(())
 //! ```
 
+use std::borrow::Cow;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
@@ -86,11 +87,30 @@ pub struct Sharded {
 }
 
 /// A batch's keys (and rows), split by shard: each shard's part in batch order, with the
-/// place in the batch of each of its keys.
-struct Split {
-    keys: Vec<Vec<u64>>,
-    values: Vec<Vec<u64>>,
+/// place in the batch of each of its keys. A table of one shard borrows the batch as it is
+/// (`index` is then empty: the identity).
+struct Split<'a> {
+    keys: Vec<Cow<'a, [u64]>>,
+    values: Vec<Cow<'a, [u64]>>,
     index: Vec<Vec<usize>>,
+}
+
+/// A raw pointer that the tasks of a split or a scatter share; each task writes only
+/// places that no other task writes.
+#[derive(Clone, Copy)]
+struct Out<T>(*mut T);
+// SAFETY: the pointer is only written at places handed to exactly one task (a run's part of
+// a shard's array, or the batch positions of one shard's keys, which are a permutation),
+// and the memory it points into outlives the parallel loop.
+unsafe impl<T: Send> Send for Out<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Out<T> {}
+
+impl<T> Out<T> {
+    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
+    fn ptr(self) -> *mut T {
+        self.0
+    }
 }
 
 impl Sharded {
@@ -182,58 +202,86 @@ impl Sharded {
         self.books.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Splits `keys` (and their `width`-word rows, when given) by shard, on every core.
-    fn split(&self, keys: &[u64], values: Option<&[u64]>, width: usize) -> Split {
+    /// Splits `keys` (and their `width`-word rows, when given) by shard, on every core: a
+    /// count per run of the batch and shard, then each run writes its keys straight into
+    /// its own part of each shard's arrays (a counting sort, stable within a shard).
+    fn split<'a>(&self, keys: &'a [u64], values: Option<&'a [u64]>, width: usize) -> Split<'a> {
         let n = self.shards.len();
-        let runs: Vec<Split> = keys
+        if n == 1 {
+            return Split {
+                keys: vec![Cow::Borrowed(keys)],
+                values: vec![Cow::Borrowed(values.unwrap_or_default())],
+                index: Vec::new(),
+            };
+        }
+        let w = if values.is_some() { width } else { 0 };
+        let counts: Vec<Vec<usize>> = keys
             .par_chunks(RUN)
+            .map(|run| {
+                let mut c = vec![0usize; n];
+                for &k in run {
+                    c[self.shard_of(k)] += 1;
+                }
+                c
+            })
+            .collect();
+        let runs = counts.len();
+        let totals: Vec<usize> = (0..n).map(|d| counts.iter().map(|c| c[d]).sum()).collect();
+        // starts[r][d]: where run r's keys of shard d begin in shard d's arrays.
+        let mut starts = vec![vec![0usize; n]; runs];
+        for d in 0..n {
+            let mut at = 0;
+            for r in 0..runs {
+                starts[r][d] = at;
+                at += counts[r][d];
+            }
+        }
+        let mut out_keys: Vec<Vec<u64>> = totals.iter().map(|&t| Vec::with_capacity(t)).collect();
+        let mut out_values: Vec<Vec<u64>> =
+            totals.iter().map(|&t| Vec::with_capacity(t * w)).collect();
+        let mut out_index: Vec<Vec<usize>> =
+            totals.iter().map(|&t| Vec::with_capacity(t)).collect();
+        let kp: Vec<Out<u64>> = out_keys.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+        let vp: Vec<Out<u64>> = out_values.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+        let ip: Vec<Out<usize>> = out_index.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+        keys.par_chunks(RUN)
+            .zip(starts)
             .enumerate()
-            .map(|(r, run)| {
-                let mut s = Split {
-                    keys: vec![Vec::new(); n],
-                    values: vec![Vec::new(); n],
-                    index: vec![Vec::new(); n],
-                };
+            .for_each(|(r, (run, mut next))| {
                 for (j, &k) in run.iter().enumerate() {
                     let i = r * RUN + j;
                     let d = self.shard_of(k);
-                    s.keys[d].push(k);
-                    s.index[d].push(i);
-                    if let Some(v) = values {
-                        s.values[d].extend_from_slice(&v[i * width..(i + 1) * width]);
+                    let at = next[d];
+                    next[d] += 1;
+                    // SAFETY: `at` walks run r's own range of shard d's arrays, computed
+                    // from the counts above (each key counted once), so it is below the
+                    // reserved capacity and no other run writes it.
+                    unsafe {
+                        kp[d].ptr().add(at).write(k);
+                        ip[d].ptr().add(at).write(i);
+                        if let Some(v) = values {
+                            std::ptr::copy_nonoverlapping(
+                                v.as_ptr().add(i * w),
+                                vp[d].ptr().add(at * w),
+                                w,
+                            );
+                        }
                     }
                 }
-                s
-            })
-            .collect();
-        let join = |pick: &(dyn Fn(&Split, usize) -> &[u64] + Sync)| -> Vec<Vec<u64>> {
-            (0..n)
-                .into_par_iter()
-                .map(|d| {
-                    let mut out = Vec::with_capacity(runs.iter().map(|s| pick(s, d).len()).sum());
-                    for s in &runs {
-                        out.extend_from_slice(pick(s, d));
-                    }
-                    out
-                })
-                .collect()
-        };
-        let keys = join(&|s, d| &s.keys[d]);
-        let values = join(&|s, d| &s.values[d]);
-        let index = (0..n)
-            .into_par_iter()
-            .map(|d| {
-                let mut out = Vec::with_capacity(runs.iter().map(|s| s.index[d].len()).sum());
-                for s in &runs {
-                    out.extend_from_slice(&s.index[d]);
-                }
-                out
-            })
-            .collect();
+            });
+        for d in 0..n {
+            // SAFETY: the runs above wrote every one of shard d's `totals[d]` keys and
+            // indices and `totals[d] * w` row words, within the reserved capacity.
+            unsafe {
+                out_keys[d].set_len(totals[d]);
+                out_index[d].set_len(totals[d]);
+                out_values[d].set_len(totals[d] * w);
+            }
+        }
         Split {
-            keys,
-            values,
-            index,
+            keys: out_keys.into_iter().map(Cow::Owned).collect(),
+            values: out_values.into_iter().map(Cow::Owned).collect(),
+            index: out_index,
         }
     }
 
@@ -259,10 +307,16 @@ impl Sharded {
     fn lookup(
         &self,
         keys: &[u64],
-        mut values_out: Option<&mut [u64]>,
+        values_out: Option<&mut [u64]>,
         found_out: &mut [bool],
     ) -> Result<()> {
         let w = self.cfg.width;
+        if self.shards.len() == 1 {
+            return match values_out {
+                Some(v) => self.shards[0].get(keys, v, found_out),
+                None => self.shards[0].contains(keys, found_out),
+            };
+        }
         let split = self.split(keys, None, 0);
         let want_rows = values_out.is_some();
         let answers = self.each(|d, s| {
@@ -277,14 +331,32 @@ impl Sharded {
             }
             Ok((v, f))
         })?;
-        for (d, (v, f)) in answers.iter().enumerate() {
-            for (j, &i) in split.index[d].iter().enumerate() {
-                found_out[i] = f[j];
-                if let Some(out) = values_out.as_deref_mut() {
-                    out[i * w..(i + 1) * w].copy_from_slice(&v[j * w..(j + 1) * w]);
-                }
-            }
-        }
+        let fo = Out(found_out.as_mut_ptr());
+        let vo = values_out.map(|v| Out(v.as_mut_ptr()));
+        answers.par_iter().enumerate().for_each(|(d, (v, f))| {
+            split.index[d]
+                .par_chunks(RUN)
+                .enumerate()
+                .for_each(|(c, idx)| {
+                    for (jj, &i) in idx.iter().enumerate() {
+                        let j = c * RUN + jj;
+                        // SAFETY: `i` is the batch position of shard d's j-th key; the
+                        // shards' positions are a permutation of the batch's, so each is
+                        // written by this one task, inside the caller's slices (checked
+                        // lengths: `keys.len()` flags and `keys.len() * w` words).
+                        unsafe {
+                            fo.ptr().add(i).write(f[j]);
+                            if let Some(vo) = vo {
+                                std::ptr::copy_nonoverlapping(
+                                    v.as_ptr().add(j * w),
+                                    vo.ptr().add(i * w),
+                                    w,
+                                );
+                            }
+                        }
+                    }
+                });
+        });
         Ok(())
     }
 }
@@ -294,7 +366,7 @@ impl Sharded {
 struct Prep<'a> {
     t: &'a Sharded,
     books: &'a mut Books,
-    split: &'a Split,
+    split: &'a Split<'a>,
     found: Option<Vec<Vec<bool>>>,
 }
 
