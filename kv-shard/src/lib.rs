@@ -285,16 +285,34 @@ impl Sharded {
         }
     }
 
-    /// Runs `f` on every shard with its index at the same time; the first error, if any.
+    /// Runs `f` on every shard with its index at the same time, each on a thread of its
+    /// own (a shard's call blocks while its device works, and may itself run on every
+    /// core: in a task of the shared thread pool it would hold a worker and stall the
+    /// others); the first error, if any.
     fn each<T: Send>(
         &self,
         f: impl Fn(usize, &dyn KvBackend) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        self.shards
-            .par_iter()
-            .enumerate()
-            .map(|(i, s)| f(i, &**s))
-            .collect()
+        if self.shards.len() == 1 {
+            return Ok(vec![f(0, &*self.shards[0])?]);
+        }
+        let f = &f;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| scope.spawn(move || f(i, &**s)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::InvalidArgument("a shard's thread panicked".into()))
+                    })
+                })
+                .collect()
+        })
     }
 
     /// Entries in the shards, as they count them.
