@@ -49,7 +49,7 @@
 //! ```
 
 use std::borrow::Cow;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kv_core::{
     Applied, Books, Description, Error, Housekeeping, ImagePart, KvBackend, Result, TableConfig,
@@ -84,7 +84,23 @@ pub struct Sharded {
     /// The whole table's books (its slot count decides capacity and growth), behind the
     /// lock that makes each batch atomic across shards.
     books: RwLock<Books>,
+    /// Buffers of earlier batches' splits and answers, kept so that a steady stream of
+    /// batches allocates (and faults in) no new memory.
+    pool: Mutex<Vec<Bufs>>,
 }
+
+/// The buffers of one batch's split and answers, one of each per shard.
+#[derive(Default)]
+struct Bufs {
+    keys: Vec<Vec<u64>>,
+    values: Vec<Vec<u64>>,
+    index: Vec<Vec<usize>>,
+    rows: Vec<Vec<u64>>,
+    flags: Vec<Vec<bool>>,
+}
+
+/// Buffers kept for later batches (one per concurrent batch, up to this many).
+const POOLED: usize = 4;
 
 /// A batch's keys (and rows), split by shard: each shard's part in batch order, with the
 /// place in the batch of each of its keys. A table of one shard borrows the batch as it is
@@ -93,6 +109,8 @@ struct Split<'a> {
     keys: Vec<Cow<'a, [u64]>>,
     values: Vec<Cow<'a, [u64]>>,
     index: Vec<Vec<usize>>,
+    /// The rest of the pooled buffers (the answers').
+    rest: Bufs,
 }
 
 /// A raw pointer that the tasks of a split or a scatter share; each task writes only
@@ -180,6 +198,7 @@ impl Sharded {
             shards,
             cfg,
             seed,
+            pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -212,6 +231,7 @@ impl Sharded {
                 keys: vec![Cow::Borrowed(keys)],
                 values: vec![Cow::Borrowed(values.unwrap_or_default())],
                 index: Vec::new(),
+                rest: Bufs::default(),
             };
         }
         let w = if values.is_some() { width } else { 0 };
@@ -236,11 +256,29 @@ impl Sharded {
                 at += counts[r][d];
             }
         }
-        let mut out_keys: Vec<Vec<u64>> = totals.iter().map(|&t| Vec::with_capacity(t)).collect();
-        let mut out_values: Vec<Vec<u64>> =
-            totals.iter().map(|&t| Vec::with_capacity(t * w)).collect();
-        let mut out_index: Vec<Vec<usize>> =
-            totals.iter().map(|&t| Vec::with_capacity(t)).collect();
+        let mut bufs = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        let fresh = |v: &mut Vec<Vec<u64>>, per: usize| {
+            let mut v = std::mem::take(v);
+            v.resize_with(n, Vec::new);
+            for (d, x) in v.iter_mut().enumerate() {
+                x.clear();
+                x.reserve(totals[d] * per);
+            }
+            v
+        };
+        let mut out_keys = fresh(&mut bufs.keys, 1);
+        let mut out_values = fresh(&mut bufs.values, w);
+        let mut out_index = std::mem::take(&mut bufs.index);
+        out_index.resize_with(n, Vec::new);
+        for (d, x) in out_index.iter_mut().enumerate() {
+            x.clear();
+            x.reserve(totals[d]);
+        }
         let kp: Vec<Out<u64>> = out_keys.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
         let vp: Vec<Out<u64>> = out_values.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
         let ip: Vec<Out<usize>> = out_index.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
@@ -282,6 +320,22 @@ impl Sharded {
             keys: out_keys.into_iter().map(Cow::Owned).collect(),
             values: out_values.into_iter().map(Cow::Owned).collect(),
             index: out_index,
+            rest: bufs,
+        }
+    }
+
+    /// Keeps a split's buffers for a later batch.
+    fn recycle(&self, split: Split<'_>) {
+        if split.index.is_empty() {
+            return;
+        }
+        let mut b = split.rest;
+        b.keys = split.keys.into_iter().map(Cow::into_owned).collect();
+        b.values = split.values.into_iter().map(Cow::into_owned).collect();
+        b.index = split.index;
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < POOLED {
+            pool.push(b);
         }
     }
 
@@ -335,20 +389,38 @@ impl Sharded {
                 None => self.shards[0].contains(keys, found_out),
             };
         }
-        let split = self.split(keys, None, 0);
+        let mut split = self.split(keys, None, 0);
         let want_rows = values_out.is_some();
-        let answers = self.each(|d, s| {
+        let n = self.shards.len();
+        let mut rows = std::mem::take(&mut split.rest.rows);
+        let mut flags = std::mem::take(&mut split.rest.flags);
+        rows.resize_with(n, Vec::new);
+        flags.resize_with(n, Vec::new);
+        let slots: Vec<Mutex<(Vec<u64>, Vec<bool>)>> = rows
+            .into_iter()
+            .zip(flags)
+            .map(|(mut v, mut f)| {
+                v.clear();
+                f.clear();
+                Mutex::new((v, f))
+            })
+            .collect();
+        self.each(|d, s| {
             let k = &split.keys[d];
-            let mut f = vec![false; k.len()];
-            let mut v = Vec::new();
+            let mut g = slots[d].lock().unwrap_or_else(PoisonError::into_inner);
+            let (v, f) = &mut *g;
+            f.resize(k.len(), false);
             if want_rows {
-                v = vec![0; k.len() * w];
-                s.get(k, &mut v, &mut f)?;
+                v.resize(k.len() * w, 0);
+                s.get(k, v, f)
             } else {
-                s.contains(k, &mut f)?;
+                s.contains(k, f)
             }
-            Ok((v, f))
         })?;
+        let answers: Vec<(Vec<u64>, Vec<bool>)> = slots
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
+            .collect();
         let fo = Out(found_out.as_mut_ptr());
         let vo = values_out.map(|v| Out(v.as_mut_ptr()));
         answers.par_iter().enumerate().for_each(|(d, (v, f))| {
@@ -375,6 +447,8 @@ impl Sharded {
                     }
                 });
         });
+        (split.rest.rows, split.rest.flags) = answers.into_iter().unzip();
+        self.recycle(split);
         Ok(())
     }
 }
@@ -449,6 +523,7 @@ impl KvBackend for Sharded {
         };
         prepare_put(&mut prep, keys.len())?;
         let r = self.each(|d, s| s.put(&split.keys[d], &split.values[d]));
+        self.recycle(split);
         let inserted = self.shard_len().saturating_sub(before) as u64;
         books.apply_put(
             Applied {
@@ -474,6 +549,7 @@ impl KvBackend for Sharded {
         let split = self.split(keys, None, 0);
         let mut books = self.write();
         let r = self.each(|d, s| s.delete(&split.keys[d]));
+        self.recycle(split);
         // The books follow what the shards hold, a failed shard's partial work included.
         let removed = books.len().saturating_sub(self.shard_len());
         books.apply_delete(removed as u64, 0);
