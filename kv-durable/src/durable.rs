@@ -11,22 +11,15 @@ use kv_core::{
     Result, TableConfig, TableImage,
 };
 
+use kv_kernels::layout::expiry_time;
+
 use crate::journal::{Journal, LogConfig, OpenReport, Target};
 use crate::log::{LogKind, Record};
 use crate::snapshot::{self, Contents, Header, SaveReport, Snapshot, TableKind};
 
 /// Absolute expiry times for times to live given at `now` (0 stays 0: never).
 fn expiry_times(now: u64, ttl_ms: &[u64]) -> Vec<u64> {
-    ttl_ms
-        .iter()
-        .map(|&t| {
-            if t == 0 {
-                0
-            } else {
-                now.saturating_add(t).max(1)
-            }
-        })
-        .collect()
+    ttl_ms.iter().map(|&t| expiry_time(now, t)).collect()
 }
 
 /// Times to live at `time` for absolute expiry times (0 stays 0). A logged expiry time is
@@ -87,6 +80,44 @@ fn wrong_kind(kind: &str) -> Error {
     Error::InvalidConfig(format!(
         "the directory holds a {kind} table's snapshot; open it as that kind of table"
     ))
+}
+
+/// The methods both durable tables have, each handed to the journal.
+macro_rules! journal_methods {
+    () => {
+        /// Starts a rewrite of the log from a fresh snapshot now (see [`crate::journal`]).
+        pub fn rewrite(&self) -> Result<()> {
+            self.journal.rewrite(&self.front())
+        }
+
+        /// Waits for a running rewrite and returns how it ended.
+        pub fn wait_rewrite(&self) -> Result<()> {
+            self.journal.finish_rewrite()
+        }
+
+        /// The current generation and its log's size in bytes.
+        pub fn log_position(&self) -> (u64, u64) {
+            self.journal.position()
+        }
+
+        /// Whether a rewrite (started by [`rewrite`](Self::rewrite) or by the log's size)
+        /// is writing its snapshot now.
+        pub fn rewrite_in_progress(&self) -> bool {
+            self.journal.rewriting()
+        }
+
+        /// The failure (a failed append or fsync, a device fault part-way through a batch)
+        /// that made the log refuse writes until the table is reopened; `None` while it
+        /// accepts them.
+        pub fn log_failure(&self) -> Option<Error> {
+            self.journal.failure()
+        }
+
+        /// Makes every logged batch durable now, whatever the fsync policy.
+        pub fn sync(&self) -> Result<()> {
+            self.journal.sync()
+        }
+    };
 }
 
 /// A fixed-width table (plain or cache) whose write batches are logged and whose state is
@@ -267,38 +298,7 @@ impl DurableTable {
         snapshot::save_table(path, &*self.table, &self.cfg)
     }
 
-    /// Starts a rewrite of the log from a fresh snapshot now (see [`crate::journal`]).
-    pub fn rewrite(&self) -> Result<()> {
-        self.journal.rewrite(&self.front())
-    }
-
-    /// Waits for a running rewrite and returns how it ended.
-    pub fn wait_rewrite(&self) -> Result<()> {
-        self.journal.finish_rewrite()
-    }
-
-    /// The current generation and its log's size in bytes.
-    pub fn log_position(&self) -> (u64, u64) {
-        self.journal.position()
-    }
-
-    /// Whether a rewrite (started by [`rewrite`](Self::rewrite) or by the log's size) is
-    /// writing its snapshot now.
-    pub fn rewrite_in_progress(&self) -> bool {
-        self.journal.rewriting()
-    }
-
-    /// The failure (a failed append or fsync, a device fault part-way through a batch)
-    /// that made the log refuse writes until the table is reopened; `None` while it
-    /// accepts them.
-    pub fn log_failure(&self) -> Option<Error> {
-        self.journal.failure()
-    }
-
-    /// Makes every logged batch durable now, whatever the fsync policy.
-    pub fn sync(&self) -> Result<()> {
-        self.journal.sync()
-    }
+    journal_methods!();
 }
 
 impl KvBackend for DurableTable {
@@ -533,38 +533,7 @@ impl DurableBytes {
         snapshot::save_bytes(path, &*self.table, &self.cfg)
     }
 
-    /// Starts a rewrite of the log from a fresh snapshot now.
-    pub fn rewrite(&self) -> Result<()> {
-        self.journal.rewrite(&self.front())
-    }
-
-    /// Waits for a running rewrite and returns how it ended.
-    pub fn wait_rewrite(&self) -> Result<()> {
-        self.journal.finish_rewrite()
-    }
-
-    /// The current generation and its log's size in bytes.
-    pub fn log_position(&self) -> (u64, u64) {
-        self.journal.position()
-    }
-
-    /// Whether a rewrite (started by [`rewrite`](Self::rewrite) or by the log's size) is
-    /// writing its snapshot now.
-    pub fn rewrite_in_progress(&self) -> bool {
-        self.journal.rewriting()
-    }
-
-    /// The failure (a failed append or fsync, a device fault part-way through a batch)
-    /// that made the log refuse writes until the table is reopened; `None` while it
-    /// accepts them.
-    pub fn log_failure(&self) -> Option<Error> {
-        self.journal.failure()
-    }
-
-    /// Makes every logged batch durable now, whatever the fsync policy.
-    pub fn sync(&self) -> Result<()> {
-        self.journal.sync()
-    }
+    journal_methods!();
 }
 
 impl ByteTable for DurableBytes {

@@ -4,7 +4,8 @@
 //!
 //! # Where a key goes
 //!
-//! Shard `⌊h·n / 2⁶⁴⌋` of `h = fmix64(key ^ shard_seed ^ SALT)`, MurmurHash3's finaliser
+//! Shard `⌊h·n / 2⁶⁴⌋` of `h = fmix64(key ^ shard_seed)` (`kv_kernels::layout::hash`, the
+//! table's own hash function), MurmurHash3's finaliser
 //! with a seed drawn apart from every shard's own probe seed: the shard choice uses the
 //! high bits of a hash independent of the one each shard probes with (which uses the low
 //! bits of `fmix64(key ^ seed)` under the shard's own seed), so the keys of one shard do not
@@ -55,6 +56,7 @@ use kv_core::{
     Applied, Books, Description, Error, Housekeeping, ImagePart, KvBackend, Result, TableConfig,
     TableImage, check_contains, check_get, check_put, count_distinct, prepare_put,
 };
+use kv_kernels::layout::hash;
 use rayon::prelude::*;
 
 /// The most shards a table has.
@@ -66,15 +68,6 @@ const SALT: u64 = 0x5348_4152_4453_4545;
 
 /// Keys per run of the split (each run is cut by shard on one core).
 const RUN: usize = 1 << 16;
-
-#[inline]
-fn fmix64(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
 
 /// A table over several shard tables (see the crate docs).
 pub struct Sharded {
@@ -162,8 +155,9 @@ impl Sharded {
             .map(|i| {
                 let mut c = cfg.clone().growth(true);
                 c.capacity = per;
-                c.seed = Some(fmix64(
-                    seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                c.seed = Some(hash(
+                    seed,
+                    (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 ));
                 open(i, c)
             })
@@ -192,7 +186,7 @@ impl Sharded {
                 s.describe().backend
             )));
         }
-        let seed = fmix64(cfg.table_seed() ^ SALT);
+        let seed = hash(cfg.table_seed(), SALT);
         Ok(Self {
             books: RwLock::new(Books::purging_itself(&cfg)),
             shards,
@@ -210,7 +204,7 @@ impl Sharded {
     /// The shard `key` lives in.
     #[inline]
     pub fn shard_of(&self, key: u64) -> usize {
-        ((u128::from(fmix64(key ^ self.seed)) * self.shards.len() as u128) >> 64) as usize
+        ((u128::from(hash(key, self.seed)) * self.shards.len() as u128) >> 64) as usize
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Books> {
