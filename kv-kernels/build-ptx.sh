@@ -66,7 +66,7 @@ built="$target_dir/nvptx64-nvidia-cuda/release/kv_kernels.ptx"
 
 # Sanity checks on the generated PTX: every kernel present, no system-scope atomics.
 for k in kv_put_place kv_put_place_wide kv_put_settle kv_put_dedup kv_put_rewrite kv_get kv_contains kv_count_missing kv_delete kv_rehash \
-         kv_count kv_cache_dedup kv_cache_put kv_cache_get kv_cache_take kv_cache_count \
+         kv_count kv_cache_dedup kv_cache_put kv_cache_compact kv_cache_get kv_cache_take kv_cache_count \
          kv_bytes_hash kv_bytes_dedup kv_bytes_lookup kv_bytes_write kv_bytes_get kv_bytes_delete \
          kv_bytes_set_expiry kv_bytes_purge kv_bytes_gather kv_bytes_move kv_bytes_rehash; do
   grep -q "^.visible .entry $k(" "$built" || die "kernel $k is missing from the PTX"

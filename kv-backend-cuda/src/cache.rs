@@ -7,7 +7,8 @@
 //! each key only in its home bucket, `kv_kernels::layout::cache_bucket(key, seed, buckets)`
 //! (the function the CPU backend's `CpuCache` uses, so that
 //! [`KvBackend::eviction_scope`] means the same on both). One device array each: keys,
-//! scores, expiry times (0: never) and value rows per slot, and a `used` word (bit `j`:
+//! scores, expiry times (0: never), value rows and digests (a byte of the key's hash, which
+//! lookups compare before any key) per slot, and a `used` word (bit `j`:
 //! slot `j` holds an entry, perhaps an expired one) and a lock word per bucket. Every array
 //! is allocated and zeroed when the table opens; a failed allocation frees what was
 //! allocated and answers [`Error::OutOfDeviceMemory`].
@@ -22,10 +23,12 @@
 //! paths launch the same kernels with the same arguments, so they give the same results;
 //! the host waits for the device before a batch returns. A put runs two kernels: the dedup
 //! pass (each key's last occurrence and its count, a thread per item), then the put pass,
-//! in which each key's last occurrence applies it under its bucket's lock, a warp per item
-//! (a lane per slot of the bucket; `kv_kernels::ops::cache`). Gets and takes are a warp per
-//! item too. The warp kernels are launched as one wave of the blocks the GPU holds at once
-//! (the driver's occupancy for the kernel). The logical clock (the LRU score) is kept on
+//! in which each key's last occurrence applies it under its bucket's lock, a group of eight
+//! lanes per item (four slots a lane; `kv_kernels::ops::cache`); a put that wants its
+//! evicted entries has each item write its report at its own place of a scratch
+//! ([`EvScratch`]), and a third kernel gathers them into the outputs. Gets are a group of
+//! eight lanes per item too, takes a warp per item. The group and warp kernels are launched
+//! as one wave of the blocks the GPU holds at once (the driver's occupancy for the kernel). The logical clock (the LRU score) is kept on
 //! the host and advances by one at every put or get batch that has keys; the time (for
 //! expiry) is read from the table's [`Clock`](kv_core::Clock) once per batch and handed to
 //! the kernels. [`CudaCache::last_batch_ms`] reports the device time of the last put or
@@ -49,7 +52,7 @@ use kv_core::{
     check_get, check_get_len, check_put, check_take,
 };
 use kv_kernels::layout::{
-    CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
+    CacheArgs, CacheTableArgs, EvScratch, cache_bucket, cache_counter, cache_policy, local_slots,
 };
 use kv_staging::image::{CacheArrays, CacheRestore, policy_word};
 
@@ -101,6 +104,26 @@ impl Local {
             .iter()
             .map(|b| b.bytes())
             .sum()
+    }
+}
+
+/// A put's eviction scratch (`kv_kernels::layout::EvScratch`), for batches of up to `cap`
+/// items: the put pass writes each item's report at the item's place, with no atomic, and
+/// the compaction pass gathers them into the evicted outputs.
+struct EvBuf {
+    cap: usize,
+    buf: DevBuf,
+}
+
+impl EvBuf {
+    fn new(dev: &Device, cap: usize, width: usize) -> Result<EvBuf> {
+        let bytes = EvScratch::bytes(cap as u64, width as u32);
+        let bytes = usize::try_from(bytes)
+            .map_err(|_| Error::InvalidArgument("cache batch too large".into()))?;
+        Ok(EvBuf {
+            cap,
+            buf: DevBuf::new(dev, bytes)?,
+        })
     }
 }
 
@@ -182,11 +205,15 @@ struct State {
     expires: DevBuf,
     rows: DevBuf,
     used: DevBuf,
+    /// A byte a slot: its key's digest (`kv_kernels::layout::cache_digest`).
+    digests: DevBuf,
     locks: DevBuf,
     counters: DevBuf,
     stream: Arc<CudaStream>,
     /// The dedup pass's tables (every put and take).
     local: Option<Local>,
+    /// The eviction scratch (puts that want their evicted entries).
+    ev: Option<EvBuf>,
     /// Device copies of host batches (batches from host slices only).
     staging: Option<Staging>,
     /// Recorded before and after the kernels of each put and lookup batch
@@ -207,6 +234,7 @@ impl State {
             &self.expires,
             &self.rows,
             &self.used,
+            &self.digests,
             &self.locks,
             &self.counters,
         ]
@@ -470,12 +498,14 @@ impl CudaCache {
             expires: DevBuf::new(&dev, words)?,
             rows: DevBuf::new(&dev, bytes_of(words, width)?)?,
             used: DevBuf::new(&dev, bytes_of(buckets, 4)?)?,
+            digests: DevBuf::new(&dev, slots)?,
             locks: DevBuf::new(&dev, bytes_of(buckets, 4)?)?,
             counters: DevBuf::new(&dev, cache_counter::LEN * 8)?,
             timing: (timing_event(&dev)?, timing_event(&dev)?),
             timed: false,
             stream: stream(&dev)?,
             local: None,
+            ev: None,
             staging: None,
             clock: 0,
             stats: CacheStats::default(),
@@ -486,6 +516,7 @@ impl CudaCache {
             &st.expires,
             &st.rows,
             &st.used,
+            &st.digests,
             &st.locks,
             &st.counters,
         ] {
@@ -534,6 +565,7 @@ impl CudaCache {
             used: st.used.ptr(),
             locks: st.locks.ptr(),
             counters: st.counters.ptr(),
+            digests: st.digests.ptr(),
             buckets: self.buckets as u64,
             seed: self.seed,
             width: self.width as u32,
@@ -573,8 +605,9 @@ impl CudaCache {
 
     /// Runs a put whose inputs and outputs are at `io`'s device addresses (checked, `n > 0`)
     /// on the table's stream, after whatever that stream holds, and waits for it: the dedup
-    /// pass, then the put pass (a warp per item), at time `now` (when the time to live of
-    /// each key starts). Returns how many entries it evicted.
+    /// pass, then the put pass (a group of lanes per item), then, when the evicted entries
+    /// are wanted, the compaction pass, at time `now` (when the time to live of each key
+    /// starts). Returns how many entries it evicted.
     fn run_put(&self, st: &mut State, io: &PutIo, now: u64, kind: PutKind) -> Result<usize> {
         let k = self.kernels()?;
         let n = io.n;
@@ -590,6 +623,19 @@ impl CudaCache {
         let ls = local_slots(n as u64) as usize;
         let stream = st.stream.clone();
         st.mark(false)?;
+        let ev_scratch = if io.ev_keys == 0 {
+            0
+        } else {
+            let width = self.width;
+            grown(
+                &mut st.ev,
+                n,
+                |e| e.cap,
+                |cap| EvBuf::new(&self.dev, cap, width),
+            )?
+            .buf
+            .ptr()
+        };
         let l = grown(
             &mut st.local,
             n,
@@ -609,6 +655,7 @@ impl CudaCache {
             ev_rows: io.ev_rows,
             ev_scores: io.ev_scores,
             ev_expires: io.ev_expires,
+            ev_scratch,
             local: l.local.ptr(),
             pick: l.pick.ptr(),
             occurs: l.occurs.ptr(),
@@ -623,7 +670,10 @@ impl CudaCache {
         st.reset_counters()?;
         st.clock = clock;
         self.dev.launch(&k.dedup, &a, n as u64, &stream)?;
-        self.dev.launch_warps(&k.put, &a, n as u64, &stream)?;
+        self.dev.launch_groups(&k.put, &a, n as u64, &stream)?;
+        if ev_scratch != 0 {
+            self.dev.launch(&k.compact, &a, n as u64, &stream)?;
+        }
         st.mark(true)?;
         let c = st.read_counters()?;
         if c[cache_counter::ERRORS] != 0 {
@@ -638,6 +688,12 @@ impl CudaCache {
                 "the cache put reported {m} evictions for {n} keys"
             )));
         }
+        if ev_scratch != 0 && c[cache_counter::COMPACTED] != m as u64 {
+            return Err(device_error(format!(
+                "the cache put reported {m} evictions but moved {} to the outputs",
+                c[cache_counter::COMPACTED]
+            )));
+        }
         st.stats.evicted += m as u64;
         st.stats.expired_reused += c[cache_counter::EXPIRED_REUSED];
         st.stats.clock = st.clock;
@@ -645,7 +701,7 @@ impl CudaCache {
     }
 
     /// Runs a lookup whose keys and outputs are at `io`'s device addresses (`n > 0`) on the
-    /// table's stream, and waits for it (a warp per item).
+    /// table's stream, and waits for it (a group of `GROUP_LANES` lanes per item).
     fn run_lookup(&self, st: &mut State, io: &LookupIo) -> Result<()> {
         let k = self.kernels()?;
         let a = CacheArgs {
@@ -664,7 +720,8 @@ impl CudaCache {
         if io.access {
             st.clock += 1;
         }
-        self.dev.launch_warps(&k.get, &a, io.n as u64, &st.stream)?;
+        self.dev
+            .launch_groups(&k.get, &a, io.n as u64, &st.stream)?;
         st.mark(true)?;
         let c = st.read_counters()?;
         if io.access {
@@ -1208,6 +1265,7 @@ impl KvBackend for CudaCache {
     fn describe(&self) -> Description {
         let st = self.lock();
         let scratch = st.local.as_ref().map_or(0, Local::bytes)
+            + st.ev.as_ref().map_or(0, |e| e.buf.bytes())
             + st.staging.as_ref().map_or(0, Staging::bytes);
         Description {
             backend: BACKEND,

@@ -296,6 +296,7 @@ pub(crate) struct BytesKernels {
 pub(crate) struct CacheKernels {
     pub dedup: Kernel<CacheArgs>,
     pub put: Kernel<CacheArgs>,
+    pub compact: Kernel<CacheArgs>,
     pub get: Kernel<CacheArgs>,
     pub take: Kernel<CacheArgs>,
     pub count: Kernel<CacheArgs>,
@@ -409,7 +410,7 @@ impl Device {
         self.launch_grid(k, args, grid, stream)
     }
 
-    /// Launches a warp-cooperative kernel `k` (a warp per item: the cache kernels of
+    /// Launches a warp-cooperative kernel `k` (a warp per item: the cache puts and takes of
     /// `kv_kernels::ops::cache`) over `items` items on `stream`: `32 * items` threads, at
     /// most as many blocks as the multiprocessors hold at once (one wave: the kernels are
     /// grid-stride loops, and a warp per item wants every warp the GPU can keep in flight).
@@ -418,6 +419,31 @@ impl Device {
         k: &Kernel<A>,
         args: &A,
         items: u64,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        self.launch_lanes(k, args, items, 32, stream)
+    }
+
+    /// Launches a group-cooperative kernel `k` (`GROUP_LANES` lanes per item: the cache
+    /// lookups) over `items` items on `stream`, in one wave as [`Device::launch_warps`].
+    pub fn launch_groups<A: Copy>(
+        &self,
+        k: &Kernel<A>,
+        args: &A,
+        items: u64,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let lanes = u64::from(kv_kernels::layout::GROUP_LANES);
+        self.launch_lanes(k, args, items, lanes, stream)
+    }
+
+    /// `lanes` threads per item, in one wave of the blocks the GPU holds at once.
+    fn launch_lanes<A: Copy>(
+        &self,
+        k: &Kernel<A>,
+        args: &A,
+        items: u64,
+        lanes: u64,
         stream: &CudaStream,
     ) -> Result<()> {
         let per_sm = match k.resident.get() {
@@ -439,7 +465,7 @@ impl Device {
                 *k.resident.get_or_init(|| blocks.max(1) as u32)
             }
         };
-        let grid = kv_kernels::grid_size_per_sm(items.saturating_mul(32), self.sm_count, per_sm);
+        let grid = kv_kernels::grid_size_per_sm(items.saturating_mul(lanes), self.sm_count, per_sm);
         self.launch_grid(k, args, grid, stream)
     }
 
@@ -575,6 +601,7 @@ fn load_kernels(ptx: &str) -> Result<Kernels> {
             Ok::<_, Error>(CacheKernels {
                 dedup: k(f(n::CACHE_DEDUP)?),
                 put: k(f(n::CACHE_PUT)?),
+                compact: k(f(n::CACHE_COMPACT)?),
                 get: k(f(n::CACHE_GET)?),
                 take: k(f(n::CACHE_TAKE)?),
                 count: k(f(n::CACHE_COUNT)?),

@@ -14,7 +14,7 @@ use kv_core::{
 };
 use kv_kernels::host::Host;
 use kv_kernels::layout::{
-    CacheArgs, CacheTableArgs, cache_bucket, cache_counter, cache_policy, local_slots,
+    CacheArgs, CacheTableArgs, EvScratch, cache_bucket, cache_counter, cache_policy, local_slots,
 };
 use kv_kernels::ops::cache;
 use kv_staging::image::{CacheArrays, CacheRestore};
@@ -44,6 +44,7 @@ struct State {
     expires: Vec<u64>,
     rows: Vec<u64>,
     used: Vec<u32>,
+    digests: Vec<u32>,
     locks: Vec<u32>,
     counters: Vec<u64>,
     clock: u64,
@@ -86,6 +87,8 @@ impl HostCache {
                 expires: vec![0; slots],
                 rows: vec![0; slots * cfg.width],
                 used: vec![0; buckets],
+                // Four digests a word: the kernels read them four at a time.
+                digests: vec![0; slots / 4],
                 locks: vec![0; buckets],
                 counters: vec![0; cache_counter::LEN],
                 clock: 0,
@@ -104,6 +107,7 @@ impl HostCache {
             used: st.used.as_mut_ptr() as u64,
             locks: st.locks.as_mut_ptr() as u64,
             counters: st.counters.as_mut_ptr() as u64,
+            digests: st.digests.as_mut_ptr() as u64,
             buckets: self.buckets as u64,
             seed: self.seed,
             width: self.width as u32,
@@ -162,6 +166,8 @@ impl HostCache {
             vec![0u64; n],
             vec![0u64; n],
         );
+        let wanted = evicted.is_some();
+        let mut scratch = vec![0u64; EvScratch::bytes(n as u64, w as u32).div_ceil(8) as usize];
         let a = CacheArgs {
             table,
             clock: st.clock,
@@ -171,14 +177,15 @@ impl HostCache {
             values: values.as_ptr() as u64,
             scores_in: scores.map_or(0, |s| s.as_ptr() as u64),
             ttl_in: ttl.map_or(0, |t| t.as_ptr() as u64),
-            ev_keys: if evicted.is_some() {
-                ek.as_mut_ptr() as u64
-            } else {
-                0
-            },
+            ev_keys: if wanted { ek.as_mut_ptr() as u64 } else { 0 },
             ev_rows: er.as_mut_ptr() as u64,
             ev_scores: es.as_mut_ptr() as u64,
             ev_expires: ee.as_mut_ptr() as u64,
+            ev_scratch: if wanted {
+                scratch.as_mut_ptr() as u64
+            } else {
+                0
+            },
             local: local.as_mut_ptr() as u64,
             pick: pick.as_mut_ptr() as u64,
             occurs: occurs.as_mut_ptr() as u64,
@@ -190,11 +197,28 @@ impl HostCache {
             // SAFETY: every buffer is live and sized as the args say.
             assert!(unsafe { cache::dedup::<Host>(&a, i) })
         });
-        launch(n as u64, |i| {
+        let reported = AtomicU64::new(0);
+        // As the kernel does: each thread (a group) puts its share of the items with
+        // `put_items`, putting aside an item whose bucket another thread holds.
+        launch(THREADS, |t| {
+            let items = (t..n as u64).step_by(THREADS as usize);
             // SAFETY: as above; the dedup pass ran.
-            assert!(!unsafe { cache::put::<Host>(&a, i) }.lost)
+            unsafe {
+                cache::put_items::<Host>(&a, items, |p| {
+                    assert!(!p.lost && !p.busy);
+                    reported.fetch_add(p.evicted as u64, Relaxed);
+                })
+            };
         });
-        let m = st.counters[cache_counter::EVICTED] as usize;
+        let m = reported.into_inner() as usize;
+        if wanted {
+            // The compaction pass, a warp per 32 items.
+            launch((n as u64).div_ceil(32), |w| {
+                // SAFETY: as above; the put pass ran.
+                unsafe { cache::compact::<Host>(&a, 32 * w) }
+            });
+            assert_eq!(st.counters[cache_counter::COMPACTED], m as u64);
+        }
         st.stats.evicted += m as u64;
         st.stats.expired_reused += st.counters[cache_counter::EXPIRED_REUSED];
         st.stats.clock = st.clock;
@@ -264,9 +288,17 @@ impl HostCache {
             access: access as u32,
             ..CacheArgs::default()
         };
-        launch(n as u64, |i| {
-            // SAFETY: every buffer is live and sized as the args say.
-            unsafe { cache::lookup::<Host>(&a, i) };
+        // As the kernel does: two items a group at a time, the last one alone.
+        launch((n as u64).div_ceil(2), |p| {
+            let (i, j) = (2 * p, 2 * p + 1);
+            // SAFETY: every buffer is live and sized as the args say; i != j.
+            unsafe {
+                if j < n as u64 {
+                    cache::lookup_two::<Host>(&a, i, j);
+                } else {
+                    cache::lookup::<Host>(&a, i);
+                }
+            }
         });
         if access {
             st.stats.hits += st.counters[cache_counter::HITS];

@@ -215,17 +215,18 @@ pub fn cache_scratch_items(n: usize) -> usize {
 }
 
 /// Bytes a cache table spends on one slot of `width` words: the key, its row, its score,
-/// its expiry time, and one byte of bookkeeping.
+/// its expiry time, a byte of the key's hash (the GPU tables compare these before keys)
+/// and one byte of bookkeeping.
 pub fn cache_slot_bytes(width: usize) -> usize {
-    width.saturating_add(3).saturating_mul(8).saturating_add(1)
+    width.saturating_add(3).saturating_mul(8).saturating_add(2)
 }
 
 /// The entries of a cache table whose slots may take at most `budget_bytes`: whole
 /// buckets, at least one.
 ///
 /// ```
-/// // Width 1: 33 bytes a slot, so a 1 MiB budget holds 31,744 entries (992 buckets).
-/// assert_eq!(kv_core::cache_capacity_for_budget(1 << 20, 1), 31_744);
+/// // Width 1: 34 bytes a slot, so a 1 MiB budget holds 30,816 entries (963 buckets).
+/// assert_eq!(kv_core::cache_capacity_for_budget(1 << 20, 1), 30_816);
 /// ```
 pub fn cache_capacity_for_budget(budget_bytes: u64, width: usize) -> usize {
     let slots = budget_bytes / cache_slot_bytes(width) as u64;

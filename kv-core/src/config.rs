@@ -124,7 +124,7 @@ impl TableConfig {
     /// ```
     /// use kv_core::{CacheConfig, CachePolicy, TableConfig};
     /// let cfg = TableConfig::default().cache_budget(1 << 20, CacheConfig::new(CachePolicy::Lfu));
-    /// assert_eq!(cfg.initial_capacity(), 31_744);
+    /// assert_eq!(cfg.initial_capacity(), 30_816);
     /// ```
     pub fn cache_budget(mut self, budget_bytes: u64, cache: CacheConfig) -> Self {
         self.capacity = crate::cache_capacity_for_budget(budget_bytes, self.width);

@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::layout::*;
-use crate::ops::{Warp, cache};
-use crate::tests::{Host, Rng, par};
+use crate::ops::cache::CachePutItem;
+use crate::ops::{Group, Warp, cache};
+use crate::tests::{Host, REVERSED, Rng, par};
 
 const B: usize = CACHE_BUCKET as usize;
 
@@ -26,6 +27,7 @@ struct CacheSim {
     expires: Vec<u64>,
     rows: Vec<u64>,
     used: Vec<u32>,
+    digests: Vec<u32>,
     locks: Vec<u32>,
     counters: Vec<u64>,
     clock: u64,
@@ -45,6 +47,8 @@ impl CacheSim {
             expires: vec![0; slots],
             rows: vec![0; slots * width as usize],
             used: vec![0; buckets as usize],
+            // Four digests a word: the kernels read them four at a time.
+            digests: vec![0; slots / 4],
             locks: vec![0; buckets as usize],
             counters: vec![0; cache_counter::LEN],
             clock: 0,
@@ -61,6 +65,7 @@ impl CacheSim {
             used: self.used.as_mut_ptr() as u64,
             locks: self.locks.as_mut_ptr() as u64,
             counters: self.counters.as_mut_ptr() as u64,
+            digests: self.digests.as_mut_ptr() as u64,
             buckets: self.buckets,
             seed: self.seed,
             width: self.width,
@@ -96,6 +101,7 @@ impl CacheSim {
             vec![0u64; n],
             vec![0u64; n],
         );
+        let mut scratch = vec![0u64; EvScratch::bytes(n as u64, self.width).div_ceil(8) as usize];
         let a = CacheArgs {
             table: self.table(),
             clock: self.clock,
@@ -109,6 +115,7 @@ impl CacheSim {
             ev_rows: er.as_mut_ptr() as u64,
             ev_scores: es.as_mut_ptr() as u64,
             ev_expires: ee.as_mut_ptr() as u64,
+            ev_scratch: scratch.as_mut_ptr() as u64,
             local: local.as_mut_ptr() as u64,
             pick: pick.as_mut_ptr() as u64,
             occurs: occurs.as_mut_ptr() as u64,
@@ -120,14 +127,35 @@ impl CacheSim {
             // SAFETY: every buffer is live and sized as the args say.
             assert!(unsafe { cache::dedup::<Host>(&a, i) });
         });
-        par(n as u64, self.threads, |i| {
+        let reported = AtomicU64::new(0);
+        let done = |p: CachePutItem| {
+            assert!(!p.lost && !p.busy);
+            reported.fetch_add(p.evicted as u64, Relaxed);
+        };
+        // As the kernel does: each thread (a group) puts its share of the items with
+        // `put_items`, putting aside an item whose bucket another thread holds.
+        let items: Vec<Vec<u64>> = match self.threads {
+            1 => vec![(0..n as u64).collect()],
+            REVERSED => vec![(0..n as u64).rev().collect()],
+            t => (0..t)
+                .map(|first| (first..n as u64).step_by(t as usize).collect())
+                .collect(),
+        };
+        let shares = items.len() as u64;
+        par(shares, shares, |t| {
+            let mine = items[t as usize].iter().copied();
             // SAFETY: as above; the dedup pass ran.
-            let p = unsafe { cache::put::<Host>(&a, i) };
-            assert!(!p.lost);
+            unsafe { cache::put_items::<Host>(&a, mine, done) };
         });
         assert!(self.locks.iter().all(|l| *l == 0), "a lock left held");
+        // The compaction pass, a warp per 32 items.
+        par((n as u64).div_ceil(32), self.threads, |w| {
+            // SAFETY: as above; the put pass ran.
+            unsafe { cache::compact::<Host>(&a, 32 * w) };
+        });
         assert_eq!(self.counters[cache_counter::ERRORS], 0);
-        let m = self.counters[cache_counter::EVICTED] as usize;
+        let m = reported.into_inner() as usize;
+        assert_eq!(self.counters[cache_counter::COMPACTED], m as u64);
         assert!(m <= n);
         (0..m)
             .map(|e| (ek[e], er[e * w..(e + 1) * w].to_vec(), es[e], ee[e]))
@@ -153,9 +181,17 @@ impl CacheSim {
             access: access as u32,
             ..Default::default()
         };
-        par(n as u64, self.threads, |i| {
-            // SAFETY: every buffer is live and sized as the args say.
-            unsafe { cache::lookup::<Host>(&a, i) };
+        // As the kernel does: two items a group at a time, the last one alone.
+        par(n.div_ceil(2) as u64, self.threads, |p| {
+            let (i, j) = (2 * p, 2 * p + 1);
+            // SAFETY: every buffer is live and sized as the args say; i != j.
+            unsafe {
+                if j < n as u64 {
+                    cache::lookup_two::<Host>(&a, i, j);
+                } else {
+                    cache::lookup::<Host>(&a, i);
+                }
+            }
         });
         assert!(f.iter().all(|f| *f <= 1));
         (v, f.iter().map(|f| *f == 1).collect())
@@ -563,6 +599,65 @@ fn host_warp_collectives() {
     }
 }
 
+#[test]
+fn host_group_collectives() {
+    let g = GROUP_LANES as usize;
+    let mut order = Vec::new();
+    let v = Host::group_lanes(|l| {
+        order.push(l);
+        u64::from(l) * 3 % 5 + 2
+    });
+    assert_eq!(order, (0..GROUP_LANES).collect::<Vec<u32>>());
+    // SAFETY: one host thread is a whole group; no memory is touched.
+    unsafe {
+        assert_eq!(
+            Host::group_or(Host::group_lanes(|l| 1 << (3 * l))),
+            (0..g).fold(0, |m, l| m | 1 << (3 * l))
+        );
+        assert_eq!(Host::group_shfl(v, 4), 4 * 3 % 5 + 2);
+        assert_eq!(
+            Host::group_min(Host::group_map(v, |l, x| x + u64::from(l) * 10)),
+            2
+        );
+        let mut runs = 0;
+        assert_eq!(
+            Host::group_one(|| {
+                runs += 1;
+                42
+            }),
+            42
+        );
+        assert_eq!(runs, 1, "the first lane's work runs once per group");
+    }
+}
+
+/// Keys that share both their bucket and their digest stay distinct: a lookup compares the
+/// key of every slot whose digest matches, and one that matches the digest alone is a miss.
+#[test]
+fn cache_keys_sharing_a_digest_stay_apart() {
+    let mut sim = CacheSim::new(4, 2, cache_policy::LRU, 1);
+    let (seed, buckets) = (sim.seed, sim.buckets);
+    let twin = |k: u64| (cache_bucket(k, seed, buckets), cache_digest(k, seed));
+    let first = 11u64;
+    let mut same: Vec<u64> = (first + 1..)
+        .filter(|&k| twin(k) == twin(first))
+        .take(3)
+        .collect();
+    same.insert(0, first);
+    let (put, absent) = same.split_at(3);
+    let rows: Vec<u64> = put.iter().flat_map(|&k| [k * 10, k * 10 + 1]).collect();
+    assert!(sim.put(put, &rows, None, None, 0).is_empty());
+    let (got, found) = sim.lookup(same.as_slice(), true, 0);
+    assert_eq!(found, [true, true, true, false]);
+    assert_eq!(&got[..6], rows.as_slice());
+    assert_eq!(
+        &got[6..],
+        [0, 0],
+        "a digest match alone is a miss, its row zeros"
+    );
+    assert_eq!(twin(absent[0]), twin(first));
+}
+
 /// A full bucket whose entries all have one score gives up its lowest slot (the lowest
 /// `(score, slot)`, found by the warp's reduction and ballot), and a new key with that
 /// same score enters (ties go against the entry already there).
@@ -740,8 +835,8 @@ fn cache_lru_ties_leave_in_batch_order() {
 
 #[test]
 fn cache_args_layout() {
-    assert_eq!(core::mem::size_of::<CacheTableArgs>(), 80);
-    assert_eq!(core::mem::size_of::<CacheArgs>(), 232);
+    assert_eq!(core::mem::size_of::<CacheTableArgs>(), 88);
+    assert_eq!(core::mem::size_of::<CacheArgs>(), 248);
     assert_eq!(dedup_rank(0, 5, false), 1);
     assert_eq!(dedup_rank(0, 5, true), 5);
     assert_eq!(dedup_rank(4, 5, true), 1);

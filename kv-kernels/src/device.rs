@@ -2,7 +2,8 @@
 //! [`Warp`].
 //!
 //! Every kernel is a grid-stride loop over one of the per-item functions of [`crate::ops`]
-//! (the cache put, get and take: a warp per item, over warps),
+//! (the cache take: a warp per item, over warps; the cache put and get: a group of
+//! `GROUP_LANES` lanes per item),
 //! launched with 1-D blocks whose size is a multiple of 32 and no divergent early return
 //! before the warp-level counter reduction (which uses full-warp `shfl.sync`): the passes
 //! that return early when their chunk flag is down do so in every thread of the grid.
@@ -16,10 +17,10 @@ use core::arch::asm;
 use core::arch::nvptx::{_block_dim_x, _block_idx_x, _grid_dim_x, _thread_idx_x};
 
 use crate::layout::{
-    BatchArgs, BytesArgs, COOP_WIDTH, CacheArgs, RehashArgs, TableArgs, cache_counter, counter,
-    flag,
+    BatchArgs, BytesArgs, COOP_WIDTH, CacheArgs, GROUP_LANES, RehashArgs, TableArgs, cache_counter,
+    counter, flag,
 };
-use crate::ops::{self, Found, Mem, Warp, bytes, cache};
+use crate::ops::{self, Found, Group, Mem, Warp, bytes, cache};
 
 /// PTX memory operations.
 struct Ptx;
@@ -275,6 +276,106 @@ unsafe impl Warp for Ptx {
         // SAFETY: a full-warp barrier; all 32 lanes reach it. It has no `nomem`: memory
         // accesses stay on their side of it (it orders memory between the lanes).
         unsafe { asm!("bar.warp.sync -1;", options(nostack)) }
+    }
+}
+
+/// The lanes of this thread's group: `GROUP_LANES` bits from the group's first lane.
+#[inline(always)]
+fn group_mask() -> u32 {
+    let first = lane() & !(GROUP_LANES - 1);
+    (((1u64 << GROUP_LANES) - 1) as u32) << first
+}
+
+// SAFETY: a lane's `GroupLanes` value is its own; `group_or` is a butterfly of the group's
+// lanes (offsets below GROUP_LANES stay inside an aligned group), synchronised on the
+// group's lanes alone, so the other groups of the warp may be elsewhere.
+unsafe impl Group for Ptx {
+    type GroupLanes<T: Copy> = T;
+    #[inline(always)]
+    fn group_lanes<T: Copy>(mut f: impl FnMut(u32) -> T) -> T {
+        f(lane() & (GROUP_LANES - 1))
+    }
+    #[inline(always)]
+    fn group_map<T: Copy, U: Copy>(v: T, mut f: impl FnMut(u32, T) -> U) -> U {
+        f(lane() & (GROUP_LANES - 1), v)
+    }
+    #[inline(always)]
+    unsafe fn group_or(mut v: u32) -> u32 {
+        let m = group_mask();
+        let mut off = GROUP_LANES / 2;
+        while off > 0 {
+            let o: u32;
+            // SAFETY: every lane of the group reaches it (the caller's guarantee), and the
+            // member mask names exactly those lanes.
+            unsafe {
+                asm!(
+                    "shfl.sync.bfly.b32 {o}, {v}, {off}, 31, {m};",
+                    o = out(reg32) o, v = in(reg32) v, off = in(reg32) off, m = in(reg32) m,
+                    options(nostack, nomem)
+                )
+            };
+            v |= o;
+            off >>= 1;
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn group_min(mut v: u64) -> u64 {
+        let m = group_mask();
+        let mut off = GROUP_LANES / 2;
+        while off > 0 {
+            let (lo, hi): (u32, u32);
+            // SAFETY: as in `group_or`.
+            unsafe {
+                asm!(
+                    "shfl.sync.bfly.b32 {l}, {vl}, {off}, 31, {m};",
+                    "shfl.sync.bfly.b32 {h}, {vh}, {off}, 31, {m};",
+                    l = out(reg32) lo, h = out(reg32) hi,
+                    vl = in(reg32) v as u32, vh = in(reg32) (v >> 32) as u32,
+                    off = in(reg32) off, m = in(reg32) m,
+                    options(nostack, nomem)
+                )
+            };
+            v = v.min((hi as u64) << 32 | lo as u64);
+            off >>= 1;
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn group_shfl(v: u64, src: u32) -> u64 {
+        let m = group_mask();
+        let from = (lane() & !(GROUP_LANES - 1)) + (src & (GROUP_LANES - 1));
+        let (lo, hi): (u32, u32);
+        // SAFETY: every lane of the group reaches it, and the member mask names them; the
+        // source lane is one of them.
+        unsafe {
+            asm!(
+                "shfl.sync.idx.b32 {l}, {vl}, {s}, 31, {m};",
+                "shfl.sync.idx.b32 {h}, {vh}, {s}, 31, {m};",
+                l = out(reg32) lo, h = out(reg32) hi,
+                vl = in(reg32) v as u32, vh = in(reg32) (v >> 32) as u32,
+                s = in(reg32) from, m = in(reg32) m,
+                options(nostack, nomem)
+            )
+        };
+        (hi as u64) << 32 | lo as u64
+    }
+    #[inline(always)]
+    unsafe fn group_one(f: impl FnOnce() -> u64) -> u64 {
+        let v = if lane() & (GROUP_LANES - 1) == 0 {
+            f()
+        } else {
+            0
+        };
+        // SAFETY: forwarded: the whole group calls it.
+        unsafe { Self::group_shfl(v, 0) }
+    }
+    #[inline(always)]
+    unsafe fn group_sync() {
+        let m = group_mask();
+        // SAFETY: a barrier of the group's lanes, all of which reach it. It has no `nomem`:
+        // memory accesses stay on their side of it (it orders memory between the lanes).
+        unsafe { asm!("bar.warp.sync {m};", m = in(reg32) m, options(nostack)) }
     }
 }
 
@@ -672,37 +773,78 @@ fn for_each_warp_item(n: u64, mut f: impl FnMut(u64)) {
     }
 }
 
-/// Cache put, pass 2 (`CacheArgs`; a warp per item, launched with `32 n` threads): the last
-/// occurrence of every key applies it under its bucket's lock; evictions go to the evicted
-/// outputs.
+/// Cache put, pass 2 (`CacheArgs`; a group of `GROUP_LANES` lanes per item, launched with
+/// `GROUP_LANES * n` threads; `cache::put_items` over each group's items): the last
+/// occurrence of every key applies it under its bucket's lock. Each item's report (an entry it evicted or its own, turned away) is
+/// counted in EVICTED (summed per warp) and, when the put wants them, written to place `i`
+/// of the eviction scratch with the item's flag (every item writes its flag).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_cache_put(a: CacheArgs) {
-    let (mut reused, mut lost) = (0u32, 0u32);
-    let first = lane() == 0;
-    for_each_warp_item(a.n, |i| {
-        // SAFETY: the host passes valid buffers for n items; the dedup pass ran; the lock
-        // words are zero between kernels; the whole warp calls it with the same i.
-        let p = unsafe { cache::put::<Ptx>(&a, i) };
-        reused += (first && p.expired_reused) as u32;
-        lost += (first && p.lost) as u32;
-    });
+    let (mut reused, mut lost, mut reported) = (0u32, 0u32, 0u32);
+    let first = lane() & (GROUP_LANES - 1) == 0;
+    // SAFETY: the host passes valid buffers for n items; the dedup pass ran; the lock words
+    // are zero between kernels; the whole group walks the same items.
+    unsafe {
+        cache::put_items::<Ptx>(&a, group_items(a.n), |p| {
+            reused += (first && p.expired_reused) as u32;
+            lost += (first && p.lost) as u32;
+            reported += (first && p.evicted) as u32;
+        })
+    };
     count_at(a.table.counters, cache_counter::EXPIRED_REUSED, reused);
     count_at(a.table.counters, cache_counter::ERRORS, lost);
+    count_at(a.table.counters, cache_counter::EVICTED, reported);
 }
 
-/// Cache get, peek and contains (`CacheArgs`; `access` says whether it is a get; a warp per
-/// item, launched with `32 n` threads).
+/// Cache put, pass 3 (`CacheArgs`, when the put wants its evicted entries; a thread per
+/// item): each warp moves its 32 items' reports from the eviction scratch to the next
+/// places of the evicted outputs.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn kv_cache_compact(a: CacheArgs) {
+    for_warp_items(a.n, |i, _| {
+        // SAFETY: the host passes the scratch the put pass wrote and outputs for n
+        // entries; the whole warp calls it with its first item.
+        unsafe { cache::compact::<Ptx>(&a, i - u64::from(lane())) };
+    });
+}
+
+/// This thread's group's items of a grid-stride loop over lane groups: a group of
+/// `GROUP_LANES` lanes per item, every lane of a group with the same items (block sizes are
+/// multiples of 32), so that the group may run a group-cooperative function of [`cache`]
+/// on each.
+#[inline(always)]
+fn group_items(n: u64) -> core::iter::StepBy<core::ops::Range<u64>> {
+    let (start, stride) = grid();
+    let g = u64::from(GROUP_LANES);
+    (start / g..n).step_by((stride / g) as usize)
+}
+
+/// Cache get, peek and contains (`CacheArgs`; `access` says whether it is a get; a group of
+/// `GROUP_LANES` lanes per item, two items at a time, launched with `GROUP_LANES * n`
+/// threads at most).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn kv_cache_get(a: CacheArgs) {
     let (mut hits, mut misses) = (0u32, 0u32);
-    let first = lane() == 0;
-    for_each_warp_item(a.n, |i| {
-        // SAFETY: the host passes valid buffers for n items; the whole warp calls it with
-        // the same i.
-        let hit = unsafe { cache::lookup::<Ptx>(&a, i) };
+    let first = lane() & (GROUP_LANES - 1) == 0;
+    let mut count = |hit: bool| {
         hits += (first && hit) as u32;
         misses += (first && !hit) as u32;
-    });
+    };
+    // Two items a group at a time (their reads interleaved), the last one alone.
+    let mut items = group_items(a.n);
+    while let Some(i) = items.next() {
+        match items.next() {
+            Some(j) => {
+                // SAFETY: the host passes valid buffers for n items; i != j; the whole group
+                // calls it with the same i and j.
+                let (x, y) = unsafe { cache::lookup_two::<Ptx>(&a, i, j) };
+                count(x);
+                count(y);
+            }
+            // SAFETY: as above.
+            None => count(unsafe { cache::lookup::<Ptx>(&a, i) }),
+        }
+    }
     if a.access != 0 {
         count_at(a.table.counters, cache_counter::HITS, hits);
         count_at(a.table.counters, cache_counter::MISSES, misses);

@@ -4,7 +4,8 @@
 
 use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering, Ordering::Relaxed};
 
-use crate::ops::{Mem, Warp};
+use crate::layout::GROUP_LANES;
+use crate::ops::{Group, Mem, Warp};
 
 /// [`Mem`] over host memory: relaxed atomics stand in for the device's plain and atomic
 /// accesses, so that the algorithms of [`crate::ops`] run on the CPU, sequentially or on
@@ -122,4 +123,31 @@ unsafe impl Warp for Host {
         f()
     }
     unsafe fn sync() {}
+}
+
+const G: usize = GROUP_LANES as usize;
+
+// SAFETY: one host thread is one group of lanes: a `GroupLanes` holds every lane's value,
+// `group_lanes` runs lane 0, 1, ... in turn, and `group_or` combines all of them.
+unsafe impl Group for Host {
+    type GroupLanes<T: Copy> = [T; G];
+    fn group_lanes<T: Copy>(mut f: impl FnMut(u32) -> T) -> [T; G] {
+        core::array::from_fn(|l| f(l as u32))
+    }
+    fn group_map<T: Copy, U: Copy>(v: [T; G], mut f: impl FnMut(u32, T) -> U) -> [U; G] {
+        core::array::from_fn(|l| f(l as u32, v[l]))
+    }
+    unsafe fn group_or(v: [u32; G]) -> u32 {
+        v.into_iter().fold(0, |m, x| m | x)
+    }
+    unsafe fn group_min(v: [u64; G]) -> u64 {
+        v.into_iter().fold(u64::MAX, u64::min)
+    }
+    unsafe fn group_shfl(v: [u64; G], src: u32) -> u64 {
+        v[src as usize % G]
+    }
+    unsafe fn group_one(f: impl FnOnce() -> u64) -> u64 {
+        f()
+    }
+    unsafe fn group_sync() {}
 }

@@ -224,6 +224,22 @@ pub const fn cache_bucket(key: u64, seed: u64, buckets: u64) -> u64 {
     ((hash(key, seed) as u128 * buckets as u128) >> 64) as u64
 }
 
+/// A cache table's digest of `key` under `seed`: a byte of its hash that the bucket choice
+/// ([`cache_bucket`], which scales the hash's high bits) hardly depends on, so that two keys
+/// of one bucket share a digest about once in 256. A lookup compares the bucket's 32
+/// digests (32 bytes, one DRAM sector) and reads the key of a slot only where its digest
+/// matches, instead of the bucket's 256 bytes of keys.
+///
+/// ```
+/// use kv_kernels::layout::cache_digest;
+/// let same = (0..10_000u64).filter(|&k| cache_digest(k, 7) == cache_digest(k + 1, 7)).count();
+/// assert!(same < 100);
+/// ```
+#[inline(always)]
+pub const fn cache_digest(key: u64, seed: u64) -> u8 {
+    hash(key, seed) as u8
+}
+
 /// The slot probed after `slot` (linear probing, wrapping).
 #[inline(always)]
 pub const fn next_slot(slot: u64, mask: u64) -> u64 {
@@ -443,6 +459,13 @@ const _: () = assert!(core::mem::size_of::<RehashArgs>() == 48 + 3 * 8);
 /// bucket's `used` word.
 pub const CACHE_BUCKET: u64 = 32;
 
+/// Lanes per item of the group-cooperative kernels (`ops::Group`: the cache lookups): a
+/// quarter warp, each lane standing for `CACHE_BUCKET / GROUP_LANES` slots of the bucket.
+pub const GROUP_LANES: u32 = 8;
+
+const _: () =
+    assert!(32u32.is_multiple_of(GROUP_LANES) && CACHE_BUCKET.is_multiple_of(GROUP_LANES as u64));
+
 /// A cache table's eviction policy as the kernels take it ([`CacheTableArgs::policy`]).
 pub mod cache_policy {
     /// Least recently used: the score is the table's logical clock at the last access.
@@ -474,8 +497,11 @@ pub mod cache_counter {
     /// wgpu only: items the per-bucket put pass applied, so that the host sees a dispatch
     /// that a driver cut short (kv-backend-wgpu's `cache` module).
     pub const APPLIED: usize = 7;
+    /// CUDA only: reports the compaction pass moved to the evicted outputs (each warp
+    /// takes its places from it with one atomic).
+    pub const COMPACTED: usize = 8;
     /// Length of the counter buffer in u64 words.
-    pub const LEN: usize = 8;
+    pub const LEN: usize = 9;
 }
 
 /// A cache table as the kernels see it: device addresses and shape. Slot `s` of bucket `b`
@@ -499,6 +525,10 @@ pub struct CacheTableArgs {
     pub locks: u64,
     /// `u64[cache_counter::LEN]` counters.
     pub counters: u64,
+    /// `u8[slots]`: each slot's digest ([`cache_digest`] of its key), written with the key
+    /// and meaningful only where the slot's used bit is set (4-byte aligned, so that a lane
+    /// reads four in one load).
+    pub digests: u64,
     /// Buckets in the table ([`cache_bucket`] scales the hash to it).
     pub buckets: u64,
     /// The table's hash seed.
@@ -534,6 +564,8 @@ pub struct CacheArgs {
     /// `u64[n]` expiry times of the entries a take removed (0: none wanted).
     pub expires_out: u64,
     /// `u64[n]` keys of the entries a put evicted or turned away (0: count them only).
+    /// The put pass writes its reports to `ev_scratch`, and the compaction pass moves them
+    /// here, to the first `m` places.
     pub ev_keys: u64,
     /// `u64[n * width]` their rows.
     pub ev_rows: u64,
@@ -541,6 +573,10 @@ pub struct CacheArgs {
     pub ev_scores: u64,
     /// `u64[n]` their expiry times.
     pub ev_expires: u64,
+    /// A put that wants its evicted entries: the put pass writes item `i`'s report at
+    /// place `i` of this scratch ([`EvScratch`]) and its flag, with no atomic; the
+    /// compaction pass gathers them into the outputs above. 0: reports are only counted.
+    pub ev_scratch: u64,
     /// `u32[local_mask + 1]` batch-local table of the dedup pass (zeroed by the host): 0 or
     /// `1 + i` of the item that claimed the slot for its key.
     pub local: u64,
@@ -561,6 +597,53 @@ pub struct CacheArgs {
     pub first_wins: u32,
 }
 
+/// The parts of a put's eviction scratch ([`CacheArgs::ev_scratch`]) for `n` items of
+/// `width` words, one after the other from its start: `u64[n]` keys, `u64[n]` scores,
+/// `u64[n]` expiry times, `u64[n * width]` rows, then `u8[n]` flags (1: the item reported an
+/// entry). Addresses in bytes; [`EvScratch::bytes`] is the whole size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvScratch {
+    /// The keys.
+    pub keys: u64,
+    /// The scores.
+    pub scores: u64,
+    /// The expiry times.
+    pub expires: u64,
+    /// The rows.
+    pub rows: u64,
+    /// The flags.
+    pub flags: u64,
+}
+
+impl EvScratch {
+    /// The parts of the scratch at `base` for `n` items of `width` words.
+    #[inline(always)]
+    pub const fn at(base: u64, n: u64, width: u32) -> Self {
+        let keys = base;
+        let scores = keys + 8 * n;
+        let expires = scores + 8 * n;
+        let rows = expires + 8 * n;
+        let flags = rows + 8 * n * width as u64;
+        EvScratch {
+            keys,
+            scores,
+            expires,
+            rows,
+            flags,
+        }
+    }
+
+    /// Bytes of the scratch for `n` items of `width` words.
+    ///
+    /// ```
+    /// use kv_kernels::layout::EvScratch;
+    /// assert_eq!(EvScratch::bytes(10, 4), 10 * (3 * 8 + 4 * 8 + 1));
+    /// ```
+    pub const fn bytes(n: u64, width: u32) -> u64 {
+        EvScratch::at(0, n, width).flags + n
+    }
+}
+
 /// The rank the dedup pass maxes into its key's local slot for item `i` of `n`: the
 /// occurrence with the highest rank acts for its key. `1 + i` when the last occurrence wins
 /// (a put), `n - i` when the first does (a take). Never 0 (a zeroed slot).
@@ -573,8 +656,8 @@ pub const fn dedup_rank(i: u64, n: u64, first_wins: bool) -> u32 {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<CacheTableArgs>() == 10 * 8);
-const _: () = assert!(core::mem::size_of::<CacheArgs>() == 10 * 8 + 18 * 8 + 8);
+const _: () = assert!(core::mem::size_of::<CacheTableArgs>() == 11 * 8);
+const _: () = assert!(core::mem::size_of::<CacheArgs>() == 11 * 8 + 19 * 8 + 8);
 
 /// A byte table's index slot (docs/arena.md): four u64 words, [`bytes_slot::HASH`],
 /// [`bytes_slot::ADDR`], [`bytes_slot::META`] and [`bytes_slot::EXPIRES`]. The meta word

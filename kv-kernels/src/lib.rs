@@ -101,6 +101,9 @@ pub mod names {
     pub const CACHE_DEDUP: &str = "kv_cache_dedup";
     /// Cache tables: the put, under bucket locks (`CacheArgs`).
     pub const CACHE_PUT: &str = "kv_cache_put";
+    /// Cache tables: move a put's reports from its scratch to the evicted outputs
+    /// (`CacheArgs`).
+    pub const CACHE_COMPACT: &str = "kv_cache_compact";
     /// Cache tables: get, peek and contains (`CacheArgs`).
     pub const CACHE_GET: &str = "kv_cache_get";
     /// Cache tables: take and delete (`CacheArgs`).
@@ -130,7 +133,7 @@ pub mod names {
     /// Byte tables: rehash into a new index (`BytesArgs`).
     pub const BYTES_REHASH: &str = "kv_bytes_rehash";
     /// Every kernel, in a fixed order (the backend loads them all at start).
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         PUT_PLACE,
         PUT_PLACE_WIDE,
         PUT_SETTLE,
@@ -144,6 +147,7 @@ pub mod names {
         COUNT,
         CACHE_DEDUP,
         CACHE_PUT,
+        CACHE_COMPACT,
         CACHE_GET,
         CACHE_TAKE,
         CACHE_COUNT,

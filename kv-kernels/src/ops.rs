@@ -168,6 +168,78 @@ pub unsafe trait Warp: Mem {
     unsafe fn sync();
 }
 
+/// The lane-group operations of the kernels that give each item a group of
+/// [`GROUP_LANES`](crate::layout::GROUP_LANES) lanes instead of a whole warp (the cache
+/// lookups of [`cache`]), so that four items of a warp wait on memory at once: a lookup
+/// does little work between its dependent loads, and a warp per item left the SMs waiting.
+///
+/// Code generic over `Group` is the code of one group, as code generic over [`Warp`] is the
+/// code of one warp: a value that differs between its lanes is a
+/// [`GroupLanes`](Group::GroupLanes), made by [`group_lanes`](Group::group_lanes) and
+/// combined by [`group_or`](Group::group_or) (or mapped by [`group_map`](Group::group_map)). On the device each lane runs the code (the
+/// group is lanes `8g .. 8g + 7` of a warp); on the host one thread plays the group's lanes
+/// in turn.
+///
+/// # Safety
+///
+/// Implementations must give the results documented on each method. On the device, the
+/// collectives (every `unsafe` method) need all lanes of the group to call them together;
+/// the groups of one warp may be at different places of the code.
+pub unsafe trait Group: Mem {
+    /// One `T` per lane of the group.
+    type GroupLanes<T: Copy>: Copy;
+    /// Each lane's `f(lane)`, `lane` counted within the group (on the host: lanes 0 to
+    /// `GROUP_LANES - 1` in order).
+    fn group_lanes<T: Copy>(f: impl FnMut(u32) -> T) -> Self::GroupLanes<T>;
+    /// Each lane's `f(lane, v)` of its value `v`.
+    fn group_map<T: Copy, U: Copy>(
+        v: Self::GroupLanes<T>,
+        f: impl FnMut(u32, T) -> U,
+    ) -> Self::GroupLanes<U>;
+    /// The bitwise or of the lanes' values, in every lane of the group.
+    ///
+    /// # Safety
+    /// A collective of the group.
+    unsafe fn group_or(v: Self::GroupLanes<u32>) -> u32;
+    /// The lowest of the lanes' values, in every lane of the group.
+    ///
+    /// # Safety
+    /// A collective of the group.
+    unsafe fn group_min(v: Self::GroupLanes<u64>) -> u64;
+    /// Lane `src`'s value (`src < GROUP_LANES`), in every lane of the group.
+    ///
+    /// # Safety
+    /// A collective of the group.
+    unsafe fn group_shfl(v: Self::GroupLanes<u64>, src: u32) -> u64;
+    /// The group's first lane runs `f` (its atomics and stores happen once for the group);
+    /// every lane gets what it returned.
+    ///
+    /// # Safety
+    /// A collective of the group.
+    unsafe fn group_one(f: impl FnOnce() -> u64) -> u64;
+    /// A barrier of the group's lanes that also orders memory between them
+    /// (`bar.warp.sync` on the group's lanes), as [`Warp::sync`] for a warp.
+    ///
+    /// # Safety
+    /// A collective of the group.
+    unsafe fn group_sync();
+}
+
+/// The group's first lane's work: `f` runs once per group, and nothing is shared.
+///
+/// # Safety
+/// A collective of `M` (see [`Group`]).
+#[inline(always)]
+pub unsafe fn group_lane0<M: Group>(f: impl FnOnce()) {
+    // SAFETY: forwarded.
+    unsafe {
+        M::group_one(|| {
+            f();
+            0
+        })
+    };
+}
+
 /// Lane 0's work for the warp: `f` runs once per warp, and nothing is shared.
 ///
 /// # Safety

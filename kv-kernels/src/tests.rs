@@ -11,7 +11,7 @@ use crate::ops;
 
 /// `threads` value for [`par`]: sequential, from the last item down (so that in the dedup
 /// pass the claimer of a repeated key's local slot is its last occurrence).
-const REVERSED: u64 = 0;
+pub(crate) const REVERSED: u64 = 0;
 
 /// Runs `f(i)` for `i in 0..n`, on `threads` threads (interleaved) or sequentially (1 in
 /// order, [`REVERSED`] from the end).
