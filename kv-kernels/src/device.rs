@@ -831,18 +831,13 @@ pub unsafe extern "ptx-kernel" fn kv_cache_get(a: CacheArgs) {
         misses += (first && !hit) as u32;
     };
     // Two items a group at a time (their reads interleaved), the last one alone.
-    let mut items = group_items(a.n);
-    while let Some(i) = items.next() {
-        match items.next() {
-            Some(j) => {
-                // SAFETY: the host passes valid buffers for n items; i != j; the whole group
-                // calls it with the same i and j.
-                let (x, y) = unsafe { cache::lookup_two::<Ptx>(&a, i, j) };
-                count(x);
-                count(y);
-            }
-            // SAFETY: as above.
-            None => count(unsafe { cache::lookup::<Ptx>(&a, i) }),
+    for p in group_items(a.n.div_ceil(2)) {
+        // SAFETY: the host passes valid buffers for n items; 2p < n; the whole group calls
+        // it with the same p.
+        let (x, y) = unsafe { cache::lookup_pair::<Ptx>(&a, p) };
+        count(x);
+        if let Some(y) = y {
+            count(y);
         }
     }
     if a.access != 0 {

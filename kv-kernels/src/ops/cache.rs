@@ -979,6 +979,26 @@ pub unsafe fn lookup_two<M: Group>(a: &CacheArgs, i: u64, j: u64) -> (bool, bool
     }
 }
 
+/// The lookups of pair `p` of a batch, as a group runs them: items `2p` and `2p + 1`
+/// together ([`lookup_two`]), or the last item alone when `n` is odd. Returns whether each
+/// key was found (`None` for an item past the batch).
+///
+/// # Safety
+/// As [`lookup`], for `2p < a.n`.
+#[inline(always)]
+pub unsafe fn lookup_pair<M: Group>(a: &CacheArgs, p: u64) -> (bool, Option<bool>) {
+    let (i, j) = (2 * p, 2 * p + 1);
+    // SAFETY: forwarded; i != j, both below n when j is.
+    unsafe {
+        if j < a.n {
+            let (x, y) = lookup_two::<M>(a, i, j);
+            (x, Some(y))
+        } else {
+            (lookup::<M>(a, i), None)
+        }
+    }
+}
+
 /// Take or delete for item `i`, by a whole warp: removes its key's live entry (when the
 /// item acts for its key: the dedup pass ran with the first occurrence winning, or `a.pick`
 /// is 0 and every item acts) and writes what it held (row, found flag, expiry time) to the
