@@ -64,6 +64,18 @@ rm -f "$log"
 built="$target_dir/nvptx64-nvidia-cuda/release/kv_kernels.ptx"
 [ -f "$built" ] || die "the build produced no $built"
 
+# Register caps per kernel (PTX's `.maxnreg`, what CUDA C++ gets from launch bounds; rustc
+# has no attribute for it on nvptx kernels). ptxas gives kv_cache_put 125 registers, which
+# holds a multiprocessor to 2 blocks of 256; at 80 it runs 3 blocks and put_and_evict ran
+# 1.08x as fast (docs/perf-log/2026-12-h200.md, run 42; at 64 the spills cost more).
+capped=$(mktemp)
+awk '
+  { print }
+  /^\)[[:space:]]+\/\/ @kv_cache_put$/ { print ".maxnreg 80"; n++ }
+  END { if (n != 1) exit 1 }
+' "$built" >"$capped" || { rm -f "$capped"; die "found no entry of kv_cache_put to cap"; }
+mv "$capped" "$built"
+
 # Sanity checks on the generated PTX: every kernel present, no system-scope atomics.
 for k in kv_put_place kv_put_place_wide kv_put_settle kv_put_dedup kv_put_rewrite kv_get kv_contains kv_count_missing kv_delete kv_rehash \
          kv_count kv_cache_dedup kv_cache_put kv_cache_compact kv_cache_get kv_cache_take kv_cache_count \
