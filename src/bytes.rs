@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::{BackendKind, Options, Result};
-use kv_core::{Binary, BinaryBuf, ByteConfig, ByteDescription, ByteLimits, ByteTable};
+use kv_core::{ByteConfig, ByteTable};
 
 /// A byte table on the backend [`open_bytes`] chose, with the record of that choice. It
 /// implements [`ByteTable`] by handing every call to that backend.
@@ -34,52 +34,7 @@ impl fmt::Debug for BytesTable {
     }
 }
 
-impl ByteTable for BytesTable {
-    fn put(&self, keys: Binary<'_>, values: Binary<'_>) -> Result<()> {
-        self.inner.put(keys, values)
-    }
-    fn get(
-        &self,
-        keys: Binary<'_>,
-        values_out: &mut BinaryBuf,
-        found_out: &mut [bool],
-    ) -> Result<()> {
-        self.inner.get(keys, values_out, found_out)
-    }
-    fn delete(&self, keys: Binary<'_>) -> Result<usize> {
-        self.inner.delete(keys)
-    }
-    fn contains(&self, keys: Binary<'_>, found_out: &mut [bool]) -> Result<()> {
-        self.inner.contains(keys, found_out)
-    }
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-    fn capacity(&self) -> usize {
-        self.inner.capacity()
-    }
-    fn clear(&self) -> Result<()> {
-        self.inner.clear()
-    }
-    fn limits(&self) -> ByteLimits {
-        self.inner.limits()
-    }
-    fn describe(&self) -> ByteDescription {
-        self.inner.describe()
-    }
-    fn put_ttl(&self, keys: Binary<'_>, values: Binary<'_>, ttl_ms: &[u64]) -> Result<()> {
-        self.inner.put_ttl(keys, values, ttl_ms)
-    }
-    fn expire(&self, keys: Binary<'_>, ttl_ms: &[u64], found_out: &mut [bool]) -> Result<()> {
-        self.inner.expire(keys, ttl_ms, found_out)
-    }
-    fn ttl(&self, keys: Binary<'_>, ttl_out: &mut [i64]) -> Result<()> {
-        self.inner.ttl(keys, ttl_out)
-    }
-    fn export(&self) -> Result<kv_core::ByteImage> {
-        self.inner.export()
-    }
-}
+kv_core::forward_byte_table!(BytesTable, inner);
 
 /// Opens a byte table on the backend `VRAMKV_BACKEND` forces (no fallback), or on the best
 /// one that has byte tables, recording why each better one was skipped.

@@ -157,71 +157,7 @@ impl fmt::Debug for Table {
     }
 }
 
-impl KvBackend for Table {
-    fn width(&self) -> usize {
-        self.inner.width()
-    }
-    fn put(&self, keys: &[u64], values: &[u64]) -> Result<()> {
-        self.inner.put(keys, values)
-    }
-    fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
-        self.inner.get(keys, values_out, found_out)
-    }
-    fn delete(&self, keys: &[u64]) -> Result<usize> {
-        self.inner.delete(keys)
-    }
-    fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
-        self.inner.contains(keys, found_out)
-    }
-    fn len(&self) -> usize {
-        self.inner.len()
-    }
-    fn capacity(&self) -> usize {
-        self.inner.capacity()
-    }
-    fn clear(&self) -> Result<()> {
-        self.inner.clear()
-    }
-    fn describe(&self) -> Description {
-        self.inner.describe()
-    }
-    fn audit(&self) -> Result<Audit> {
-        self.inner.audit()
-    }
-    fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
-        self.inner.put_and_evict(batch, evicted)
-    }
-    fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
-        self.inner.put_cached(batch)
-    }
-    fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
-        self.inner.peek(keys, values_out, found_out)
-    }
-    fn take(
-        &self,
-        keys: &[u64],
-        values_out: &mut [u64],
-        found_out: &mut [bool],
-        expires_out: &mut [u64],
-    ) -> Result<usize> {
-        self.inner.take(keys, values_out, found_out, expires_out)
-    }
-    fn eviction_scope(&self, key: u64) -> Result<u64> {
-        self.inner.eviction_scope(key)
-    }
-    fn cache_policy(&self) -> Result<CachePolicy> {
-        self.inner.cache_policy()
-    }
-    fn cache_stats(&self) -> Result<CacheStats> {
-        self.inner.cache_stats()
-    }
-    fn export(&self) -> Result<kv_core::TableImage> {
-        self.inner.export()
-    }
-    fn restore(&self, part: kv_core::ImagePart<'_>) -> Result<()> {
-        self.inner.restore(part)
-    }
-}
+kv_core::forward_kv_backend!(Table, inner);
 
 /// How [`open_with`] opens a table: the backend to force (none: the best available), and
 /// the options of each GPU backend compiled in.

@@ -18,6 +18,7 @@ mod bytes;
 mod cache;
 mod config;
 mod error;
+mod forward;
 mod image;
 mod options;
 
