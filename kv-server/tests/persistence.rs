@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use kv_core::{ByteConfig, ByteTable, ManualClock};
 use kv_server::{Fsync, Loaded, Persistence, ServeConfig, Server, Store};
-use redis::Value;
+
+mod common;
+use common::{client, q, q_err};
 
 fn cpu(cfg: ByteConfig) -> kv_core::Result<Box<dyn ByteTable>> {
     Ok(Box::new(kv_backend_cpu::CpuBytes::open(cfg)?))
@@ -56,31 +58,6 @@ fn start(p: &Persistence, cfg: ByteConfig) -> (Server, Loaded) {
     };
     let server = Server::start_store(config, store, "cpu").expect("the server starts");
     (server, loaded)
-}
-
-fn client(s: &Server) -> redis::Connection {
-    redis::Client::open(format!("redis://{}/", s.local_addr()))
-        .and_then(|c| c.get_connection())
-        .expect("a connection")
-}
-
-fn q<T: redis::FromRedisValue>(c: &mut redis::Connection, args: &[&str]) -> T {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(c).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn q_err(c: &mut redis::Connection, args: &[&str]) -> String {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    match cmd.query::<Value>(c) {
-        Err(e) => e.to_string(),
-        Ok(v) => panic!("{args:?} answered {v:?}, not an error"),
-    }
 }
 
 /// One field of `INFO persistence`.

@@ -15,6 +15,9 @@ use kv_server::{ServeConfig, Server};
 use proptest::prelude::*;
 use redis::Value;
 
+mod common;
+use common::{client, q, q_err};
+
 fn server_with(cfg: ServeConfig, bytes: ByteConfig) -> Server {
     let table = kv_backend_cpu::CpuBytes::open(bytes).expect("a byte table");
     Server::start(cfg, Arc::new(table), "cpu").expect("the server starts")
@@ -25,14 +28,6 @@ fn server() -> Server {
         ServeConfig::local(0),
         ByteConfig::new(1000).max_value_bytes(1 << 16),
     )
-}
-
-fn client(s: &Server) -> redis::Connection {
-    let url = format!("redis://{}/", s.local_addr());
-    redis::Client::open(url)
-        .expect("a client")
-        .get_connection()
-        .expect("a connection")
 }
 
 fn raw(s: &Server) -> TcpStream {
@@ -48,25 +43,6 @@ fn exchange(c: &mut TcpStream, req: &[u8], want: &[u8]) {
     let mut got = vec![0u8; want.len()];
     c.read_exact(&mut got).expect("read the reply");
     assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
-}
-
-fn q<T: redis::FromRedisValue>(c: &mut redis::Connection, args: &[&str]) -> T {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    cmd.query(c).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn q_err(c: &mut redis::Connection, args: &[&str]) -> String {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    match cmd.query::<Value>(c) {
-        Err(e) => e.to_string(),
-        Ok(v) => panic!("{args:?} answered {v:?}, not an error"),
-    }
 }
 
 #[test]
