@@ -269,19 +269,30 @@ pub unsafe fn warp_copy_row<M: Warp>(dst: u64, src: u64, width: u32, sync: bool)
         let mut j = l as u64;
         while j < w {
             // SAFETY: the caller guarantees both rows are valid for `width` words; j < w.
-            unsafe {
-                let v = if src == 0 {
-                    0
-                } else if sync {
-                    M::load_sync(w64(src, j))
-                } else {
-                    M::load(w64(src, j))
-                };
-                M::store(w64(dst, j), v);
-            }
+            unsafe { M::store(w64(dst, j), row_word_of::<M>(src, j, sync)) };
             j += 32;
         }
     });
+}
+
+/// Word `j` of the row at `row` (a word address): 0 when `row` is 0 (a row of zeros), read
+/// at device scope when `sync` (a row that other threads write while the kernel runs). The
+/// one read of a row word of the copies above and of the cache kernels' group copies.
+///
+/// # Safety
+/// Unless `row` is 0, it holds more than `j` words.
+#[inline(always)]
+pub unsafe fn row_word_of<M: Mem>(row: u64, j: u64, sync: bool) -> u64 {
+    // SAFETY: forwarded.
+    unsafe {
+        if row == 0 {
+            0
+        } else if sync {
+            M::load_sync(w64(row, j))
+        } else {
+            M::load(w64(row, j))
+        }
+    }
 }
 
 /// The address of `slot`'s key in the table's slot array.

@@ -76,7 +76,7 @@
 //! occurrence winning, so that the first occurrence is the one that returns the row.
 //! [`dedup`] and [`count_live`] stay a thread per item (per bucket).
 
-use super::{Group, Mem, Warp, group_lane0, lane0, w32, w64, warp_copy_row};
+use super::{Group, Mem, Warp, group_lane0, lane0, row_word_of, w32, w64, warp_copy_row};
 use crate::layout::{
     CACHE_BUCKET, CacheArgs, EvScratch, GROUP_LANES, cache_bucket, cache_counter, cache_digest,
     cache_policy, dedup_rank, home_slot, next_slot,
@@ -274,17 +274,8 @@ unsafe fn write_row<M: Mem>(
     }
     let mut j = j1 + g;
     while j < width {
-        let v = if src == 0 {
-            0
-        } else if sync {
-            // SAFETY: j < width.
-            unsafe { M::load_sync(w64(src, j)) }
-        } else {
-            // SAFETY: j < width.
-            unsafe { M::load(w64(src, j)) }
-        };
         // SAFETY: j < width.
-        unsafe { M::store(w64(dst, j), v) };
+        unsafe { M::store(w64(dst, j), row_word_of::<M>(src, j, sync)) };
         j += g;
     }
 }
