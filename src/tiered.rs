@@ -14,7 +14,9 @@
 //! LFU counts restart when an entry changes tier; times to live move with it.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kv_core::{
     CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description, Error, Evicted, KvBackend,
@@ -41,6 +43,60 @@ pub struct TierStats {
     pub demotions: u64,
     /// Entries that left the store (evicted from the lower tier).
     pub evictions: u64,
+    /// Time the store's batches spent in the upper tier's calls.
+    pub upper_time: Duration,
+    /// Time the store's batches spent in the lower tier's calls.
+    pub lower_time: Duration,
+    /// Time the store's batches spent between the tiers' calls: finding the misses,
+    /// choosing what moves, and copying it.
+    pub manager_time: Duration,
+}
+
+impl TierStats {
+    /// Runs `f`, one call into the upper tier, and adds its time to `upper_time`.
+    fn upper<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.upper_time += t.elapsed();
+        r
+    }
+
+    /// Runs `f`, one call into the lower tier, and adds its time to `lower_time`.
+    fn lower<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.lower_time += t.elapsed();
+        r
+    }
+}
+
+/// One batch's hold on the store: the gate's guard, whose drop adds the batch's time outside
+/// the tiers' calls to `manager_time`.
+struct Batch<'a> {
+    stats: MutexGuard<'a, TierStats>,
+    start: Instant,
+    tiers: Duration,
+}
+
+impl Deref for Batch<'_> {
+    type Target = TierStats;
+    fn deref(&self) -> &TierStats {
+        &self.stats
+    }
+}
+
+impl DerefMut for Batch<'_> {
+    fn deref_mut(&mut self) -> &mut TierStats {
+        &mut self.stats
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        let tiers = self.stats.upper_time + self.stats.lower_time - self.tiers;
+        let manager = self.start.elapsed().saturating_sub(tiers);
+        self.stats.manager_time += manager;
+    }
 }
 
 /// How a tiered store is made: one policy and clock for both tiers, and a budget each.
@@ -162,9 +218,9 @@ impl Tiered {
         })
     }
 
-    /// The counts since the store opened.
+    /// The counts and times since the store opened.
     pub fn stats(&self) -> TierStats {
-        *self.gate()
+        *self.counts()
     }
 
     /// The upper tier, for inspection (`describe`, `contains`, `cache_stats`). Writing
@@ -179,9 +235,21 @@ impl Tiered {
         &*self.lower
     }
 
-    /// One batch at a time across both tiers; the guard holds the counts.
-    fn gate(&self) -> MutexGuard<'_, TierStats> {
+    /// The counts, for reading.
+    fn counts(&self) -> MutexGuard<'_, TierStats> {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One batch at a time across both tiers; the guard holds the counts and times the
+    /// batch.
+    fn gate(&self) -> Batch<'_> {
+        let stats = self.counts();
+        let tiers = stats.upper_time + stats.lower_time;
+        Batch {
+            stats,
+            start: Instant::now(),
+            tiers,
+        }
     }
 
     /// Moves the upper tier's evictions `(keys, rows, expiry times)` down; returns what
@@ -207,10 +275,10 @@ impl Tiered {
         }
         let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
         let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
-        let gone = match self
-            .lower
-            .put_and_evict(CachePut::new(&dk, &dv).ttl_ms(&dt), &mut out)
-        {
+        let gone = match stats.lower(|| {
+            self.lower
+                .put_and_evict(CachePut::new(&dk, &dv).ttl_ms(&dt), &mut out)
+        }) {
             Ok(m) => {
                 k.truncate(m);
                 v.truncate(m * w);
@@ -240,7 +308,7 @@ impl Tiered {
         let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
         let m = {
             let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
-            self.upper.put_and_evict(batch, &mut out)?
+            stats.upper(|| self.upper.put_and_evict(batch, &mut out))?
         };
         if m == 0 {
             return Ok(Default::default());
@@ -248,7 +316,7 @@ impl Tiered {
         // A key evicted and then put again later in the same batch is above already, with
         // its newer row: its evicted copy is stale and goes nowhere.
         let mut above = vec![false; m];
-        self.upper.contains(&k[..m], &mut above)?;
+        stats.upper(|| self.upper.contains(&k[..m], &mut above))?;
         let last: HashMap<u64, usize> = batch
             .keys
             .iter()
@@ -300,7 +368,7 @@ impl KvBackend for Tiered {
         check_get(self.width, keys, values_out, found_out)?;
         let w = self.width;
         let mut stats = self.gate();
-        self.upper.get(keys, values_out, found_out)?;
+        stats.upper(|| self.upper.get(keys, values_out, found_out))?;
         // The misses, each key once, looked up below in one batch.
         let mut index: HashMap<u64, usize> = HashMap::new();
         let mut missing = Vec::new();
@@ -317,8 +385,10 @@ impl KvBackend for Tiered {
         }
         let m = missing.len();
         let (mut rows, mut found, mut expires) = (vec![0; m * w], vec![false; m], vec![0; m]);
-        self.lower
-            .take(&missing, &mut rows, &mut found, &mut expires)?;
+        stats.lower(|| {
+            self.lower
+                .take(&missing, &mut rows, &mut found, &mut expires)
+        })?;
         for (i, &k) in keys.iter().enumerate() {
             if found_out[i] {
                 continue;
@@ -358,16 +428,17 @@ impl KvBackend for Tiered {
     }
 
     fn delete(&self, keys: &[u64]) -> Result<usize> {
-        let _stats = self.gate();
-        Ok(self.upper.delete(keys)? + self.lower.delete(keys)?)
+        let mut stats = self.gate();
+        let above = stats.upper(|| self.upper.delete(keys))?;
+        Ok(above + stats.lower(|| self.lower.delete(keys))?)
     }
 
     fn contains(&self, keys: &[u64], found_out: &mut [bool]) -> Result<()> {
         check_contains(keys, found_out)?;
-        let _stats = self.gate();
-        self.upper.contains(keys, found_out)?;
+        let mut stats = self.gate();
+        stats.upper(|| self.upper.contains(keys, found_out))?;
         let mut below = vec![false; keys.len()];
-        self.lower.contains(keys, &mut below)?;
+        stats.lower(|| self.lower.contains(keys, &mut below))?;
         for (f, b) in found_out.iter_mut().zip(below) {
             *f |= b;
         }
@@ -375,7 +446,7 @@ impl KvBackend for Tiered {
     }
 
     fn len(&self) -> usize {
-        let _stats = self.gate();
+        let _stats = self.counts();
         self.upper.len() + self.lower.len()
     }
 
@@ -384,7 +455,7 @@ impl KvBackend for Tiered {
     }
 
     fn clear(&self) -> Result<()> {
-        let _stats = self.gate();
+        let _stats = self.counts();
         self.upper.clear()?;
         self.lower.clear()
     }
@@ -413,7 +484,7 @@ impl KvBackend for Tiered {
         // not deleted, so that a failure above can put them back.
         let n = batch.keys.len();
         let (mut tv, mut tf, mut tx) = (vec![0; n * w], vec![false; n], vec![0; n]);
-        self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx)?;
+        stats.lower(|| self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx))?;
         let (k, v, s, x) = match self.put_through(batch, &mut stats) {
             Ok(gone) => gone,
             Err(e) => {
@@ -441,10 +512,10 @@ impl KvBackend for Tiered {
     fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
         check_get(self.width, keys, values_out, found_out)?;
         let w = self.width;
-        let _stats = self.gate();
-        self.upper.peek(keys, values_out, found_out)?;
+        let mut stats = self.gate();
+        stats.upper(|| self.upper.peek(keys, values_out, found_out))?;
         let (mut v, mut f) = (vec![0; keys.len() * w], vec![false; keys.len()]);
-        self.lower.peek(keys, &mut v, &mut f)?;
+        stats.lower(|| self.lower.peek(keys, &mut v, &mut f))?;
         for i in 0..keys.len() {
             if !found_out[i] && f[i] {
                 values_out[i * w..(i + 1) * w].copy_from_slice(&v[i * w..(i + 1) * w]);
@@ -460,7 +531,7 @@ impl KvBackend for Tiered {
     }
 
     fn cache_stats(&self) -> Result<CacheStats> {
-        let t = self.gate();
+        let t = self.counts();
         let (u, l) = (self.upper.cache_stats()?, self.lower.cache_stats()?);
         Ok(CacheStats {
             evicted: t.evictions,

@@ -269,3 +269,31 @@ fn bad_tier_configs_are_refused() {
     let r = Tiered::new(cpu(cache(1)), cpu(cache(1)), CachePolicy::Custom, clock);
     assert!(matches!(r, Err(Error::InvalidConfig(_))));
 }
+
+#[test]
+fn batches_count_their_time_in_each_tier() {
+    for upper in uppers() {
+        let (t, _clock) = store(upper, CachePolicy::Lru, 64, 4096);
+        assert_eq!(
+            t.stats().upper_time + t.stats().lower_time,
+            Default::default()
+        );
+        let keys: Vec<u64> = (0..2000).collect();
+        let rows: Vec<u64> = keys.iter().flat_map(|&k| [k, !k]).collect();
+        t.put(&keys, &rows).expect("put");
+        let (mut v, mut f) = (vec![0; 4000], vec![false; 2000]);
+        t.get(&keys, &mut v, &mut f).expect("get");
+        assert!(
+            f.iter().all(|&f| f) && v == rows,
+            "{upper}: every key served"
+        );
+        let s = t.stats();
+        assert!(
+            !s.upper_time.is_zero() && !s.lower_time.is_zero() && !s.manager_time.is_zero(),
+            "{upper}: {s:?}"
+        );
+        let before = t.stats();
+        let _ = t.len();
+        assert_eq!(t.stats(), before, "{upper}: len is not a batch");
+    }
+}

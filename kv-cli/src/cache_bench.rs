@@ -38,6 +38,11 @@ pub struct Row {
     pub demotions: u64,
     pub evictions: u64,
     pub upper: String,
+    /// Nanoseconds an operation spent in the upper tier's calls, the lower tier's, and the
+    /// store's own work between them (the counted batches' [`vramkv::TierStats`] times).
+    pub ns_upper: f64,
+    pub ns_lower: f64,
+    pub ns_manager: f64,
 }
 
 /// The keys of one batch: `n` ranks drawn from Zipf(`keys`, `s`) (uniform when `s` is 0),
@@ -159,7 +164,13 @@ pub fn run_one(
     let gets = (s.upper_hits + s.lower_hits + s.misses)
         - (counted.upper_hits + counted.lower_hits + counted.misses);
     let gets = gets.max(1) as f64;
+    let per_op = |now: std::time::Duration, then: std::time::Duration| {
+        (now - then).as_secs_f64() * 1e9 / ops.max(1) as f64
+    };
     Ok(Row {
+        ns_upper: per_op(s.upper_time, counted.upper_time),
+        ns_lower: per_op(s.lower_time, counted.lower_time),
+        ns_manager: per_op(s.manager_time, counted.manager_time),
         zipf,
         space,
         upper_slots,
@@ -183,7 +194,7 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
         8 * width
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>24}",
         "zipf",
         "space",
         "upper",
@@ -195,11 +206,12 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
         "LRU %",
         "promoted",
         "demoted",
-        "evicted"
+        "evicted",
+        "ns/op upper/lower/mgr"
     );
     for r in rows {
         println!(
-            "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>10} {:>9}",
+            "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>10} {:>9} {:>24}",
             if r.zipf == 0.0 {
                 "unif".to_string()
             } else {
@@ -215,7 +227,11 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
             100.0 * r.lru_hit,
             r.promotions,
             r.demotions,
-            r.evictions
+            r.evictions,
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                r.ns_upper, r.ns_lower, r.ns_manager
+            )
         );
     }
 }
