@@ -28,6 +28,7 @@ mod part;
 pub use bytes::CpuBytes;
 pub use cache::CpuCache;
 
+use kv_core::par::Scatter;
 use kv_core::{
     Applied, Books, Description, Error, Housekeeping, KvBackend, Result, TableConfig, TableImage,
     check_contains, check_get, check_put, count_distinct, prepare_put,
@@ -266,32 +267,6 @@ fn for_each_prefetched(part: &mut Part, keys: &[u64], mut f: impl FnMut(&mut Par
     }
 }
 
-/// A raw pointer that rayon tasks may share; each task writes only its own indices.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut u64);
-// SAFETY: the pointer is only written at indices that the counting sort hands to exactly
-// one task, and the Vec it points into outlives the parallel loop.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above; no two tasks touch the same element.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// # Safety
-    /// `i..i + src.len()` is in bounds of the allocation and no other thread accesses it.
-    unsafe fn write(&self, i: usize, src: &[u64]) {
-        // SAFETY: guaranteed by the caller; `src` is a different allocation.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(i), src.len()) }
-    }
-
-    /// # Safety
-    /// As for [`SharedOut::write`], for one element.
-    #[inline(always)]
-    unsafe fn write_one(&self, i: usize, v: u64) {
-        // SAFETY: guaranteed by the caller.
-        unsafe { self.0.add(i).write(v) }
-    }
-}
-
 /// A batch's keys (and value rows) regrouped by partition, stable within each partition,
 /// so that every partition reads its share sequentially.
 enum Sorted<'a> {
@@ -344,10 +319,7 @@ impl<'a> Sorted<'a> {
             buf.clear();
             buf.reserve(len);
         }
-        let (ko, vo) = (
-            SharedOut(sorted_keys.as_mut_ptr()),
-            SharedOut(sorted_vals.as_mut_ptr()),
-        );
+        let (ko, vo) = (Scatter::spare(sorted_keys), Scatter::spare(sorted_vals));
         keys.par_chunks(chunk)
             .zip(starts)
             .enumerate()
@@ -359,11 +331,11 @@ impl<'a> Sorted<'a> {
                     // computed from the histograms above, so it is in bounds and no other task
                     // writes it; rows are `w` words at `w` times the same index.
                     unsafe {
-                        ko.write_one(dst, *k);
+                        ko.write(dst, *k);
                         if w == 1 {
-                            vo.write_one(dst, vals[src]);
+                            vo.write(dst, vals[src]);
                         } else if w > 1 {
-                            vo.write(dst * w, &vals[src * w..(src + 1) * w]);
+                            vo.write_slice(dst * w, &vals[src * w..(src + 1) * w]);
                         }
                     }
                     next[p] += 1;

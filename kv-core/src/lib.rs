@@ -21,6 +21,7 @@ mod error;
 mod forward;
 mod image;
 mod options;
+pub mod par;
 
 pub use backend::{
     Audit, Description, KvBackend, check_contains, check_get, check_get_len, check_put,

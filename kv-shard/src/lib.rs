@@ -52,6 +52,7 @@
 use std::borrow::Cow;
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use kv_core::par::Scatter;
 use kv_core::{
     Applied, Books, Description, Error, Housekeeping, ImagePart, KvBackend, Result, TableConfig,
     TableImage, check_contains, check_get, check_put, count_distinct, prepare_put,
@@ -104,24 +105,6 @@ struct Split<'a> {
     index: Vec<Vec<usize>>,
     /// The rest of the pooled buffers (the answers').
     rest: Bufs,
-}
-
-/// A raw pointer that the tasks of a split or a scatter share; each task writes only
-/// places that no other task writes.
-#[derive(Clone, Copy)]
-struct Out<T>(*mut T);
-// SAFETY: the pointer is only written at places handed to exactly one task (a run's part of
-// a shard's array, or the batch positions of one shard's keys, which are a permutation),
-// and the memory it points into outlives the parallel loop.
-unsafe impl<T: Send> Send for Out<T> {}
-// SAFETY: as above.
-unsafe impl<T: Send> Sync for Out<T> {}
-
-impl<T> Out<T> {
-    /// The pointer (a method, so that closures capture the whole `Out`, which is `Sync`).
-    fn ptr(self) -> *mut T {
-        self.0
-    }
 }
 
 impl Sharded {
@@ -273,9 +256,9 @@ impl Sharded {
             x.clear();
             x.reserve(totals[d]);
         }
-        let kp: Vec<Out<u64>> = out_keys.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
-        let vp: Vec<Out<u64>> = out_values.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
-        let ip: Vec<Out<usize>> = out_index.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+        let kp: Vec<Scatter<u64>> = out_keys.iter_mut().map(Scatter::spare).collect();
+        let vp: Vec<Scatter<u64>> = out_values.iter_mut().map(Scatter::spare).collect();
+        let ip: Vec<Scatter<usize>> = out_index.iter_mut().map(Scatter::spare).collect();
         keys.par_chunks(RUN)
             .zip(starts)
             .enumerate()
@@ -289,14 +272,10 @@ impl Sharded {
                     // from the counts above (each key counted once), so it is below the
                     // reserved capacity and no other run writes it.
                     unsafe {
-                        kp[d].ptr().add(at).write(k);
-                        ip[d].ptr().add(at).write(i);
+                        kp[d].write(at, k);
+                        ip[d].write(at, i);
                         if let Some(v) = values {
-                            std::ptr::copy_nonoverlapping(
-                                v.as_ptr().add(i * w),
-                                vp[d].ptr().add(at * w),
-                                w,
-                            );
+                            vp[d].write_slice(at * w, &v[i * w..(i + 1) * w]);
                         }
                     }
                 }
@@ -415,8 +394,8 @@ impl Sharded {
             .into_iter()
             .map(|m| m.into_inner().unwrap_or_else(PoisonError::into_inner))
             .collect();
-        let fo = Out(found_out.as_mut_ptr());
-        let vo = values_out.map(|v| Out(v.as_mut_ptr()));
+        let fo = Scatter::new(found_out);
+        let vo = values_out.map(Scatter::new);
         answers.par_iter().enumerate().for_each(|(d, (v, f))| {
             split.index[d]
                 .par_chunks(RUN)
@@ -429,13 +408,9 @@ impl Sharded {
                         // written by this one task, inside the caller's slices (checked
                         // lengths: `keys.len()` flags and `keys.len() * w` words).
                         unsafe {
-                            fo.ptr().add(i).write(f[j]);
+                            fo.write(i, f[j]);
                             if let Some(vo) = vo {
-                                std::ptr::copy_nonoverlapping(
-                                    v.as_ptr().add(j * w),
-                                    vo.ptr().add(i * w),
-                                    w,
-                                );
+                                vo.write_slice(i * w, &v[j * w..(j + 1) * w]);
                             }
                         }
                     }
