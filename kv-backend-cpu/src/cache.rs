@@ -2,11 +2,11 @@
 //! key only in its home bucket (`kv_kernels::layout::cache_bucket`), the lowest score
 //! evicted when a new key finds its bucket full (docs/cache.md).
 //!
-//! A batch is applied bucket by bucket: its items are sorted (stably) by home bucket, the
-//! buckets are cut into shards, and the shards run on all cores, each applying its items in
-//! batch order. Every bucket therefore sees its keys exactly as a sequential loop over the
-//! batch would, so the last occurrence of a key wins and every eviction is the one the
-//! sequential rule picks.
+//! A batch is applied shard by shard: the buckets are cut into shards, the batch's items
+//! are partitioned (stably) by the shard of their home bucket, and the shards run on all
+//! cores, each applying its items in batch order. Every bucket therefore sees its keys
+//! exactly as a sequential loop over the batch would, so the last occurrence of a key wins
+//! and every eviction is the one the sequential rule picks.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -191,49 +191,50 @@ impl CpuCache {
         cache_bucket(key, self.seed, buckets as u64) as usize
     }
 
-    /// Runs `f` over the batch's items bucket by bucket: `f(bucket index, bucket, rows of
-    /// the bucket, items of the bucket in batch order, delta)`, shards of buckets in
-    /// parallel.
+    /// Runs `f` over the batch's items, `f(bucket index, bucket, rows of the bucket, the
+    /// item (one), delta)`: the buckets are cut into shards, each shard on a core of its
+    /// own, and a shard's items (a stable counting partition of the batch) run in batch
+    /// order, so that each bucket sees its items in batch order.
     fn by_bucket<F>(&self, st: &mut State, keys: &[u64], f: F) -> Delta
     where
         F: Fn(usize, &mut Bucket, &mut [u64], &[u32], &mut Delta) + Sync,
     {
+        /// Items ahead whose buckets are fetched while an item runs.
+        const AHEAD: usize = 8;
         let nb = st.buckets.len();
         let w = self.width;
         let home: Vec<u32> = keys
             .par_iter()
             .map(|&k| self.bucket_of(k, nb) as u32)
             .collect();
-        let mut order: Vec<u32> = (0..keys.len() as u32).collect();
-        // Stable: a bucket's items stay in batch order.
-        order.par_sort_by_key(|&i| home[i as usize]);
         let shards = (rayon::current_num_threads() * 8).clamp(1, nb);
         let per = nb.div_ceil(shards);
-        let order = &order;
-        let home = &home;
-        let f = &f;
+        let (order, bounds) =
+            kv_core::par::partition(keys.len(), nb.div_ceil(per), |i| home[i] as usize / per);
+        let (order, bounds, home, f) = (&order, &bounds, &home, &f);
         st.buckets
             .par_chunks_mut(per)
             .zip(st.rows.par_chunks_mut(per * B * w))
             .enumerate()
             .map(|(s, (buckets, rows))| {
-                let (lo, hi) = (s * per, s * per + buckets.len());
-                let start = order.partition_point(|&i| (home[i as usize] as usize) < lo);
-                let end = order.partition_point(|&i| (home[i as usize] as usize) < hi);
+                let lo = s * per;
+                let items = &order[bounds[s]..bounds[s + 1]];
                 let mut d = Delta::default();
-                let mut at = start;
-                while at < end {
-                    let b = home[order[at] as usize] as usize;
-                    let run = order[at..end].partition_point(|&i| home[i as usize] as usize == b);
-                    let local = b - lo;
+                for (j, i) in items.iter().enumerate() {
+                    if let Some(&next) = items.get(j + AHEAD) {
+                        let bucket = &buckets[home[next as usize] as usize - lo];
+                        for line in 0..B / 8 {
+                            crate::part::prefetch(&bucket.keys[line * 8]);
+                        }
+                    }
+                    let local = home[*i as usize] as usize - lo;
                     f(
-                        b,
+                        lo + local,
                         &mut buckets[local],
                         &mut rows[local * B * w..(local + 1) * B * w],
-                        &order[at..at + run],
+                        std::slice::from_ref(i),
                         &mut d,
                     );
-                    at += run;
                 }
                 d
             })
