@@ -13,15 +13,17 @@
 //!
 //! LFU counts restart when an entry changes tier; times to live move with it.
 
-use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kv_core::{
     CacheConfig, CachePolicy, CachePut, CacheStats, Clock, Description, Error, Evicted, KvBackend,
-    Result, TableConfig, check_contains, check_get,
+    Result, TableConfig, check_cache_batch, check_contains, check_get,
 };
+
+use kv_core::par::Scatter;
+use rayon::prelude::*;
 
 use crate::{BackendKind, Options};
 
@@ -260,15 +262,19 @@ impl Tiered {
     fn demote(&self, keys: &[u64], rows: &[u64], expires: &[u64], stats: &mut TierStats) -> Gone {
         let w = self.width;
         let now = self.clock.now_ms();
-        let (mut dk, mut dv, mut dt) = (Vec::new(), Vec::new(), Vec::new());
-        for (j, (&k, &e)) in keys.iter().zip(expires).enumerate() {
-            if e != 0 && e <= now {
-                continue;
-            }
-            dk.push(k);
-            dv.extend_from_slice(&rows[j * w..(j + 1) * w]);
-            dt.push(if e == 0 { 0 } else { e - now });
-        }
+        let live: Vec<u32> = (0..keys.len() as u32)
+            .into_par_iter()
+            .filter(|&j| expires[j as usize] == 0 || expires[j as usize] > now)
+            .collect();
+        let dk = gather(keys, &live, 1);
+        let dv = gather(rows, &live, w);
+        let dt: Vec<u64> = live
+            .par_iter()
+            .map(|&j| match expires[j as usize] {
+                0 => 0,
+                e => e - now,
+            })
+            .collect();
         let n = dk.len();
         if n == 0 {
             return Default::default();
@@ -314,35 +320,47 @@ impl Tiered {
             return Ok(Default::default());
         }
         // A key evicted and then put again later in the same batch is above already, with
-        // its newer row: its evicted copy is stale and goes nowhere.
+        // its newer row: its evicted copy is stale and goes nowhere. A key evicted twice
+        // moves down once.
         let mut above = vec![false; m];
         stats.upper(|| self.upper.contains(&k[..m], &mut above))?;
-        let last: HashMap<u64, usize> = batch
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, &key)| (key, i))
+        let gone: Vec<u32> = (0..m as u32)
+            .into_par_iter()
+            .filter(|&j| !above[j as usize])
             .collect();
+        let once = kv_core::par::distinct(&k, &gone);
+        let dk = once.keys;
+        // Its row is the batch's last for it, if the batch put it (the newest), else the
+        // one evicted.
+        let last = kv_core::par::last_positions(batch.keys, &dk);
         let now = self.clock.now_ms();
-        let mut seen = std::collections::HashSet::new();
-        let (mut dk, mut dv, mut dx) = (Vec::new(), Vec::new(), Vec::new());
-        for j in (0..m).filter(|&j| !above[j]) {
-            if !seen.insert(k[j]) {
-                continue;
-            }
-            dk.push(k[j]);
-            match last.get(&k[j]) {
-                Some(&i) => {
-                    dv.extend_from_slice(&batch.values[i * w..(i + 1) * w]);
-                    let ttl = batch.ttl_ms.map_or(0, |t| t[i]);
-                    dx.push(if ttl == 0 { 0 } else { now.saturating_add(ttl) });
-                }
-                None => {
-                    dv.extend_from_slice(&v[j * w..(j + 1) * w]);
-                    dx.push(x[j]);
-                }
-            }
-        }
+        let dv: Vec<u64> = once
+            .first
+            .par_iter()
+            .zip(&last)
+            .flat_map_iter(|(&f, at)| {
+                let row = match *at {
+                    Some(i) => &batch.values[i * w..(i + 1) * w],
+                    None => {
+                        let j = gone[f as usize] as usize;
+                        &v[j * w..(j + 1) * w]
+                    }
+                };
+                row.iter().copied()
+            })
+            .collect();
+        let dx: Vec<u64> = once
+            .first
+            .par_iter()
+            .zip(&last)
+            .map(|(&f, at)| match *at {
+                Some(i) => match batch.ttl_ms.map_or(0, |t| t[i]) {
+                    0 => 0,
+                    ttl => now.saturating_add(ttl),
+                },
+                None => x[gone[f as usize] as usize],
+            })
+            .collect();
         Ok(self.demote(&dk, &dv, &dx, stats))
     }
 
@@ -366,55 +384,65 @@ impl KvBackend for Tiered {
 
     fn get(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {
         check_get(self.width, keys, values_out, found_out)?;
+        // Positions are kept in u32 words on the host as on the devices.
+        check_cache_batch(keys.len())?;
         let w = self.width;
         let mut stats = self.gate();
         stats.upper(|| self.upper.get(keys, values_out, found_out))?;
         // The misses, each key once, looked up below in one batch.
-        let mut index: HashMap<u64, usize> = HashMap::new();
-        let mut missing = Vec::new();
-        for (i, &k) in keys.iter().enumerate() {
-            if found_out[i] {
-                stats.upper_hits += 1;
-            } else if let std::collections::hash_map::Entry::Vacant(e) = index.entry(k) {
-                e.insert(missing.len());
-                missing.push(k);
-            }
-        }
-        if missing.is_empty() {
+        let missed: Vec<u32> = (0..keys.len() as u32)
+            .into_par_iter()
+            .filter(|&i| !found_out[i as usize])
+            .collect();
+        stats.upper_hits += (keys.len() - missed.len()) as u64;
+        if missed.is_empty() {
             return Ok(());
         }
-        let m = missing.len();
+        let missing = kv_core::par::distinct(keys, &missed);
+        let m = missing.keys.len();
         let (mut rows, mut found, mut expires) = (vec![0; m * w], vec![false; m], vec![0; m]);
         stats.lower(|| {
             self.lower
-                .take(&missing, &mut rows, &mut found, &mut expires)
+                .take(&missing.keys, &mut rows, &mut found, &mut expires)
         })?;
-        for (i, &k) in keys.iter().enumerate() {
-            if found_out[i] {
-                continue;
-            }
-            let j = index[&k];
-            if found[j] {
-                values_out[i * w..(i + 1) * w].copy_from_slice(&rows[j * w..(j + 1) * w]);
-                found_out[i] = true;
-                stats.lower_hits += 1;
-            } else {
-                stats.misses += 1;
-            }
-        }
-        // Promote the lower tier's hits, with what is left of their times to live.
+        let (vo, fo) = (Scatter::new(values_out), Scatter::new(found_out));
+        let served = missed
+            .par_iter()
+            .zip(&missing.index)
+            .filter(|&(&i, &d)| {
+                let (i, d) = (i as usize, d as usize);
+                if found[d] {
+                    // SAFETY: `missed` holds each batch position once, so this task alone
+                    // writes position `i` (in bounds: checked lengths).
+                    unsafe {
+                        vo.write_slice(i * w, &rows[d * w..(d + 1) * w]);
+                        fo.write(i, true);
+                    }
+                }
+                found[d]
+            })
+            .count();
+        stats.lower_hits += served as u64;
+        stats.misses += (missed.len() - served) as u64;
+        // Promote the lower tier's hits, with what is left of their times to live; one
+        // whose time came while the batch ran was served, but is not moved up.
         let now = self.clock.now_ms();
-        let (mut up, mut up_rows, mut up_ttl) = (Vec::new(), Vec::new(), Vec::new());
-        for j in (0..m).filter(|&j| found[j]) {
-            let e = expires[j];
-            if e != 0 && e <= now {
-                // Its time came while the batch ran: served, but not moved up.
-                continue;
-            }
-            up.push(missing[j]);
-            up_rows.extend_from_slice(&rows[j * w..(j + 1) * w]);
-            up_ttl.push(if e == 0 { 0 } else { e - now });
-        }
+        let up_at: Vec<u32> = (0..m as u32)
+            .into_par_iter()
+            .filter(|&d| {
+                let (f, e) = (found[d as usize], expires[d as usize]);
+                f && (e == 0 || e > now)
+            })
+            .collect();
+        let up = gather(&missing.keys, &up_at, 1);
+        let up_rows = gather(&rows, &up_at, w);
+        let up_ttl: Vec<u64> = up_at
+            .par_iter()
+            .map(|&d| match expires[d as usize] {
+                0 => 0,
+                e => e - now,
+            })
+            .collect();
         stats.promotions += up.len() as u64;
         if let Err(e) = self.put_through(CachePut::new(&up, &up_rows).ttl_ms(&up_ttl), &mut stats) {
             let up_exp: Vec<u64> = up_ttl
@@ -478,6 +506,7 @@ impl KvBackend for Tiered {
     fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
         batch.check(self.width, CachePolicy::Lru)?;
         evicted.check(batch.keys.len(), self.width)?;
+        check_cache_batch(batch.keys.len())?;
         let w = self.width;
         let mut stats = self.gate();
         // The batch's keys leave the lower tier: each key lives in one tier. They are taken,
@@ -551,11 +580,22 @@ fn found_parts(
     expires: &[u64],
     w: usize,
 ) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
-    let (mut k, mut v, mut x) = (Vec::new(), Vec::new(), Vec::new());
-    for i in (0..keys.len()).filter(|&i| found[i]) {
-        k.push(keys[i]);
-        v.extend_from_slice(&rows[i * w..(i + 1) * w]);
-        x.push(expires[i]);
-    }
-    (k, v, x)
+    let at: Vec<u32> = (0..keys.len() as u32)
+        .into_par_iter()
+        .filter(|&i| found[i as usize])
+        .collect();
+    (
+        gather(keys, &at, 1),
+        gather(rows, &at, w),
+        gather(expires, &at, 1),
+    )
+}
+
+/// The rows `at` of `src` (rows of `w` words), in that order, on all cores.
+fn gather(src: &[u64], at: &[u32], w: usize) -> Vec<u64> {
+    let mut out = vec![0; at.len() * w];
+    out.par_chunks_mut(w.max(1))
+        .zip(at)
+        .for_each(|(dst, &i)| dst.copy_from_slice(&src[i as usize * w..(i as usize + 1) * w]));
+    out
 }
