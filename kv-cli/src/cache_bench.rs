@@ -8,8 +8,9 @@
 //! run first, in one batch; their misses are then put (the cache fills as a cache-aside
 //! client would fill it), then the puts. The lower tier holds the whole key space, so what
 //! the upper tier misses is served from host RAM and promoted. The exact LRU replays the
-//! same accesses in the same order on the CPU (`lru` crate). The first batch warms the
-//! cache and is not counted.
+//! same accesses in the same order on the CPU (`lru` crate). Batches warm the cache,
+//! uncounted, until the upper tier holds 90 % of its capacity (at most
+//! [`MAX_WARM`] of them); then `--batches` batches are counted.
 
 use std::time::Instant;
 
@@ -23,6 +24,9 @@ use vramkv::{
 };
 
 use crate::workload::mix;
+
+/// The most warm-up batches a configuration runs before its counted ones.
+pub const MAX_WARM: usize = 256;
 
 /// One configuration's figures.
 pub struct Row {
@@ -43,6 +47,8 @@ pub struct Row {
     pub ns_upper: f64,
     pub ns_lower: f64,
     pub ns_manager: f64,
+    /// Uncounted batches that warmed the cache.
+    pub warm: usize,
 }
 
 /// The keys of one batch: `n` ranks drawn from Zipf(`keys`, `s`) (uniform when `s` is 0),
@@ -94,8 +100,11 @@ pub fn run_one(
     let (mut secs, mut ops) = (0.0f64, 0u64);
     let mut rng = StdRng::seed_from_u64(seed);
     let mut counted = store.stats();
-    for b in 0..batches {
-        let stream = draw(keys, zipf, items, seed ^ mix(b as u64 + 1))?;
+    let (mut warm, mut b) = (0usize, 0usize);
+    let full = upper_slots * 9 / 10;
+    while b < batches {
+        let warming = warm < MAX_WARM && (warm == 0 || store.upper().len() < full);
+        let stream = draw(keys, zipf, items, seed ^ mix((warm + b) as u64 + 1))?;
         let is_get: Vec<bool> = (0..items).map(|_| rng.random_range(0..10) != 0).collect();
         let gets: Vec<u64> = stream
             .iter()
@@ -139,7 +148,7 @@ pub fn run_one(
         let mut misses = Vec::new();
         for &k in &gets {
             if lru.get(&k).is_some() {
-                if b > 0 {
+                if !warming {
                     lru_hits += 1;
                 }
             } else {
@@ -152,10 +161,12 @@ pub fn run_one(
                 lru.pop_lru();
             }
         }
-        if b == 0 {
+        if warming {
+            warm += 1;
             counted = store.stats();
             continue;
         }
+        b += 1;
         lru_gets += gets.len() as u64;
         secs += dt;
         ops += items as u64;
@@ -184,6 +195,7 @@ pub fn run_one(
         demotions: s.demotions - counted.demotions,
         evictions: s.evictions - counted.evictions,
         upper: store.upper().describe().backend.to_string(),
+        warm,
     })
 }
 
@@ -194,12 +206,13 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
         8 * width
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>24}",
+        "{:>6} {:>6} {:>6} {:>11} {:>11} {:>5} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>24}",
         "zipf",
         "space",
         "upper",
         "upper slots",
         "keys",
+        "warm",
         "M ops/s",
         "upper %",
         "total %",
@@ -211,7 +224,7 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
     );
     for r in rows {
         println!(
-            "{:>6} {:>6} {:>6} {:>11} {:>11} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>10} {:>9} {:>24}",
+            "{:>6} {:>6} {:>6} {:>11} {:>11} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10} {:>10} {:>9} {:>24}",
             if r.zipf == 0.0 {
                 "unif".to_string()
             } else {
@@ -221,6 +234,7 @@ pub fn print(width: usize, items: usize, rows: &[Row]) {
             r.upper,
             r.upper_slots,
             r.keys,
+            r.warm,
             r.mops,
             100.0 * r.upper_hit,
             100.0 * r.total_hit,
