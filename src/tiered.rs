@@ -364,6 +364,24 @@ impl Tiered {
         Ok(self.demote(&dk, &dv, &dx, stats))
     }
 
+    /// The put of [`KvBackend::put_and_evict`] and [`KvBackend::put_cached`]: checks the
+    /// batch, takes its keys out of the lower tier (each key lives in one tier; taken, not
+    /// deleted, so that a failure above can put them back), puts it through, and returns
+    /// what left the store.
+    fn put_leaving(&self, batch: CachePut<'_>) -> Result<Gone> {
+        batch.check(self.width, CachePolicy::Lru)?;
+        check_cache_batch(batch.keys.len())?;
+        let w = self.width;
+        let mut stats = self.gate();
+        let n = batch.keys.len();
+        let (mut tv, mut tf, mut tx) = (vec![0; n * w], vec![false; n], vec![0; n]);
+        stats.lower(|| self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx))?;
+        self.put_through(batch, &mut stats).inspect_err(|_| {
+            let (rk, rv, rx) = found_parts(batch.keys, &tv, &tf, &tx, w);
+            self.restore(&rk, &rv, &rx, &mut stats);
+        })
+    }
+
     /// Puts `keys` (rows, expiry times) back into the lower tier after a failed step, as
     /// well as it can: what it cannot take is counted as evicted.
     fn restore(&self, keys: &[u64], rows: &[u64], expires: &[u64], stats: &mut TierStats) {
@@ -506,23 +524,8 @@ impl KvBackend for Tiered {
     fn put_and_evict(&self, batch: CachePut<'_>, evicted: &mut Evicted<'_>) -> Result<usize> {
         batch.check(self.width, CachePolicy::Lru)?;
         evicted.check(batch.keys.len(), self.width)?;
-        check_cache_batch(batch.keys.len())?;
-        let w = self.width;
-        let mut stats = self.gate();
-        // The batch's keys leave the lower tier: each key lives in one tier. They are taken,
-        // not deleted, so that a failure above can put them back.
-        let n = batch.keys.len();
-        let (mut tv, mut tf, mut tx) = (vec![0; n * w], vec![false; n], vec![0; n]);
-        stats.lower(|| self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx))?;
-        let (k, v, s, x) = match self.put_through(batch, &mut stats) {
-            Ok(gone) => gone,
-            Err(e) => {
-                let (rk, rv, rx) = found_parts(batch.keys, &tv, &tf, &tx, w);
-                self.restore(&rk, &rv, &rx, &mut stats);
-                return Err(e);
-            }
-        };
-        let m = k.len();
+        let (k, v, s, x) = self.put_leaving(batch)?;
+        let (m, w) = (k.len(), self.width);
         evicted.keys[..m].copy_from_slice(&k);
         evicted.values[..m * w].copy_from_slice(&v);
         evicted.scores[..m].copy_from_slice(&s);
@@ -533,9 +536,7 @@ impl KvBackend for Tiered {
     }
 
     fn put_cached(&self, batch: CachePut<'_>) -> Result<usize> {
-        let n = batch.keys.len();
-        let (mut k, mut v, mut s) = (vec![0; n], vec![0; n * self.width], vec![0; n]);
-        self.put_and_evict(batch, &mut Evicted::new(&mut k, &mut v, &mut s))
+        Ok(self.put_leaving(batch)?.0.len())
     }
 
     fn peek(&self, keys: &[u64], values_out: &mut [u64], found_out: &mut [bool]) -> Result<()> {

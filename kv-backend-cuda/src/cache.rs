@@ -34,7 +34,10 @@
 //! the kernels. [`CudaCache::last_batch_ms`] reports the device time of the last put or
 //! lookup, by CUDA events.
 //!
-//! Host copies are pageable (`cuMemcpy` from and to the caller's slices).
+//! A host batch moves through page-locked staging ([`HostStage`]): its inputs are copied on
+//! all cores into write-combined pinned memory and sent with asynchronous copies; its
+//! outputs come back into cached pinned memory, queued behind the kernels, and are copied
+//! out on all cores after the one wait that reads the batch's counters.
 //!
 //! An export copies the table's arrays to the host under the mutex and decodes them after
 //! (`kv_staging::image::CacheArrays`); a restore runs the put kernels with the custom
@@ -54,10 +57,11 @@ use kv_core::{
 use kv_kernels::layout::{
     CacheArgs, CacheTableArgs, EvScratch, cache_bucket, cache_counter, cache_policy, local_slots,
 };
+use kv_staging::copy::{CopyMode, par_bools, par_copy};
 use kv_staging::image::{CacheArrays, CacheRestore, policy_word};
 
 use crate::gpu::{BACKEND, CacheKernels, Device, Drv, device_error};
-use crate::memory::{DevBuf, stream};
+use crate::memory::{DevBuf, Pinned, dtoh_slice, htod_slice, stream};
 use crate::options::CudaOptions;
 
 const B: usize = CACHE_BUCKET_SLOTS;
@@ -180,6 +184,137 @@ impl Staging {
     }
 }
 
+/// Page-locked host staging of a host batch: `inp` (write-combined: the host only writes
+/// it) holds the inputs on their way to the device, `out` (cached: the host reads it) the
+/// outputs on their way back, each several arrays one after another. Grown to the next
+/// power of two of what a batch needs, never shrunk. The table's lock and the wait at the
+/// end of every batch mean that no copy from or into them is in flight when a batch
+/// starts.
+#[derive(Default)]
+struct HostStage {
+    inp: Option<Pinned<u64>>,
+    out: Option<Pinned<u64>>,
+}
+
+/// An output queued into [`HostStage::out`]: its place there, in bytes.
+#[derive(Clone, Copy)]
+struct Queued {
+    at: usize,
+    bytes: usize,
+}
+
+/// `slot`'s pinned buffer, made anew with room for the next power of two of `words` when
+/// it holds fewer.
+fn pinned_room<'a>(
+    dev: &Device,
+    slot: &'a mut Option<Pinned<u64>>,
+    words: usize,
+    write_combined: bool,
+) -> Result<&'a mut Pinned<u64>> {
+    if slot.as_ref().is_none_or(|p| p.len() < words) {
+        *slot = None;
+        *slot = Some(Pinned::new(
+            dev,
+            words.next_power_of_two().max(1 << 12),
+            write_combined,
+        )?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| device_error("pinned staging missing after allocation"))
+}
+
+impl HostStage {
+    /// Copies each input `(src, device address)` into `inp` on all cores, one after
+    /// another, then enqueues its copy to the device on `stream`.
+    fn send(
+        &mut self,
+        dev: &Device,
+        mode: CopyMode,
+        parts: &[(&[u64], u64)],
+        stream: &CudaStream,
+    ) -> Result<()> {
+        let words = parts.iter().map(|(src, _)| src.len()).sum();
+        let inp = pinned_room(dev, &mut self.inp, words, true)?;
+        // SAFETY: no copy from or into `inp` is in flight (see the type's docs).
+        let buf = unsafe { inp.as_mut_slice() };
+        let mut at = 0;
+        for (src, _) in parts {
+            par_copy(mode, &mut buf[at..at + src.len()], src);
+            at += src.len();
+        }
+        let mut at = 0;
+        for &(src, dst) in parts {
+            // SAFETY: `buf` is page-locked; it is neither written nor freed before the
+            // stream passes the copy (the batch waits for its stream before it returns),
+            // and `dst` is a staging array of at least `src.len()` words (the caller's).
+            unsafe { htod_slice(dst, &buf[at..at + src.len()], stream) }?;
+            at += src.len();
+        }
+        Ok(())
+    }
+
+    /// Enqueues the copies of each output `(device address, bytes)` into `out` on
+    /// `stream`, each at an 8-byte boundary; returns their places, for
+    /// [`received`](Self::received) once the stream has been waited for.
+    fn fetch(
+        &mut self,
+        dev: &Device,
+        parts: &[(u64, usize)],
+        stream: &CudaStream,
+    ) -> Result<Vec<Queued>> {
+        let words = parts.iter().map(|(_, b)| b.div_ceil(8)).sum();
+        let out = pinned_room(dev, &mut self.out, words, false)?;
+        // SAFETY: no copy from or into `out` is in flight (see the type's docs).
+        let buf: &mut [u8] = bytemuck::cast_slice_mut(unsafe { out.as_mut_slice() });
+        let mut at = 0;
+        let mut placed = Vec::with_capacity(parts.len());
+        for &(src, bytes) in parts {
+            // SAFETY: `buf` is page-locked and is neither read nor freed before the
+            // stream has been waited for (`received`'s caller's promise); `src` holds
+            // `bytes` bytes (a staging array the caller sized).
+            unsafe { dtoh_slice(&mut buf[at..at + bytes], src, stream) }?;
+            placed.push(Queued { at, bytes });
+            at += bytes.div_ceil(8) * 8;
+        }
+        Ok(placed)
+    }
+
+    /// The bytes of a fetched output.
+    ///
+    /// # Safety
+    /// The stream that [`fetch`](Self::fetch) queued the copy on has been waited for since.
+    unsafe fn received(&self, q: Queued) -> Result<&[u8]> {
+        let out = self
+            .out
+            .as_ref()
+            .ok_or_else(|| device_error("pinned staging missing"))?;
+        // SAFETY: the copies into `out` are done (the caller's promise).
+        let buf: &[u8] = bytemuck::cast_slice(unsafe { out.as_slice() });
+        Ok(&buf[q.at..q.at + q.bytes])
+    }
+
+    /// Copies a fetched output of u64 words into `dst` on all cores.
+    ///
+    /// # Safety
+    /// As for [`received`](Self::received).
+    unsafe fn words_into(&self, mode: CopyMode, q: Queued, dst: &mut [u64]) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        let src: &[u64] = bytemuck::cast_slice(unsafe { self.received(q) }?);
+        par_copy(mode, dst, src);
+        Ok(())
+    }
+
+    /// Writes a fetched output of flag bytes into `dst` as bools, on all cores.
+    ///
+    /// # Safety
+    /// As for [`received`](Self::received).
+    unsafe fn flags_into(&self, q: Queued, dst: &mut [bool]) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        par_bools(dst, unsafe { self.received(q) }?);
+        Ok(())
+    }
+}
+
 /// `slot`'s buffers, grown (to the next power of two of `n`, at least 256 items) by `make`
 /// when they hold fewer than `n` items. The old buffers are freed first, so that growth
 /// needs no room for both; after a failed allocation there are none (the next batch
@@ -216,6 +351,8 @@ struct State {
     ev: Option<EvBuf>,
     /// Device copies of host batches (batches from host slices only).
     staging: Option<Staging>,
+    /// Page-locked host copies of host batches.
+    host: HostStage,
     /// Recorded before and after the kernels of each put and lookup batch
     /// ([`CudaCache::last_batch_ms`]).
     timing: (CudaEvent, CudaEvent),
@@ -262,22 +399,6 @@ impl State {
         let e = if end { &self.timing.1 } else { &self.timing.0 };
         e.record(&self.stream).drv("cuEventRecord")
     }
-}
-
-/// Enqueues a copy of `src` into the start of `dst` on `stream` (nothing for an empty
-/// slice).
-fn upload<T: Copy>(dst: &DevBuf, src: &[T], stream: &CudaStream) -> Result<()> {
-    if src.is_empty() {
-        return Ok(());
-    }
-    if std::mem::size_of_val(src) > dst.bytes() {
-        return Err(device_error("a cache batch does not fit its device buffer"));
-    }
-    // SAFETY: `dst` holds at least `src`'s bytes (checked above). `src` is pageable host
-    // memory: the driver copies it out before this call returns, and it outlives the batch
-    // anyway, whose stream is synchronized before the batch returns.
-    unsafe { result::memcpy_htod_async(dst.ptr(), src, stream.cu_stream()) }
-        .drv("cuMemcpyHtoDAsync")
 }
 
 /// Copies the start of `src` into `dst` and waits for `stream` (nothing to copy for an
@@ -507,6 +628,7 @@ impl CudaCache {
             local: None,
             ev: None,
             staging: None,
+            host: HostStage::default(),
             clock: 0,
             stats: CacheStats::default(),
         };
@@ -703,6 +825,12 @@ impl CudaCache {
     /// Runs a lookup whose keys and outputs are at `io`'s device addresses (`n > 0`) on the
     /// table's stream, and waits for it (a group of `GROUP_LANES` lanes per item).
     fn run_lookup(&self, st: &mut State, io: &LookupIo) -> Result<()> {
+        self.enqueue_lookup(st, io)?;
+        self.finish_lookup(st, io)
+    }
+
+    /// Enqueues the lookup of [`run_lookup`](Self::run_lookup) on the table's stream.
+    fn enqueue_lookup(&self, st: &mut State, io: &LookupIo) -> Result<()> {
         let k = self.kernels()?;
         let a = CacheArgs {
             table: self.table_args(st),
@@ -722,7 +850,12 @@ impl CudaCache {
         }
         self.dev
             .launch_groups(&k.get, &a, io.n as u64, &st.stream)?;
-        st.mark(true)?;
+        st.mark(true)
+    }
+
+    /// Waits for an enqueued lookup (and whatever the stream holds after it) and counts
+    /// its hits and misses.
+    fn finish_lookup(&self, st: &mut State, io: &LookupIo) -> Result<()> {
         let c = st.read_counters()?;
         if io.access {
             st.stats.hits += c[cache_counter::HITS];
@@ -790,15 +923,15 @@ impl CudaCache {
         let n = keys.len();
         let w = self.width;
         let s = self.staging(&mut st.staging, n)?;
-        let stream = &st.stream;
-        upload(&s.keys, keys, stream)?;
-        upload(&s.values, values, stream)?;
+        let mut inputs = vec![(keys, s.keys.ptr()), (values, s.values.ptr())];
         if let Some(x) = scores {
-            upload(&s.scores, x, stream)?;
+            inputs.push((x, s.scores.ptr()));
         }
         if let Some(x) = ttl {
-            upload(&s.ttl, x, stream)?;
+            inputs.push((x, s.ttl.ptr()));
         }
+        st.host
+            .send(&self.dev, self.dev.copy, &inputs, &st.stream)?;
         let io = PutIo {
             n,
             keys: s.keys.ptr(),
@@ -815,17 +948,28 @@ impl CudaCache {
             ev_expires: s.ev_expires.ptr(),
         };
         let m = self.run_put(st, &io, now, kind)?;
-        if let Some(ev) = evicted {
-            let s = st
-                .staging
-                .as_ref()
-                .ok_or_else(|| device_error("cache staging missing"))?;
-            let stream = &st.stream;
-            download(&mut ev.keys[..m], &s.ev_keys, stream)?;
-            download(&mut ev.values[..m * w], &s.ev_rows, stream)?;
-            download(&mut ev.scores[..m], &s.ev_scores, stream)?;
-            if let Some(x) = ev.expires_ms.as_deref_mut() {
-                download(&mut x[..m], &s.ev_expires, stream)?;
+        if let Some(ev) = evicted
+            && m > 0
+        {
+            let mut outputs = vec![
+                (io.ev_keys, m * 8),
+                (io.ev_rows, m * w * 8),
+                (io.ev_scores, m * 8),
+            ];
+            if ev.expires_ms.is_some() {
+                outputs.push((io.ev_expires, m * 8));
+            }
+            let q = st.host.fetch(&self.dev, &outputs, &st.stream)?;
+            st.stream.synchronize().drv("cuStreamSynchronize")?;
+            let mode = self.dev.copy;
+            // SAFETY: the stream was waited for just above.
+            unsafe {
+                st.host.words_into(mode, q[0], &mut ev.keys[..m])?;
+                st.host.words_into(mode, q[1], &mut ev.values[..m * w])?;
+                st.host.words_into(mode, q[2], &mut ev.scores[..m])?;
+                if let Some(x) = ev.expires_ms.as_deref_mut() {
+                    st.host.words_into(mode, q[3], &mut x[..m])?;
+                }
             }
         }
         Ok(m)
@@ -849,7 +993,12 @@ impl CudaCache {
         let st = &mut *guard;
         let w = self.width;
         let s = self.staging(&mut st.staging, n)?;
-        upload(&s.keys, keys, &st.stream)?;
+        st.host.send(
+            &self.dev,
+            self.dev.copy,
+            &[(keys, s.keys.ptr())],
+            &st.stream,
+        )?;
         let io = LookupIo {
             n,
             keys: s.keys.ptr(),
@@ -861,18 +1010,19 @@ impl CudaCache {
             found: s.found.ptr(),
             access,
         };
-        self.run_lookup(st, &io)?;
-        let s = st
-            .staging
-            .as_ref()
-            .ok_or_else(|| device_error("cache staging missing"))?;
-        if let Some(v) = values_out {
-            download(&mut v[..n * w], &s.values, &st.stream)?;
+        self.enqueue_lookup(st, &io)?;
+        let mut outputs = vec![(io.found, n)];
+        if values_out.is_some() {
+            outputs.push((io.values, n * w * 8));
         }
-        let mut found = vec![0u8; n];
-        download(&mut found, &s.found, &st.stream)?;
-        for (f, b) in found_out.iter_mut().zip(found) {
-            *f = b != 0;
+        let q = st.host.fetch(&self.dev, &outputs, &st.stream)?;
+        self.finish_lookup(st, &io)?;
+        // SAFETY: `finish_lookup` waited for the stream, after the copies.
+        unsafe {
+            st.host.flags_into(q[0], found_out)?;
+            if let Some(v) = values_out {
+                st.host.words_into(self.dev.copy, q[1], &mut v[..n * w])?;
+            }
         }
         Ok(())
     }
@@ -908,7 +1058,8 @@ impl CudaCache {
             return Err(device_error("cache scratch missing after allocation"));
         };
         let stream = &st.stream;
-        upload(&s.keys, keys, stream)?;
+        st.host
+            .send(&self.dev, self.dev.copy, &[(keys, s.keys.ptr())], stream)?;
         st.reset_counters()?;
         let a = CacheArgs {
             table,
@@ -935,6 +1086,16 @@ impl CudaCache {
             self.dev.launch(&k.dedup, &a, n as u64, stream)?;
         }
         self.dev.launch_warps(&k.take, &a, n as u64, stream)?;
+        let q = if take {
+            let outputs = [
+                (a.found_out, n),
+                (a.values, n * w * 8),
+                (a.expires_out, n * 8),
+            ];
+            st.host.fetch(&self.dev, &outputs, stream)?
+        } else {
+            Vec::new()
+        };
         let c = st.read_counters()?;
         if c[cache_counter::ERRORS] != 0 {
             return Err(device_error(format!(
@@ -943,12 +1104,12 @@ impl CudaCache {
             )));
         }
         if let Some((values_out, found_out, expires_out)) = outputs {
-            download(&mut values_out[..n * w], &s.values, stream)?;
-            download(&mut expires_out[..n], &s.expires, stream)?;
-            let mut found = vec![0u8; n];
-            download(&mut found, &s.found, stream)?;
-            for (f, b) in found_out.iter_mut().zip(found) {
-                *f = b != 0;
+            let mode = self.dev.copy;
+            // SAFETY: `read_counters` waited for the stream, after the copies.
+            unsafe {
+                st.host.flags_into(q[0], found_out)?;
+                st.host.words_into(mode, q[1], &mut values_out[..n * w])?;
+                st.host.words_into(mode, q[2], &mut expires_out[..n])?;
             }
         }
         Ok(c[cache_counter::REMOVED] as usize)

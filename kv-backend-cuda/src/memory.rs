@@ -136,6 +136,10 @@ impl<T: Copy> Pinned<T> {
             ctx: gpu.ctx.clone(),
         })
     }
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
     /// The context the memory is page-locked for.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
