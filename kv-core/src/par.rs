@@ -44,6 +44,21 @@ unsafe impl<T: Send> Send for Scatter<T> {}
 // SAFETY: as above: shared use never makes two accesses to one place.
 unsafe impl<T: Send> Sync for Scatter<T> {}
 
+impl Scatter<u32> {
+    /// Adds `v` to the value at `i` (wrapping).
+    ///
+    /// # Safety
+    /// No other task writes or reads place `i` while the scatter is in use, and the place
+    /// holds an initialised value. A place past the end panics instead.
+    #[inline(always)]
+    pub unsafe fn add(&self, i: usize, v: u32) {
+        assert!(i < self.len, "scatter index {i} past {}", self.len);
+        // SAFETY: in bounds (checked), initialised and touched by this task alone (the
+        // caller).
+        unsafe { *self.ptr.add(i) = (*self.ptr.add(i)).wrapping_add(v) }
+    }
+}
+
 impl<T: Copy> Scatter<T> {
     /// A scatter into `out`, which must outlive the tasks and be used by nothing else while
     /// they run.
@@ -155,10 +170,29 @@ pub fn partition(
     (items, bounds)
 }
 
+/// The part of `key` among `1 << bits` parts (a multiplicative hash's top bits, so that
+/// the parts take similar shares of any keys but crafted ones; crafted keys only make one
+/// part larger, never a result wrong).
+#[inline(always)]
+fn part_of(key: u64, bits: u32) -> usize {
+    if bits == 0 {
+        0
+    } else {
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
+    }
+}
+
+/// Bits of the part count of a hash-partitioned pass over `n` items: a few parts a core,
+/// none below [`MIN_CHUNK`] items.
+fn part_bits(n: usize) -> u32 {
+    let want = (n / MIN_CHUNK).min(rayon::current_num_threads() * 4).max(1);
+    want.next_power_of_two().trailing_zeros()
+}
+
 /// The distinct keys of a selection of a batch's items; see [`distinct`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Distinct {
-    /// The distinct keys, in the order of their first occurrence.
+    /// The distinct keys, each once.
     pub keys: Vec<u64>,
     /// Where each distinct key first occurs: a position in the selection.
     pub first: Vec<u32>,
@@ -167,82 +201,100 @@ pub struct Distinct {
 }
 
 /// The distinct keys among `keys[i]` for the items `i` of `items`, where each first occurs,
-/// and for each item the index of its key among them. On all cores (a sort of the items by
-/// key).
+/// and for each item the index of its key among them. On all cores: the items are
+/// partitioned by a hash of their key, and each part finds its distinct keys in a hash map
+/// of its own. The order of the distinct keys depends only on the keys and their order in
+/// the selection.
 ///
 /// ```
 /// let keys = [5u64, 9, 5, 7, 9];
 /// let d = kv_core::par::distinct(&keys, &[0, 1, 2, 4]);
-/// assert_eq!(d.keys, [5, 9]);
-/// assert_eq!(d.first, [0, 1]);
-/// assert_eq!(d.index, [0, 1, 0, 1]);
+/// let mut k = d.keys.clone();
+/// k.sort();
+/// assert_eq!(k, [5, 9]);
+/// for (j, &i) in [0, 1, 2, 4].iter().enumerate() {
+///     assert_eq!(d.keys[d.index[j] as usize], keys[i]);
+/// }
 /// ```
 pub fn distinct(keys: &[u64], items: &[u32]) -> Distinct {
     let m = items.len();
-    // (key, position in `items`): sorted, each key's run starts with its first occurrence.
-    let mut by_key: Vec<(u64, u32)> = items
-        .par_iter()
-        .enumerate()
-        .map(|(j, &i)| (keys[i as usize], j as u32))
-        .collect();
-    by_key.par_sort_unstable();
-    let heads: Vec<u32> = (0..m)
-        .into_par_iter()
-        .filter(|&r| r == 0 || by_key[r - 1].0 != by_key[r].0)
-        .map(|r| r as u32)
-        .collect();
-    // The runs in the order of their first occurrences.
-    let mut order: Vec<(u32, u32)> = heads
-        .par_iter()
-        .map(|&r| (by_key[r as usize].1, r))
-        .collect();
-    order.par_sort_unstable();
-    let distinct: Vec<u64> = order
-        .par_iter()
-        .map(|&(_, r)| by_key[r as usize].0)
-        .collect();
-    let first: Vec<u32> = order.par_iter().map(|&(j, _)| j).collect();
-    // Each run's rank among the distinct keys, then each item's.
-    let mut rank = vec![0u32; m];
-    let run_rank = Scatter::new(&mut rank);
-    order.par_iter().enumerate().for_each(|(d, &(_, r))| {
-        // SAFETY: each head `r` is one run's start, written once.
-        unsafe { run_rank.write(r as usize, d as u32) }
-    });
+    let bits = part_bits(m);
+    let key = |j: usize| keys[items[j] as usize];
+    let (order, bounds) = partition(m, 1 << bits, |j| part_of(key(j), bits));
+    // Each part: its distinct keys in the order of their first occurrence, where, and each
+    // item's index among the part's.
     let mut index = vec![0u32; m];
     let to = Scatter::new(&mut index);
-    heads.par_iter().enumerate().for_each(|(h, &r)| {
-        let end = heads.get(h + 1).map_or(m, |&e| e as usize);
-        let d = rank[r as usize];
-        for &(_, j) in &by_key[r as usize..end] {
-            // SAFETY: every position `j` of `items` is in exactly one run.
-            unsafe { to.write(j as usize, d) }
+    let local: Vec<(Vec<u64>, Vec<u32>)> = (0..1usize << bits)
+        .into_par_iter()
+        .map(|p| {
+            let run = &order[bounds[p]..bounds[p + 1]];
+            let mut seen = hashbrown::HashMap::with_capacity(run.len());
+            let (mut ks, mut first) = (Vec::new(), Vec::new());
+            for &j in run {
+                let k = key(j as usize);
+                let d = *seen.entry(k).or_insert_with(|| {
+                    ks.push(k);
+                    first.push(j);
+                    ks.len() as u32 - 1
+                });
+                // SAFETY: every position `j` of the selection is in exactly one part.
+                unsafe { to.write(j as usize, d) }
+            }
+            (ks, first)
+        })
+        .collect();
+    let mut base = Vec::with_capacity(local.len());
+    let mut total = 0u32;
+    for (ks, _) in &local {
+        base.push(total);
+        total += ks.len() as u32;
+    }
+    (0..1usize << bits).into_par_iter().for_each(|p| {
+        for &j in &order[bounds[p]..bounds[p + 1]] {
+            // SAFETY: as above; the first pass is over, so this task alone reads and
+            // writes `j`.
+            unsafe { to.add(j as usize, base[p]) }
         }
     });
+    let (keys, first): (Vec<Vec<u64>>, Vec<Vec<u32>>) = local.into_iter().unzip();
     Distinct {
-        keys: distinct,
-        first,
+        keys: keys.concat(),
+        first: first.concat(),
         index,
     }
 }
 
 /// For each key of `queries`, the position of its last occurrence in `keys`, if any. On
-/// all cores (a sort of `keys`, then a search per query).
+/// all cores: both are partitioned by a hash of the key, and each part looks its share of
+/// `keys` up in a hash map of its queries.
 ///
 /// ```
 /// let at = kv_core::par::last_positions(&[4, 8, 4, 2], &[4, 3, 2]);
 /// assert_eq!(at, [Some(2), None, Some(3)]);
 /// ```
 pub fn last_positions(keys: &[u64], queries: &[u64]) -> Vec<Option<usize>> {
-    let mut by_key: Vec<(u64, usize)> = keys.par_iter().copied().zip(0..keys.len()).collect();
-    by_key.par_sort_unstable();
-    queries
-        .par_iter()
-        .map(|&q| {
-            let end = by_key.partition_point(|p| p.0 <= q);
-            (end > 0 && by_key[end - 1].0 == q).then(|| by_key[end - 1].1)
-        })
-        .collect()
+    let bits = part_bits(keys.len().max(queries.len()));
+    let (korder, kbounds) = partition(keys.len(), 1 << bits, |i| part_of(keys[i], bits));
+    let (qorder, qbounds) = partition(queries.len(), 1 << bits, |q| part_of(queries[q], bits));
+    let mut out = vec![None; queries.len()];
+    let to = Scatter::new(&mut out);
+    (0..1usize << bits).into_par_iter().for_each(|p| {
+        let qs = &qorder[qbounds[p]..qbounds[p + 1]];
+        let mut last: hashbrown::HashMap<u64, Option<usize>> =
+            qs.iter().map(|&q| (queries[q as usize], None)).collect();
+        // In batch order (the partition is stable): the last write is the last occurrence.
+        for &i in &korder[kbounds[p]..kbounds[p + 1]] {
+            if let Some(at) = last.get_mut(&keys[i as usize]) {
+                *at = Some(i as usize);
+            }
+        }
+        for &q in qs {
+            // SAFETY: every query position is in exactly one part.
+            unsafe { to.write(q as usize, last[&queries[q as usize]]) }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -269,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn distinct_keys_in_first_occurrence_order() {
+    fn distinct_keys_once_with_their_first_occurrence() {
         let keys: Vec<u64> = (0..50_000u64).map(|i| (i * 31) % 997).collect();
         let items: Vec<u32> = (0..50_000u32).filter(|i| i % 3 != 0).collect();
         let d = distinct(&keys, &items);
@@ -282,8 +334,11 @@ mod tests {
                 first.push(j as u32);
             });
         }
-        assert_eq!(d.keys, want);
-        assert_eq!(d.first, first);
+        let mut got: Vec<(u64, u32)> = d.keys.iter().copied().zip(d.first.clone()).collect();
+        let mut want: Vec<(u64, u32)> = want.into_iter().zip(first).collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want, "each key once, with its first occurrence");
         for (j, &i) in items.iter().enumerate() {
             assert_eq!(d.keys[d.index[j] as usize], keys[i as usize]);
         }
