@@ -125,6 +125,28 @@ pub fn partition(
     parts: usize,
     part: impl Fn(usize) -> usize + Sync,
 ) -> (Vec<u32>, Vec<usize>) {
+    partition_with(n, parts, part, |i| i as u32)
+}
+
+/// [`partition`], with `item(i)` in place of each item `i` (a key and its position, say,
+/// so that a part's pass reads one contiguous run instead of reaching back into the batch).
+///
+/// ```
+/// let keys = [30u64, 10, 31, 20];
+/// let (pairs, bounds) =
+///     kv_core::par::partition_with(4, 4, |i| (keys[i] / 10) as usize, |i| (keys[i], i as u32));
+/// assert_eq!(pairs, [(10, 1), (20, 3), (30, 0), (31, 2)]);
+/// assert_eq!(bounds, [0, 0, 1, 2, 4]);
+/// ```
+///
+/// # Panics
+/// As [`partition`].
+pub fn partition_with<T: Copy + Send + Sync>(
+    n: usize,
+    parts: usize,
+    part: impl Fn(usize) -> usize + Sync,
+    item: impl Fn(usize) -> T + Sync,
+) -> (Vec<T>, Vec<usize>) {
     assert!(
         n <= u32::MAX as usize,
         "a partition holds at most 2^32 - 1 items"
@@ -160,7 +182,7 @@ pub fn partition(
                 let p = part(i);
                 // SAFETY: `next[p]` walks this chunk's own range of part `p`'s run, computed
                 // from the histograms above, so no other task writes it.
-                unsafe { to.write(next[p], i as u32) };
+                unsafe { to.write(next[p], item(i)) };
                 next[p] += 1;
             }
         });
@@ -168,6 +190,32 @@ pub fn partition(
     // item once), within the capacity reserved.
     unsafe { items.set_len(n) };
     (items, bounds)
+}
+
+/// `n` rows of `w` words, row `i` copied from `row(i)` (which must be `w` words long), on
+/// all cores, with no pass to zero the output first.
+///
+/// ```
+/// let src = [1u64, 2, 3, 4, 5, 6];
+/// let rows = kv_core::par::rows(2, 3, |i| &src[(1 - i) * 3..(2 - i) * 3]);
+/// assert_eq!(rows, [4, 5, 6, 1, 2, 3]);
+/// ```
+///
+/// # Panics
+/// If a row is not `w` words long.
+pub fn rows<'a>(n: usize, w: usize, row: impl Fn(usize) -> &'a [u64] + Sync) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n * w);
+    let to = Scatter::spare(&mut out);
+    (0..n).into_par_iter().with_min_len(1024).for_each(|i| {
+        let r = row(i);
+        assert_eq!(r.len(), w, "row {i} has {} words, not {w}", r.len());
+        // SAFETY: row i's places, `i * w..(i + 1) * w`, are written by this task alone,
+        // within the capacity reserved.
+        unsafe { to.write_slice(i * w, r) }
+    });
+    // SAFETY: every one of the n rows of w words was written above.
+    unsafe { out.set_len(n * w) };
+    out
 }
 
 /// The part of `key` among `1 << bits` parts (a multiplicative hash's top bits, so that
@@ -182,11 +230,17 @@ fn part_of(key: u64, bits: u32) -> usize {
     }
 }
 
-/// Bits of the part count of a hash-partitioned pass over `n` items: a few parts a core,
-/// none below [`MIN_CHUNK`] items.
+/// Items a part of a hash-partitioned pass aims at: its hash map then stays in a core's
+/// own caches.
+const PART_ITEMS: usize = 4096;
+
+/// Bits of the part count of a hash-partitioned pass over `n` items: about
+/// [`PART_ITEMS`] a part, at most 4096 parts.
 fn part_bits(n: usize) -> u32 {
-    let want = (n / MIN_CHUNK).min(rayon::current_num_threads() * 4).max(1);
-    want.next_power_of_two().trailing_zeros()
+    (n / PART_ITEMS)
+        .clamp(1, 4096)
+        .next_power_of_two()
+        .trailing_zeros()
 }
 
 /// The distinct keys of a selection of a batch's items; see [`distinct`].
@@ -219,8 +273,14 @@ pub struct Distinct {
 pub fn distinct(keys: &[u64], items: &[u32]) -> Distinct {
     let m = items.len();
     let bits = part_bits(m);
-    let key = |j: usize| keys[items[j] as usize];
-    let (order, bounds) = partition(m, 1 << bits, |j| part_of(key(j), bits));
+    // The selected keys, read once in the items' order.
+    let sel: Vec<u64> = items.par_iter().map(|&i| keys[i as usize]).collect();
+    let (pairs, bounds) = partition_with(
+        m,
+        1 << bits,
+        |j| part_of(sel[j], bits),
+        |j| (sel[j], j as u32),
+    );
     // Each part: its distinct keys in the order of their first occurrence, where, and each
     // item's index among the part's.
     let mut index = vec![0u32; m];
@@ -228,11 +288,10 @@ pub fn distinct(keys: &[u64], items: &[u32]) -> Distinct {
     let local: Vec<(Vec<u64>, Vec<u32>)> = (0..1usize << bits)
         .into_par_iter()
         .map(|p| {
-            let run = &order[bounds[p]..bounds[p + 1]];
+            let run = &pairs[bounds[p]..bounds[p + 1]];
             let mut seen = hashbrown::HashMap::with_capacity(run.len());
             let (mut ks, mut first) = (Vec::new(), Vec::new());
-            for &j in run {
-                let k = key(j as usize);
+            for &(k, j) in run {
                 let d = *seen.entry(k).or_insert_with(|| {
                     ks.push(k);
                     first.push(j);
@@ -251,7 +310,7 @@ pub fn distinct(keys: &[u64], items: &[u32]) -> Distinct {
         total += ks.len() as u32;
     }
     (0..1usize << bits).into_par_iter().for_each(|p| {
-        for &j in &order[bounds[p]..bounds[p + 1]] {
+        for &(_, j) in &pairs[bounds[p]..bounds[p + 1]] {
             // SAFETY: as above; the first pass is over, so this task alone reads and
             // writes `j`.
             unsafe { to.add(j as usize, base[p]) }
@@ -275,23 +334,33 @@ pub fn distinct(keys: &[u64], items: &[u32]) -> Distinct {
 /// ```
 pub fn last_positions(keys: &[u64], queries: &[u64]) -> Vec<Option<usize>> {
     let bits = part_bits(keys.len().max(queries.len()));
-    let (korder, kbounds) = partition(keys.len(), 1 << bits, |i| part_of(keys[i], bits));
-    let (qorder, qbounds) = partition(queries.len(), 1 << bits, |q| part_of(queries[q], bits));
+    let (kp, kb) = partition_with(
+        keys.len(),
+        1 << bits,
+        |i| part_of(keys[i], bits),
+        |i| (keys[i], i as u32),
+    );
+    let (qp, qb) = partition_with(
+        queries.len(),
+        1 << bits,
+        |q| part_of(queries[q], bits),
+        |q| (queries[q], q as u32),
+    );
     let mut out = vec![None; queries.len()];
     let to = Scatter::new(&mut out);
     (0..1usize << bits).into_par_iter().for_each(|p| {
-        let qs = &qorder[qbounds[p]..qbounds[p + 1]];
+        let qs = &qp[qb[p]..qb[p + 1]];
         let mut last: hashbrown::HashMap<u64, Option<usize>> =
-            qs.iter().map(|&q| (queries[q as usize], None)).collect();
+            qs.iter().map(|&(k, _)| (k, None)).collect();
         // In batch order (the partition is stable): the last write is the last occurrence.
-        for &i in &korder[kbounds[p]..kbounds[p + 1]] {
-            if let Some(at) = last.get_mut(&keys[i as usize]) {
+        for &(k, i) in &kp[kb[p]..kb[p + 1]] {
+            if let Some(at) = last.get_mut(&k) {
                 *at = Some(i as usize);
             }
         }
-        for &q in qs {
+        for &(k, q) in qs {
             // SAFETY: every query position is in exactly one part.
-            unsafe { to.write(q as usize, last[&queries[q as usize]]) }
+            unsafe { to.write(q as usize, last[&k]) }
         }
     });
     out
