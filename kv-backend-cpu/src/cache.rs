@@ -160,6 +160,8 @@ impl CpuCache {
         };
         buckets.try_reserve_exact(nb).map_err(oom)?;
         rows.try_reserve_exact(nb * B * cfg.width).map_err(oom)?;
+        crate::part::advise_huge_pages(&buckets);
+        crate::part::advise_huge_pages(&rows);
         buckets.resize(nb, Bucket::default());
         rows.resize(nb * B * cfg.width, 0);
         Ok(Self {

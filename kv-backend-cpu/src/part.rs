@@ -28,14 +28,34 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Asks the kernel to back `v`'s reserved capacity with transparent huge pages, where it
+/// can (Linux's `madvise(MADV_HUGEPAGE)`; a no-op elsewhere, or where the advice is refused).
+/// A table's random probes then miss the TLB far less: one 2 MiB entry covers what 512
+/// small pages did. Called before the pages are first touched, so that they are faulted in
+/// huge.
+pub(crate) fn advise_huge_pages<T>(v: &Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let end = start + v.capacity() * std::mem::size_of::<T>();
+        let (lo, hi) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if hi > lo {
+            // SAFETY: the range lies inside `v`'s own allocation (rounded inwards to whole
+            // huge pages); MADV_HUGEPAGE only changes how the kernel backs it, never its
+            // contents, and a failure leaves it as it was.
+            let _ = unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
+}
+
 /// A zeroed vector whose pages are touched now, when the table is sized, rather than on
 /// the first put into each page (`vec![0; n]` maps zero pages lazily).
-#[expect(
-    clippy::slow_vector_initialization,
-    reason = "the explicit fill is the point: it touches the pages"
-)]
 fn committed(n: usize) -> Vec<u64> {
     let mut v = Vec::with_capacity(n);
+    advise_huge_pages(&v);
     v.resize(n, 0);
     v
 }
