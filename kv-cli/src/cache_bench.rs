@@ -119,16 +119,20 @@ pub fn run_one(
             .map(|(k, _)| *k)
             .collect();
         let (mut v, mut f) = (vec![0u64; gets.len() * width], vec![false; gets.len()]);
+        // The client's own work between the store's batches, on all cores as a
+        // multi-threaded client would do it.
         let put_vals = |ks: &[u64]| -> Vec<u64> {
-            ks.iter()
-                .flat_map(|&k| std::iter::repeat_n(k, width))
-                .collect()
+            let mut out = vec![0u64; ks.len() * width];
+            out.par_chunks_mut(width)
+                .zip(ks)
+                .for_each(|(row, &k)| row.fill(k));
+            out
         };
         let pv = put_vals(&puts);
         let t0 = Instant::now();
         store.get(&gets, &mut v, &mut f)?;
         let fills: Vec<u64> = gets
-            .iter()
+            .par_iter()
             .zip(&f)
             .filter(|(_, f)| !**f)
             .map(|(k, _)| *k)
