@@ -359,6 +359,17 @@ fn bytes_colliding_hashes_stay_distinct(o: &OpenBytes) {
             &BinaryBuf::from_slices(&over_values),
         );
         m.check(&*t, &[b"key-500".to_vec(), b"key-".to_vec()]);
+        // One batch over every key again, deleted ones included: hundreds of keys at once
+        // that share a few hashes, some held and some not.
+        let again: Vec<Vec<u8>> = keys.iter().rev().map(|k| k.repeat(2)).collect();
+        let again_keys: Vec<&Vec<u8>> = keys.iter().rev().collect();
+        put(
+            &*t,
+            &mut m,
+            &BinaryBuf::from_slices(again_keys),
+            &BinaryBuf::from_slices(&again),
+        );
+        m.check(&*t, &[b"key-500".to_vec()]);
     }
 }
 
