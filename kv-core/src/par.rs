@@ -2,6 +2,8 @@
 //! a stable partition of a batch's items, the grouping of repeated keys, and a pointer
 //! through which parallel tasks write disjoint places of one output.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 
 /// Items per task of the parallel passes below: large enough that a task's fixed cost
@@ -24,27 +26,38 @@ const MIN_CHUNK: usize = 1 << 14;
 /// });
 /// assert_eq!(out, [7, 6, 5, 4, 3, 2, 1, 0]);
 /// ```
+///
+/// The scatter borrows its output mutably for as long as it lives, so nothing else can
+/// touch the output meanwhile, nor free it:
+///
+/// ```compile_fail
+/// let to = {
+///     let mut out = vec![0u64; 4];
+///     kv_core::par::Scatter::new(&mut out) // `out` would be freed under the scatter
+/// };
+/// ```
 #[derive(Debug)]
-pub struct Scatter<T> {
+pub struct Scatter<'a, T> {
     ptr: *mut T,
     len: usize,
+    out: PhantomData<&'a mut [T]>,
 }
 
-impl<T> Clone for Scatter<T> {
+impl<T> Clone for Scatter<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for Scatter<T> {}
+impl<T> Copy for Scatter<'_, T> {}
 
-// SAFETY: a `Scatter` only writes through `write` and `write_slice`, whose callers promise
-// that no two tasks touch the same place, and the slice it was made from is borrowed
-// mutably for as long as the tasks run (the caller keeps it alive and untouched).
-unsafe impl<T: Send> Send for Scatter<T> {}
+// SAFETY: a `Scatter` only writes through `write`, `write_slice` and `add`, whose callers
+// promise that no two tasks touch the same place, and it borrows its output mutably for
+// its whole life, so the output outlives every task and nothing else touches it.
+unsafe impl<T: Send> Send for Scatter<'_, T> {}
 // SAFETY: as above: shared use never makes two accesses to one place.
-unsafe impl<T: Send> Sync for Scatter<T> {}
+unsafe impl<T: Send> Sync for Scatter<'_, T> {}
 
-impl Scatter<u32> {
+impl Scatter<'_, u32> {
     /// Adds `v` to the value at `i` (wrapping).
     ///
     /// # Safety
@@ -59,22 +72,23 @@ impl Scatter<u32> {
     }
 }
 
-impl<T: Copy> Scatter<T> {
-    /// A scatter into `out`, which must outlive the tasks and be used by nothing else while
-    /// they run.
-    pub fn new(out: &mut [T]) -> Self {
+impl<'a, T: Copy> Scatter<'a, T> {
+    /// A scatter into `out`.
+    pub fn new(out: &'a mut [T]) -> Self {
         Self {
             ptr: out.as_mut_ptr(),
             len: out.len(),
+            out: PhantomData,
         }
     }
 
     /// A scatter into the spare capacity of `out` (its first `out.capacity()` places),
     /// for a caller that then sets the length once every place is written.
-    pub fn spare(out: &mut Vec<T>) -> Self {
+    pub fn spare(out: &'a mut Vec<T>) -> Self {
         Self {
             ptr: out.as_mut_ptr(),
             len: out.capacity(),
+            out: PhantomData,
         }
     }
 

@@ -256,9 +256,9 @@ impl Sharded {
             x.clear();
             x.reserve(totals[d]);
         }
-        let kp: Vec<Scatter<u64>> = out_keys.iter_mut().map(Scatter::spare).collect();
-        let vp: Vec<Scatter<u64>> = out_values.iter_mut().map(Scatter::spare).collect();
-        let ip: Vec<Scatter<usize>> = out_index.iter_mut().map(Scatter::spare).collect();
+        let kp: Vec<Scatter<'_, u64>> = out_keys.iter_mut().map(Scatter::spare).collect();
+        let vp: Vec<Scatter<'_, u64>> = out_values.iter_mut().map(Scatter::spare).collect();
+        let ip: Vec<Scatter<'_, usize>> = out_index.iter_mut().map(Scatter::spare).collect();
         keys.par_chunks(RUN)
             .zip(starts)
             .enumerate()
