@@ -32,6 +32,8 @@
 //! println!("{} entries on {}", table.len(), table.describe().backend);
 //! # Ok::<(), vramkv::Error>(())
 //! ```
+// A library reports through its results and its trace, never by printing.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub use kv_core::{
     ArenaStats, Audit, Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits,

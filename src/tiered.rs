@@ -275,7 +275,6 @@ impl Tiered {
                 e => e - now,
             })
             .collect();
-        eprintln!("T dm-filter {:?}", std::time::Instant::now());
         let n = dk.len();
         if n == 0 {
             return Default::default();
@@ -301,7 +300,6 @@ impl Tiered {
                 (dk, dv, vec![0; n], x)
             }
         };
-        eprintln!("T dm-lower {:?}", std::time::Instant::now());
         stats.demotions += (n - gone.0.len()) as u64;
         stats.evictions += gone.0.len() as u64;
         gone
@@ -313,13 +311,11 @@ impl Tiered {
     /// once.
     fn put_through(&self, batch: CachePut<'_>, stats: &mut TierStats) -> Result<Gone> {
         let (n, w) = (batch.keys.len(), self.width);
-        eprintln!("T pt-start {:?}", std::time::Instant::now());
         let (mut k, mut v, mut s, mut x) = (vec![0; n], vec![0; n * w], vec![0; n], vec![0; n]);
         let m = {
             let mut out = Evicted::new(&mut k, &mut v, &mut s).expires(&mut x);
             stats.upper(|| self.upper.put_and_evict(batch, &mut out))?
         };
-        eprintln!("T pt-alloc+upper {:?}", std::time::Instant::now());
         if m == 0 {
             return Ok(Default::default());
         }
@@ -328,18 +324,15 @@ impl Tiered {
         // moves down once.
         let mut above = vec![false; m];
         stats.upper(|| self.upper.contains(&k[..m], &mut above))?;
-        eprintln!("T pt-contains {:?}", std::time::Instant::now());
         let gone: Vec<u32> = (0..m as u32)
             .into_par_iter()
             .filter(|&j| !above[j as usize])
             .collect();
         let once = kv_core::par::distinct(&k, &gone);
-        eprintln!("T pt-distinct {:?}", std::time::Instant::now());
         let dk = once.keys;
         // Its row is the batch's last for it, if the batch put it (the newest), else the
         // one evicted.
         let last = kv_core::par::last_positions(batch.keys, &dk);
-        eprintln!("T pt-last {:?}", std::time::Instant::now());
         let now = self.clock.now_ms();
         let dv = kv_core::par::rows(dk.len(), w, |d| match last[d] {
             Some(i) => &batch.values[i * w..(i + 1) * w],
@@ -360,7 +353,6 @@ impl Tiered {
                 None => x[gone[f as usize] as usize],
             })
             .collect();
-        eprintln!("T pt-gather {:?}", std::time::Instant::now());
         Ok(self.demote(&dk, &dv, &dx, stats))
     }
 
@@ -374,10 +366,8 @@ impl Tiered {
         let w = self.width;
         let mut stats = self.gate();
         let n = batch.keys.len();
-        eprintln!("T pl-start {:?}", std::time::Instant::now());
         let (mut tv, mut tf, mut tx) = (vec![0; n * w], vec![false; n], vec![0; n]);
         stats.lower(|| self.lower.take(batch.keys, &mut tv, &mut tf, &mut tx))?;
-        eprintln!("T pl-take {:?}", std::time::Instant::now());
         self.put_through(batch, &mut stats).inspect_err(|_| {
             let (rk, rv, rx) = found_parts(batch.keys, &tv, &tf, &tx, w);
             self.restore(&rk, &rv, &rx, &mut stats);
@@ -410,7 +400,6 @@ impl KvBackend for Tiered {
         let mut stats = self.gate();
         stats.upper(|| self.upper.get(keys, values_out, found_out))?;
         // The misses, each key once, looked up below in one batch.
-        eprintln!("T get-start {:?}", std::time::Instant::now());
         let missed: Vec<u32> = (0..keys.len() as u32)
             .into_par_iter()
             .filter(|&i| !found_out[i as usize])
@@ -419,16 +408,13 @@ impl KvBackend for Tiered {
         if missed.is_empty() {
             return Ok(());
         }
-        eprintln!("T missed {:?}", std::time::Instant::now());
         let missing = kv_core::par::distinct(keys, &missed);
         let m = missing.keys.len();
-        eprintln!("T distinct {:?}", std::time::Instant::now());
         let (mut rows, mut found, mut expires) = (vec![0; m * w], vec![false; m], vec![0; m]);
         stats.lower(|| {
             self.lower
                 .take(&missing.keys, &mut rows, &mut found, &mut expires)
         })?;
-        eprintln!("T alloc+take {:?}", std::time::Instant::now());
         let (vo, fo) = (Scatter::new(values_out), Scatter::new(found_out));
         let served = missed
             .par_iter()
@@ -450,7 +436,6 @@ impl KvBackend for Tiered {
         stats.misses += (missed.len() - served) as u64;
         // Promote the lower tier's hits, with what is left of their times to live; one
         // whose time came while the batch ran was served, but is not moved up.
-        eprintln!("T serve {:?}", std::time::Instant::now());
         let now = self.clock.now_ms();
         let up_at: Vec<u32> = (0..m as u32)
             .into_par_iter()
@@ -468,7 +453,6 @@ impl KvBackend for Tiered {
                 e => e - now,
             })
             .collect();
-        eprintln!("T promo-gather {:?}", std::time::Instant::now());
         stats.promotions += up.len() as u64;
         if let Err(e) = self.put_through(CachePut::new(&up, &up_rows).ttl_ms(&up_ttl), &mut stats) {
             let up_exp: Vec<u64> = up_ttl

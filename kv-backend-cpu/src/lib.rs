@@ -20,6 +20,8 @@
 //! assert_eq!((values, found), (vec![3, 4, 0, 0], vec![true, false]));
 //! # Ok::<(), kv_core::Error>(())
 //! ```
+// A library reports through its results and its trace, never by printing.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 mod bytes;
 mod cache;

@@ -9,6 +9,8 @@
 //! Backends check their arguments with [`check_put`], [`check_get`] and
 //! [`check_contains`] (or, for batches whose slices they only know by length,
 //! [`check_put_len`] and [`check_get_len`]) before touching the table.
+// A library reports through its results and its trace, never by printing.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 #[cfg(feature = "arrow")]
 mod arrow;
