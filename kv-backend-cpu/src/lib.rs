@@ -294,27 +294,11 @@ impl<'a> Sorted<'a> {
             return Sorted::Whole(keys, values.map_or(&[], |v| v.0));
         }
         let n = keys.len();
-        let parts = 1usize << bits;
-        let chunk = (n / (rayon::current_num_threads() * 4)).max(1 << 14);
-        let hist: Vec<Vec<usize>> = keys
-            .par_chunks(chunk)
-            .map(|c| {
-                let mut h = vec![0usize; parts];
-                c.iter().for_each(|&k| h[part_of(hash(k, seed), bits)] += 1);
-                h
-            })
-            .collect();
-        let mut bounds = vec![0usize; parts + 1];
-        let mut starts = vec![vec![0usize; parts]; hist.len()];
-        let mut at = 0;
-        for p in 0..parts {
-            bounds[p] = at;
-            for (c, h) in hist.iter().enumerate() {
-                starts[c][p] = at;
-                at += h[p];
-            }
-        }
-        bounds[parts] = at;
+        let kv_core::par::PartitionPlan {
+            chunk,
+            bounds,
+            starts,
+        } = kv_core::par::partition_plan(n, 1 << bits, |i| part_of(hash(keys[i], seed), bits));
         let (vals, w) = values.unwrap_or((&[], 0));
         let (sorted_keys, sorted_vals) = scratch;
         for (buf, len) in [(&mut *sorted_keys, n), (&mut *sorted_vals, n * w)] {

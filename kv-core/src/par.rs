@@ -165,6 +165,62 @@ pub fn partition_with<T: Copy + Send + Sync>(
         n <= u32::MAX as usize,
         "a partition holds at most 2^32 - 1 items"
     );
+    let PartitionPlan {
+        chunk,
+        bounds,
+        starts,
+    } = partition_plan(n, parts, &part);
+    let mut items = Vec::with_capacity(n);
+    let to = Scatter::spare(&mut items);
+    starts
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(c, mut next)| {
+            for i in c * chunk..((c + 1) * chunk).min(n) {
+                let p = part(i);
+                // SAFETY: `next[p]` walks this chunk's own range of part `p`'s run, computed
+                // from the histograms above, so no other task writes it.
+                unsafe { to.write(next[p], item(i)) };
+                next[p] += 1;
+            }
+        });
+    // SAFETY: the scatter above wrote each of the n places once (the histograms count every
+    // item once), within the capacity reserved.
+    unsafe { items.set_len(n) };
+    (items, bounds)
+}
+
+/// Where a stable counting partition of the items `0..n` puts them (see [`partition`]): the
+/// items are cut into chunks of `chunk`, and chunk `c` writes its items of part `p`, in
+/// order, from `starts[c][p]` on; part `p`'s run is `bounds[p]..bounds[p + 1]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPlan {
+    /// Items a chunk (the last one may hold fewer).
+    pub chunk: usize,
+    /// Where each part's run starts, and the end of the last one (`parts + 1` places).
+    pub bounds: Vec<usize>,
+    /// For each chunk, where its first item of each part goes.
+    pub starts: Vec<Vec<usize>>,
+}
+
+/// The plan of a stable counting partition of the items `0..n` among `parts` parts: each
+/// chunk's items counted per part on all cores, then the counts laid out part by part,
+/// chunk by chunk. [`partition`] and [`partition_with`] follow it; a caller that scatters
+/// more than one output (keys and their rows, say) follows it itself.
+///
+/// ```
+/// let plan = kv_core::par::partition_plan(6, 3, |i| [2, 0, 2, 1, 0, 2][i]);
+/// assert_eq!(plan.bounds, [0, 2, 3, 6]);
+/// assert_eq!(plan.starts, [[0, 2, 3]]); // one chunk
+/// ```
+///
+/// # Panics
+/// If `part` returns `parts` or more.
+pub fn partition_plan(
+    n: usize,
+    parts: usize,
+    part: impl Fn(usize) -> usize + Sync,
+) -> PartitionPlan {
     let chunk = (n / (rayon::current_num_threads() * 4)).max(MIN_CHUNK);
     let chunks = n.div_ceil(chunk);
     let hist: Vec<Vec<usize>> = (0..chunks)
@@ -186,24 +242,11 @@ pub fn partition_with<T: Copy + Send + Sync>(
         }
     }
     bounds[parts] = at;
-    let mut items = Vec::with_capacity(n);
-    let to = Scatter::spare(&mut items);
-    starts
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(c, mut next)| {
-            for i in c * chunk..((c + 1) * chunk).min(n) {
-                let p = part(i);
-                // SAFETY: `next[p]` walks this chunk's own range of part `p`'s run, computed
-                // from the histograms above, so no other task writes it.
-                unsafe { to.write(next[p], item(i)) };
-                next[p] += 1;
-            }
-        });
-    // SAFETY: the scatter above wrote each of the n places once (the histograms count every
-    // item once), within the capacity reserved.
-    unsafe { items.set_len(n) };
-    (items, bounds)
+    PartitionPlan {
+        chunk,
+        bounds,
+        starts,
+    }
 }
 
 /// `n` rows of `w` words, row `i` copied from `row(i)` (which must be `w` words long), on
