@@ -203,26 +203,6 @@ struct Queued {
     bytes: usize,
 }
 
-/// `slot`'s pinned buffer, made anew with room for the next power of two of `words` when
-/// it holds fewer.
-fn pinned_room<'a>(
-    dev: &Device,
-    slot: &'a mut Option<Pinned<u64>>,
-    words: usize,
-    write_combined: bool,
-) -> Result<&'a mut Pinned<u64>> {
-    if slot.as_ref().is_none_or(|p| p.len() < words) {
-        *slot = None;
-        *slot = Some(Pinned::new(
-            dev,
-            words.next_power_of_two().max(1 << 12),
-            write_combined,
-        )?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| device_error("pinned staging missing after allocation"))
-}
-
 impl HostStage {
     /// Copies each input `(src, device address)` into `inp` on all cores, one after
     /// another, then enqueues its copy to the device on `stream`.
@@ -234,7 +214,9 @@ impl HostStage {
         stream: &CudaStream,
     ) -> Result<()> {
         let words = parts.iter().map(|(src, _)| src.len()).sum();
-        let inp = pinned_room(dev, &mut self.inp, words, true)?;
+        let inp = grown(&mut self.inp, words, Pinned::len, |cap| {
+            Pinned::new(dev, cap, true)
+        })?;
         // SAFETY: no copy from or into `inp` is in flight (see the type's docs).
         let buf = unsafe { inp.as_mut_slice() };
         let mut at = 0;
@@ -263,7 +245,9 @@ impl HostStage {
         stream: &CudaStream,
     ) -> Result<Vec<Queued>> {
         let words = parts.iter().map(|(_, b)| b.div_ceil(8)).sum();
-        let out = pinned_room(dev, &mut self.out, words, false)?;
+        let out = grown(&mut self.out, words, Pinned::len, |cap| {
+            Pinned::new(dev, cap, false)
+        })?;
         // SAFETY: no copy from or into `out` is in flight (see the type's docs).
         let buf: &mut [u8] = bytemuck::cast_slice_mut(unsafe { out.as_mut_slice() });
         let mut at = 0;
@@ -324,12 +308,12 @@ fn grown<T>(
     n: usize,
     cap: impl Fn(&T) -> usize,
     make: impl FnOnce(usize) -> Result<T>,
-) -> Result<&T> {
+) -> Result<&mut T> {
     if slot.as_ref().is_none_or(|s| cap(s) < n) {
         *slot = None;
         *slot = Some(make(cache_scratch_items(n))?);
     }
-    slot.as_ref()
+    slot.as_mut()
         .ok_or_else(|| device_error("cache scratch missing after allocation"))
 }
 
@@ -873,6 +857,7 @@ impl CudaCache {
             |s| s.cap,
             |cap| Staging::new(&self.dev, cap, self.width),
         )
+        .map(|s| &*s)
     }
 
     /// The put of every cache put from host slices, on a checked batch (`scores` may be
