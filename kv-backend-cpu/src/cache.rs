@@ -193,13 +193,13 @@ impl CpuCache {
         cache_bucket(key, self.seed, buckets as u64) as usize
     }
 
-    /// Runs `f` over the batch's items, `f(bucket index, bucket, rows of the bucket, the
-    /// item (one), delta)`: the buckets are cut into shards, each shard on a core of its
+    /// Runs `f` over the batch's items, `f(bucket index, bucket, rows of the bucket, item,
+    /// delta)`: the buckets are cut into shards, each shard on a core of its
     /// own, and a shard's items (a stable counting partition of the batch) run in batch
     /// order, so that each bucket sees its items in batch order.
     fn by_bucket<F>(&self, st: &mut State, keys: &[u64], f: F) -> Delta
     where
-        F: Fn(usize, &mut Bucket, &mut [u64], &[u32], &mut Delta) + Sync,
+        F: Fn(usize, &mut Bucket, &mut [u64], u32, &mut Delta) + Sync,
     {
         /// Items ahead whose buckets are fetched while an item runs.
         const AHEAD: usize = 8;
@@ -222,19 +222,19 @@ impl CpuCache {
                 let lo = s * per;
                 let items = &order[bounds[s]..bounds[s + 1]];
                 let mut d = Delta::default();
-                for (j, i) in items.iter().enumerate() {
+                for (j, &i) in items.iter().enumerate() {
                     if let Some(&next) = items.get(j + AHEAD) {
                         let bucket = &buckets[home[next as usize] as usize - lo];
                         for line in 0..B / 8 {
                             crate::part::prefetch(&bucket.keys[line * 8]);
                         }
                     }
-                    let local = home[*i as usize] as usize - lo;
+                    let local = home[i as usize] as usize - lo;
                     f(
                         lo + local,
                         &mut buckets[local],
                         &mut rows[local * B * w..(local + 1) * B * w],
-                        std::slice::from_ref(i),
+                        i,
                         &mut d,
                     );
                 }
@@ -272,76 +272,74 @@ impl CpuCache {
         st.clock += 1;
         let clock = st.clock;
         let (w, policy) = (self.width, self.cache.policy);
-        let d = self.by_bucket(&mut st, batch.keys, |_, bucket, rows, items, d| {
-            for &i in items {
-                let i = i as usize;
-                let key = batch.keys[i];
-                let row = &batch.values[i * w..(i + 1) * w];
-                let ttl = batch.ttl_ms.map_or(0, |t| t[i]);
-                let expires = if ttl == 0 {
-                    0
-                } else {
-                    now.saturating_add(ttl).max(1)
-                };
-                let given = batch.scores.map_or(0, |s| s[i]);
-                // Expired entries leave their bucket as soon as a put touches it, so that
-                // no old copy of a key outlives a newer one.
-                for j in 0..B {
-                    if bucket.used & (1 << j) != 0 && bucket.expired(j, now) {
-                        bucket.used &= !(1 << j);
-                        d.expired_reused += 1;
-                    }
+        let d = self.by_bucket(&mut st, batch.keys, |_, bucket, rows, i, d| {
+            let i = i as usize;
+            let key = batch.keys[i];
+            let row = &batch.values[i * w..(i + 1) * w];
+            let ttl = batch.ttl_ms.map_or(0, |t| t[i]);
+            let expires = if ttl == 0 {
+                0
+            } else {
+                now.saturating_add(ttl).max(1)
+            };
+            let given = batch.scores.map_or(0, |s| s[i]);
+            // Expired entries leave their bucket as soon as a put touches it, so that
+            // no old copy of a key outlives a newer one.
+            for j in 0..B {
+                if bucket.used & (1 << j) != 0 && bucket.expired(j, now) {
+                    bucket.used &= !(1 << j);
+                    d.expired_reused += 1;
                 }
-                if let Some(j) = bucket.find(key, now) {
-                    bucket.scores[j] = match policy {
-                        CachePolicy::Lru => clock,
-                        CachePolicy::Lfu => bucket.scores[j].saturating_add(1),
-                        CachePolicy::Custom => given,
-                    };
-                    bucket.expires[j] = expires;
-                    rows[j * w..(j + 1) * w].copy_from_slice(row);
-                    continue;
-                }
-                let score = match policy {
+            }
+            if let Some(j) = bucket.find(key, now) {
+                bucket.scores[j] = match policy {
                     CachePolicy::Lru => clock,
-                    CachePolicy::Lfu => 1,
+                    CachePolicy::Lfu => bucket.scores[j].saturating_add(1),
                     CachePolicy::Custom => given,
                 };
-                let free = (0..B).find(|&j| bucket.used & (1 << j) == 0);
-                let j = match free {
-                    Some(j) => j,
-                    None => {
-                        // Full: the lowest score leaves, the new key itself if its score is
-                        // lower still (ties go against the entry already there).
-                        let v = (0..B)
-                            .min_by_key(|&j| (bucket.scores[j], j))
-                            .expect("a bucket has slots");
-                        d.evicted_count += 1;
-                        if score < bucket.scores[v] {
-                            if report {
-                                d.evicted.push((key, score, d.evicted_rows.len(), expires));
-                                d.evicted_rows.extend_from_slice(row);
-                            }
-                            continue;
-                        }
-                        if report {
-                            d.evicted.push((
-                                bucket.keys[v],
-                                bucket.scores[v],
-                                d.evicted_rows.len(),
-                                bucket.expires[v],
-                            ));
-                            d.evicted_rows.extend_from_slice(&rows[v * w..(v + 1) * w]);
-                        }
-                        v
-                    }
-                };
-                bucket.used |= 1 << j;
-                bucket.keys[j] = key;
-                bucket.scores[j] = score;
                 bucket.expires[j] = expires;
                 rows[j * w..(j + 1) * w].copy_from_slice(row);
+                return;
             }
+            let score = match policy {
+                CachePolicy::Lru => clock,
+                CachePolicy::Lfu => 1,
+                CachePolicy::Custom => given,
+            };
+            let free = (0..B).find(|&j| bucket.used & (1 << j) == 0);
+            let j = match free {
+                Some(j) => j,
+                None => {
+                    // Full: the lowest score leaves, the new key itself if its score is
+                    // lower still (ties go against the entry already there).
+                    let v = (0..B)
+                        .min_by_key(|&j| (bucket.scores[j], j))
+                        .expect("a bucket has slots");
+                    d.evicted_count += 1;
+                    if score < bucket.scores[v] {
+                        if report {
+                            d.evicted.push((key, score, d.evicted_rows.len(), expires));
+                            d.evicted_rows.extend_from_slice(row);
+                        }
+                        return;
+                    }
+                    if report {
+                        d.evicted.push((
+                            bucket.keys[v],
+                            bucket.scores[v],
+                            d.evicted_rows.len(),
+                            bucket.expires[v],
+                        ));
+                        d.evicted_rows.extend_from_slice(&rows[v * w..(v + 1) * w]);
+                    }
+                    v
+                }
+            };
+            bucket.used |= 1 << j;
+            bucket.keys[j] = key;
+            bucket.scores[j] = score;
+            bucket.expires[j] = expires;
+            rows[j * w..(j + 1) * w].copy_from_slice(row);
         });
         st.stats.evicted += d.evicted_count;
         st.stats.expired_reused += d.expired_reused;
@@ -392,22 +390,18 @@ impl CpuCache {
         let (clock, policy) = (st.clock, self.cache.policy);
         // Each item's slot, found by its bucket's shard (u64::MAX: a miss).
         let slot_of: Vec<AtomicU64> = (0..keys.len()).map(|_| AtomicU64::new(u64::MAX)).collect();
-        let d = self.by_bucket(&mut st, keys, |b, bucket, _rows, items, d| {
-            for &i in items {
-                match bucket.find(keys[i as usize], now) {
-                    Some(j) => {
-                        match policy {
-                            CachePolicy::Lru => bucket.scores[j] = clock,
-                            CachePolicy::Lfu => {
-                                bucket.scores[j] = bucket.scores[j].saturating_add(1)
-                            }
-                            CachePolicy::Custom => {}
-                        }
-                        d.hits += 1;
-                        slot_of[i as usize].store((b * B + j) as u64, Ordering::Relaxed);
+        let d = self.by_bucket(&mut st, keys, |b, bucket, _rows, i, d| {
+            match bucket.find(keys[i as usize], now) {
+                Some(j) => {
+                    match policy {
+                        CachePolicy::Lru => bucket.scores[j] = clock,
+                        CachePolicy::Lfu => bucket.scores[j] = bucket.scores[j].saturating_add(1),
+                        CachePolicy::Custom => {}
                     }
-                    None => d.misses += 1,
+                    d.hits += 1;
+                    slot_of[i as usize].store((b * B + j) as u64, Ordering::Relaxed);
                 }
+                None => d.misses += 1,
             }
         });
         st.stats.hits += d.hits;
@@ -461,12 +455,10 @@ impl KvBackend for CpuCache {
             return Ok(0);
         }
         let now = self.cache.clock.now_ms();
-        let d = self.by_bucket(&mut st, keys, |_, bucket, _rows, items, d| {
-            for &i in items {
-                if let Some(j) = bucket.find(keys[i as usize], now) {
-                    bucket.used &= !(1 << j);
-                    d.removed += 1;
-                }
+        let d = self.by_bucket(&mut st, keys, |_, bucket, _rows, i, d| {
+            if let Some(j) = bucket.find(keys[i as usize], now) {
+                bucket.used &= !(1 << j);
+                d.removed += 1;
             }
         });
         Ok(d.removed)
@@ -555,15 +547,13 @@ impl KvBackend for CpuCache {
         let now = self.cache.clock.now_ms();
         let slot_of: Vec<AtomicU64> = (0..keys.len()).map(|_| AtomicU64::new(u64::MAX)).collect();
         let expires: Vec<AtomicU64> = (0..keys.len()).map(|_| AtomicU64::new(0)).collect();
-        let d = self.by_bucket(&mut st, keys, |b, bucket, _rows, items, d| {
-            for &i in items {
-                if let Some(j) = bucket.find(keys[i as usize], now) {
-                    // The row stays in place until a later batch reuses the slot.
-                    bucket.used &= !(1 << j);
-                    slot_of[i as usize].store((b * B + j) as u64, Ordering::Relaxed);
-                    expires[i as usize].store(bucket.expires[j], Ordering::Relaxed);
-                    d.removed += 1;
-                }
+        let d = self.by_bucket(&mut st, keys, |b, bucket, _rows, i, d| {
+            if let Some(j) = bucket.find(keys[i as usize], now) {
+                // The row stays in place until a later batch reuses the slot.
+                bucket.used &= !(1 << j);
+                slot_of[i as usize].store((b * B + j) as u64, Ordering::Relaxed);
+                expires[i as usize].store(bucket.expires[j], Ordering::Relaxed);
+                d.removed += 1;
             }
         });
         let rows = &st.rows;
@@ -625,38 +615,36 @@ impl KvBackend for CpuCache {
         // Restored entries keep their scores whatever the policy, and their absolute expiry
         // times; one whose time has passed stays out. A bucket that is full (an image
         // restored into a smaller table) evicts its lowest score, as a put does.
-        let d = self.by_bucket(&mut st, part.keys, |_, bucket, rows, items, d| {
-            for &i in items {
-                let i = i as usize;
-                let key = part.keys[i];
-                let score = part.scores.map_or(0, |s| s[i]);
-                let expires = part.expires.map_or(0, |e| e[i]);
-                if expires != 0 && expires <= now {
-                    continue;
-                }
-                let row = &part.values[i * w..(i + 1) * w];
-                let j = match bucket.find(key, now) {
-                    Some(j) => j,
-                    None => match (0..B).find(|&j| !bucket.live(j, now)) {
-                        Some(j) => j,
-                        None => {
-                            let v = (0..B)
-                                .min_by_key(|&j| (bucket.scores[j], j))
-                                .expect("a bucket has slots");
-                            d.evicted_count += 1;
-                            if score < bucket.scores[v] {
-                                continue;
-                            }
-                            v
-                        }
-                    },
-                };
-                bucket.used |= 1 << j;
-                bucket.keys[j] = key;
-                bucket.scores[j] = score;
-                bucket.expires[j] = expires;
-                rows[j * w..(j + 1) * w].copy_from_slice(row);
+        let d = self.by_bucket(&mut st, part.keys, |_, bucket, rows, i, d| {
+            let i = i as usize;
+            let key = part.keys[i];
+            let score = part.scores.map_or(0, |s| s[i]);
+            let expires = part.expires.map_or(0, |e| e[i]);
+            if expires != 0 && expires <= now {
+                return;
             }
+            let row = &part.values[i * w..(i + 1) * w];
+            let j = match bucket.find(key, now) {
+                Some(j) => j,
+                None => match (0..B).find(|&j| !bucket.live(j, now)) {
+                    Some(j) => j,
+                    None => {
+                        let v = (0..B)
+                            .min_by_key(|&j| (bucket.scores[j], j))
+                            .expect("a bucket has slots");
+                        d.evicted_count += 1;
+                        if score < bucket.scores[v] {
+                            return;
+                        }
+                        v
+                    }
+                },
+            };
+            bucket.used |= 1 << j;
+            bucket.keys[j] = key;
+            bucket.scores[j] = score;
+            bucket.expires[j] = expires;
+            rows[j * w..(j + 1) * w].copy_from_slice(row);
         });
         st.stats.evicted += d.evicted_count;
         st.clock = st.clock.max(part.clock);
