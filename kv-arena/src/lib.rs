@@ -211,18 +211,53 @@ impl ArenaPlan {
     /// and counts them live. On error (a record larger than a segment, or the budget) the
     /// plan is unchanged.
     pub fn place(&mut self, lens: &[u64]) -> Result<Placement> {
-        let mut next = self.clone();
-        let placement = next.place_in_place(lens)?;
-        *self = next;
-        Ok(placement)
+        let mut addrs = Vec::with_capacity(lens.len());
+        let opened = self.place_each(lens.len(), |i| Some(lens[i]), |_, a| addrs.push(a))?;
+        Ok(Placement { addrs, opened })
     }
 
-    fn place_in_place(&mut self, lens: &[u64]) -> Result<Placement> {
-        let mut out = Placement {
-            addrs: Vec::with_capacity(lens.len()),
-            opened: Vec::new(),
-        };
-        for &len in lens {
+    /// [`place`](Self::place) for the records of a batch's items, given one at a time:
+    /// item `i` of `0..n` has a record of `len_of(i)` bytes (`None`: no record), and
+    /// `out(i, address)` receives each record's address, in order. One pass and no
+    /// vectors, for batches of millions. Returns the segments that
+    /// [`Placement::opened`] would hold. On error the plan is unchanged (and the
+    /// addresses given to `out` are void).
+    ///
+    /// ```
+    /// use kv_arena::ArenaPlan;
+    /// let mut plan = ArenaPlan::new(1 << 16, None);
+    /// let mut addrs = vec![0u64; 3];
+    /// let opened = plan
+    ///     .place_each(3, |i| (i != 1).then_some(100), |i, a| addrs[i] = a)
+    ///     .unwrap();
+    /// assert_eq!(opened.len(), 1);
+    /// assert_eq!(addrs[1], 0);
+    /// assert_ne!(addrs[0], addrs[2]);
+    /// assert_eq!(plan.stats().live_bytes, 200);
+    /// ```
+    pub fn place_each(
+        &mut self,
+        n: usize,
+        len_of: impl FnMut(usize) -> Option<u64>,
+        out: impl FnMut(usize, u64),
+    ) -> Result<Vec<u32>> {
+        let mut next = self.clone();
+        let opened = next.place_in_place(n, len_of, out)?;
+        *self = next;
+        Ok(opened)
+    }
+
+    fn place_in_place(
+        &mut self,
+        n: usize,
+        mut len_of: impl FnMut(usize) -> Option<u64>,
+        mut out: impl FnMut(usize, u64),
+    ) -> Result<Vec<u32>> {
+        let mut opened = Vec::new();
+        for i in 0..n {
+            let Some(len) = len_of(i) else {
+                continue;
+            };
             let size = padded(len);
             if size > self.segment_bytes {
                 return Err(Error::InvalidArgument(format!(
@@ -234,17 +269,17 @@ impl ArenaPlan {
                 Some(h) if self.segments[h as usize].fill + size <= self.segment_bytes => h,
                 _ => {
                     let h = self.open_segment()?;
-                    out.opened.push(h);
+                    opened.push(h);
                     h
                 }
             };
             let seg = &mut self.segments[head as usize];
-            out.addrs.push(((head as u64) << self.shift) | seg.fill);
+            out(i, ((head as u64) << self.shift) | seg.fill);
             seg.fill += size;
             seg.live += len;
             self.live += len;
         }
-        Ok(out)
+        Ok(opened)
     }
 
     /// Seals the head (if any) and makes a free or new segment the head.

@@ -7,10 +7,13 @@
 //! arena address, the key and value lengths, the expiry time: `kv_kernels::layout::
 //! bytes_slot`), open addressing with linear probing, twice as many slots as the shared
 //! sizing rule's slot count (so that probes stay short at any load factor; `capacity()` is
-//! the rule's, as on the CPU backend). The arena is one device allocation per segment of
-//! `kv_arena::ArenaPlan`, the host's plan that every backend shares, and a device
-//! directory of the segments' addresses, through which the kernels turn an arena address
-//! into a pointer.
+//! the rule's, as on the CPU backend). The arena is the segments of `kv_arena::ArenaPlan`,
+//! the host's plan that every backend shares, carved out of a few large device allocations
+//! (`bytes_slabs`), and a device directory of the segments' addresses, through which the
+//! kernels turn an arena address into a pointer. Copies between the host and the device go
+//! through a ring of page-locked chunks (`bytes_gpu`), and the reads after each step go out
+//! behind one wait. With `VRAMKV_CUDA_TRACE=1` each put and get prints the time of its
+//! steps (`kv_staging::trace::Laps`).
 //!
 //! # Batches: the CPU plans where each batch's bytes go, the GPU moves them
 //!
@@ -38,10 +41,11 @@
 //! [`HostMirrorBytes`] runs the same driver and the same per-item kernel code over host
 //! memory, so that the tests exercise both without a GPU.
 
+use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytemuck::Pod;
-use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes, record_lens};
+use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, Error, Offsets, Result,
     TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
@@ -51,6 +55,14 @@ use kv_kernels::layout::{
     expired, expiry_time, local_slots,
 };
 use kv_staging::image::EXPORT_CHUNK_BYTES;
+use kv_staging::trace::{Laps, Tracer};
+
+use rayon::prelude::*;
+
+use crate::bytes_slabs::Slabs;
+
+/// Batches from this many items count their fresh keys on all cores.
+const PAR_ITEMS: usize = 1 << 16;
 
 /// The byte-table kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +100,17 @@ pub(crate) trait Dev: Send + Sync {
     fn upload(&self, dst: &Self::Buf, at: usize, src: &[u8]) -> Result<()>;
     /// Waits for the device, then copies byte `at..` of `src` into `dst`.
     fn download(&self, dst: &mut [u8], src: &Self::Buf, at: usize) -> Result<()>;
+    /// [`download`](Self::download)s of several parts `(dst, src, at)`, with one wait.
+    fn download_many(&self, parts: &mut [(&mut [u8], &Self::Buf, usize)]) -> Result<()> {
+        for (dst, src, at) in parts.iter_mut() {
+            self.download(dst, src, *at)?;
+        }
+        Ok(())
+    }
+    /// Where the batches' laps are written (none: not traced).
+    fn tracer(&self) -> Option<&Tracer> {
+        None
+    }
     /// Zeroes the first `bytes` bytes.
     fn zero(&self, b: &Self::Buf, bytes: usize) -> Result<()>;
     /// Runs kernel `k` over `n` items (a thread, or a warp, per item).
@@ -123,9 +146,6 @@ enum S {
 }
 const SCRATCH: usize = S::MoveTo as usize + 1;
 
-/// Released segment buffers kept for reuse (allocations are slow on a GPU).
-const SPARE_SEGMENTS: usize = 4;
-
 struct State<D: Dev> {
     index: D::Buf,
     /// Index slots (a power of two).
@@ -135,8 +155,8 @@ struct State<D: Dev> {
     entries: usize,
     tombs: usize,
     arena: ArenaPlan,
-    segments: Vec<Option<D::Buf>>,
-    spare: Vec<D::Buf>,
+    /// The segments' memory.
+    mem: Slabs<D::Buf>,
     /// `u64[dir_cap]`: each segment's device address.
     dir: D::Buf,
     dir_cap: usize,
@@ -144,6 +164,56 @@ struct State<D: Dev> {
     /// No entry expires before this time (u64::MAX: none expires).
     earliest: u64,
     scratch: Vec<Option<D::Buf>>,
+    /// A batch's host-side arrays, kept between batches (a fresh one would be
+    /// page-faulted in on every batch).
+    host: HostArrays,
+}
+
+/// A batch's host-side arrays (see [`State::host`]).
+#[derive(Default)]
+struct HostArrays {
+    /// A get's value lengths.
+    vlen: Vec<u64>,
+    win: Vec<u8>,
+    found: Vec<u64>,
+    addrs: Vec<u64>,
+    old_addr: Vec<u64>,
+    old_len: Vec<u64>,
+}
+
+/// The first `n` elements of `v`, grown if it is shorter (what they hold is stale: the
+/// caller overwrites them).
+fn sized<T: Pod + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Places the records of the batch's winners (`win[i] != 0`: key and value bytes) in
+/// `arena`, writing each winner's address to `addrs[i]`; returns the segments opened and
+/// the bytes placed.
+fn place_winners(
+    arena: &mut ArenaPlan,
+    keys: Binary<'_>,
+    values: Binary<'_>,
+    win: &[u8],
+    addrs: &mut [u64],
+) -> Result<(Vec<u32>, u64)> {
+    let mut written = 0;
+    let opened = arena.place_each(
+        win.len(),
+        |i| {
+            if win[i] == 0 {
+                return None;
+            }
+            let len = (keys.item_len(i) + values.item_len(i)) as u64;
+            written += len;
+            Some(len)
+        },
+        |i, a| addrs[i] = a,
+    )?;
+    Ok((opened, written))
 }
 
 /// The index slots for `slots` slots of the sizing rule.
@@ -187,13 +257,13 @@ impl<D: Dev> Table<D> {
             entries: 0,
             tombs: 0,
             arena: ArenaPlan::new(segment, cfg.arena_budget),
-            segments: Vec::new(),
-            spare: Vec::new(),
+            mem: Slabs::new(segment as usize),
             dir: dev.alloc(dir_cap * 8)?,
             dir_cap,
             counters: dev.alloc(bc::LEN * 8)?,
             earliest: u64::MAX,
             scratch: (0..SCRATCH).map(|_| None).collect(),
+            host: HostArrays::default(),
         };
         Ok(Table {
             seed: cfg.table.table_seed(),
@@ -252,6 +322,32 @@ impl<D: Dev> Table<D> {
         self.dev
             .download(bytemuck::cast_slice_mut(&mut v), self.buf(st, s)?, 0)?;
         Ok(v)
+    }
+
+    /// Waits for the device once, then reads the counters (checked for errors, as
+    /// [`check_errors`](Self::check_errors) does) and the start of each scratch buffer
+    /// `(s, dst)` into `dst`.
+    fn read_after(
+        &self,
+        st: &State<D>,
+        what: &str,
+        outs: &mut [(S, &mut [u8])],
+    ) -> Result<[u64; bc::LEN]> {
+        let mut c = [0u64; bc::LEN];
+        let mut parts: Vec<(&mut [u8], &D::Buf, usize)> = Vec::with_capacity(outs.len() + 1);
+        parts.push((bytemuck::cast_slice_mut(&mut c), &st.counters, 0));
+        for (s, dst) in outs.iter_mut() {
+            parts.push((&mut **dst, self.buf(st, *s)?, 0));
+        }
+        self.dev.download_many(&mut parts)?;
+        drop(parts);
+        if c[bc::ERRORS] != 0 {
+            return Err(self.broken(format!(
+                "the byte-table {what} found no room for {} probes (a broken invariant)",
+                c[bc::ERRORS]
+            )));
+        }
+        Ok(c)
     }
 
     fn reset_counters(&self, st: &State<D>) -> Result<()> {
@@ -354,20 +450,11 @@ impl<D: Dev> Table<D> {
         if opened.is_empty() {
             return Ok(());
         }
-        let size = st.arena.segment_bytes() as usize;
         let count = st.arena.segment_count();
         let mut done: Vec<u32> = Vec::new();
         let r = (|| {
             for &id in opened {
-                let buf = match st.spare.pop() {
-                    Some(b) => b,
-                    None => self.dev.alloc(size)?,
-                };
-                let id_us = id as usize;
-                if st.segments.len() <= id_us {
-                    st.segments.resize_with(id_us + 1, || None);
-                }
-                st.segments[id_us] = Some(buf);
+                st.mem.provide(&self.dev, id)?;
                 done.push(id);
             }
             if count > st.dir_cap {
@@ -375,32 +462,23 @@ impl<D: Dev> Table<D> {
                 st.dir = self.dev.alloc(cap * 8)?;
                 st.dir_cap = cap;
             }
-            let dir: Vec<u64> = (0..count)
-                .map(|i| {
-                    st.segments
-                        .get(i)
-                        .and_then(Option::as_ref)
-                        .map_or(0, D::addr)
-                })
+            let dir: Vec<u64> = (0..count as u32)
+                .map(|i| st.mem.addr::<D>(i).unwrap_or(0))
                 .collect();
             self.dev.upload(&st.dir, 0, as_bytes(&dir))
         })();
         if r.is_err() {
             for id in done {
-                st.segments[id as usize] = None;
+                st.mem.release(id);
             }
         }
         r
     }
 
-    /// Frees the memory of the segments the arena gave back (keeping a few for reuse).
+    /// Takes back the memory of the segments the arena gave back.
     fn drop_released(&self, st: &mut State<D>) {
         for id in st.arena.take_released() {
-            if let Some(b) = st.segments.get_mut(id as usize).and_then(Option::take)
-                && st.spare.len() < SPARE_SEGMENTS
-            {
-                st.spare.push(b);
-            }
+            st.mem.release(id);
         }
     }
 
@@ -410,11 +488,7 @@ impl<D: Dev> Table<D> {
     fn unplace(&self, st: &mut State<D>, saved: ArenaPlan, opened: &[u32]) {
         st.arena = saved;
         for &id in opened {
-            if let Some(b) = st.segments.get_mut(id as usize).and_then(Option::take)
-                && st.spare.len() < SPARE_SEGMENTS
-            {
-                st.spare.push(b);
-            }
+            st.mem.release(id);
         }
     }
 
@@ -557,10 +631,12 @@ impl<D: Dev> Table<D> {
         }
         let n = keys.len();
         let now = self.now();
+        let mut laps = Laps::new(self.dev.tracer());
         let mut guard = self.lock();
         let st = &mut *guard;
         self.purge(st, now)?;
         let mut b = self.load_batch(st, keys, Some(values), ttl, now)?;
+        laps.lap("upload");
         self.dedup(st, &mut b)?;
         b.a.found_slot = self.scratch(st, S::FoundSlot, n * 8)?;
         b.a.addrs = self.scratch(st, S::Addrs, n * 8)?;
@@ -568,66 +644,88 @@ impl<D: Dev> Table<D> {
         b.a.old_len = self.scratch(st, S::OldLen, n * 8)?;
         self.reset_counters(st)?;
         self.launch(st, K::Lookup, &b.a, n as u64)?;
-        self.check_errors(st, "dedup")?;
-        let win: Vec<u8> = self.download_from(st, S::Win, n)?;
-        let found: Vec<u64> = self.download_from(st, S::FoundSlot, n)?;
-        let winners: Vec<usize> = (0..n).filter(|&i| win[i] != 0).collect();
-        let fresh = winners.iter().filter(|&&i| found[i] == bs::NONE).count();
+        let mut h = std::mem::take(&mut st.host);
+        let win = sized(&mut h.win, n);
+        let found = sized(&mut h.found, n);
+        self.read_after(
+            st,
+            "dedup",
+            &mut [
+                (S::Win, &mut *win),
+                (S::FoundSlot, bytemuck::cast_slice_mut(&mut *found)),
+            ],
+        )?;
+        laps.lap("lookup");
+        let is_fresh = |i: usize| win[i] != 0 && found[i] == bs::NONE;
+        let fresh = if n < PAR_ITEMS {
+            (0..n).filter(|&i| is_fresh(i)).count()
+        } else {
+            (0..n).into_par_iter().filter(|&i| is_fresh(i)).count()
+        };
         let slots = self.cfg.admit(st.entries, fresh, st.slots)?;
-        let lens = record_lens(keys, values, &winners);
-        let written: u64 = lens.iter().sum();
+        let addrs = sized(&mut h.addrs, n);
         let mut saved = st.arena.clone();
-        let placed = match st.arena.place(&lens) {
-            Ok(p) => p,
+        let (opened, written) = match place_winners(&mut st.arena, keys, values, win, addrs) {
             Err(Error::BudgetExceeded { .. }) => {
                 self.compact(st, u64::MAX, true)?;
                 saved = st.arena.clone();
-                st.arena.place(&lens)?
+                place_winners(&mut st.arena, keys, values, win, addrs)?
             }
-            Err(e) => return Err(e),
+            r => r?,
         };
-        if let Err(e) = self.provide(st, &placed.opened) {
-            self.unplace(st, saved.clone(), &placed.opened);
+        if let Err(e) = self.provide(st, &opened) {
+            self.unplace(st, saved.clone(), &opened);
             return Err(e);
         }
         let phys = phys_for(slots).max(st.phys);
         if phys > st.phys || st.entries + st.tombs + fresh > st.phys / 4 * 3 {
             if let Err(e) = self.rebuild(st, phys) {
-                self.unplace(st, saved.clone(), &placed.opened);
+                self.unplace(st, saved.clone(), &opened);
                 return Err(e);
             }
             // The slots moved: find the keys again.
             self.launch(st, K::Lookup, &b.a, n as u64)?;
         }
         st.slots = slots;
-        let mut addrs = vec![0u64; n];
-        for (&i, &addr) in winners.iter().zip(&placed.addrs) {
-            addrs[i] = addr;
-        }
+        laps.lap("plan");
+        // Only the winners' addresses are read (the write kernel skips the others).
         self.dev
-            .upload(self.buf(st, S::Addrs)?, 0, as_bytes(&addrs))?;
+            .upload(self.buf(st, S::Addrs)?, 0, as_bytes(addrs))?;
         self.reset_counters(st)?;
         self.launch(st, K::Write, &b.a, n as u64)?;
-        let c = self.check_errors(st, "put")?;
-        let old_addr: Vec<u64> = self.download_from(st, S::OldAddr, n)?;
-        let old_len: Vec<u64> = self.download_from(st, S::OldLen, n)?;
-        for &i in &winners {
-            if old_len[i] != 0 {
+        let old_addr = sized(&mut h.old_addr, n);
+        let old_len = sized(&mut h.old_len, n);
+        let c = self.read_after(
+            st,
+            "put",
+            &mut [
+                (S::OldAddr, bytemuck::cast_slice_mut(&mut *old_addr)),
+                (S::OldLen, bytemuck::cast_slice_mut(&mut *old_len)),
+            ],
+        )?;
+        laps.lap("write");
+        for i in 0..n {
+            if win[i] != 0 && old_len[i] != 0 {
                 st.arena.free(old_addr[i], old_len[i]);
             }
         }
         st.entries += c[bc::INSERTED] as usize;
         st.tombs = st.tombs.saturating_sub(c[bc::REUSED] as usize);
         if let Some(t) = ttl {
-            for &i in &winners {
-                if t[i] != 0 {
+            for i in 0..n {
+                if win[i] != 0 && t[i] != 0 {
                     st.earliest = st.earliest.min(expiry_time(now, t[i]));
                 }
             }
         }
+        st.host = h;
         self.drop_released(st);
+        laps.lap("free");
         let bound = compaction_bound(written, st.arena.segment_bytes());
-        tolerant(self.compact(st, bound, false))
+        let r = tolerant(self.compact(st, bound, false));
+        laps.lap("compact");
+        laps.report("cuda bytes put", n);
+        r
     }
 
     /// Hashes and finds `keys` (checked, not empty): the batch with `found_slot` (and the
@@ -674,33 +772,54 @@ impl<D: Dev> Table<D> {
             return Ok(());
         }
         let now = self.now();
+        let mut laps = Laps::new(self.dev.tracer());
         let mut guard = self.lock();
         let st = &mut *guard;
+        let r = self.get_locked(st, keys, now, values_out, found_out, &mut laps);
+        if r.is_err() {
+            values_out.clear();
+        }
+        laps.report("cuda bytes get", n);
+        r
+    }
+
+    fn get_locked(
+        &self,
+        st: &mut State<D>,
+        keys: Binary<'_>,
+        now: u64,
+        values_out: &mut BinaryBuf,
+        found_out: &mut [bool],
+        laps: &mut Laps,
+    ) -> Result<()> {
+        let n = keys.len();
         let mut b = self.find_keys(st, keys, now, true, false)?;
-        let vlen: Vec<u64> = self.download_from(st, S::VLen, n)?;
-        let lens: Vec<usize> = vlen
-            .iter()
-            .map(|&l| if l == bs::NONE { 0 } else { l as usize })
-            .collect();
-        let mut offsets = Vec::with_capacity(n + 1);
-        let mut total = 0u64;
-        offsets.push(0u64);
-        for &l in &lens {
-            total += l as u64;
-            offsets.push(total);
-        }
-        if total > 0 {
-            b.a.out_offsets = self.upload_to(st, S::OutOff, &offsets)?;
-            b.a.out_data = self.scratch(st, S::OutData, total as usize)?;
+        laps.lap("upload");
+        let mut h = std::mem::take(&mut st.host);
+        let vlen = sized(&mut h.vlen, n);
+        self.read_after(
+            st,
+            "lookup",
+            &mut [(S::VLen, bytemuck::cast_slice_mut(&mut *vlen))],
+        )?;
+        laps.lap("lookup");
+        let (offsets, data) = values_out.reset_for_overwrite(n, |i| match vlen[i] {
+            bs::NONE => 0,
+            l => l as usize,
+        });
+        laps.lap("offsets");
+        if !data.is_empty() {
+            // The output's offsets start at 0, so their i64 bits are the kernel's u64s.
+            b.a.out_offsets = self.upload_to(st, S::OutOff, offsets)?;
+            b.a.out_data = self.scratch(st, S::OutData, data.len())?;
             self.launch(st, K::Get, &b.a, n as u64)?;
-        }
-        let data = values_out.reset_with_lens(n, |i| lens[i]);
-        if total > 0 {
             self.dev.download(data, self.buf(st, S::OutData)?, 0)?;
         }
-        for (f, &l) in found_out.iter_mut().zip(&vlen) {
+        laps.lap("values");
+        for (f, &l) in found_out.iter_mut().zip(vlen.iter()) {
             *f = l != bs::NONE;
         }
+        st.host = h;
         Ok(())
     }
 
@@ -732,8 +851,16 @@ impl<D: Dev> Table<D> {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.find_keys(st, keys, now, false, true)?;
-        let found: Vec<u64> = self.download_from(st, S::FoundSlot, n)?;
-        let exp: Vec<u64> = self.download_from(st, S::Exp, n)?;
+        let mut found = vec![0u64; n];
+        let mut exp = vec![0u64; n];
+        self.read_after(
+            st,
+            "lookup",
+            &mut [
+                (S::FoundSlot, bytemuck::cast_slice_mut(&mut found)),
+                (S::Exp, bytemuck::cast_slice_mut(&mut exp)),
+            ],
+        )?;
         for i in 0..n {
             ttl_out[i] = if found[i] == bs::NONE {
                 TTL_MISSING
@@ -768,8 +895,12 @@ impl<D: Dev> Table<D> {
         self.reset_counters(st)?;
         self.launch(st, K::Lookup, &b.a, n as u64)?;
         self.launch(st, K::SetExpiry, &b.a, n as u64)?;
-        self.check_errors(st, "dedup")?;
-        let found: Vec<u64> = self.download_from(st, S::FoundSlot, n)?;
+        let mut found = vec![0u64; n];
+        self.read_after(
+            st,
+            "dedup",
+            &mut [(S::FoundSlot, bytemuck::cast_slice_mut(&mut found))],
+        )?;
         for i in 0..n {
             found_out[i] = found[i] != bs::NONE;
             if found_out[i] && ttl_ms[i] != 0 {
@@ -794,9 +925,17 @@ impl<D: Dev> Table<D> {
         b.a.old_len = self.scratch(st, S::OldLen, n * 8)?;
         self.reset_counters(st)?;
         self.launch(st, K::Delete, &b.a, n as u64)?;
-        let removed = self.read_counters(st)?[bc::REMOVED] as usize;
-        let old_addr: Vec<u64> = self.download_from(st, S::OldAddr, n)?;
-        let old_len: Vec<u64> = self.download_from(st, S::OldLen, n)?;
+        let mut old_addr = vec![0u64; n];
+        let mut old_len = vec![0u64; n];
+        let c = self.read_after(
+            st,
+            "delete",
+            &mut [
+                (S::OldAddr, bytemuck::cast_slice_mut(&mut old_addr)),
+                (S::OldLen, bytemuck::cast_slice_mut(&mut old_len)),
+            ],
+        )?;
+        let removed = c[bc::REMOVED] as usize;
         let mut freed = 0;
         for (&addr, &len) in old_addr.iter().zip(&old_len) {
             if len != 0 {
@@ -833,8 +972,7 @@ impl<D: Dev> Table<D> {
         st.earliest = u64::MAX;
         st.arena.clear();
         st.arena.take_released();
-        st.segments.clear();
-        st.spare.clear();
+        st.mem.clear();
         Ok(())
     }
 
@@ -844,9 +982,9 @@ impl<D: Dev> Table<D> {
 
     /// Copies the first `dst.len()` bytes of `src` to the host in pieces of at most
     /// [`EXPORT_CHUNK_BYTES`] (each a plain copy on the table's stream, waited for).
-    fn read_chunked(&self, dst: &mut [u8], src: &D::Buf) -> Result<()> {
+    fn read_chunked(&self, dst: &mut [u8], src: &D::Buf, at: usize) -> Result<()> {
         for (k, piece) in dst.chunks_mut(EXPORT_CHUNK_BYTES).enumerate() {
-            self.dev.download(piece, src, k * EXPORT_CHUNK_BYTES)?;
+            self.dev.download(piece, src, at + k * EXPORT_CHUNK_BYTES)?;
         }
         Ok(())
     }
@@ -858,16 +996,15 @@ impl<D: Dev> Table<D> {
             let st = self.lock();
             let now = self.now();
             let mut index = vec![0u64; st.phys * bs::WORDS as usize];
-            self.read_chunked(bytemuck::cast_slice_mut(&mut index), &st.index)?;
+            self.read_chunked(bytemuck::cast_slice_mut(&mut index), &st.index, 0)?;
             let seg = st.arena.segment_bytes() as usize;
-            let segments = st
-                .segments
-                .iter()
-                .map(|b| {
-                    b.as_ref()
-                        .map(|b| {
+            let segments = (0..st.arena.segment_count() as u32)
+                .map(|id| {
+                    st.mem
+                        .place(id)
+                        .map(|(b, at)| {
                             let mut v = vec![0u8; seg];
-                            self.read_chunked(&mut v, b).map(|()| v)
+                            self.read_chunked(&mut v, b, at).map(|()| v)
                         })
                         .transpose()
                 })
@@ -953,10 +1090,11 @@ fn tolerant(r: Result<()>) -> Result<()> {
     }
 }
 
-/// A batch's offsets from 0 (as u64) and its bytes.
-fn rebased<'a>(b: Binary<'a>) -> (Vec<u64>, &'a [u8]) {
+/// A batch's offsets from 0 (as u64) and its bytes. Offsets that are already i64 from 0
+/// (a [`BinaryBuf`]'s) are the u64 ones bit for bit, and are not copied.
+fn rebased<'a>(b: Binary<'a>) -> (Cow<'a, [u64]>, &'a [u8]) {
     let n = b.len();
-    let (first, last, off): (usize, usize, Vec<u64>) = match b.offsets() {
+    let (first, last, off): (usize, usize, Cow<'a, [u64]>) = match b.offsets() {
         Offsets::I32(o) => {
             let f = o[0] as u64;
             (
@@ -965,6 +1103,8 @@ fn rebased<'a>(b: Binary<'a>) -> (Vec<u64>, &'a [u8]) {
                 o.iter().map(|&x| x as u64 - f).collect(),
             )
         }
+        // Offsets are checked to be non-negative and non-decreasing (`Binary::new`).
+        Offsets::I64(o) if o[0] == 0 => (0, o[n] as usize, Cow::Borrowed(bytemuck::cast_slice(o))),
         Offsets::I64(o) => {
             let f = o[0] as u64;
             (

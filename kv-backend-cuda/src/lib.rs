@@ -142,6 +142,7 @@ use kv_staging::LanePool;
 mod bytes;
 mod bytes_gpu;
 mod bytes_host;
+mod bytes_slabs;
 mod cache;
 mod gpu;
 mod lane;

@@ -118,6 +118,9 @@ pub fn run(items: usize, batches: usize, seed: u64, options: &Options) -> Result
         bar.set_message(w.name);
         let (mut put, mut get, mut bytes_per_op) = (Vec::new(), Vec::new(), 0.0);
         let mut host = f64::NAN;
+        // One output buffer for every batch, as a caller that serves many batches keeps.
+        let mut out = BinaryBuf::new();
+        let mut found = vec![false; items];
         for b in 0..batches {
             let (keys, values) = batch(w, items, b as u64, seed);
             let bytes = (keys.data().len() + values.data().len()) as f64;
@@ -128,8 +131,7 @@ pub fn run(items: usize, batches: usize, seed: u64, options: &Options) -> Result
             let t0 = Instant::now();
             t.put(keys.as_binary(), values.as_binary())?;
             let tp = t0.elapsed().as_secs_f64();
-            let mut out = BinaryBuf::new();
-            let mut found = vec![false; items];
+            found.fill(false);
             let t1 = Instant::now();
             t.get(keys.as_binary(), &mut out, &mut found)?;
             let tg = t1.elapsed().as_secs_f64();

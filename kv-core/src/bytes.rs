@@ -278,7 +278,16 @@ impl BinaryBuf {
     /// Replaces the contents with `n` items whose lengths are `lens(i)`, all zero bytes,
     /// and returns the data buffer to fill. What a backend's get uses to size its output
     /// once, then fill it in parallel.
-    pub fn reset_with_lens(&mut self, n: usize, mut lens: impl FnMut(usize) -> usize) -> &mut [u8] {
+    pub fn reset_with_lens(&mut self, n: usize, lens: impl FnMut(usize) -> usize) -> &mut [u8] {
+        let total = self.set_offsets(n, lens);
+        self.data.clear();
+        self.data.resize(total, 0);
+        &mut self.data
+    }
+
+    /// Replaces the offsets with those of `n` items of lengths `lens(i)`; returns the
+    /// total length.
+    fn set_offsets(&mut self, n: usize, mut lens: impl FnMut(usize) -> usize) -> usize {
         self.offsets.clear();
         self.offsets.reserve(n + 1);
         let mut at = 0i64;
@@ -287,9 +296,34 @@ impl BinaryBuf {
             at += lens(i) as i64;
             self.offsets.push(at);
         }
-        self.data.clear();
-        self.data.resize(at as usize, 0);
-        &mut self.data
+        at as usize
+    }
+
+    /// Like [`reset_with_lens`](Self::reset_with_lens), for a caller that overwrites every
+    /// data byte: the data keeps the bytes the buffer held (zeros only past its old
+    /// length), so a reused buffer is not zeroed again. Returns the offsets and the data
+    /// to fill.
+    ///
+    /// ```
+    /// use kv_core::BinaryBuf;
+    /// let mut b = BinaryBuf::from_slices([b"abc".as_slice(), b"de"]);
+    /// let (offsets, data) = b.reset_for_overwrite(2, |i| [1, 3][i]);
+    /// assert_eq!(offsets, &[0, 1, 4]);
+    /// data.copy_from_slice(b"xyzw");
+    /// assert_eq!(b.get(1), Some(b"yzw".as_slice()));
+    /// ```
+    pub fn reset_for_overwrite(
+        &mut self,
+        n: usize,
+        lens: impl FnMut(usize) -> usize,
+    ) -> (&[i64], &mut [u8]) {
+        let total = self.set_offsets(n, lens);
+        if self.data.len() > total {
+            self.data.truncate(total);
+        } else {
+            self.data.resize(total, 0);
+        }
+        (&self.offsets, &mut self.data)
     }
 
     /// The offsets and data, taken apart (to build an Arrow array without a copy).

@@ -207,3 +207,82 @@ impl Recorder {
         }
     }
 }
+
+/// The trace of a batch whose steps run one after another on the calling thread: the wall
+/// time of each labelled step, from the previous [`lap`](Laps::lap) (or the start) to
+/// this one, summed by label. For drivers that wait for the device between their steps
+/// (the byte tables), the laps split a batch into its copies, waits and host work.
+///
+/// ```
+/// use kv_staging::trace::{Laps, Tracer};
+///
+/// let tracer = Tracer::kept();
+/// let mut laps = Laps::new(Some(&tracer));
+/// std::thread::sleep(std::time::Duration::from_millis(2));
+/// laps.lap("upload");
+/// laps.lap("plan");
+/// laps.lap("upload");
+/// laps.report("put", 10);
+/// let line = &tracer.lines()[0];
+/// assert!(line.starts_with("put of 10 keys: "), "{line}");
+/// assert!(line.contains("upload") && line.contains("(2x)"), "{line}");
+///
+/// // Without a tracer nothing is timed or written.
+/// let mut off = Laps::new(None);
+/// off.lap("upload");
+/// off.report("put", 10);
+/// ```
+pub struct Laps {
+    tracer: Option<Tracer>,
+    start: Option<Instant>,
+    last: Option<Instant>,
+    /// Seconds and count per label, in the order first seen.
+    sums: Vec<(&'static str, f64, usize)>,
+}
+
+impl Laps {
+    /// Laps of one batch, written to `tracer` (none: nothing is timed).
+    pub fn new(tracer: Option<&Tracer>) -> Laps {
+        let now = tracer.map(|_| Instant::now());
+        Laps {
+            tracer: tracer.cloned(),
+            start: now,
+            last: now,
+            sums: Vec::new(),
+        }
+    }
+
+    /// Ends the step `label`, begun at the previous lap.
+    pub fn lap(&mut self, label: &'static str) {
+        let Some(last) = self.last else {
+            return;
+        };
+        let now = Instant::now();
+        let secs = (now - last).as_secs_f64();
+        self.last = Some(now);
+        match self.sums.iter_mut().find(|s| s.0 == label) {
+            Some(s) => {
+                s.1 += secs;
+                s.2 += 1;
+            }
+            None => self.sums.push((label, secs, 1)),
+        }
+    }
+
+    /// Writes one line: the batch's total time and each label's.
+    pub fn report(&self, what: &str, n: usize) {
+        let (Some(t), Some(start)) = (&self.tracer, self.start) else {
+            return;
+        };
+        let steps: Vec<String> = self
+            .sums
+            .iter()
+            .map(|(l, s, c)| format!("{l} {:.3} ms ({c}x)", s * 1e3))
+            .collect();
+        t.line(format_args!(
+            "{what} of {n} keys: {:.3} ms = {}",
+            start.elapsed().as_secs_f64() * 1e3,
+            steps.join(" + ")
+        ));
+    }
+}
