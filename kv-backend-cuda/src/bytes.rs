@@ -704,10 +704,15 @@ impl<D: Dev> Table<D> {
             ],
         )?;
         laps.lap("write");
-        for i in 0..n {
-            if win[i] != 0 && old_len[i] != 0 {
-                st.arena.free(old_addr[i], old_len[i]);
-            }
+        // The replaced records, found on all cores (a batch of new keys replaces none).
+        let replaced = |i: &usize| win[*i] != 0 && old_len[*i] != 0;
+        let replaced: Vec<usize> = if n < PAR_ITEMS {
+            (0..n).filter(replaced).collect()
+        } else {
+            (0..n).into_par_iter().filter(replaced).collect()
+        };
+        for i in replaced {
+            st.arena.free(old_addr[i], old_len[i]);
         }
         st.entries += c[bc::INSERTED] as usize;
         st.tombs = st.tombs.saturating_sub(c[bc::REUSED] as usize);
@@ -803,6 +808,7 @@ impl<D: Dev> Table<D> {
             &mut [(S::VLen, bytemuck::cast_slice_mut(&mut *vlen))],
         )?;
         laps.lap("lookup");
+        let vlen: &[u64] = vlen;
         let (offsets, data) = values_out.reset_for_overwrite(n, |i| match vlen[i] {
             bs::NONE => 0,
             l => l as usize,

@@ -46,6 +46,7 @@ pub fn all() -> Vec<ByteCase> {
         bytes_arena_budget_refuses_whole_batch,
         bytes_arrow_offsets_and_slices,
         bytes_get_replaces_its_output,
+        bytes_large_batches,
         bytes_clear_gives_the_arena_back,
         bytes_churn_stays_compact,
         bytes_expiry,
@@ -267,6 +268,46 @@ fn bytes_put_get_roundtrip(o: &OpenBytes) {
         t.get_slices(&[b"a", b"missing", b"k"]).expect("get_slices"),
         [Some(b"1".to_vec()), None, Some(vec![])]
     );
+}
+
+/// Batches long enough for the backends' parallel host passes (counts, prefix sums of
+/// output offsets, scans for replaced records: 2^16 items and more): new keys, then a
+/// batch that overwrites half of them with other lengths, repeats some keys and adds new
+/// ones.
+fn bytes_large_batches(o: &OpenBytes) {
+    const N: usize = 100_000;
+    let t = open(o, small(2 * N));
+    let mut m = ByteModel::new();
+    let key = |i: usize| format!("large:{i}").into_bytes();
+    let value = |i: usize, round: usize| vec![(i + round) as u8; (i * 7 + round * 13) % 41];
+    let keys = BinaryBuf::from_slices((0..N).map(key));
+    let values = BinaryBuf::from_slices((0..N).map(|i| value(i, 0)));
+    put(&*t, &mut m, &keys, &values);
+    // Every other key again, the first thousand twice (the later one wins), and new keys.
+    let items: Vec<usize> = (0..N)
+        .step_by(2)
+        .chain(0..1000)
+        .chain(N..N + N / 4)
+        .collect();
+    let keys = BinaryBuf::from_slices(items.iter().map(|&i| key(i)));
+    let values =
+        BinaryBuf::from_slices(items.iter().enumerate().map(|(j, &i)| value(i, 1 + j % 3)));
+    put(&*t, &mut m, &keys, &values);
+    assert_eq!(t.len(), N + N / 4);
+    m.check(&*t, &[key(2 * N), b"large:".to_vec()]);
+    // One get of every key, then a short one into the same output buffer.
+    let mut out = BinaryBuf::new();
+    for count in [N + N / 4, 10] {
+        let all: Vec<Vec<u8>> = (0..count).map(key).collect();
+        let kb = BinaryBuf::from_slices(&all);
+        let mut found = vec![false; count];
+        t.get(kb.as_binary(), &mut out, &mut found).expect("get");
+        assert_eq!(out.len(), count);
+        for (i, k) in all.iter().enumerate() {
+            assert!(found[i], "key {i} of {count} found");
+            assert_eq!(out.get(i), m.get(k), "value of key {i} of {count}");
+        }
+    }
 }
 
 fn bytes_last_occurrence_wins(o: &OpenBytes) {

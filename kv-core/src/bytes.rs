@@ -278,25 +278,23 @@ impl BinaryBuf {
     /// Replaces the contents with `n` items whose lengths are `lens(i)`, all zero bytes,
     /// and returns the data buffer to fill. What a backend's get uses to size its output
     /// once, then fill it in parallel.
-    pub fn reset_with_lens(&mut self, n: usize, lens: impl FnMut(usize) -> usize) -> &mut [u8] {
+    pub fn reset_with_lens(&mut self, n: usize, lens: impl Fn(usize) -> usize + Sync) -> &mut [u8] {
         let total = self.set_offsets(n, lens);
         self.data.clear();
         self.data.resize(total, 0);
         &mut self.data
     }
 
-    /// Replaces the offsets with those of `n` items of lengths `lens(i)`; returns the
-    /// total length.
-    fn set_offsets(&mut self, n: usize, mut lens: impl FnMut(usize) -> usize) -> usize {
-        self.offsets.clear();
-        self.offsets.reserve(n + 1);
-        let mut at = 0i64;
-        self.offsets.push(0);
-        for i in 0..n {
-            at += lens(i) as i64;
-            self.offsets.push(at);
+    /// Replaces the offsets with those of `n` items of lengths `lens(i)` (on all cores
+    /// for long batches, [`crate::par::prefix_sums`]); returns the total length.
+    fn set_offsets(&mut self, n: usize, lens: impl Fn(usize) -> usize + Sync) -> usize {
+        // Every place is written below: a reused vector is not zeroed first.
+        if self.offsets.len() > n + 1 {
+            self.offsets.truncate(n + 1);
+        } else {
+            self.offsets.resize(n + 1, 0);
         }
-        at as usize
+        crate::par::prefix_sums(&mut self.offsets, |i| lens(i) as i64) as usize
     }
 
     /// Like [`reset_with_lens`](Self::reset_with_lens), for a caller that overwrites every
@@ -315,7 +313,7 @@ impl BinaryBuf {
     pub fn reset_for_overwrite(
         &mut self,
         n: usize,
-        lens: impl FnMut(usize) -> usize,
+        lens: impl Fn(usize) -> usize + Sync,
     ) -> (&[i64], &mut [u8]) {
         let total = self.set_offsets(n, lens);
         if self.data.len() > total {

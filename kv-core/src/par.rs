@@ -423,8 +423,75 @@ pub fn last_positions(keys: &[u64], queries: &[u64]) -> Vec<Option<usize>> {
     out
 }
 
+/// Writes the running totals of `len(0)`, `len(1)`, ... into `out` (`n + 1` places for
+/// `n` items): `out[0] = 0` and `out[i + 1] = out[i] + len(i)`. Returns the total. Long
+/// batches run on all cores in two passes (each part's total, then each part's running
+/// totals from its start), so `len` is called twice for an item there.
+///
+/// ```
+/// let mut out = vec![0i64; 4];
+/// assert_eq!(kv_core::par::prefix_sums(&mut out, |i| [3, 0, 5][i]), 8);
+/// assert_eq!(out, [0, 3, 3, 8]);
+/// assert_eq!(kv_core::par::prefix_sums(&mut [], |_| 1), 0);
+/// ```
+pub fn prefix_sums(out: &mut [i64], len: impl Fn(usize) -> i64 + Sync) -> i64 {
+    let Some((first, rest)) = out.split_first_mut() else {
+        return 0;
+    };
+    *first = 0;
+    let n = rest.len();
+    if n < 2 * MIN_CHUNK {
+        let mut at = 0;
+        for (i, o) in rest.iter_mut().enumerate() {
+            at += len(i);
+            *o = at;
+        }
+        return at;
+    }
+    let chunk = MIN_CHUNK.max(n.div_ceil(4 * rayon::current_num_threads()));
+    let sums: Vec<i64> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|p| (p * chunk..((p + 1) * chunk).min(n)).map(&len).sum())
+        .collect();
+    let mut bases = Vec::with_capacity(sums.len());
+    let mut total = 0;
+    for s in sums {
+        bases.push(total);
+        total += s;
+    }
+    rest.par_chunks_mut(chunk)
+        .zip(bases)
+        .enumerate()
+        .for_each(|(p, (o, base))| {
+            let mut at = base;
+            for (j, slot) in o.iter_mut().enumerate() {
+                at += len(p * chunk + j);
+                *slot = at;
+            }
+        });
+    total
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The parallel passes give the running totals a single pass gives, at lengths that
+    /// are not a multiple of a part.
+    #[test]
+    fn prefix_sums_match_one_pass() {
+        for n in [0usize, 1, 5, 2 * MIN_CHUNK - 1, 2 * MIN_CHUNK, 300_001] {
+            let len = |i: usize| ((i * 7919) % 13) as i64;
+            let mut out = vec![-1i64; n + 1];
+            let total = prefix_sums(&mut out, len);
+            let mut at = 0;
+            assert_eq!(out[0], 0);
+            for i in 0..n {
+                at += len(i);
+                assert_eq!(out[i + 1], at, "n {n}, place {}", i + 1);
+            }
+            assert_eq!(total, at);
+        }
+    }
     use super::*;
 
     #[test]
