@@ -337,15 +337,20 @@ impl CpuBytes {
         let now = self.now();
         let mut guard = self.write_at(now);
         let st = &mut *guard;
-        // Which winners the table holds already. The winners are distinct keys, so this
-        // stays true while they are applied, and a fresh key is then inserted without a
-        // second lookup. (Looking them up on every core measured slower on two cores, the
-        // fork-join costing more than the lookups it spread.)
-        let exists: Vec<bool> = winners
-            .iter()
-            .map(|&i| st.find(hashes[i], keys.get(i)).is_some())
-            .collect();
-        let fresh = exists.iter().filter(|e| !**e).count();
+        // Where the table holds each winner already (its bucket), or `None`. The winners
+        // are distinct keys, so this stays true while they are applied: a fresh key is
+        // inserted without a second lookup, and a held one is overwritten in its bucket
+        // (valid while the index does not grow; see below). (Looking them up on every core
+        // measured slower on two cores, the fork-join costing more than the lookups it
+        // spread.)
+        let find = |st: &State, i: usize| {
+            st.index.find_bucket_index(
+                hashes[i],
+                holds_key(&st.memory, &st.arena, hashes[i], keys.get(i)),
+            )
+        };
+        let mut held: Vec<Option<usize>> = winners.iter().map(|&i| find(st, i)).collect();
+        let fresh = held.iter().filter(|b| b.is_none()).count();
         let slots = self.cfg.admit(st.index.len(), fresh, st.slots)?;
         let lens = record_lens(keys, values, &winners);
         let written: u64 = lens.iter().sum();
@@ -365,6 +370,10 @@ impl CpuBytes {
             st.undo_placement(saved, &placed.opened);
             return Err(e);
         }
+        // `capacity()` (entries plus room) changes whenever a reserve moves entries: when
+        // it grows the index, and when it rehashes in place to reclaim removed entries'
+        // places.
+        let room = st.index.capacity();
         if st.index.try_reserve(fresh, |e| e.hash).is_err() {
             st.undo_placement(saved, &placed.opened);
             return Err(Error::OutOfDeviceMemory {
@@ -372,8 +381,17 @@ impl CpuBytes {
                 requested_bytes: (fresh * std::mem::size_of::<Entry>()) as u64,
             });
         }
+        if st.index.capacity() != room {
+            // The entries moved to other buckets: find the held ones again. (Inserting
+            // the fresh keys below cannot move them: room for them is reserved.)
+            for (b, &i) in held.iter_mut().zip(&winners) {
+                if b.is_some() {
+                    *b = find(st, i);
+                }
+            }
+        }
         st.slots = slots;
-        for ((&i, &addr), &held) in winners.iter().zip(&placed.addrs).zip(&exists) {
+        for ((&i, &addr), &bucket) in winners.iter().zip(&placed.addrs).zip(&held) {
             let (key, value) = (keys.get(i), values.get(i));
             st.write(addr, key);
             st.write(addr + key.len() as u64, value);
@@ -386,18 +404,12 @@ impl CpuBytes {
             };
             let State {
                 index,
-                memory,
                 arena,
                 timers,
                 ..
             } = &mut *st;
             State::set_expiry(timers, &mut entry, now, ttl_ms.map_or(0, |t| t[i]));
-            let old = if held {
-                index.find_mut(hashes[i], holds_key(memory, arena, hashes[i], key))
-            } else {
-                None
-            };
-            match old {
+            match bucket.and_then(|b| index.get_bucket_mut(b)) {
                 Some(old) => {
                     let (old_addr, old_len) = (old.addr, old.record_len());
                     *old = entry;

@@ -43,6 +43,7 @@ pub fn all() -> Vec<ByteCase> {
         bytes_bad_input_changes_nothing,
         bytes_growth_off_refuses_whole_batch,
         bytes_growth_keeps_every_entry,
+        bytes_overwrites_among_removed_places,
         bytes_arena_budget_refuses_whole_batch,
         bytes_arrow_offsets_and_slices,
         bytes_get_replaces_its_output,
@@ -659,6 +660,33 @@ fn bytes_growth_keeps_every_entry(o: &OpenBytes) {
         assert!(t.capacity() >= t.len());
     }
     assert!(t.capacity() > cap0);
+    m.check(&*t, &[]);
+}
+
+/// Rounds of puts that overwrite held keys and add new ones, each followed by deletes of
+/// most of the key space: the index fills with removed places, which a hash index
+/// reclaims (rehashing in place) while a batch overwrites keys it holds.
+fn bytes_overwrites_among_removed_places(o: &OpenBytes) {
+    let t = open(o, small(4000));
+    let mut m = ByteModel::new();
+    let mut rng = SplitMix64(29);
+    let mut keys_of = |count: usize| -> BinaryBuf {
+        BinaryBuf::from_slices((0..count).map(|_| format!("d{}", rng.next_u64() % 3000)))
+    };
+    for round in 0..40u8 {
+        let keys = keys_of(1500);
+        let values = BinaryBuf::from_slices((0..1500).map(|i| vec![round; i % 23]));
+        put(&*t, &mut m, &keys, &values);
+        let dels = keys_of(2100);
+        assert_eq!(
+            t.delete(dels.as_binary()).expect("delete"),
+            m.delete(dels.as_binary()),
+            "round {round}: deleted count"
+        );
+        if round % 8 == 7 {
+            m.check(&*t, &[]);
+        }
+    }
     m.check(&*t, &[]);
 }
 
