@@ -31,7 +31,7 @@
 //! values out. A delete turns slots into tombstones and reports their records.
 //!
 //! After every put and delete, compaction moves a bounded number of live bytes
-//! (`kv_arena::compaction_bound`) out of the emptiest sealed segments: a kernel lists the
+//! (`kv_arena::ArenaPlan::compaction_allowance`) out of the emptiest sealed segments: a kernel lists the
 //! victims' live records, the host places them, and a kernel moves them and their slots'
 //! addresses. Expired entries (the table's clock) are never returned; a write batch, `len`
 //! and `describe` first purge them on the device (only when the earliest expiry time the
@@ -45,7 +45,7 @@ use std::borrow::Cow;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytemuck::Pod;
-use kv_arena::{ArenaPlan, compaction_bound, default_segment_bytes};
+use kv_arena::{ArenaPlan, default_segment_bytes};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, Error, Offsets, Result,
     TTL_MISSING, TTL_NEVER, capacity_of, check_byte_lookup, check_byte_put, check_per_key,
@@ -726,7 +726,7 @@ impl<D: Dev> Table<D> {
         st.host = h;
         self.drop_released(st);
         laps.lap("free");
-        let bound = compaction_bound(written, st.arena.segment_bytes());
+        let bound = st.arena.compaction_allowance(written);
         let r = tolerant(self.compact(st, bound, false));
         laps.lap("compact");
         laps.report("cuda bytes put", n);
@@ -953,7 +953,7 @@ impl<D: Dev> Table<D> {
         st.tombs += removed;
         self.drop_released(st);
         if removed > 0 {
-            let bound = compaction_bound(freed, st.arena.segment_bytes());
+            let bound = st.arena.compaction_allowance(freed);
             tolerant(self.compact(st, bound, false))?;
         }
         Ok(removed)

@@ -22,7 +22,7 @@
 //! few empty ones. Up to there nothing the table holds has changed, and any error leaves
 //! the table as it was. Then the records are written, `kb_set` overwrites the entries of
 //! present keys and `kb_claim` inserts the new ones, the old records are freed in the plan
-//! and compaction moves at most `kv_arena::compaction_bound` live bytes. A device error in
+//! and compaction moves at most `kv_arena::ArenaPlan::compaction_allowance` live bytes. A device error in
 //! that second part leaves the index and the plan out of step: the table then answers
 //! every call with [`Error::Device`] until [`ByteTable::clear`] empties it.
 //!
@@ -40,9 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kv_arena::{
-    ArenaPlan, RECORD_ALIGN, compaction_bound, default_segment_bytes, padded, record_lens,
-};
+use kv_arena::{ArenaPlan, RECORD_ALIGN, default_segment_bytes, padded, record_lens};
 use kv_core::{
     Binary, BinaryBuf, ByteConfig, ByteDescription, ByteImage, ByteLimits, ByteTable, Error,
     Result, capacity_of, check_byte_lookup, check_byte_put, check_per_key, last_occurrences,
@@ -954,7 +952,7 @@ impl WgpuBytes {
         st.plan.take_released();
         st.occupied += insert.len();
         st.tombs -= reused.min(st.tombs);
-        let bound = compaction_bound(written, self.segment);
+        let bound = st.plan.compaction_allowance(written);
         let r = self.compact(st, bound, false);
         self.guard(st, r)
     }
@@ -1198,7 +1196,8 @@ impl ByteTable for WgpuBytes {
         st.plan.take_released();
         st.occupied -= found.len();
         st.tombs += found.len();
-        let r = self.compact(st, compaction_bound(freed, self.segment), false);
+        let bound = st.plan.compaction_allowance(freed);
+        let r = self.compact(st, bound, false);
         self.guard(st, r)?;
         Ok(found.len())
     }
