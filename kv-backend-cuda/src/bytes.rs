@@ -454,8 +454,10 @@ impl<D: Dev> Table<D> {
         let mut done: Vec<u32> = Vec::new();
         let r = (|| {
             for &id in opened {
-                st.mem.provide(&self.dev, id)?;
-                done.push(id);
+                // A head emptied and reopened has its memory already: not this call's.
+                if st.mem.provide(&self.dev, id)? {
+                    done.push(id);
+                }
             }
             if count > st.dir_cap {
                 let cap = count.next_power_of_two();
@@ -488,7 +490,11 @@ impl<D: Dev> Table<D> {
     fn unplace(&self, st: &mut State<D>, saved: ArenaPlan, opened: &[u32]) {
         st.arena = saved;
         for &id in opened {
-            st.mem.release(id);
+            // A head emptied and reopened by the placement is the head again, with its
+            // memory.
+            if !st.arena.in_use(id) {
+                st.mem.release(id);
+            }
         }
     }
 
@@ -673,26 +679,28 @@ impl<D: Dev> Table<D> {
             }
             r => r?,
         };
-        if let Err(e) = self.provide(st, &opened) {
-            self.unplace(st, saved.clone(), &opened);
+        // Until the write kernel is launched nothing of the batch is in the table: a
+        // failure gives the placement back. (A rebuilt index holds the same entries.)
+        let staged = (|| {
+            self.provide(st, &opened)?;
+            let phys = phys_for(slots).max(st.phys);
+            if phys > st.phys || st.entries + st.tombs + fresh > st.phys / 4 * 3 {
+                self.rebuild(st, phys)?;
+                // The slots moved: find the keys again.
+                self.launch(st, K::Lookup, &b.a, n as u64)?;
+            }
+            laps.lap("plan");
+            // Only the winners' addresses are read (the write kernel skips the others).
+            self.dev
+                .upload(self.buf(st, S::Addrs)?, 0, as_bytes(&*addrs))?;
+            self.reset_counters(st)?;
+            self.launch(st, K::Write, &b.a, n as u64)
+        })();
+        if let Err(e) = staged {
+            self.unplace(st, saved, &opened);
             return Err(e);
         }
-        let phys = phys_for(slots).max(st.phys);
-        if phys > st.phys || st.entries + st.tombs + fresh > st.phys / 4 * 3 {
-            if let Err(e) = self.rebuild(st, phys) {
-                self.unplace(st, saved.clone(), &opened);
-                return Err(e);
-            }
-            // The slots moved: find the keys again.
-            self.launch(st, K::Lookup, &b.a, n as u64)?;
-        }
         st.slots = slots;
-        laps.lap("plan");
-        // Only the winners' addresses are read (the write kernel skips the others).
-        self.dev
-            .upload(self.buf(st, S::Addrs)?, 0, as_bytes(addrs))?;
-        self.reset_counters(st)?;
-        self.launch(st, K::Write, &b.a, n as u64)?;
         let old_addr = sized(&mut h.old_addr, n);
         let old_len = sized(&mut h.old_len, n);
         let c = self.read_after(
@@ -752,6 +760,8 @@ impl<D: Dev> Table<D> {
         if expires {
             b.a.expires_out = self.scratch(st, S::Exp, n * 8)?;
         }
+        // The lookup's reads check the error counter: not one a failed batch left set.
+        self.reset_counters(st)?;
         self.launch(st, K::Lookup, &b.a, n as u64)?;
         Ok(b)
     }

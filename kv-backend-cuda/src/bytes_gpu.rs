@@ -62,8 +62,8 @@ impl Ring {
     /// The next chunk, once its last DMA has passed.
     fn take(&mut self, dev: &Device) -> Result<&mut Chunk> {
         let i = self.next;
-        self.next = (self.next + 1) % CHUNKS;
-        if self.chunks.len() <= i {
+        // Made in order (a failure leaves the ring as it was, to try again).
+        while self.chunks.len() <= i {
             self.chunks.push(Chunk {
                 buf: Pinned::new(dev, CHUNK_BYTES, false)?,
                 done: event(dev)?,
@@ -74,7 +74,20 @@ impl Ring {
         if c.used {
             c.done.synchronize().drv("cuEventSynchronize")?;
         }
+        self.next = (i + 1) % CHUNKS;
         Ok(c)
+    }
+
+    /// Records chunk `c`'s event after the DMA just queued on `stream`. When the event
+    /// cannot be recorded, waits for the stream instead, so that the chunk is free again
+    /// before the error is answered.
+    fn recorded(c: &mut Chunk, stream: &CudaStream) -> Result<()> {
+        if let Err(e) = c.done.record(stream).drv("cuEventRecord") {
+            let _ = stream.synchronize();
+            return Err(e);
+        }
+        c.used = true;
+        Ok(())
     }
 }
 
@@ -166,8 +179,7 @@ impl Dev for GpuDev {
                     &self.stream,
                 )
             }?;
-            c.done.record(&self.stream).drv("cuEventRecord")?;
-            c.used = true;
+            Ring::recorded(c, &self.stream)?;
         }
         Ok(())
     }
@@ -213,8 +225,7 @@ impl Dev for GpuDev {
             // page-locked, its last DMA has passed, and it is read only after its event,
             // recorded next.
             unsafe { c.buf.dtoh(srcs[j], pieces[j].2, &self.stream) }?;
-            c.done.record(&self.stream).drv("cuEventRecord")?;
-            c.used = true;
+            Ring::recorded(c, &self.stream)?;
             Ok(slot)
         };
         for j in 0..pieces.len().min(CHUNKS) {

@@ -82,10 +82,11 @@ impl<B> Slabs<B> {
         self.place(id).map(|(b, at)| D::addr(b) + at as u64)
     }
 
-    /// Gives segment `id` memory, allocating its slab if it has none.
-    pub(crate) fn provide<D: Dev<Buf = B>>(&mut self, dev: &D, id: u32) -> Result<()> {
+    /// Gives segment `id` memory, allocating its slab if it has none; `false` when it had
+    /// memory already.
+    pub(crate) fn provide<D: Dev<Buf = B>>(&mut self, dev: &D, id: u32) -> Result<bool> {
         if self.has(id) {
-            return Ok(());
+            return Ok(false);
         }
         let (k, _, count) = self.locate(id);
         if self.slabs.len() <= k {
@@ -105,14 +106,14 @@ impl<B> Slabs<B> {
                     }
                     self.own[id as usize] = Some(b);
                     self.has[id as usize] = true;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(e) => return Err(e),
             }
         }
         self.has[id as usize] = true;
         self.live[k] += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// Takes segment `id`'s memory back, freeing its slab when no segment there has any.

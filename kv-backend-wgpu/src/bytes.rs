@@ -22,9 +22,9 @@
 //! few empty ones. Up to there nothing the table holds has changed, and any error leaves
 //! the table as it was. Then the records are written, `kb_set` overwrites the entries of
 //! present keys and `kb_claim` inserts the new ones, the old records are freed in the plan
-//! and compaction moves at most `kv_arena::ArenaPlan::compaction_allowance` live bytes. A device error in
-//! that second part leaves the index and the plan out of step: the table then answers
-//! every call with [`Error::Device`] until [`ByteTable::clear`] empties it.
+//! and compaction moves at most `kv_arena::ArenaPlan::compaction_allowance` live bytes. A
+//! device error in that second part leaves the index and the plan out of step: the table
+//! then answers every call with [`Error::Device`] until [`ByteTable::clear`] empties it.
 //!
 //! # Limits
 //!
