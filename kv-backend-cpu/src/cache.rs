@@ -59,6 +59,13 @@ impl Bucket {
     fn live_count(&self, now: u64) -> usize {
         (0..B).filter(|&j| self.live(j, now)).count()
     }
+    /// The slot a full bucket evicts: the lowest score, ties to the lowest slot (the
+    /// contract's rule, for puts and restores alike).
+    fn victim(&self) -> usize {
+        (0..B)
+            .min_by_key(|&j| (self.scores[j], j))
+            .expect("a bucket has slots")
+    }
 }
 
 /// Refuses batches whose item indices do not fit the u32 the bucket sort keeps them in.
@@ -312,9 +319,7 @@ impl CpuCache {
                 None => {
                     // Full: the lowest score leaves, the new key itself if its score is
                     // lower still (ties go against the entry already there).
-                    let v = (0..B)
-                        .min_by_key(|&j| (bucket.scores[j], j))
-                        .expect("a bucket has slots");
+                    let v = bucket.victim();
                     d.evicted_count += 1;
                     if score < bucket.scores[v] {
                         if report {
@@ -629,9 +634,7 @@ impl KvBackend for CpuCache {
                 None => match (0..B).find(|&j| !bucket.live(j, now)) {
                     Some(j) => j,
                     None => {
-                        let v = (0..B)
-                            .min_by_key(|&j| (bucket.scores[j], j))
-                            .expect("a bucket has slots");
+                        let v = bucket.victim();
                         d.evicted_count += 1;
                         if score < bucket.scores[v] {
                             return;

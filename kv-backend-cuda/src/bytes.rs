@@ -31,11 +31,11 @@
 //! values out. A delete turns slots into tombstones and reports their records.
 //!
 //! After every put and delete, compaction moves a bounded number of live bytes
-//! (`kv_arena::ArenaPlan::compaction_allowance`) out of the emptiest sealed segments: a kernel lists the
-//! victims' live records, the host places them, and a kernel moves them and their slots'
-//! addresses. Expired entries (the table's clock) are never returned; a write batch, `len`
-//! and `describe` first purge them on the device (only when the earliest expiry time the
-//! host knows of has passed), and their records are freed.
+//! (`kv_arena::ArenaPlan::compaction_allowance`) out of the emptiest sealed segments: a
+//! kernel lists the victims' live records, the host places them, and a kernel moves them
+//! and their slots' addresses. Expired entries (the table's clock) are never returned; a
+//! write batch, `len` and `describe` first purge them on the device (only when the
+//! earliest expiry time the host knows of has passed), and their records are freed.
 //!
 //! The driver is generic over the device ([`Dev`]): [`CudaBytes`] runs it on the GPU, and
 //! [`HostMirrorBytes`] runs the same driver and the same per-item kernel code over host
@@ -324,9 +324,9 @@ impl<D: Dev> Table<D> {
         Ok(v)
     }
 
-    /// Waits for the device once, then reads the counters (checked for errors, as
-    /// [`check_errors`](Self::check_errors) does) and the start of each scratch buffer
-    /// `(s, dst)` into `dst`.
+    /// Waits for the device once, then reads the counters (an error when the kernels
+    /// counted a probe that found no room) and the start of each scratch buffer `(s, dst)`
+    /// into `dst`.
     fn read_after(
         &self,
         st: &State<D>,
@@ -433,17 +433,6 @@ impl<D: Dev> Table<D> {
         self.launch(st, K::Dedup, &b.a, b.n as u64)
     }
 
-    fn check_errors(&self, st: &State<D>, what: &str) -> Result<[u64; bc::LEN]> {
-        let c = self.read_counters(st)?;
-        if c[bc::ERRORS] != 0 {
-            return Err(self.broken(format!(
-                "the byte-table {what} found no room for {} probes (a broken invariant)",
-                c[bc::ERRORS]
-            )));
-        }
-        Ok(c)
-    }
-
     /// Gives memory to the segments a placement opened and records their addresses in the
     /// directory. A failed allocation undoes this call's and answers the error.
     fn provide(&self, st: &mut State<D>, opened: &[u32]) -> Result<()> {
@@ -517,7 +506,7 @@ impl<D: Dev> Table<D> {
         full.mask = phys as u64 - 1;
         full.n = st.phys as u64;
         self.dev.launch(K::Rehash, &full, st.phys as u64)?;
-        let c = self.check_errors(st, "rehash")?;
+        let c = self.read_after(st, "rehash", &mut [])?;
         if c[bc::MOVED] as usize != st.entries {
             return Err(self.broken(format!(
                 "the byte-table rehash moved {} entries of {}",

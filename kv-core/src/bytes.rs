@@ -288,12 +288,9 @@ impl BinaryBuf {
     /// Replaces the offsets with those of `n` items of lengths `lens(i)` (on all cores
     /// for long batches, [`crate::par::prefix_sums`]); returns the total length.
     fn set_offsets(&mut self, n: usize, lens: impl Fn(usize) -> usize + Sync) -> usize {
-        // Every place is written below: a reused vector is not zeroed first.
-        if self.offsets.len() > n + 1 {
-            self.offsets.truncate(n + 1);
-        } else {
-            self.offsets.resize(n + 1, 0);
-        }
+        // Every place is written below; `resize` zeroes only places past the old length,
+        // so a reused vector is not zeroed first.
+        self.offsets.resize(n + 1, 0);
         crate::par::prefix_sums(&mut self.offsets, |i| lens(i) as i64) as usize
     }
 
@@ -316,11 +313,8 @@ impl BinaryBuf {
         lens: impl Fn(usize) -> usize + Sync,
     ) -> (&[i64], &mut [u8]) {
         let total = self.set_offsets(n, lens);
-        if self.data.len() > total {
-            self.data.truncate(total);
-        } else {
-            self.data.resize(total, 0);
-        }
+        // Zeros only past the old length (a shorter output is truncated).
+        self.data.resize(total, 0);
         (&self.offsets, &mut self.data)
     }
 
